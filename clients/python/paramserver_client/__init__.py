@@ -1,0 +1,31 @@
+"""The paramserver client library: needs only grpcio, protobuf and numpy.
+
+* :class:`JobClient`, :class:`Worker`: blocking clients over numpy arrays.
+* :mod:`paramserver_client.aio`: the same on asyncio (grpc.aio).
+* :class:`paramserver_client.torch.RemoteOptimizer`: a drop-in for a
+  torch.optim optimizer (needs torch).
+
+Errors are :class:`ServiceError` with a machine-readable ``reason``.
+"""
+
+from paramserver_client.aio import AsyncJobClient, AsyncWorker, StepResult, make_spec
+from paramserver_client.client import JobClient, Worker
+from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32
+from paramserver_client.errors import ServiceError
+from paramserver_client.reasons import Reason
+from paramserver_client.retry import RetryPolicy
+
+__all__ = [
+    "BFLOAT16",
+    "FLOAT16",
+    "FLOAT32",
+    "AsyncJobClient",
+    "AsyncWorker",
+    "JobClient",
+    "Reason",
+    "RetryPolicy",
+    "ServiceError",
+    "StepResult",
+    "Worker",
+    "make_spec",
+]

@@ -1,0 +1,285 @@
+"""The asyncio client (grpc.aio): control plane and one worker's data plane, over numpy.
+
+    async with AsyncJobClient("127.0.0.1:50051") as jobs:
+        job = await jobs.create_job(spec_params, optimizer="adamw", num_workers=2, num_shards=3)
+    worker = await AsyncWorker.join("127.0.0.1:50051", job.job_id)
+    await worker.upload(flat_params)            # if worker.upload_parameters
+    version, params, _ = await worker.pull(0)
+    await worker.push(step=0, grad=flat_grad, loss_terms=n)
+
+Pushes and pulls go to every shard concurrently, straight to the shards.
+Every call has a deadline; UNAVAILABLE is retried with the same request id,
+so a retried push is never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from paramserver.v1 import job_service_pb2 as jpb
+from paramserver.v1 import job_service_pb2_grpc as jgrpc
+from paramserver.v1 import shard_service_pb2 as spb
+from paramserver.v1 import shard_service_pb2_grpc as sgrpc
+from paramserver.v1 import tensor_pb2
+from paramserver_client.codec import FLOAT32, MAX_MESSAGE_BYTES, F32Array, chunk_elements, decode, encode, split
+from paramserver_client.errors import ServiceError
+from paramserver_client.retry import RetryPolicy, call_with_retry
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+#: Default deadline of control-plane calls, seconds.
+DEFAULT_TIMEOUT_S = 60.0
+#: Default deadline of a pull (it may wait for the slowest worker), seconds.
+DEFAULT_PULL_TIMEOUT_S = 600.0
+
+ParamLike = tuple[str, Sequence[int]] | jpb.ParameterSpec
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key."""
+    return uuid.uuid4().hex
+
+
+def make_spec(
+    parameters: Sequence[ParamLike],
+    *,
+    optimizer: str = "adamw",
+    hyperparameters: Mapping[str, Any] | None = None,
+    schedule: str = "constant",
+    schedule_parameters: Mapping[str, Any] | None = None,
+    num_workers: int = 1,
+    num_shards: int = 1,
+    max_grad_norm: float = 0.0,
+    shard_num_cpus: float = 0.0,
+    shard_num_gpus: float = 0.0,
+) -> jpb.JobSpec:
+    """Build a JobSpec from (name, shape) pairs and settings."""
+    spec = jpb.JobSpec(
+        num_workers=num_workers,
+        num_shards=num_shards,
+        max_grad_norm=max_grad_norm,
+        shard_num_cpus=shard_num_cpus,
+        shard_num_gpus=shard_num_gpus,
+    )
+    for p in parameters:
+        if isinstance(p, jpb.ParameterSpec):
+            spec.parameters.append(p)
+        else:
+            spec.parameters.add(name=p[0], shape=[int(d) for d in p[1]], dtype=tensor_pb2.DTYPE_FLOAT32)
+    spec.optimizer.name = optimizer
+    spec.optimizer.hyperparameters.update(dict(hyperparameters or {}))
+    spec.schedule.name = schedule
+    spec.schedule.parameters.update(dict(schedule_parameters or {}))
+    return spec
+
+
+class AsyncJobClient:
+    """Control-plane calls (JobService)."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = jgrpc.JobServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncJobClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _unary(self, method: Any, request: Any, what: str) -> Any:
+        return await call_with_retry(lambda: method(request, timeout=self.timeout), self.retry, what)
+
+    async def create_job(self, parameters: Sequence[ParamLike] | jpb.JobSpec, *, job_id: str = "", **settings: Any) -> jpb.Job:
+        """Create a job (or get it, if job_id exists with the same description). See make_spec."""
+        spec = parameters if isinstance(parameters, jpb.JobSpec) else make_spec(parameters, **settings)
+        req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec)
+        job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
+        return job
+
+    async def get_job(self, job_id: str) -> jpb.Job:
+        """A job with its shard map."""
+        job: jpb.Job = await self._unary(self._stub.GetJob, jpb.GetJobRequest(job_id=job_id), "GetJob")
+        return job
+
+    async def list_jobs(self) -> list[jpb.Job]:
+        """Every job."""
+        resp: jpb.ListJobsResponse = await self._unary(self._stub.ListJobs, jpb.ListJobsRequest(), "ListJobs")
+        return list(resp.jobs)
+
+    async def join_job(self, job_id: str, worker_name: str = "") -> jpb.JoinJobResponse:
+        """Join a job as a worker."""
+        req = jpb.JoinJobRequest(request_id=new_request_id(), job_id=job_id, worker_name=worker_name)
+        resp: jpb.JoinJobResponse = await self._unary(self._stub.JoinJob, req, "JoinJob")
+        return resp
+
+    async def leave_job(self, job_id: str, worker_id: int) -> None:
+        """Leave a job."""
+        req = jpb.LeaveJobRequest(request_id=new_request_id(), job_id=job_id, worker_id=worker_id)
+        await self._unary(self._stub.LeaveJob, req, "LeaveJob")
+
+    async def delete_job(self, job_id: str) -> None:
+        """Delete a job."""
+        await self._unary(self._stub.DeleteJob, jpb.DeleteJobRequest(request_id=new_request_id(), job_id=job_id), "DeleteJob")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The combined answer of every shard to one push."""
+
+    outcome: int
+    """spb.STEP_OUTCOME_PENDING, _APPLIED or _SKIPPED."""
+    version: int
+    """The lowest version any shard reported."""
+    report: spb.StepReport | None
+    """The step's report when some shard completed it."""
+
+    @property
+    def skipped(self) -> bool:
+        """True when the step was skipped (see report.skip_reason)."""
+        return self.outcome == spb.STEP_OUTCOME_SKIPPED
+
+
+class AsyncWorker:
+    """One worker's data plane: upload, push and pull against every shard of a job."""
+
+    def __init__(
+        self,
+        job: jpb.Job,
+        worker_id: int,
+        *,
+        upload_parameters: bool = False,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        pull_timeout: float = DEFAULT_PULL_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.job = job
+        self.job_id = job.job_id
+        self.worker_id = worker_id
+        self.upload_parameters = upload_parameters
+        self.timeout = timeout
+        self.pull_timeout = pull_timeout
+        self.retry = retry or RetryPolicy()
+        self.total = int(job.total_elements)
+        self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
+        self._stubs = [sgrpc.ShardServiceStub(c) for c in self._channels]
+        self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
+
+    @classmethod
+    async def join(cls, address: str, job_id: str, worker_name: str = "", **kwargs: Any) -> AsyncWorker:
+        """Join `job_id` through the front door at `address` and connect to its shards."""
+        async with AsyncJobClient(address, timeout=kwargs.get("timeout", DEFAULT_TIMEOUT_S)) as jobs:
+            resp = await jobs.join_job(job_id, worker_name)
+        return cls(resp.job, resp.worker_id, upload_parameters=resp.upload_parameters, **kwargs)
+
+    async def close(self) -> None:
+        """Close the shard channels."""
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    def _check_flat(self, values: F32Array, what: str) -> F32Array:
+        arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        if arr.size != self.total:
+            raise ValueError(f"{what} has {arr.size} elements; the job has {self.total}")
+        return arr
+
+    def _chunks(self, shard: int, flat: F32Array, dtype: int) -> Iterator[tensor_pb2.TensorChunk]:
+        step = chunk_elements(dtype)
+        for start, length in self._ranges[shard]:
+            for off, n in split(start, length, step):
+                yield tensor_pb2.TensorChunk(offset=off, count=n, dtype=dtype, data=encode(flat[off : off + n], dtype))  # type: ignore[arg-type]
+
+    async def upload(self, params: F32Array, request_id: str | None = None) -> None:
+        """Upload the initial parameters (a flat fp32 array of the whole model) to every shard."""
+        flat = self._check_flat(params, "params")
+        rid = request_id or new_request_id()
+
+        def stream(i: int) -> Iterator[spb.UploadParametersRequest]:
+            yield spb.UploadParametersRequest(header=spb.UploadHeader(job_id=self.job_id, request_id=rid))
+            for c in self._chunks(i, flat, FLOAT32):
+                yield spb.UploadParametersRequest(chunk=c)
+
+        await asyncio.gather(
+            *(
+                call_with_retry(lambda i=i: self._stubs[i].UploadParameters(stream(i), timeout=self.timeout), self.retry, f"UploadParameters[{i}]")
+                for i in range(len(self._stubs))
+            )
+        )
+
+    async def push(self, step: int, grad: F32Array, loss_terms: int, *, dtype: int = FLOAT32, request_id: str | None = None) -> StepResult:
+        """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`."""
+        flat = self._check_flat(grad, "grad")
+        if loss_terms < 0:
+            raise ValueError("loss_terms must be >= 0")
+        rid = request_id or new_request_id()
+
+        def stream(i: int) -> Iterator[spb.PushGradientsRequest]:
+            yield spb.PushGradientsRequest(
+                header=spb.PushHeader(job_id=self.job_id, worker_id=self.worker_id, step=step, request_id=rid, loss_terms=loss_terms)
+            )
+            for c in self._chunks(i, flat, dtype):
+                yield spb.PushGradientsRequest(chunk=c)
+
+        answers: list[spb.PushGradientsResponse] = await asyncio.gather(
+            *(
+                call_with_retry(lambda i=i: self._stubs[i].PushGradients(stream(i), timeout=self.timeout), self.retry, f"PushGradients[{i}]")
+                for i in range(len(self._stubs))
+            )
+        )
+        done = [a for a in answers if a.outcome != spb.STEP_OUTCOME_PENDING]
+        outcome = done[0].outcome if done else spb.STEP_OUTCOME_PENDING
+        return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)
+
+    async def pull(
+        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32
+    ) -> tuple[int, F32Array, spb.StepReport | None]:
+        """Wait for `min_version` on every shard and return (version, flat fp32 params, last step report).
+
+        The version is the lowest any shard served (in synchronous training
+        every shard serves the same one).
+        """
+        flat = np.empty(self.total, dtype=np.float32) if out is None else out
+        if flat.size != self.total or flat.dtype != np.float32:
+            raise ValueError(f"out must be a float32 array of {self.total} elements")
+
+        async def one(i: int) -> tuple[int, spb.StepReport | None]:
+            req = spb.PullParametersRequest(job_id=self.job_id, min_version=min_version, dtype=dtype)  # type: ignore[arg-type]
+
+            async def attempt() -> tuple[int, spb.StepReport | None]:
+                version = -1
+                report: spb.StepReport | None = None
+                got = 0
+                async for msg in self._stubs[i].PullParameters(req, timeout=self.pull_timeout):
+                    if msg.WhichOneof("kind") == "header":
+                        version = int(msg.header.version)
+                        report = msg.header.last_step if msg.header.HasField("last_step") else None
+                        continue
+                    c = msg.chunk
+                    flat[c.offset : c.offset + c.count] = decode(c.data, c.dtype)
+                    got += c.count
+                expected = sum(n for _, n in self._ranges[i])
+                if got != expected:
+                    raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent {got} of {expected} elements")
+                return version, report
+
+            return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]")
+
+        results = await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
+        version = min(v for v, _ in results)
+        report = next((r for _, r in results if r is not None), None)
+        return version, flat, report

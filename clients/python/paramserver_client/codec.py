@@ -1,0 +1,90 @@
+"""The wire codec: fp32 arrays <-> little-endian chunk bytes (numpy only).
+
+See ``protos/paramserver/v1/tensor.proto`` for the format. The service
+decodes the same bytes with torch; ``tests/unit/test_codec.py`` checks that
+both agree bit for bit (including bf16 rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from paramserver.v1 import tensor_pb2
+
+#: Data bytes per chunk that clients send and the service streams back (1 MiB).
+CHUNK_BYTES = 1 << 20
+#: Largest chunk data the service accepts (4 MiB); larger is RESOURCE_EXHAUSTED.
+MAX_CHUNK_BYTES = 4 << 20
+#: Largest gRPC message the service and the clients accept (64 MiB).
+MAX_MESSAGE_BYTES = 64 << 20
+
+FLOAT32 = tensor_pb2.DTYPE_FLOAT32
+BFLOAT16 = tensor_pb2.DTYPE_BFLOAT16
+FLOAT16 = tensor_pb2.DTYPE_FLOAT16
+
+#: Bytes per element of each wire dtype.
+ITEMSIZE: dict[int, int] = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
+
+_NAMES = {"fp32": FLOAT32, "float32": FLOAT32, "bf16": BFLOAT16, "bfloat16": BFLOAT16, "fp16": FLOAT16, "float16": FLOAT16}
+
+F32Array = npt.NDArray[np.float32]
+
+
+def dtype_from_name(name: str) -> int:
+    """Map "fp32" / "bf16" / "fp16" (or the long names) to a wire DType value."""
+    try:
+        return _NAMES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown wire dtype {name!r}; use one of fp32, bf16, fp16") from None
+
+
+def chunk_elements(dtype: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Elements per chunk of `chunk_bytes` for a wire dtype."""
+    return max(1, chunk_bytes // ITEMSIZE[dtype])
+
+
+def split(start: int, length: int, step: int) -> Iterator[tuple[int, int]]:
+    """Yield (offset, count) pieces of [start, start + length) of at most `step` elements."""
+    end = start + length
+    pos = start
+    while pos < end:
+        n = min(step, end - pos)
+        yield pos, n
+        pos += n
+
+
+def encode(values: F32Array, dtype: int) -> bytes:
+    """Encode a 1-D fp32 array as little-endian bytes of the wire dtype."""
+    if dtype == FLOAT32:
+        return np.ascontiguousarray(values, dtype="<f4").tobytes()
+    if dtype == FLOAT16:
+        return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
+    if dtype == BFLOAT16:
+        return fp32_to_bf16_bits(values).astype("<u2").tobytes()
+    raise ValueError(f"unsupported wire dtype {dtype}")
+
+
+def decode(data: bytes | memoryview, dtype: int) -> F32Array:
+    """Decode little-endian wire bytes to a new fp32 array."""
+    if dtype == FLOAT32:
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if dtype == FLOAT16:
+        return np.frombuffer(data, dtype="<f2").astype(np.float32)
+    if dtype == BFLOAT16:
+        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
+    raise ValueError(f"unsupported wire dtype {dtype}")
+
+
+def fp32_to_bf16_bits(values: F32Array) -> npt.NDArray[np.uint16]:
+    """Round fp32 to bfloat16 (nearest, ties to even; NaN -> 0x7FC0, as torch), as uint16 bits."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = np.uint16(0x7FC0)
+    return out

@@ -1,0 +1,98 @@
+"""Error reasons shared by the service and its clients, and typed client exceptions.
+
+Every error the service sends is a ``google.rpc.Status`` whose details hold
+one ``google.rpc.ErrorInfo`` with ``domain == DOMAIN`` and an UPPER_SNAKE
+``reason`` (the names of ``paramserver.v1.ErrorReason``). The client turns
+it back into a :class:`ServiceError` so that callers branch on
+``err.reason``, never on message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from paramserver_client.reasons import Reason
+
+__all__ = ["DOMAIN", "Reason", "ServiceError", "from_rpc_error", "status_proto"]
+
+
+
+class ServiceError(Exception):
+    """An error answered by the service (or by gRPC itself).
+
+    Attributes:
+        code: the gRPC status code.
+        reason: the ErrorInfo reason, or "" when the answer carried none
+            (e.g. a transport error such as UNAVAILABLE or DEADLINE_EXCEEDED).
+        metadata: the ErrorInfo metadata (e.g. ``field``, ``current_version``).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code.name} {reason}: {message}" if reason else f"{code.name}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+def status_proto(
+    code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None
+) -> grpc.Status:
+    """Build the grpc.Status (with a google.rpc.Status/ErrorInfo detail) for an error."""
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
+
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def from_rpc_error(err: grpc.RpcError) -> ServiceError:
+    """Turn a grpc.RpcError (sync or aio) into a ServiceError with its reason."""
+    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+    details: str = err.details() or ""  # type: ignore[attr-defined]
+    reason = ""
+    metadata: dict[str, str] = {}
+    status = None
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):  # pragma: no cover - malformed trailers
+        status = None
+    if status is None:
+        for key, value in _trailing(err):
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                from google.rpc import status_pb2
+
+                status = status_pb2.Status.FromString(value)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+                metadata = dict(info.metadata)
+                break
+    return ServiceError(code, reason, details, metadata)
+
+
+def _trailing(err: grpc.RpcError) -> list[tuple[str, str | bytes]]:
+    trailing = getattr(err, "trailing_metadata", None)
+    if trailing is None:
+        return []
+    try:
+        md = trailing()
+    except Exception:  # pragma: no cover - defensive
+        return []
+    return [(str(k), v) for k, v in (md or ())]

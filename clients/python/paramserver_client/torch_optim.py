@@ -1,0 +1,153 @@
+"""RemoteOptimizer: use the service in an ordinary PyTorch loop in place of torch.optim.
+
+    opt = RemoteOptimizer(model.named_parameters(), "127.0.0.1:50051", job_id="run1",
+                          optimizer="adamw", hyperparameters={"lr": 3e-4},
+                          num_workers=2, num_shards=3)
+    for batch in data:
+        opt.zero_grad()
+        loss = loss_fn(model(batch.x), batch.y, reduction="sum")   # the SUMMED loss
+        loss.backward()
+        opt.step(loss_terms=batch.num_tokens)   # push, wait for the step, pull new values
+
+With a mean loss, pass ``loss_is_mean=True``: the gradient is multiplied by
+``loss_terms`` before it is sent, so unequal batches across workers still
+average exactly over all terms.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from paramserver.v1 import shard_service_pb2 as spb
+from paramserver_client.client import JobClient, Worker
+from paramserver_client.codec import dtype_from_name
+
+
+class RemoteOptimizer:
+    """An optimizer whose state and update live in the paramserver service.
+
+    Args:
+        named_parameters: the model's ``named_parameters()`` (order defines the
+            flat layout; every worker must pass the same model).
+        address: the front door, "host:port".
+        job_id: the job to create or join.
+        optimizer, hyperparameters, schedule, schedule_parameters, num_workers,
+        num_shards, max_grad_norm: the job's settings when it is created here
+            (ignored, but checked for equality by the service, if it exists).
+        wire_dtype: "fp32" (default), "bf16" or "fp16" for gradients and
+            parameters on the wire; the service keeps fp32 master values.
+        worker_name: this worker's stable name (default host:pid).
+        create: create the job if it does not exist (default True).
+    """
+
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        address: str,
+        job_id: str,
+        *,
+        optimizer: str = "adamw",
+        hyperparameters: Mapping[str, Any] | None = None,
+        schedule: str = "constant",
+        schedule_parameters: Mapping[str, Any] | None = None,
+        num_workers: int = 1,
+        num_shards: int = 1,
+        max_grad_norm: float = 0.0,
+        wire_dtype: str = "fp32",
+        worker_name: str | None = None,
+        create: bool = True,
+        timeout: float = 60.0,
+        pull_timeout: float = 600.0,
+    ) -> None:
+        self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if not self.named:
+            raise ValueError("no trainable parameters")
+        self.params = [p for _, p in self.named]
+        self.wire_dtype = dtype_from_name(wire_dtype)
+        if create:
+            with JobClient(address, timeout=timeout) as jobs:
+                jobs.create_job(
+                    [(n, tuple(p.shape)) for n, p in self.named],
+                    job_id=job_id,
+                    optimizer=optimizer,
+                    hyperparameters=hyperparameters,
+                    schedule=schedule,
+                    schedule_parameters=schedule_parameters,
+                    num_workers=num_workers,
+                    num_shards=num_shards,
+                    max_grad_norm=max_grad_norm,
+                )
+        name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
+        layout = {p.name: (int(p.offset), int(p.numel)) for p in self.worker.job.layout}
+        self._slices: list[tuple[int, int]] = []
+        for n, p in self.named:
+            if n not in layout or layout[n][1] != p.numel():
+                raise ValueError(f"parameter {n!r} {tuple(p.shape)} does not match job {job_id!r}'s layout")
+            self._slices.append(layout[n])
+        self.total = int(self.worker.job.total_elements)
+        self._flat = np.empty(self.total, dtype=np.float32)
+        if self.worker.upload_parameters:
+            self.worker.upload(self._gather(lambda p: p.detach()))
+        self.version = int(self.worker.job.version)
+        self.version, _, self.last_report = self.worker.pull(self.version, self._flat, dtype=self.wire_dtype)
+        self._scatter()
+
+    @property
+    def worker_id(self) -> int:
+        """This worker's id in the job."""
+        return self.worker.worker_id
+
+    def _gather(self, get: Any) -> np.ndarray:
+        out = np.zeros(self.total, dtype=np.float32)
+        for (off, n), p in zip(self._slices, self.params, strict=True):
+            t = get(p)
+            if t is not None:
+                out[off : off + n] = t.detach().reshape(-1).to("cpu", torch.float32).numpy()
+        return out
+
+    def _scatter(self) -> None:
+        flat = torch.from_numpy(self._flat)
+        with torch.no_grad():
+            for (off, n), p in zip(self._slices, self.params, strict=True):
+                p.copy_(flat[off : off + n].view(p.shape))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, as torch.optim.Optimizer.zero_grad."""
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def step(self, loss_terms: int = 1, *, loss_is_mean: bool = False) -> spb.StepReport | None:
+        """Push the gradients for the current version, wait for the step, pull the new parameters.
+
+        Args:
+            loss_terms: the number of tokens/samples behind this worker's loss.
+            loss_is_mean: True if the loss was a mean over loss_terms (the
+                gradient is scaled by loss_terms before it is sent).
+
+        Returns the step's report (outcome, skip reason, grad norm, lr).
+        """
+        grad = self._gather(lambda p: p.grad)
+        if loss_is_mean:
+            grad *= np.float32(loss_terms)
+        self.worker.push(self.version, grad, loss_terms, dtype=self.wire_dtype)
+        self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
+        self._scatter()
+        return self.last_report
+
+    def close(self, leave: bool = True) -> None:
+        """Leave the job (unless leave=False) and close connections."""
+        try:
+            if leave:
+                self.worker.leave()
+        finally:
+            self.worker.close()

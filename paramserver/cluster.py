@@ -1,0 +1,195 @@
+"""Everything that touches Ray: the only module that imports it or applies ``ray.remote``.
+
+* :func:`start_ray` / :func:`stop_ray`: join a cluster, or start a local Ray that we own.
+* :class:`Cluster`: the front door's facade over the coordinator actor; Ray
+  errors become :class:`ParamServerError` (UNAVAILABLE when an actor is gone).
+* The launcher and reducer that the coordinator and shards receive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import ray
+import ray.exceptions
+
+from paramserver.coordinator import Coordinator, JobView
+from paramserver.errors import ParamServerError, Reason
+from paramserver.jobconfig import JobConfig
+from paramserver.placement import Span
+from paramserver.shard_host import ShardHost, ShardStatus
+from paramserver.steps import Decision, ShardStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Environment variable: Ray address to join when --address is not given.
+RAY_ADDRESS_ENV = "PARAMSERVER_RAY_ADDRESS"
+#: Name of the coordinator actor in the Ray namespace of the service.
+COORDINATOR_NAME = "paramserver-coordinator"
+
+
+class _RayShardHost(ShardHost):
+    def advertise_host(self) -> str:
+        if self.bind_host in ("0.0.0.0", "::", "[::]"):
+            return str(ray.util.get_node_ip_address())
+        return self.bind_host
+
+
+ShardActor = ray.remote(_RayShardHost)
+CoordinatorActor = ray.remote(Coordinator)
+
+
+async def _call(ref: Awaitable[T], what: str) -> T:
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, ParamServerError):
+            raise cause from None
+        raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{what}: {cause!r}") from exc
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, f"{what}: actor unavailable ({exc})") from exc
+
+
+class RayStepReducer:
+    """A shard's link to the coordinator's per-step reduction (picklable)."""
+
+    def __init__(self, coordinator: Any, job_id: str) -> None:
+        self.coordinator = coordinator
+        self.job_id = job_id
+
+    async def reduce(self, stats: ShardStats, step: int) -> Decision:
+        """Report stats, wait for the decision."""
+        result: Decision = await _call(self.coordinator.reduce_step.remote(self.job_id, step, stats), "reduce_step")
+        return result
+
+
+class RayShardHandle:
+    """The coordinator's handle on one shard actor."""
+
+    def __init__(self, actor: Any, address: str) -> None:
+        self.actor = actor
+        self.address = address
+
+    async def status(self) -> ShardStatus:
+        """The shard's status."""
+        result: ShardStatus = await _call(self.actor.status.remote(), "shard status")
+        return result
+
+    async def tensors(self) -> dict[str, np.ndarray]:
+        """Copies of the shard's parameters and state."""
+        result: dict[str, np.ndarray] = await _call(self.actor.tensors.remote(), "shard tensors")
+        return result
+
+    async def stop(self) -> None:
+        """Stop serving and kill the actor."""
+        try:
+            await self.actor.stop.remote()
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+        ray.kill(self.actor, no_restart=True)
+
+
+class RayShardLauncher:
+    """Starts shard actors (runs inside the coordinator actor)."""
+
+    def __init__(self, bind_host: str = "127.0.0.1") -> None:
+        self.bind_host = bind_host
+
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]]) -> list[RayShardHandle]:
+        """One actor per shard, each serving its own port."""
+        me = ray.get_runtime_context().current_actor
+        reducer = RayStepReducer(me, job_id)
+        actors = [
+            ShardActor.options(  # type: ignore[attr-defined]
+                num_cpus=config.shard_num_cpus,
+                num_gpus=config.shard_num_gpus,
+                max_concurrency=1000,
+                name=f"paramserver-{job_id}-shard-{i}-{uuid.uuid4().hex[:6]}",
+            ).remote(job_id, config, i, list(spans), reducer, self.bind_host)
+            for i, spans in enumerate(plan)
+        ]
+        handles: list[RayShardHandle] = []
+        try:
+            for actor in actors:
+                address: str = await _call(actor.start.remote(), "shard start")
+                handles.append(RayShardHandle(actor, address))
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise
+        return handles
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray; start a local one when no address is given. Returns True if we own it."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get(RAY_ADDRESS_ENV) or None
+    if address:
+        ray.init(address=address, namespace="paramserver", logging_level=logging.WARNING, log_to_driver=True)
+        return False
+    ray.init(num_cpus=num_cpus, namespace="paramserver", include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray connection (and the local Ray, if we started it)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class Cluster:
+    """The front door's facade over the coordinator actor."""
+
+    def __init__(self, bind_host: str = "127.0.0.1") -> None:
+        self.coordinator = CoordinatorActor.options(  # type: ignore[attr-defined]
+            num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
+        ).remote(RayShardLauncher(bind_host))
+
+    async def create_job(self, request_id: str, job_id: str, config: JobConfig) -> JobView:
+        """See Coordinator.create_job."""
+        result: JobView = await _call(self.coordinator.create_job.remote(request_id, job_id, config), "create_job")
+        return result
+
+    async def get_job(self, job_id: str) -> JobView:
+        """See Coordinator.get_job."""
+        result: JobView = await _call(self.coordinator.get_job.remote(job_id), "get_job")
+        return result
+
+    async def list_jobs(self) -> list[JobView]:
+        """See Coordinator.list_jobs."""
+        result: list[JobView] = await _call(self.coordinator.list_jobs.remote(), "list_jobs")
+        return result
+
+    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool]:
+        """See Coordinator.join_job."""
+        result: tuple[int, JobView, bool] = await _call(self.coordinator.join_job.remote(request_id, job_id, worker_name), "join_job")
+        return result
+
+    async def leave_job(self, request_id: str, job_id: str, worker_id: int) -> None:
+        """See Coordinator.leave_job."""
+        await _call(self.coordinator.leave_job.remote(request_id, job_id, worker_id), "leave_job")
+
+    async def delete_job(self, request_id: str, job_id: str) -> None:
+        """See Coordinator.delete_job."""
+        await _call(self.coordinator.delete_job.remote(request_id, job_id), "delete_job")
+
+    async def shard_tensors(self, job_id: str) -> list[dict[str, np.ndarray]]:
+        """Every shard's parameters and optimizer state (inspection and tests)."""
+        handles = await _call(self.coordinator.shard_handles.remote(job_id), "shard_handles")
+        return [await h.tensors() for h in handles]
+
+    async def close(self) -> None:
+        """Stop every job and the coordinator."""
+        try:
+            await _call(self.coordinator.shutdown.remote(), "shutdown")
+        finally:
+            ray.kill(self.coordinator, no_restart=True)

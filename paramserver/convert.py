@@ -1,0 +1,80 @@
+"""Conversions between the wire messages of the control plane and plain Python values."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+
+from paramserver.coordinator import JobView
+from paramserver.errors import ConfigError
+from paramserver.jobconfig import JobConfig
+from paramserver.v1 import job_service_pb2 as pb
+from paramserver.v1 import tensor_pb2
+from paramserver_client.codec import ITEMSIZE
+
+
+def spec_to_config(spec: pb.JobSpec) -> JobConfig:
+    """Validate a JobSpec's shape-level fields and turn it into a JobConfig."""
+    params = []
+    dtypes = []
+    for i, p in enumerate(spec.parameters):
+        if p.dtype and p.dtype not in ITEMSIZE:
+            raise ConfigError(f"spec.parameters[{i}].dtype", f"unsupported dtype {p.dtype}")
+        params.append((p.name, tuple(int(d) for d in p.shape), p.group))
+        dtypes.append(int(p.dtype or tensor_pb2.DTYPE_FLOAT32))
+    if not spec.HasField("optimizer") or not spec.optimizer.name:
+        raise ConfigError("spec.optimizer.name", "an optimizer is required (sgd, adam, adamw)")
+    config = JobConfig(
+        parameters=tuple(params),
+        optimizer=spec.optimizer.name,
+        hyperparameters=json_format.MessageToDict(spec.optimizer.hyperparameters),
+        schedule=spec.schedule.name or "constant",
+        schedule_parameters=json_format.MessageToDict(spec.schedule.parameters),
+        num_workers=spec.num_workers,
+        num_shards=spec.num_shards,
+        max_grad_norm=spec.max_grad_norm,
+        shard_num_cpus=spec.shard_num_cpus,
+        shard_num_gpus=spec.shard_num_gpus,
+        param_dtypes=tuple(dtypes),
+    )
+    config.validate()
+    return config
+
+
+def config_to_spec(c: JobConfig) -> pb.JobSpec:
+    """The JobSpec a JobConfig came from."""
+    spec = pb.JobSpec(
+        num_workers=c.num_workers,
+        num_shards=c.num_shards,
+        max_grad_norm=c.max_grad_norm,
+        shard_num_cpus=c.shard_num_cpus,
+        shard_num_gpus=c.shard_num_gpus,
+    )
+    for i, (name, shape, group) in enumerate(c.parameters):
+        dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32
+        spec.parameters.add(name=name, shape=list(shape), dtype=dtype, group=group)  # type: ignore[arg-type]
+    spec.optimizer.name = c.optimizer
+    spec.optimizer.hyperparameters.update(dict(c.hyperparameters))
+    spec.schedule.name = c.schedule
+    spec.schedule.parameters.update(dict(c.schedule_parameters))
+    return spec
+
+
+def job_to_pb(v: JobView) -> pb.Job:
+    """A JobView as a Job message."""
+    job = pb.Job(
+        job_id=v.job_id,
+        spec=config_to_spec(v.config),
+        state=pb.JOB_STATE_RUNNING if v.initialized else pb.JOB_STATE_AWAITING_PARAMETERS,
+        version=v.version,
+        workers=list(v.workers),
+    )
+    total = 0
+    for p in v.config.layout():
+        job.layout.add(name=p.name, offset=p.offset, numel=p.numel)
+        total += p.numel
+    job.total_elements = total
+    for s in v.shards:
+        info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized)
+        for span in s.spans:
+            info.ranges.add(start=span.start, length=span.length)
+    return job

@@ -1,0 +1,231 @@
+"""The coordinator: jobs, members, shard maps and the per-step decisions (plain class).
+
+It runs as one Ray actor (see cluster.py) but imports no Ray: shards are
+started through an injected :class:`ShardLauncher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from paramserver.errors import ParamServerError, Reason
+from paramserver.jobconfig import JobConfig, check_job_id
+from paramserver.ledger import Ledger
+from paramserver.placement import Span
+from paramserver.shard_host import ShardStatus
+from paramserver.steps import Decision, ShardStats, decide
+
+log = logging.getLogger(__name__)
+
+#: Decisions kept per job (a shard retrying an old step gets the same answer).
+DECISIONS_KEPT = 64
+
+
+class ShardHandle(Protocol):
+    """The coordinator's view of a running shard."""
+
+    address: str
+
+    async def status(self) -> ShardStatus:
+        """The shard's version and state."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the shard and release its resources."""
+        ...
+
+
+class ShardLauncher(Protocol):
+    """Starts the shards of a job."""
+
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]]) -> list[ShardHandle]:
+        """Start one shard per plan entry and return their handles once they serve."""
+        ...
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """One entry of a shard map."""
+
+    index: int
+    address: str
+    spans: tuple[Span, ...]
+    version: int
+    initialized: bool
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the front door shows it."""
+
+    job_id: str
+    config: JobConfig
+    shards: tuple[ShardView, ...]
+    workers: tuple[int, ...]
+
+    @property
+    def initialized(self) -> bool:
+        """Every shard holds parameters."""
+        return all(s.initialized for s in self.shards)
+
+    @property
+    def version(self) -> int:
+        """The version every shard has published."""
+        return min(s.version for s in self.shards) if self.initialized else 0
+
+
+@dataclass
+class _Job:
+    job_id: str
+    config: JobConfig
+    plan: list[list[Span]]
+    shards: list[ShardHandle]
+    workers: dict[int, str] = field(default_factory=dict)  # worker id -> name
+    reports: dict[int, dict[int, ShardStats]] = field(default_factory=dict)
+    decisions: dict[int, Decision] = field(default_factory=dict)
+    decided: dict[int, asyncio.Event] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Owns every job of one service."""
+
+    def __init__(self, launcher: ShardLauncher) -> None:
+        self.launcher = launcher
+        self.jobs: dict[str, _Job] = {}
+        self.ledger: Ledger[object] = Ledger()
+        self._lock = asyncio.Lock()
+
+    def _job(self, job_id: str) -> _Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"no job {job_id!r}", job_id=job_id)
+        return job
+
+    async def _view(self, job: _Job) -> JobView:
+        statuses = await asyncio.gather(*(s.status() for s in job.shards))
+        shards = tuple(
+            ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses)
+        )
+        return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)))
+
+    async def create_job(self, request_id: str, job_id: str, config: JobConfig) -> JobView:
+        """Create (or, for the same description, return) a job and start its shards."""
+        _require(request_id)
+        async with self._lock:
+            first = self.ledger.lookup(request_id, ("create", job_id, config.key()))
+            if isinstance(first, str):
+                return await self._view(self._job(first))
+            job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
+            check_job_id(job_id)
+            existing = self.jobs.get(job_id)
+            if existing is not None:
+                if existing.config != config:
+                    raise ParamServerError(
+                        "ALREADY_EXISTS", Reason.JOB_ALREADY_EXISTS, f"job {job_id!r} exists with another description", {"job_id": job_id}
+                    )
+                self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
+                return await self._view(existing)
+            config.validate()
+            plan = config.plan()
+            shards = await self.launcher.launch(job_id, config, plan)
+            self.jobs[job_id] = _Job(job_id, config, plan, shards)
+            self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
+            log.info("created job %s: %d shards, %d workers", job_id, len(shards), config.num_workers)
+            return await self._view(self.jobs[job_id])
+
+    async def get_job(self, job_id: str) -> JobView:
+        """A job with its shard map."""
+        return await self._view(self._job(job_id))
+
+    async def list_jobs(self) -> list[JobView]:
+        """Every job."""
+        return [await self._view(j) for j in list(self.jobs.values())]
+
+    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool]:
+        """Assign a worker id: (worker_id, job, whether this worker must upload the parameters)."""
+        _require(request_id)
+        async with self._lock:
+            job = self._job(job_id)
+            first = self.ledger.lookup(request_id, ("join", job_id, worker_name))
+            if isinstance(first, int):
+                wid = first
+            else:
+                named = [w for w, n in job.workers.items() if worker_name and n == worker_name]
+                if named:
+                    wid = named[0]
+                else:
+                    free = [w for w in range(job.config.num_workers) if w not in job.workers]
+                    if not free:
+                        raise ParamServerError.precondition(
+                            Reason.JOB_FULL, f"job {job_id!r} already has {job.config.num_workers} workers", job_id=job_id
+                        )
+                    wid = free[0]
+                    job.workers[wid] = worker_name
+                self.ledger.record(request_id, ("join", job_id, worker_name), wid)
+        view = await self._view(job)
+        return wid, view, (not view.initialized) and wid == 0
+
+    async def leave_job(self, request_id: str, job_id: str, worker_id: int) -> None:
+        """Free a worker id."""
+        _require(request_id)
+        async with self._lock:
+            job = self._job(job_id)
+            if self.ledger.lookup(request_id, ("leave", job_id, worker_id)) is not None:
+                return
+            if worker_id not in job.workers:
+                raise ParamServerError.not_found(Reason.WORKER_NOT_FOUND, f"worker {worker_id} is not in job {job_id!r}", worker_id=worker_id)
+            del job.workers[worker_id]
+            self.ledger.record(request_id, ("leave", job_id, worker_id), True)
+
+    async def delete_job(self, request_id: str, job_id: str) -> None:
+        """Stop a job's shards and forget it."""
+        _require(request_id)
+        async with self._lock:
+            if self.ledger.lookup(request_id, ("delete", job_id)) is not None:
+                return
+            job = self._job(job_id)
+            del self.jobs[job_id]
+            for ev in job.decided.values():
+                ev.set()
+            await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)
+            self.ledger.record(request_id, ("delete", job_id), True)
+            log.info("deleted job %s", job_id)
+
+    async def reduce_step(self, job_id: str, step: int, stats: ShardStats) -> Decision:
+        """Record one shard's stats for a step; answer the decision once every shard reported."""
+        job = self._job(job_id)
+        if step in job.decisions:
+            return job.decisions[step]
+        job.reports.setdefault(step, {})[stats.shard] = stats
+        event = job.decided.setdefault(step, asyncio.Event())
+        if len(job.reports[step]) == len(job.shards):
+            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm)
+            job.decisions[step] = decision
+            for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
+                del job.decisions[old]
+                job.decided.pop(old, None)
+            event.set()
+            return decision
+        await event.wait()
+        if step not in job.decisions:
+            raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"job {job_id!r} was deleted", job_id=job_id)
+        return job.decisions[step]
+
+    async def shard_handles(self, job_id: str) -> list[ShardHandle]:
+        """The handles of a job's shards (inspection and tests)."""
+        return list(self._job(job_id).shards)
+
+    async def shutdown(self) -> None:
+        """Stop every job's shards."""
+        for job_id in list(self.jobs):
+            await self.delete_job(f"shutdown-{job_id}-{uuid.uuid4().hex}", job_id)
+
+
+def _require(request_id: str) -> None:
+    if not request_id:
+        raise ParamServerError.invalid("request_id", "must not be empty (every mutating call carries a request id)")

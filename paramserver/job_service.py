@@ -1,0 +1,69 @@
+"""The control-plane gRPC servicer (JobService): validate, call the cluster, encode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc import aio
+
+from paramserver.cluster import Cluster
+from paramserver.convert import job_to_pb, spec_to_config
+from paramserver.errors import ConfigError
+from paramserver.rpc import unary
+from paramserver.v1 import job_service_pb2 as pb
+from paramserver.v1 import job_service_pb2_grpc as pb_grpc
+
+Ctx = aio.ServicerContext[Any, Any]
+
+
+def _need(value: str, field: str) -> str:
+    if not value:
+        raise ConfigError(field, "must not be empty")
+    return value
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    """JobService over a Cluster."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    @unary
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
+        """Create a job (idempotent)."""
+        _need(request.request_id, "request_id")
+        if not request.HasField("spec"):
+            raise ConfigError("spec", "required")
+        config = spec_to_config(request.spec)
+        return job_to_pb(await self.cluster.create_job(request.request_id, request.job_id, config))
+
+    @unary
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
+        """A job and its shard map."""
+        return job_to_pb(await self.cluster.get_job(_need(request.job_id, "job_id")))
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        """Every job."""
+        return pb.ListJobsResponse(jobs=[job_to_pb(v) for v in await self.cluster.list_jobs()])
+
+    @unary
+    async def JoinJob(self, request: pb.JoinJobRequest, context: Ctx) -> pb.JoinJobResponse:
+        """Join as a worker."""
+        _need(request.request_id, "request_id")
+        wid, view, upload = await self.cluster.join_job(request.request_id, _need(request.job_id, "job_id"), request.worker_name)
+        return pb.JoinJobResponse(worker_id=wid, job=job_to_pb(view), upload_parameters=upload)
+
+    @unary
+    async def LeaveJob(self, request: pb.LeaveJobRequest, context: Ctx) -> pb.LeaveJobResponse:
+        """Leave a job."""
+        _need(request.request_id, "request_id")
+        await self.cluster.leave_job(request.request_id, _need(request.job_id, "job_id"), request.worker_id)
+        return pb.LeaveJobResponse()
+
+    @unary
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Ctx) -> pb.DeleteJobResponse:
+        """Delete a job and stop its shards."""
+        _need(request.request_id, "request_id")
+        await self.cluster.delete_job(request.request_id, _need(request.job_id, "job_id"))
+        return pb.DeleteJobResponse()

@@ -1,0 +1,127 @@
+"""The flat parameter space and the placement plan (which shard owns which ranges).
+
+Parameters are laid end to end in one flat fp32 space in the order of the
+model description. The plan gives each shard a list of ranges, balanced by
+bytes. Element-wise optimizers may split a tensor anywhere; a parameter
+marked ``whole`` is never split (it goes to the least-loaded shard).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from paramserver.errors import ConfigError
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """A half-open range [start, start + length) of the flat space, in elements."""
+
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """One past the last element."""
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One parameter's place in the flat space."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements (1 for a scalar)."""
+        return math.prod(self.shape)
+
+
+def layout(params: Sequence[tuple[str, tuple[int, ...]]]) -> list[ParamLayout]:
+    """Lay parameters end to end; names must be unique and non-empty, dims >= 1."""
+    seen: set[str] = set()
+    out: list[ParamLayout] = []
+    offset = 0
+    for i, (name, shape) in enumerate(params):
+        field = f"spec.parameters[{i}]"
+        if not name:
+            raise ConfigError(f"{field}.name", "must not be empty")
+        if name in seen:
+            raise ConfigError(f"{field}.name", f"duplicate parameter name {name!r}")
+        if any(d < 1 for d in shape):
+            raise ConfigError(f"{field}.shape", f"every dimension must be >= 1, got {list(shape)}")
+        seen.add(name)
+        p = ParamLayout(name, tuple(shape), offset)
+        out.append(p)
+        offset += p.numel
+    if not out:
+        raise ConfigError("spec.parameters", "the model description is empty")
+    return out
+
+
+def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] | None = None) -> list[list[Span]]:
+    """Assign the flat space to `num_shards` shards, balanced by element count (= bytes).
+
+    Without ``whole`` constraints each shard gets one contiguous range of
+    floor/ceil(total / num_shards) elements, so tensors are split at
+    arbitrary (odd) offsets. Parameters with ``whole[i]`` set are first placed
+    intact, largest first, on the least-loaded shard; the remaining elements
+    fill the shards up to the balanced target in flat order.
+    """
+    total = sum(p.numel for p in params)
+    if num_shards < 1:
+        raise ConfigError("spec.num_shards", "must be >= 1")
+    if num_shards > total:
+        raise ConfigError("spec.num_shards", f"{num_shards} shards for {total} elements: every shard needs at least one")
+    whole = list(whole) if whole is not None else [False] * len(params)
+    if not any(whole):
+        base, extra = divmod(total, num_shards)
+        out: list[list[Span]] = []
+        start = 0
+        for k in range(num_shards):
+            n = base + (1 if k < extra else 0)
+            out.append([Span(start, n)])
+            start += n
+        return out
+    return _plan_with_whole(params, num_shards, whole, total)
+
+
+def _plan_with_whole(params: Sequence[ParamLayout], num_shards: int, whole: list[bool], total: int) -> list[list[Span]]:
+    target = math.ceil(total / num_shards)
+    loads = [0] * num_shards
+    spans: list[list[Span]] = [[] for _ in range(num_shards)]
+    for i in sorted((i for i, w in enumerate(whole) if w), key=lambda i: -params[i].numel):
+        k = min(range(num_shards), key=lambda j: (loads[j], j))
+        spans[k].append(Span(params[i].offset, params[i].numel))
+        loads[k] += params[i].numel
+    k = 0
+    for i, p in enumerate(params):
+        if whole[i]:
+            continue
+        pos, left = p.offset, p.numel
+        while left > 0:
+            while k < num_shards - 1 and loads[k] >= target:
+                k += 1
+            n = left if k == num_shards - 1 else min(left, target - loads[k])
+            spans[k].append(Span(pos, n))
+            loads[k] += n
+            pos += n
+            left -= n
+    if any(not s for s in spans):
+        raise ConfigError("spec.num_shards", "too many shards for the tensors that must stay whole")
+    return [_merge(sorted(s)) for s in spans]
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    for s in spans:
+        if out and out[-1].end == s.start:
+            out[-1] = Span(out[-1].start, out[-1].length + s.length)
+        else:
+            out.append(s)
+    return out

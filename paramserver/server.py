@@ -1,0 +1,160 @@
+"""The front door: the control-plane gRPC server with health and reflection, and its lifecycle.
+
+``Service`` runs on an asyncio loop; :func:`serve` runs it in the foreground
+until SIGTERM/SIGINT, :class:`BackgroundService` runs it on a thread (the demo
+and the tests). On shutdown: health NOT_SERVING, stop accepting calls within
+a grace period, stop every job's shard actors, then shut down the local Ray
+if this process started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from paramserver.cluster import Cluster, start_ray, stop_ray
+from paramserver.job_service import JobServicer
+from paramserver.rpc import GRPC_OPTIONS
+from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
+
+log = logging.getLogger(__name__)
+
+#: The service name grpc.health.v1 reports for the control plane.
+HEALTH_SERVICE = "paramserver.v1.JobService"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """How to run the service."""
+
+    host: str = "127.0.0.1"
+    """Address the control plane binds."""
+    port: int = 50051
+    """Control-plane port (0 = pick a free one)."""
+    ray_address: str | None = None
+    """Ray cluster to join; None = start a local Ray owned by this process."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (None = all)."""
+    shard_host: str = "127.0.0.1"
+    """Address shard actors bind their data ports to ("0.0.0.0" on a real cluster)."""
+    grace_s: float = 5.0
+    """Seconds in-flight calls get at shutdown."""
+
+
+class Service:
+    """The control-plane server bound to a Cluster."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.cluster: Cluster | None = None
+        self.server: aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """ "host:port" of the control plane."""
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Start serving (Ray must be initialised); return the bound port."""
+        self.cluster = Cluster(self.config.shard_host)
+        server = aio.server(options=GRPC_OPTIONS)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+            shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self.server = server
+        await self.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("paramserver serving on %s", self.address)
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING, stop with a grace period, stop every job's shards."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.grace_s)
+        if self.cluster is not None:
+            try:
+                await self.cluster.close()
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                log.exception("while stopping jobs")
+        log.info("paramserver stopped")
+
+
+def serve(config: ServiceConfig) -> None:
+    """Run the service in the foreground until SIGTERM or Ctrl-C."""
+    owned = start_ray(config.ray_address, config.num_cpus)
+
+    async def main() -> None:
+        service = Service(config)
+        await service.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"paramserver listening on {service.address} (Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print("paramserver: shutting down", flush=True)
+        await service.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if owned:
+            stop_ray()
+
+
+class BackgroundService:
+    """The service on a background thread with its own event loop (demo, tests)."""
+
+    def __init__(self, config: ServiceConfig, own_ray: bool = True) -> None:
+        self.config = config
+        self._owned_ray = start_ray(config.ray_address, config.num_cpus) if own_ray else False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="paramserver", daemon=True)
+        self._thread.start()
+        self.service = Service(config)
+        self.run(self.service.start())
+
+    @property
+    def address(self) -> str:
+        """ "host:port" of the control plane."""
+        return self.service.address
+
+    def run(self, coro):  # type: ignore[no-untyped-def]
+        """Run a coroutine on the service's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self) -> None:
+        """Stop the service, its jobs and (if owned) the local Ray."""
+        try:
+            self.run(self.service.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if self._owned_ray:
+                stop_ray()
+
+    def __enter__(self) -> BackgroundService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

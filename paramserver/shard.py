@@ -1,0 +1,245 @@
+"""A shard's state: fp32 master parameters and optimizer state for its spans (pure torch).
+
+No Ray, no gRPC, no asyncio: the runtime (shard_runtime.py) calls these
+methods from worker threads and serialises them with :attr:`ShardState.lock`.
+
+Local layout: the shard's spans are concatenated in increasing global
+offset into one flat local buffer, so an element-wise optimizer runs once
+over the whole shard with torch's fused kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from paramserver.errors import ParamServerError, Reason
+from paramserver.jobconfig import JobConfig
+from paramserver.placement import Span
+from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, MAX_CHUNK_BYTES, chunk_elements
+
+_TORCH_DTYPE = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}
+
+# torch.frombuffer on an immutable `bytes` warns once per process; we only read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A validated chunk: `count` elements at local offset `local`, raw wire bytes."""
+
+    local: int
+    count: int
+    dtype: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One worker's gradient for one step, validated and complete."""
+
+    worker_id: int
+    loss_terms: int
+    pieces: tuple[Piece, ...]
+
+
+def to_fp32(piece: Piece) -> torch.Tensor:
+    """A zero-copy, read-only tensor over a piece's bytes, in its wire dtype.
+
+    The wire is little-endian; so is every platform torch supports here.
+    Copying it into an fp32 buffer converts bf16/fp16 exactly.
+    """
+    return torch.frombuffer(piece.data, dtype=_TORCH_DTYPE[piece.dtype])
+
+
+class ShardState:
+    """Parameters, gradient buffer and optimizer state of one shard."""
+
+    def __init__(self, config: JobConfig, index: int, spans: Sequence[Span], device: torch.device | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.spans = list(spans)
+        self.device = device or torch.device("cpu")
+        self.numel = sum(s.length for s in self.spans)
+        self._starts = [s.start for s in self.spans]
+        self._local_starts: list[int] = []
+        pos = 0
+        for s in self.spans:
+            self._local_starts.append(pos)
+            pos += s.length
+        self.optimizer = config.build_optimizer()
+        self.schedule = config.build_schedule()
+        self.params: torch.Tensor | None = None
+        self.opt_state: dict[str, torch.Tensor] = {}
+        self.grad = torch.empty(0)
+        self.version = 0
+        self.applied = 0
+        self.last_report: StepReport | None = None
+        self.lock = threading.Lock()
+        self._cache: dict[int, tuple[int, list[tuple[int, int, bytes]]]] = {}
+
+    @property
+    def initialized(self) -> bool:
+        """True once parameters were uploaded."""
+        return self.params is not None
+
+    # ---- validation -------------------------------------------------------------------
+
+    def check_chunk(self, offset: int, count: int, dtype: int, nbytes: int, index: int) -> int:
+        """Validate one chunk; return its local offset. Raises ParamServerError naming the field."""
+        if dtype not in ITEMSIZE:
+            raise ParamServerError.invalid("chunk.dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED, chunk_index=index)
+        if nbytes > MAX_CHUNK_BYTES:
+            raise ParamServerError(
+                "RESOURCE_EXHAUSTED",
+                Reason.MESSAGE_TOO_LARGE,
+                f"chunk.data: {nbytes} bytes is over the {MAX_CHUNK_BYTES}-byte limit per chunk",
+                {"field": "chunk.data", "limit": MAX_CHUNK_BYTES, "chunk_index": index},
+            )
+        if count == 0:
+            raise ParamServerError.invalid("chunk.count", "must be > 0", chunk_index=index)
+        if nbytes != count * ITEMSIZE[dtype]:
+            raise ParamServerError.invalid(
+                "chunk.data",
+                f"{nbytes} bytes for {count} elements of {ITEMSIZE[dtype]} bytes",
+                Reason.LENGTH_MISMATCH,
+                chunk_index=index,
+            )
+        k = bisect.bisect_right(self._starts, offset) - 1
+        if k < 0 or offset + count > self.spans[k].end:
+            owned = ", ".join(f"[{s.start}, {s.end})" for s in self.spans)
+            raise ParamServerError.invalid(
+                "chunk.offset",
+                f"elements [{offset}, {offset + count}) are not inside this shard's ranges {owned}",
+                Reason.CHUNK_OUT_OF_RANGE,
+                offset=offset,
+                count=count,
+                chunk_index=index,
+            )
+        return self._local_starts[k] + (offset - self.spans[k].start)
+
+    def check_coverage(self, pieces: Sequence[Piece]) -> None:
+        """The pieces must cover the shard's local buffer exactly once."""
+        pos = 0
+        for p in sorted(pieces, key=lambda p: p.local):
+            if p.local != pos:
+                what = "overlap" if p.local < pos else "gap"
+                raise ParamServerError.invalid(
+                    "chunks",
+                    f"the chunks do not cover this shard's ranges exactly once ({what} at local element {min(pos, p.local)})",
+                    Reason.LAYOUT_MISMATCH,
+                )
+            pos += p.count
+        if pos != self.numel:
+            raise ParamServerError.invalid(
+                "chunks", f"the chunks cover {pos} of this shard's {self.numel} elements", Reason.LAYOUT_MISMATCH
+            )
+
+    # ---- mutation (call under self.lock) ----------------------------------------------
+
+    def load(self, pieces: Sequence[Piece]) -> None:
+        """Set the initial parameters from validated, complete pieces and publish version 0."""
+        params = torch.empty(self.numel, dtype=torch.float32)
+        for p in pieces:
+            params[p.local : p.local + p.count] = to_fp32(p)
+        self.params = params.to(self.device)
+        self.opt_state = self.optimizer.init_state(self.params)
+        self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self.version = 0
+        self.applied = 0
+        self._cache.clear()
+
+    def reduce(self, contributions: Sequence[Contribution]) -> ShardStats:
+        """Sum the workers' gradients (in worker-id order, so the result is deterministic),
+        divide by the total loss-term count, and return this shard's scalars."""
+        assert self.params is not None
+        ordered = sorted(contributions, key=lambda c: c.worker_id)
+        n = sum(c.loss_terms for c in ordered)
+        grad = self.grad if self.device.type == "cpu" else torch.empty(self.numel, dtype=torch.float32)
+        for i, c in enumerate(ordered):
+            for p in c.pieces:
+                dst = grad[p.local : p.local + p.count]
+                if i == 0:
+                    dst.copy_(to_fp32(p))
+                else:
+                    dst.add_(to_fp32(p))
+        if grad is not self.grad:
+            self.grad.copy_(grad, non_blocking=False)
+        if n == 0:
+            return ShardStats(self.index, 0.0, 0)
+        self.grad.div_(n)
+        norm = float(torch.linalg.vector_norm(self.grad))
+        return ShardStats(self.index, norm * norm if math.isfinite(norm) else norm, n)
+
+    def apply(self, decision: Decision) -> StepReport:
+        """Apply (or skip) the decided step and publish the next version."""
+        assert self.params is not None
+        lr = self.optimizer.lr * self.schedule(self.applied)
+        if decision.apply:
+            if decision.clip_coef != 1.0:
+                self.grad.mul_(decision.clip_coef)
+            self.optimizer.update(self.params, self.grad, self.opt_state, lr)
+            self.applied += 1
+            outcome = Outcome.APPLIED
+        else:
+            outcome = Outcome.SKIPPED
+        report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
+        self.version = decision.step + 1
+        self.last_report = report
+        self._cache.clear()
+        return report
+
+    # ---- reading (call under self.lock) -------------------------------------------------
+
+    def publication(self, dtype: int, ranges: Sequence[Span] = ()) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """(version, [(global offset, count, bytes)]) of the current parameters in `dtype`.
+
+        The whole-shard encoding is cached per dtype until the next version, so
+        several workers pulling the same version share one encoding.
+        """
+        assert self.params is not None
+        if not ranges:
+            cached = self._cache.get(dtype)
+            if cached is not None and cached[0] == self.version:
+                return cached
+        wanted = list(ranges) or self.spans
+        host = self.params if self.params.device.type == "cpu" else self.params.cpu()
+        step = chunk_elements(dtype)
+        out: list[tuple[int, int, bytes]] = []
+        for r in sorted(wanted):
+            local = self._local(r)
+            view = host[local : local + r.length]
+            if dtype != FLOAT32:
+                view = view.to(_TORCH_DTYPE[dtype]).view(torch.int16)
+            arr = view.numpy()
+            for i in range(0, r.length, step):
+                n = min(step, r.length - i)
+                out.append((r.start + i, n, arr[i : i + n].tobytes()))
+        result = (self.version, out)
+        if not ranges:
+            self._cache[dtype] = result
+        return result
+
+    def _local(self, r: Span) -> int:
+        k = bisect.bisect_right(self._starts, r.start) - 1
+        if k < 0 or r.end > self.spans[k].end or r.length == 0:
+            owned = ", ".join(f"[{s.start}, {s.end})" for s in self.spans)
+            raise ParamServerError.invalid(
+                "ranges", f"[{r.start}, {r.end}) is not inside this shard's ranges {owned}", Reason.CHUNK_OUT_OF_RANGE
+            )
+        return self._local_starts[k] + (r.start - self.spans[k].start)
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters and optimizer state on the host (for tests and snapshots)."""
+        assert self.params is not None
+        out = {"params": self.params.detach().cpu().clone()}
+        for k, v in self.opt_state.items():
+            out[f"state.{k}"] = v.detach().cpu().clone()
+        return out

@@ -1,0 +1,216 @@
+"""A shard's step machinery on asyncio: uploads, pushes, step completion, pulls.
+
+No gRPC and no Ray: the servicer (shard_service.py) calls it with plain
+values, and the cross-shard reduction goes through an injected
+:class:`StepReducer`. CPU-heavy work (decoding, the optimizer update,
+encoding) runs in a worker thread so the event loop keeps serving streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from paramserver.errors import ParamServerError, Reason
+from paramserver.ledger import Ledger
+from paramserver.placement import Span
+from paramserver.shard import Contribution, Piece, ShardState
+from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+
+log = logging.getLogger(__name__)
+
+#: Seconds between attempts when the coordinator cannot be reached during a step.
+REDUCE_RETRY_S = 0.5
+
+
+class StepReducer(Protocol):
+    """Turns this shard's stats for a step into the decision shared by all shards."""
+
+    async def reduce(self, stats: ShardStats, step: int) -> Decision:
+        """Report `stats` for `step` and wait for the decision (idempotent per shard and step)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The answer to a push."""
+
+    outcome: Outcome
+    version: int
+    contributions: int
+    expected: int
+    report: StepReport | None
+
+
+@dataclass(frozen=True)
+class PushHeader:
+    """The header of a push, as plain values."""
+
+    worker_id: int
+    step: int
+    request_id: str
+    loss_terms: int
+
+
+class ShardRuntime:
+    """Orchestrates one shard's synchronous steps."""
+
+    def __init__(self, state: ShardState, reducer: StepReducer) -> None:
+        self.state = state
+        self.reducer = reducer
+        self.expected = state.config.num_workers
+        self._pending: dict[int, Contribution] = {}
+        self._push_ledger: Ledger[asyncio.Future[PushResult]] = Ledger()
+        self._upload_ledger: Ledger[int] = Ledger(capacity=64)
+        self._published = asyncio.Condition()
+        self._completing: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- uploads --------------------------------------------------------------------------
+
+    def check_upload_header(self, request_id: str) -> int | None:
+        """Validate an upload's header; return the first answer if it is a retry."""
+        _require_request_id(request_id)
+        done = self._upload_ledger.lookup(request_id, "upload")
+        if done is not None:
+            return done
+        if self.state.initialized:
+            raise ParamServerError.precondition(
+                Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded"
+            )
+        return None
+
+    async def upload(self, request_id: str, pieces: Sequence[Piece]) -> int:
+        """Store the initial parameters (complete, validated pieces) and publish version 0."""
+        done = self.check_upload_header(request_id)
+        if done is not None:
+            return done
+        self.state.check_coverage(pieces)
+        await asyncio.to_thread(self._locked, self.state.load, pieces)
+        self._upload_ledger.record(request_id, "upload", self.state.numel)
+        await self._notify()
+        return self.state.numel
+
+    # ---- pushes ---------------------------------------------------------------------------
+
+    def check_push_header(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
+        """Validate a push header before its chunks are read; return the first answer's
+        future if this is a retry of a known request id."""
+        _require_request_id(h.request_id)
+        first = self._push_ledger.lookup(h.request_id, (h.worker_id, h.step))
+        if first is not None:
+            return first
+        if not self.state.initialized:
+            raise ParamServerError.precondition(
+                Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet"
+            )
+        if h.worker_id >= self.expected:
+            raise ParamServerError.invalid("header.worker_id", f"must be < num_workers ({self.expected})", worker_id=h.worker_id)
+        version = self.state.version
+        if h.step < version:
+            raise ParamServerError(
+                "ABORTED",
+                Reason.STEP_ALREADY_APPLIED,
+                f"step {h.step} was already applied; the current version is {version}",
+                {"current_version": version, "step": h.step},
+            )
+        if h.step > version:
+            raise ParamServerError.precondition(
+                Reason.STEP_NOT_READY,
+                f"step {h.step} cannot be pushed yet; the current version is {version} (pull it first)",
+                current_version=version,
+                step=h.step,
+            )
+        if h.worker_id in self._pending:
+            raise ParamServerError(
+                "ALREADY_EXISTS",
+                Reason.DUPLICATE_CONTRIBUTION,
+                f"worker {h.worker_id} already pushed step {h.step} with another request id",
+                {"worker_id": h.worker_id, "step": h.step},
+            )
+        return None
+
+    async def push(self, h: PushHeader, pieces: Sequence[Piece]) -> PushResult:
+        """Record a complete, validated push; complete the step when all workers are in."""
+        first = self.check_push_header(h)  # again: the state may have moved while chunks arrived
+        if first is not None:
+            return await asyncio.shield(first)
+        self.state.check_coverage(pieces)
+        fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        self._push_ledger.record(h.request_id, (h.worker_id, h.step), fut)
+        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, tuple(pieces))
+        count = len(self._pending)
+        if count < self.expected:
+            fut.set_result(PushResult(Outcome.PENDING, self.state.version, count, self.expected, None))
+            return fut.result()
+        contributions = list(self._pending.values())
+        self._completing = asyncio.create_task(self._complete(h.step, contributions, fut))
+        return await asyncio.shield(fut)
+
+    async def _complete(self, step: int, contributions: list[Contribution], fut: asyncio.Future[PushResult]) -> None:
+        try:
+            stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions)
+            while True:
+                try:
+                    decision = await self.reducer.reduce(stats, step)
+                    break
+                except ParamServerError:
+                    raise
+                except Exception as exc:  # the coordinator is unreachable: retry, the answer is idempotent
+                    if self._closed:
+                        raise
+                    log.warning("shard %d: step %d reduction failed (%s); retrying", self.state.index, step, exc)
+                    await asyncio.sleep(REDUCE_RETRY_S)
+            report = await asyncio.to_thread(self._locked, self.state.apply, decision)
+            self._pending.clear()
+            self._completing = None
+            fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
+            await self._notify()
+        except BaseException as exc:
+            self._completing = None
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard stopping"))
+            log.exception("shard %d: step %d failed", self.state.index, step)
+            if not isinstance(exc, Exception):
+                raise
+
+    # ---- pulls ----------------------------------------------------------------------------
+
+    async def wait_version(self, min_version: int) -> None:
+        """Wait until parameters exist and version >= min_version (the caller's deadline bounds it)."""
+        async with self._published:
+            await self._published.wait_for(lambda: self._closed or (self.state.initialized and self.state.version >= min_version))
+        if self._closed:
+            raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "the shard is shutting down")
+
+    async def publication(self, dtype: int, ranges: Sequence[Span]) -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
+        """The current version's parameters encoded in `dtype` (optionally a subset)."""
+
+        def read() -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
+            version, chunks = self.state.publication(dtype, ranges)
+            return version, self.state.last_report, chunks
+
+        return await asyncio.to_thread(self._locked, read)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Wake every waiter with UNAVAILABLE."""
+        self._closed = True
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._published:
+            self._published.notify_all()
+
+    def _locked(self, fn, *args):  # type: ignore[no-untyped-def]
+        with self.state.lock:
+            return fn(*args)
+
+
+def _require_request_id(request_id: str) -> None:
+    if not request_id:
+        raise ParamServerError.invalid("header.request_id", "must not be empty (every mutating call carries a request id)")

@@ -1,0 +1,115 @@
+"""The data-plane gRPC servicer of one shard: decode requests, call the runtime, encode answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from paramserver.errors import ParamServerError, Reason
+from paramserver.placement import Span
+from paramserver.shard import Piece
+from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
+from paramserver.steps import StepReport
+from paramserver.rpc import streaming, unary
+from paramserver.v1 import shard_service_pb2 as pb
+from paramserver.v1 import shard_service_pb2_grpc as pb_grpc
+from paramserver.v1 import tensor_pb2
+from paramserver_client.codec import FLOAT32, ITEMSIZE
+
+Ctx = aio.ServicerContext[Any, Any]
+
+
+def report_pb(r: StepReport | None) -> pb.StepReport | None:
+    """A StepReport as its proto."""
+    if r is None:
+        return None
+    return pb.StepReport(
+        step=r.step,
+        outcome=r.outcome.value,  # type: ignore[arg-type]
+        skip_reason=r.skip_reason,
+        grad_norm=r.grad_norm,
+        clip_coef=r.clip_coef,
+        lr=r.lr,
+        loss_terms=r.loss_terms,
+    )
+
+
+def _push_pb(r: PushResult) -> pb.PushGradientsResponse:
+    return pb.PushGradientsResponse(
+        outcome=r.outcome.value,  # type: ignore[arg-type]
+        version=r.version,
+        contributions=r.contributions,
+        expected=r.expected,
+        report=report_pb(r.report),
+    )
+
+
+class ShardServicer(pb_grpc.ShardServiceServicer):
+    """ShardService for one job's shard."""
+
+    def __init__(self, job_id: str, runtime: ShardRuntime) -> None:
+        self.job_id = job_id
+        self.runtime = runtime
+
+    def _check_job(self, job_id: str) -> None:
+        if job_id != self.job_id:
+            raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"no job {job_id!r} on this shard", job_id=job_id)
+
+    async def _first(self, it: AsyncIterator[Any], what: str) -> Any:
+        async for msg in it:
+            if msg.WhichOneof("kind") != "header":
+                raise ParamServerError.invalid("header", f"the first message of a {what} must be its header")
+            return msg.header
+        raise ParamServerError.invalid("header", f"empty {what} stream")
+
+    async def _pieces(self, it: AsyncIterator[Any]) -> list[Piece]:
+        state = self.runtime.state
+        pieces: list[Piece] = []
+        async for msg in it:
+            if msg.WhichOneof("kind") != "chunk":
+                raise ParamServerError.invalid("chunk", f"message {len(pieces) + 1} must be a chunk (one header per stream)")
+            c = msg.chunk
+            local = state.check_chunk(c.offset, c.count, c.dtype, len(c.data), len(pieces))
+            pieces.append(Piece(local, c.count, c.dtype, c.data))
+        return pieces
+
+    @unary
+    async def UploadParameters(self, request_iterator: AsyncIterator[pb.UploadParametersRequest], context: Ctx) -> pb.UploadParametersResponse:
+        """Initial parameters of this shard's ranges."""
+        header = await self._first(request_iterator, "upload")
+        self._check_job(header.job_id)
+        done = self.runtime.check_upload_header(header.request_id)
+        if done is not None:
+            return pb.UploadParametersResponse(elements=done)
+        pieces = await self._pieces(request_iterator)
+        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, pieces))
+
+    @unary
+    async def PushGradients(self, request_iterator: AsyncIterator[pb.PushGradientsRequest], context: Ctx) -> pb.PushGradientsResponse:
+        """One worker's gradient for one step."""
+        h = await self._first(request_iterator, "push")
+        self._check_job(h.job_id)
+        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms)
+        first = self.runtime.check_push_header(header)
+        if first is not None:
+            return _push_pb(await first)
+        pieces = await self._pieces(request_iterator)
+        return _push_pb(await self.runtime.push(header, pieces))
+
+    @streaming
+    async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse]:
+        """This shard's parameters once min_version is published."""
+        self._check_job(request.job_id)
+        dtype = request.dtype or FLOAT32
+        if dtype not in ITEMSIZE:
+            raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
+        ranges = [Span(r.start, r.length) for r in request.ranges]
+        await self.runtime.wait_version(request.min_version)
+        version, report, chunks = await self.runtime.publication(dtype, ranges)
+        yield pb.PullParametersResponse(
+            header=pb.PullHeader(version=version, elements=sum(n for _, n, _ in chunks), last_step=report_pb(report))
+        )
+        for offset, count, data in chunks:
+            yield pb.PullParametersResponse(chunk=tensor_pb2.TensorChunk(offset=offset, count=count, dtype=dtype, data=data))  # type: ignore[arg-type]
