@@ -38,12 +38,13 @@ COORDINATOR_NAME = "paramserver-coordinator"
 class _RayShardHost(ShardHost):
     def advertise_host(self) -> str:
         if self.bind_host in ("0.0.0.0", "::", "[::]"):
-            return str(ray.util.get_node_ip_address())
+            return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         return self.bind_host
 
 
-ShardActor = ray.remote(_RayShardHost)
-CoordinatorActor = ray.remote(Coordinator)
+# Typed as Any: actor handles are dynamic proxies.
+ShardActor: Any = ray.remote(_RayShardHost)
+CoordinatorActor: Any = ray.remote(Coordinator)
 
 
 async def _call(ref: Awaitable[T], what: str) -> T:
@@ -108,7 +109,7 @@ class RayShardLauncher:
         me = ray.get_runtime_context().current_actor
         reducer = RayStepReducer(me, job_id)
         actors = [
-            ShardActor.options(  # type: ignore[attr-defined]
+            ShardActor.options(
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
@@ -150,7 +151,7 @@ class Cluster:
     """The front door's facade over the coordinator actor."""
 
     def __init__(self, bind_host: str = "127.0.0.1") -> None:
-        self.coordinator = CoordinatorActor.options(  # type: ignore[attr-defined]
+        self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
         ).remote(RayShardLauncher(bind_host))
 

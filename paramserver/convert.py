@@ -51,7 +51,7 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
     )
     for i, (name, shape, group) in enumerate(c.parameters):
         dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32
-        spec.parameters.add(name=name, shape=list(shape), dtype=dtype, group=group)  # type: ignore[arg-type]
+        spec.parameters.add(name=name, shape=list(shape), dtype=dtype, group=group)
     spec.optimizer.name = c.optimizer
     spec.optimizer.hyperparameters.update(dict(c.hyperparameters))
     spec.schedule.name = c.schedule

@@ -108,9 +108,7 @@ class Coordinator:
 
     async def _view(self, job: _Job) -> JobView:
         statuses = await asyncio.gather(*(s.status() for s in job.shards))
-        shards = tuple(
-            ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses)
-        )
+        shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses))
         return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)))
 
     async def create_job(self, request_id: str, job_id: str, config: JobConfig) -> JobView:
@@ -178,7 +176,9 @@ class Coordinator:
             if self.ledger.lookup(request_id, ("leave", job_id, worker_id)) is not None:
                 return
             if worker_id not in job.workers:
-                raise ParamServerError.not_found(Reason.WORKER_NOT_FOUND, f"worker {worker_id} is not in job {job_id!r}", worker_id=worker_id)
+                raise ParamServerError.not_found(
+                    Reason.WORKER_NOT_FOUND, f"worker {worker_id} is not in job {job_id!r}", worker_id=worker_id
+                )
             del job.workers[worker_id]
             self.ledger.record(request_id, ("leave", job_id, worker_id), True)
 

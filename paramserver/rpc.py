@@ -30,7 +30,7 @@ G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
 async def abort(context: aio.ServicerContext[Any, Any], err: ParamServerError) -> None:
     """Abort the call with err's status code, message and ErrorInfo."""
     code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
-    await context.abort_with_status(status_proto(code, err.reason, err.message, err.metadata))
+    await context.abort_with_status(status_proto(code, err.reason, err.message, err.metadata))  # type: ignore[attr-defined]
 
 
 def _internal(exc: BaseException) -> ParamServerError:

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: The service name grpc.health.v1 reports for the control plane.
 HEALTH_SERVICE = "paramserver.v1.JobService"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +59,7 @@ class Service:
         self.config = config
         self.cluster: Cluster | None = None
         self.server: aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
 
     @property
@@ -94,7 +98,7 @@ class Service:
         if self.cluster is not None:
             try:
                 await self.cluster.close()
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 log.exception("while stopping jobs")
         log.info("paramserver stopped")
 
@@ -139,7 +143,7 @@ class BackgroundService:
         """ "host:port" of the control plane."""
         return self.service.address
 
-    def run(self, coro):  # type: ignore[no-untyped-def]
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the service's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 

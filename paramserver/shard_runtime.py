@@ -78,9 +78,7 @@ class ShardRuntime:
         if done is not None:
             return done
         if self.state.initialized:
-            raise ParamServerError.precondition(
-                Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded"
-            )
+            raise ParamServerError.precondition(Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded")
         return None
 
     async def upload(self, request_id: str, pieces: Sequence[Piece]) -> int:
@@ -104,9 +102,7 @@ class ShardRuntime:
         if first is not None:
             return first
         if not self.state.initialized:
-            raise ParamServerError.precondition(
-                Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet"
-            )
+            raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet")
         if h.worker_id >= self.expected:
             raise ParamServerError.invalid("header.worker_id", f"must be < num_workers ({self.expected})", worker_id=h.worker_id)
         version = self.state.version
@@ -172,7 +168,9 @@ class ShardRuntime:
         except BaseException as exc:
             self._completing = None
             if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard stopping"))
+                fut.set_exception(
+                    exc if isinstance(exc, Exception) else ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard stopping")
+                )
             log.exception("shard %d: step %d failed", self.state.index, step)
             if not isinstance(exc, Exception):
                 raise

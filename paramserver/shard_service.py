@@ -9,10 +9,10 @@ from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
+from paramserver.rpc import streaming, unary
 from paramserver.shard import Piece
 from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
 from paramserver.steps import StepReport
-from paramserver.rpc import streaming, unary
 from paramserver.v1 import shard_service_pb2 as pb
 from paramserver.v1 import shard_service_pb2_grpc as pb_grpc
 from paramserver.v1 import tensor_pb2
@@ -76,7 +76,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pieces
 
     @unary
-    async def UploadParameters(self, request_iterator: AsyncIterator[pb.UploadParametersRequest], context: Ctx) -> pb.UploadParametersResponse:
+    async def UploadParameters(
+        self, request_iterator: AsyncIterator[pb.UploadParametersRequest], context: Ctx
+    ) -> pb.UploadParametersResponse:
         """Initial parameters of this shard's ranges."""
         header = await self._first(request_iterator, "upload")
         self._check_job(header.job_id)

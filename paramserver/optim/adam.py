@@ -8,6 +8,7 @@ Runs torch's fused kernel (the CPU fused AdamW is ~5x foreach on this machine).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.adam import adam as _torch_adam
@@ -44,9 +45,9 @@ class Adam(Optimizer):
     """torch.optim.Adam's update rule."""
 
     name = "adam"
-    Hyper: type[AdamHyper] = AdamHyper
+    Hyper: ClassVar[type[Any]] = AdamHyper
     hyper: AdamHyper
-    decoupled = False
+    decoupled: ClassVar[bool] = False
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
@@ -96,5 +97,5 @@ class AdamW(Adam):
     """torch.optim.AdamW's update rule (Adam with decoupled weight decay)."""
 
     name = "adamw"
-    Hyper = AdamWHyper
-    decoupled = True
+    Hyper: ClassVar[type[Any]] = AdamWHyper
+    decoupled: ClassVar[bool] = True

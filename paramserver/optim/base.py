@@ -64,10 +64,10 @@ class Optimizer(ABC):
 
 _REGISTRY: dict[str, type[Optimizer]] = {}
 
-O = TypeVar("O", bound=type[Optimizer])
+OptT = TypeVar("OptT", bound=type[Optimizer])
 
 
-def register(cls: O) -> O:
+def register(cls: OptT) -> OptT:
     """Class decorator: make an optimizer available by its ``name``."""
     if cls.name in _REGISTRY:
         raise ValueError(f"optimizer {cls.name!r} registered twice")

@@ -101,7 +101,7 @@ class AsyncJobClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _unary(self, method: Any, request: Any, what: str) -> Any:
         return await call_with_retry(lambda: method(request, timeout=self.timeout), self.retry, what)
@@ -190,7 +190,7 @@ class AsyncWorker:
 
     async def close(self) -> None:
         """Close the shard channels."""
-        await asyncio.gather(*(c.close() for c in self._channels))
+        await asyncio.gather(*(c.close(None) for c in self._channels))
 
     def _check_flat(self, values: F32Array, what: str) -> F32Array:
         arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
@@ -214,12 +214,12 @@ class AsyncWorker:
             for c in self._chunks(i, flat, FLOAT32):
                 yield spb.UploadParametersRequest(chunk=c)
 
-        await asyncio.gather(
-            *(
-                call_with_retry(lambda i=i: self._stubs[i].UploadParameters(stream(i), timeout=self.timeout), self.retry, f"UploadParameters[{i}]")
-                for i in range(len(self._stubs))
+        async def one(i: int) -> None:
+            await call_with_retry(
+                lambda: self._stubs[i].UploadParameters(stream(i), timeout=self.timeout), self.retry, f"UploadParameters[{i}]"
             )
-        )
+
+        await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
 
     async def push(self, step: int, grad: F32Array, loss_terms: int, *, dtype: int = FLOAT32, request_id: str | None = None) -> StepResult:
         """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`."""
@@ -235,12 +235,13 @@ class AsyncWorker:
             for c in self._chunks(i, flat, dtype):
                 yield spb.PushGradientsRequest(chunk=c)
 
-        answers: list[spb.PushGradientsResponse] = await asyncio.gather(
-            *(
-                call_with_retry(lambda i=i: self._stubs[i].PushGradients(stream(i), timeout=self.timeout), self.retry, f"PushGradients[{i}]")
-                for i in range(len(self._stubs))
+        async def one(i: int) -> spb.PushGradientsResponse:
+            answer: spb.PushGradientsResponse = await call_with_retry(
+                lambda: self._stubs[i].PushGradients(stream(i), timeout=self.timeout), self.retry, f"PushGradients[{i}]"
             )
-        )
+            return answer
+
+        answers = await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
         done = [a for a in answers if a.outcome != spb.STEP_OUTCOME_PENDING]
         outcome = done[0].outcome if done else spb.STEP_OUTCOME_PENDING
         return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)

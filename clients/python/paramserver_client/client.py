@@ -116,6 +116,7 @@ class Worker:
 
     def leave(self) -> None:
         """Leave the job (frees the worker id)."""
+
         async def go() -> None:
             async with AsyncJobClient(self.address) as jobs:
                 await jobs.leave_job(self._w.job_id, self._w.worker_id)

@@ -21,9 +21,10 @@ MAX_CHUNK_BYTES = 4 << 20
 #: Largest gRPC message the service and the clients accept (64 MiB).
 MAX_MESSAGE_BYTES = 64 << 20
 
-FLOAT32 = tensor_pb2.DTYPE_FLOAT32
-BFLOAT16 = tensor_pb2.DTYPE_BFLOAT16
-FLOAT16 = tensor_pb2.DTYPE_FLOAT16
+#: Wire dtype values (paramserver.v1.DType) as plain ints.
+FLOAT32: int = int(tensor_pb2.DTYPE_FLOAT32)
+BFLOAT16: int = int(tensor_pb2.DTYPE_BFLOAT16)
+FLOAT16: int = int(tensor_pb2.DTYPE_FLOAT16)
 
 #: Bytes per element of each wire dtype.
 ITEMSIZE: dict[int, int] = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
@@ -80,7 +81,7 @@ def decode(data: bytes | memoryview, dtype: int) -> F32Array:
 
 
 def fp32_to_bf16_bits(values: F32Array) -> npt.NDArray[np.uint16]:
-    """Round fp32 to bfloat16 (nearest, ties to even; NaN -> 0x7FC0, as torch), as uint16 bits."""
+    """Round fp32 to bfloat16 (nearest, ties to even; NaN -> the quiet NaN 0x7FC0), as uint16 bits."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
     out = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)

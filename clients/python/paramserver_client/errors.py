@@ -15,10 +15,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paramserver_client.reasons import Reason
+from paramserver_client.reasons import DOMAIN, Reason
 
 __all__ = ["DOMAIN", "Reason", "ServiceError", "from_rpc_error", "status_proto"]
-
 
 
 class ServiceError(Exception):
@@ -45,9 +44,7 @@ class ServiceError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
-def status_proto(
-    code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None
-) -> grpc.Status:
+def status_proto(code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> grpc.Status:
     """Build the grpc.Status (with a google.rpc.Status/ErrorInfo detail) for an error."""
     from google.protobuf import any_pb2
     from google.rpc import status_pb2
@@ -61,8 +58,8 @@ def status_proto(
 
 def from_rpc_error(err: grpc.RpcError) -> ServiceError:
     """Turn a grpc.RpcError (sync or aio) into a ServiceError with its reason."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    details: str = err.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = err.code()
+    details: str = err.details() or ""
     reason = ""
     metadata: dict[str, str] = {}
     status = None
@@ -93,6 +90,6 @@ def _trailing(err: grpc.RpcError) -> list[tuple[str, str | bytes]]:
         return []
     try:
         md = trailing()
-    except Exception:  # pragma: no cover - defensive
+    except Exception:  # noqa: BLE001  # pragma: no cover - defensive
         return []
     return [(str(k), v) for k, v in (md or ())]

@@ -1,0 +1,46 @@
+# The few verbs everyone uses. `make demo` and `make test` work on a fresh machine
+# with only Python 3.11, gcc and node: they build .venv and clients/node/node_modules first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := clients/node/node_modules/.installed
+
+.PHONY: setup demo test lint protos check-protos bench clean
+
+setup: $(STAMP) $(NODE_STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## The main job: start the service with a local Ray, train with 2 workers, compare with local torch.
+demo: setup
+	$(VENV)/bin/paramserver demo
+
+## Lint, type-check, check the generated stubs, run every test.
+test: setup lint check-protos
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+check-protos: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+bench: setup
+	$(PY) bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,67 @@
+"""Shared fixtures: one real Ray and one real service per test session.
+
+Ray is started once (num_cpus=2, shards reserve no CPU); the front door runs
+on a background thread on a free loopback port. Tests create their own jobs
+with unique ids and delete them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A real local Ray for the whole session."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ps-ray-")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, include_dashboard=False, namespace="paramserver-tests", _temp_dir=tmp, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service(ray_session: None) -> Iterator[object]:
+    """The front door on a free loopback port (a BackgroundService)."""
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    svc = BackgroundService(ServiceConfig(host="127.0.0.1", port=0), own_ray=False)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def address(service: object) -> str:
+    """The front door's "host:port"."""
+    return service.address  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.fixture
+def job_id(service: object) -> Iterator[str]:
+    """A unique job id, deleted after the test."""
+    jid = f"t-{uuid.uuid4().hex[:10]}"
+    yield jid
+    from paramserver_client import JobClient, ServiceError
+
+    with JobClient(service.address) as jc:  # type: ignore[attr-defined]
+        try:
+            jc.delete_job(jid)
+        except ServiceError:
+            pass
+
+
+def shard_tensors(service: object, job_id: str) -> list[dict[str, np.ndarray]]:
+    """Every shard's parameters and optimizer state, read straight from the actors."""
+    svc = service
+    return svc.run(svc.service.cluster.shard_tensors(job_id))  # type: ignore[attr-defined, no-any-return]

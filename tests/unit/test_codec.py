@@ -1,0 +1,52 @@
+"""The numpy wire codec agrees bit for bit with torch's conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, decode, encode, fp32_to_bf16_bits, split
+
+
+def _specials() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    vals = np.concatenate(
+        [
+            rng.standard_normal(10_000).astype(np.float32) * np.float32(1e3),
+            np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 3.4e38, -3.4e38], dtype=np.float32),
+            # exact ties between two bf16 values: low 16 bits == 0x8000
+            (np.arange(1, 200, dtype=np.uint32) << np.uint32(16) | np.uint32(0x8000)).view(np.float32),
+        ]
+    )
+    return vals.astype(np.float32)
+
+
+def test_bf16_rounding_matches_torch() -> None:
+    x = _specials()
+    ours = fp32_to_bf16_bits(x)
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(ours[~nan], ref[~nan])
+    # any NaN pattern is fine (torch's differs by code path); it must decode as NaN
+    assert np.isnan(decode(ours[nan].tobytes(), BFLOAT16)).all()
+
+
+@pytest.mark.parametrize("dtype", [FLOAT32, BFLOAT16, FLOAT16], ids=["fp32", "bf16", "fp16"])
+def test_encode_decode_matches_torch(dtype: int) -> None:
+    x = _specials()
+    data = encode(x, dtype)
+    assert len(data) == x.size * ITEMSIZE[dtype]
+    tdt = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}[dtype]
+    ref = torch.from_numpy(x).to(tdt).float().numpy()
+    got = decode(data, dtype)
+    assert np.array_equal(got, ref, equal_nan=True)
+    # what the service reads from the same bytes
+    served = torch.frombuffer(bytearray(data), dtype=tdt).float().numpy()
+    assert np.array_equal(served, ref, equal_nan=True)
+
+
+def test_split_tiles_the_range() -> None:
+    pieces = list(split(7, 1000, 333))
+    assert pieces == [(7, 333), (340, 333), (673, 333), (1006, 1)]
+    assert list(split(5, 0, 10)) == []

@@ -1,0 +1,47 @@
+"""The coordinator's step decision and the exactly-once ledger (pure logic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from paramserver.errors import ParamServerError, Reason
+from paramserver.ledger import Ledger
+from paramserver.steps import ShardStats, decide
+
+
+def test_clip_coefficient_matches_torch_formula() -> None:
+    stats = [ShardStats(0, 9.0, 10), ShardStats(1, 16.0, 10)]
+    d = decide(3, stats, max_grad_norm=1.0)
+    assert d.apply and d.grad_norm == 5.0
+    assert d.clip_coef == pytest.approx(1.0 / (5.0 + 1e-6))
+    assert decide(3, stats, max_grad_norm=0.0).clip_coef == 1.0
+    assert decide(3, stats, max_grad_norm=100.0).clip_coef == 1.0
+
+
+@pytest.mark.parametrize(
+    ("stats", "reason"),
+    [
+        ([ShardStats(0, math.inf, 4), ShardStats(1, 1.0, 4)], Reason.NON_FINITE_GRADIENT),
+        ([ShardStats(0, math.nan, 4), ShardStats(1, 1.0, 4)], Reason.NON_FINITE_GRADIENT),
+        ([ShardStats(0, 0.0, 0), ShardStats(1, 0.0, 0)], Reason.NO_LOSS_TERMS),
+        ([ShardStats(0, 1.0, 4), ShardStats(1, 1.0, 5)], Reason.INCONSISTENT_LOSS_TERMS),
+    ],
+)
+def test_skips(stats: list[ShardStats], reason: str) -> None:
+    d = decide(0, stats, 1.0)
+    assert not d.apply and d.skip_reason == reason
+
+
+def test_ledger_returns_first_answer_and_refuses_reuse() -> None:
+    led: Ledger[str] = Ledger(capacity=2)
+    assert led.lookup("a", 1) is None
+    led.record("a", 1, "first")
+    assert led.lookup("a", 1) == "first"
+    with pytest.raises(ParamServerError) as err:
+        led.lookup("a", 2)
+    assert err.value.reason == Reason.REQUEST_ID_REUSED
+    led.record("b", 1, "x")
+    led.record("c", 1, "y")
+    assert led.lookup("a", 1) is None and len(led) == 2
