@@ -72,7 +72,7 @@ def test_serve_shuts_down_on_sigterm_leaving_no_processes(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
         assert rc == 0
-        gone, alive = psutil.wait_procs(tree, timeout=30)
+        _gone, alive = psutil.wait_procs(tree, timeout=30)
         assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
     finally:
         if proc.poll() is None:
