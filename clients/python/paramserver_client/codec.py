@@ -62,7 +62,8 @@ def encode(values: F32Array, dtype: int) -> bytes:
     if dtype == FLOAT32:
         return np.ascontiguousarray(values, dtype="<f4").tobytes()
     if dtype == FLOAT16:
-        return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
+        with np.errstate(over="ignore"):  # |x| > 65504 becomes inf, as torch's .half()
+            return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
     if dtype == BFLOAT16:
         return fp32_to_bf16_bits(values).astype("<u2").tobytes()
     raise ValueError(f"unsupported wire dtype {dtype}")
