@@ -1,0 +1,568 @@
+#!/usr/bin/env python
+"""Foundation benchmark: the shard's optimizer, the data plane and one synchronous step,
+each divided by a baseline measured in the same run (see bench/README.md).
+
+    RAY_AUTH_MODE=disabled python bench/bench_foundation.py            # 25M params (about 35 s here)
+    RAY_AUTH_MODE=disabled python bench/bench_foundation.py --quick    # 2M params, smoke test
+
+(a) ShardState.apply (AdamW) rate / torch.optim.AdamW(fused=True).step() rate   target >= 0.95
+(b) push / pull GB/s through the real service (1 worker, 1 shard, sgd lr 0)
+    / a raw grpc.aio client-stream / server-stream of the same bytes, 1 MiB chunks,
+    served by a bare generic-handler server in another process                    target >= 0.80
+(c) one synchronous step (push + wait + pull; 1 worker, 2 shards, adamw; fp32 and bf16 wire)
+    / model = grad bytes / raw push rate + fused AdamW time + param bytes / raw pull rate
+                                                                                   target <= 1.25
+
+It reports; it never asserts: the exit status is 0 whether or not a target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+CHUNK_BYTES = 1 << 20
+RAW_SERVICE = "bench.Raw"
+MAX_MESSAGE = 64 << 20
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------
+# The raw baseline server: a bare grpc.aio server with generic handlers and identity bytes
+# (de)serializers, in its own (spawned) process like a shard actor.
+# ---------------------------------------------------------------------------------------
+
+
+def _raw_server_main(conn: Any, max_bytes: int) -> None:
+    import grpc
+    import numpy as np
+    from grpc import aio
+
+    rng = np.random.default_rng(0)
+    # Distinct 1 MiB chunks (as a shard serves distinct memory), built once, like a shard's cached encoding.
+    chunks = [rng.integers(0, 255, CHUNK_BYTES, dtype=np.uint8).tobytes() for _ in range((max_bytes + CHUNK_BYTES - 1) // CHUNK_BYTES)]
+
+    async def push(request_iterator: Any, context: Any) -> bytes:
+        n = 0
+        async for b in request_iterator:  # the transport alone: count and drop each chunk
+            n += len(b)
+        return n.to_bytes(8, "little")
+
+    async def push_keep(request_iterator: Any, context: Any) -> bytes:
+        kept = []  # hold every chunk until the stream ends, as the shard holds its Pieces (diagnostic)
+        n = 0
+        async for b in request_iterator:
+            kept.append(b)
+            n += len(b)
+        return n.to_bytes(8, "little")
+
+    async def pull(request: bytes, context: Any) -> Any:
+        want = int.from_bytes(request, "little")
+        sent = 0
+        for c in chunks:
+            if sent >= want:
+                break
+            take = min(len(c), want - sent)
+            yield c if take == len(c) else c[:take]
+            sent += take
+
+    async def main() -> None:
+        server = aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+        handler = grpc.method_handlers_generic_handler(
+            RAW_SERVICE,
+            {
+                "Push": grpc.stream_unary_rpc_method_handler(push),
+                "PushKeep": grpc.stream_unary_rpc_method_handler(push_keep),
+                "Pull": grpc.unary_stream_rpc_method_handler(pull),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        conn.send(port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # any message = stop
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+class RawClient:
+    """aio client of the raw server (create it inside the running loop)."""
+
+    def __init__(self, address: str) -> None:
+        from grpc import aio
+
+        self.channel = aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self._push = self.channel.stream_unary(f"/{RAW_SERVICE}/Push")
+        self._push_keep = self.channel.stream_unary(f"/{RAW_SERVICE}/PushKeep")
+        self._pull = self.channel.unary_stream(f"/{RAW_SERVICE}/Pull")
+
+    async def push(self, chunks: list[bytes], keep: bool = False) -> int:
+        rpc = self._push_keep if keep else self._push
+        return int.from_bytes(await rpc(iter(chunks)), "little")
+
+    async def pull(self, nbytes: int) -> int:
+        got = 0
+        async for b in self._pull(nbytes.to_bytes(8, "little")):
+            got += len(b)
+        return got
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_pieces(values: Any, dtype: int, itemsize: int) -> list[Any]:
+    """1 MiB Pieces of a flat fp32 numpy array, as the shard servicer builds them."""
+    from paramserver.shard import Piece
+    from paramserver_client.codec import encode
+
+    step = CHUNK_BYTES // itemsize
+    return [Piece(i, min(step, values.size - i), dtype, encode(values[i : i + step], dtype)) for i in range(0, values.size, step)]
+
+
+# ---------------------------------------------------------------------------------------
+# (a) the shard's AdamW update vs torch fused AdamW
+# ---------------------------------------------------------------------------------------
+
+
+def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from paramserver.jobconfig import JobConfig
+    from paramserver.shard import ShardState
+    from paramserver.steps import Decision
+    from paramserver_client.codec import FLOAT32
+
+    rng = np.random.default_rng(1)
+    init = rng.standard_normal(n, dtype=np.float32)
+    grad = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+
+    config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=1)
+    state = ShardState(config, 0, config.plan()[0])
+    state.load(make_pieces(init, FLOAT32, 4))
+    state.grad = grad.clone()
+
+    p = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    p.grad = grad.clone()
+    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, fused=True)
+
+    step = 0
+
+    def shard_step() -> None:
+        nonlocal step
+        state.apply(Decision(step=step, apply=True, skip_reason="", grad_norm=1.0, clip_coef=1.0, loss_terms=1))
+        step += 1
+
+    shard_t: list[float] = []
+    torch_t: list[float] = []
+    torch1_t: list[float] = []
+    threads = torch.get_num_threads()
+    for r in range(warmup + reps):  # interleaved, alternating which goes first, so drift hits both alike
+        if r % 2:
+            b = timed(opt.step)
+            a = timed(shard_step)
+        else:
+            a = timed(shard_step)
+            b = timed(opt.step)
+        if r >= warmup:
+            shard_t.append(a)
+            torch_t.append(b)
+    # For reference: fused AdamW on one thread (what a shard actor gets: Ray sets OMP_NUM_THREADS=1).
+    torch.set_num_threads(1)
+    try:
+        for r in range(warmup + reps):
+            b = timed(opt.step)
+            if r >= warmup:
+                torch1_t.append(b)
+    finally:
+        torch.set_num_threads(threads)
+    return {"shard_s": med(shard_t), "torch_s": med(torch_t), "torch1_s": med(torch1_t)}
+
+
+# ---------------------------------------------------------------------------------------
+# in-process breakdown of the per-byte work on the push / pull paths (diagnostics)
+# ---------------------------------------------------------------------------------------
+
+
+def bench_breakdown(n: int, reps: int) -> dict[str, float]:
+    """Time each copy / (de)serialization stage of a push and a pull of n fp32 elements, one
+    thread (what the asyncio loops and a shard actor use). Chunk by chunk, as the streams do:
+    each message is dropped after use; only what the real code keeps (the shard's Pieces) is kept."""
+    import numpy as np
+    import torch
+
+    from paramserver.jobconfig import JobConfig
+    from paramserver.shard import Contribution, Piece, ShardState
+    from paramserver.v1 import shard_service_pb2 as spb
+    from paramserver.v1 import tensor_pb2
+    from paramserver_client.codec import BFLOAT16, FLOAT32, chunk_elements, decode, encode, split
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(2)
+    flat = rng.standard_normal(n, dtype=np.float32)
+    out = np.empty_like(flat)
+    spans = list(split(0, n, chunk_elements(FLOAT32)))
+    res: dict[str, list[float]] = {}
+    pc = time.perf_counter
+
+    config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=1)
+    state = ShardState(config, 0, config.plan()[0])
+    state.load(make_pieces(flat, FLOAT32, 4))
+    try:
+        for _ in range(reps + 1):
+            acc = dict.fromkeys(
+                (
+                    "c.push encode (tobytes)",
+                    "c.push build TensorChunk msg",
+                    "c.push SerializeToString",
+                    "s.push FromString",
+                    "s.push chunk.data + check_chunk",
+                ),
+                0.0,
+            )
+            pieces = []
+            for o, c in spans:  # push: client encode -> wire -> shard parse, chunk by chunk
+                t0 = pc()
+                data = encode(flat[o : o + c], FLOAT32)
+                t1 = pc()
+                msg = spb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(offset=o, count=c, dtype=FLOAT32, data=data))
+                t2 = pc()
+                wire = msg.SerializeToString()
+                t3 = pc()
+                parsed = spb.PushGradientsRequest.FromString(wire)
+                t4 = pc()
+                ch = parsed.chunk
+                pieces.append(
+                    Piece(state.check_chunk(ch.offset, ch.count, ch.dtype, len(ch.data), len(pieces)), ch.count, ch.dtype, ch.data)
+                )
+                t5 = pc()
+                del data, msg, wire, parsed, ch
+                for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                    acc[k] += v
+            t0 = pc()
+            state.reduce([Contribution(0, 1, tuple(pieces))])
+            acc["s.reduce (copy+div+norm)"] = pc() - t0
+            del pieces
+            for name, dt in (("fp32", FLOAT32), ("bf16", BFLOAT16)):
+                state._cache.clear()
+                t0 = pc()
+                state.publication(dt)
+                acc[f"s.pull publication {name}"] = pc() - t0
+            state._cache.clear()
+            _, chunks = state.publication(FLOAT32)
+            for k in ("s.pull build msg+SerializeToString", "c.pull FromString", "c.pull chunk.data+decode+assign"):
+                acc[k] = 0.0
+            for o, c, d in chunks:  # pull: shard serialize -> wire -> client parse + decode, chunk by chunk
+                t0 = pc()
+                wire = spb.PullParametersResponse(
+                    chunk=tensor_pb2.TensorChunk(offset=o, count=c, dtype=FLOAT32, data=d)
+                ).SerializeToString()
+                t1 = pc()
+                parsed = spb.PullParametersResponse.FromString(wire)
+                t2 = pc()
+                ch = parsed.chunk
+                out[ch.offset : ch.offset + ch.count] = decode(ch.data, ch.dtype)
+                t3 = pc()
+                del wire, parsed, ch
+                acc["s.pull build msg+SerializeToString"] += t1 - t0
+                acc["c.pull FromString"] += t2 - t1
+                acc["c.pull chunk.data+decode+assign"] += t3 - t2
+            t0 = pc()
+            for o, c, d in chunks:  # the floor: one copy of the bytes into the destination
+                out[o : o + c] = np.frombuffer(d, dtype="<f4")
+            acc["(ref) one memcpy of the bytes"] = pc() - t0
+            del chunks
+            for k, v in acc.items():
+                res.setdefault(k, []).append(v)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: med(v[1:]) for k, v in res.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# (b) and (c): the real service
+# ---------------------------------------------------------------------------------------
+
+
+async def bench_service(n: int, warmup: int, reps: int, raw_address: str, svc_address: str) -> dict[str, Any]:
+    import numpy as np
+
+    from paramserver.v1 import shard_service_pb2 as spb
+    from paramserver_client.aio import AsyncJobClient, AsyncWorker
+    from paramserver_client.codec import BFLOAT16, FLOAT32
+
+    rng = np.random.default_rng(3)
+    params = rng.standard_normal(n, dtype=np.float32)
+    grad = (rng.standard_normal(n, dtype=np.float32) * 1e-3).astype(np.float32)
+    out = np.empty(n, dtype=np.float32)
+    nbytes = n * 4
+    raw_chunks = [grad[i : i + CHUNK_BYTES // 4].tobytes() for i in range(0, n, CHUNK_BYTES // 4)]
+    raw = RawClient(raw_address)
+    res: dict[str, Any] = {}
+    jobs = AsyncJobClient(svc_address)
+    try:
+        # ---- (b): 1 worker, 1 shard, sgd lr 0 ---------------------------------------------
+        log("(b) creating the sgd job (1 shard)")
+        job = await jobs.create_job([("w", (n,))], optimizer="sgd", hyperparameters={"lr": 0.0}, num_workers=1, num_shards=1)
+        w = await AsyncWorker.join(svc_address, job.job_id)
+        try:
+            await w.upload(params)
+            await w.pull(0, out)
+            t: dict[str, list[float]] = {k: [] for k in ("raw_push", "raw_pull", "push", "pull", "raw_push_keep")}
+            step = 0
+            for r in range(warmup + reps):  # interleaved, so drift hits service and baseline alike
+                t0 = time.perf_counter()
+                got = await raw.push(raw_chunks)
+                t1 = time.perf_counter()
+                back = await raw.pull(nbytes)
+                t2 = time.perf_counter()
+                ans = await w.push(step, grad, 1)
+                t3 = time.perf_counter()
+                version, _, _ = await w.pull(step + 1, out)
+                t4 = time.perf_counter()
+                kept = await raw.push(raw_chunks, keep=True)
+                t5 = time.perf_counter()
+                assert got == nbytes and back == nbytes and kept == nbytes, (got, back, kept, nbytes)
+                assert ans.outcome == spb.STEP_OUTCOME_APPLIED and version == step + 1, (ans, version)
+                step += 1
+                if r >= warmup:
+                    for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                        t[k].append(v)
+            res["b"] = {k: med(v) for k, v in t.items()}
+            res["b_all"] = t
+        finally:
+            await w.close()
+            await jobs.delete_job(job.job_id)
+
+        # ---- (c): 1 worker, 2 shards, adamw; fp32 and bf16 wire ---------------------------
+        log("(c) creating the adamw job (2 shards)")
+        job = await jobs.create_job([("w", (n,))], optimizer="adamw", num_workers=1, num_shards=2)
+        w = await AsyncWorker.join(svc_address, job.job_id)
+        try:
+            await w.upload(params)
+            await w.pull(0, out)
+            c: dict[str, list[float]] = {k: [] for k in ("fp32_push", "fp32_pull", "bf16_push", "bf16_pull", "fp32", "bf16")}
+            step = 0
+            for r in range(warmup + reps):
+                for name, dt in (("fp32", FLOAT32), ("bf16", BFLOAT16)):
+                    t0 = time.perf_counter()
+                    ans = await w.push(step, grad, 1, dtype=dt)
+                    t1 = time.perf_counter()
+                    version, _, _ = await w.pull(step + 1, out, dtype=dt)
+                    t2 = time.perf_counter()
+                    assert ans.outcome == spb.STEP_OUTCOME_APPLIED and version == step + 1, (ans, version)
+                    step += 1
+                    if r >= warmup:
+                        c[f"{name}_push"].append(t1 - t0)
+                        c[f"{name}_pull"].append(t2 - t1)
+                        c[name].append(t2 - t0)
+            res["c"] = {k: med(v) for k, v in c.items()}
+        finally:
+            await w.close()
+            await jobs.delete_job(job.job_id)
+    finally:
+        await jobs.close()
+        await raw.channel.close()
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2M params, fewer repeats")
+    ap.add_argument("--params", type=int, default=None, help="number of parameters (default 25M; 2M with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 15; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2; 1 with --quick)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the in-process per-stage breakdown")
+    args = ap.parse_args()
+    n = args.params or (2_000_000 if args.quick else 25_000_000)
+    reps = args.repeats or (3 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+
+    import grpc
+    import numpy as np
+    import ray
+    import torch
+
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    threads = torch.get_num_threads()
+    log(f"params={n:,} repeats={reps} warmup={warmup} torch threads={threads}")
+
+    # (a) before anything else runs on the machine.
+    log("(a) shard AdamW vs torch fused AdamW")
+    a = bench_optimizer(n, max(warmup, 2), max(reps, 5) * 3)
+    gc.collect()
+    bd: dict[str, float] = {}
+    if not args.no_breakdown:
+        log("breakdown (in-process stages, 1 thread)")
+        bd = bench_breakdown(n, 3 if args.quick else 5)
+        gc.collect()
+
+    # The raw baseline server in its own process (spawned like a fresh shard actor).
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_raw_server_main, args=(child, n * 4), daemon=True)
+    proc.start()
+    if not parent.poll(60):
+        raise RuntimeError("the raw gRPC server did not start")
+    raw_address = f"127.0.0.1:{parent.recv()}"
+
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    log("starting the service (Ray, 2 CPUs)")
+    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2))
+    try:
+        s = asyncio.run(bench_service(n, warmup, reps, raw_address, svc.address))
+    finally:
+        log("stopping")
+        try:
+            svc.stop()
+        finally:
+            parent.send("stop")
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+
+    # ---- report -------------------------------------------------------------------------------
+    b = s["b"]
+    c = s["c"]
+    nb = n * 4
+    raw_push = nb / b["raw_push"]  # bytes/s
+    raw_pull = nb / b["raw_pull"]
+    model = {name: (n * isz) / raw_push + a["torch_s"] + (n * isz) / raw_pull for name, isz in (("fp32", 4), ("bf16", 2))}
+
+    rows: list[tuple[str, str, str, float, str]] = []
+    rows.append(
+        (
+            "(a) shard AdamW apply",
+            f"{n / a['shard_s'] / 1e9:.3f} Gparam/s ({a['shard_s'] * 1e3:.1f} ms)",
+            f"{n / a['torch_s'] / 1e9:.3f} Gparam/s ({a['torch_s'] * 1e3:.1f} ms) torch AdamW fused",
+            a["torch_s"] / a["shard_s"],
+            ">= 0.95",
+        )
+    )
+    rows.append(
+        (
+            "(b) push 1 shard",
+            f"{nb / b['push'] / GB:.3f} GB/s ({b['push'] * 1e3:.1f} ms)",
+            f"{raw_push / GB:.3f} GB/s ({b['raw_push'] * 1e3:.1f} ms) raw client-stream",
+            b["raw_push"] / b["push"],
+            ">= 0.80",
+        )
+    )
+    rows.append(
+        (
+            "(b) pull 1 shard",
+            f"{nb / b['pull'] / GB:.3f} GB/s ({b['pull'] * 1e3:.1f} ms)",
+            f"{raw_pull / GB:.3f} GB/s ({b['raw_pull'] * 1e3:.1f} ms) raw server-stream",
+            b["raw_pull"] / b["pull"],
+            ">= 0.80",
+        )
+    )
+    for name in ("fp32", "bf16"):
+        rows.append(
+            (
+                f"(c) step 2 shards {name}",
+                f"{c[name] * 1e3:.1f} ms (push {c[name + '_push'] * 1e3:.1f} + pull {c[name + '_pull'] * 1e3:.1f})",
+                f"{model[name] * 1e3:.1f} ms model",
+                c[name] / model[name],
+                "<= 1.25",
+            )
+        )
+
+    def ok(ratio: float, target: str) -> str:
+        op, val = target.split()
+        good = ratio >= float(val) if op == ">=" else ratio <= float(val)
+        return "ok" if good else "MISS"
+
+    print()
+    print(f"paramserver foundation benchmark: {n:,} params ({nb / 1e6:.0f} MB fp32), median of {reps} after {warmup} warm-up")
+    print(
+        f"torch {torch.__version__} (threads {threads}), grpcio {grpc.__version__}, numpy {np.__version__}, ray {ray.__version__}, "
+        f"python {sys.version.split()[0]}, cpus {os.cpu_count()}, chunk {CHUNK_BYTES >> 10} KiB"
+    )
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(
+        f"load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+        "(other processes on this machine make every number noisier; rerun if the load was high)"
+    )
+    w0, w1, w2 = 24, 44, 58
+    print()
+    print(f"{'quantity':<{w0}} {'measured':<{w1}} {'baseline':<{w2}} {'ratio':>6}  {'target':<8} ")
+    print("-" * (w0 + w1 + w2 + 24))
+    for q, m, base, ratio, target in rows:
+        print(f"{q:<{w0}} {m:<{w1}} {base:<{w2}} {ratio:>6.3f}  {target:<8} {ok(ratio, target)}")
+    print()
+    print("details")
+    print(f"  torch fused AdamW, 1 thread (a shard actor's default): {n / a['torch1_s'] / 1e9:.3f} Gparam/s ({a['torch1_s'] * 1e3:.1f} ms)")
+    print(
+        f"  (b) raw client-stream, server holding every chunk to the end (as the shard holds its Pieces): "
+        f"{nb / b['raw_push_keep'] / GB:.3f} GB/s ({b['raw_push_keep'] * 1e3:.1f} ms)"
+    )
+
+    def spread(key: str) -> str:
+        xs = sorted(s["b_all"][key])
+        return f"{xs[0] * 1e3:.0f}/{med(xs) * 1e3:.0f}/{xs[-1] * 1e3:.0f}"
+
+    print(
+        f"  (b) min/median/max ms: push {spread('push')}, raw push {spread('raw_push')}, "
+        f"pull {spread('pull')}, raw pull {spread('raw_pull')}"
+    )
+    for name, isz in (("fp32", 4), ("bf16", 2)):
+        print(
+            f"  (c) {name} model = {n * isz / raw_push * 1e3:.1f} ms push + {a['torch_s'] * 1e3:.1f} ms AdamW"
+            f" + {n * isz / raw_pull * 1e3:.1f} ms pull"
+        )
+    if bd:
+        print()
+        print(f"breakdown: in-process cost of each stage for {nb / 1e6:.0f} MB fp32, 1 thread (ms, and GB/s of fp32 payload)")
+        for k, v in bd.items():
+            print(f"  {k:<34} {v * 1e3:8.1f} ms  {nb / v / GB:6.2f} GB/s")
+        print(
+            "  (stages that fill fresh 1 MiB buffers, e.g. building a TensorChunk or publication, swing 5-20x with glibc malloc's\n"
+            "   state: page faults of mmap'ed buffers; rerun with GLIBC_TUNABLES set to see them without the allocator)"
+        )
+    print()
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
