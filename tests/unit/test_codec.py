@@ -50,3 +50,16 @@ def test_split_tiles_the_range() -> None:
     pieces = list(split(7, 1000, 333))
     assert pieces == [(7, 333), (340, 333), (673, 333), (1006, 1)]
     assert list(split(5, 0, 10)) == []
+
+
+def test_hand_encoded_chunk_message_parses_as_protobuf() -> None:
+    from paramserver.v1 import shard_service_pb2 as spb
+    from paramserver_client.aio import encode_chunk_message
+
+    for offset, count in [(0, 1), (300, 5), (2**40 + 3, 2)]:
+        data = np.arange(count, dtype="<f4").tobytes()
+        msg = spb.PushGradientsRequest.FromString(encode_chunk_message(offset, count, FLOAT32, data))
+        assert msg.WhichOneof("kind") == "chunk"
+        assert (msg.chunk.offset, msg.chunk.count, msg.chunk.dtype, msg.chunk.data) == (offset, count, FLOAT32, data)
+        up = spb.UploadParametersRequest.FromString(encode_chunk_message(offset, count, BFLOAT16, data))
+        assert up.chunk.dtype == BFLOAT16 and up.chunk.data == data
