@@ -26,7 +26,8 @@ def serve(
     from paramserver.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if address is None else None
+    if address is None:  # a local Ray owned by this process: no token auth between its own parts
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     run(ServiceConfig(host=host, port=port, ray_address=address, num_cpus=num_cpus, shard_host=shard_host, grace_s=grace))
 
 

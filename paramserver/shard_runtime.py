@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
@@ -21,6 +21,9 @@ from paramserver.shard import Contribution, Piece, ShardState
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Seconds between attempts when the coordinator cannot be reached during a step.
 REDUCE_RETRY_S = 0.5
@@ -204,9 +207,9 @@ class ShardRuntime:
         async with self._published:
             self._published.notify_all()
 
-    def _locked(self, fn, *args):  # type: ignore[no-untyped-def]
+    def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         with self.state.lock:
-            return fn(*args)
+            return fn(*args, **kwargs)
 
 
 def _require_request_id(request_id: str) -> None:

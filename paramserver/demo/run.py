@@ -137,7 +137,7 @@ def run_demo(steps: int = 400, workers: int = 2, shards: int = 2, *, quiet: bool
 
 
 def _train(address: str, job_id: str, steps: int, workers: int, settings: dict[str, Any], say: Any, out_dir: Path) -> list[float]:
-    cfg_json = json.dumps(settings)
+    cfg_json = json.dumps({**settings, "create": False})  # the driver created the job
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
     for i in range(workers):
@@ -154,7 +154,7 @@ def _train(address: str, job_id: str, steps: int, workers: int, settings: dict[s
             "--steps",
             str(steps),
             "--config",
-            _worker_config(cfg_json),
+            cfg_json,
             "--out",
             str(out_dir / "final.npy"),
         ]
@@ -208,9 +208,3 @@ def _train(address: str, job_id: str, steps: int, workers: int, settings: dict[s
         d = per_step[s]
         losses.append(sum(v[0] for v in d.values()) / sum(v[1] for v in d.values()))
     return losses
-
-
-def _worker_config(cfg_json: str) -> str:
-    cfg = json.loads(cfg_json)
-    cfg["create"] = False
-    return json.dumps(cfg)

@@ -119,23 +119,20 @@ def test_bad_chunks_are_invalid_argument(setup: Setup, case: str, reason: str, f
     assert_unchanged_and_serving(setup, before)
 
 
-def test_stale_step_is_aborted_with_current_version(setup: Setup) -> None:
+@pytest.mark.parametrize(
+    ("step", "code", "reason"),
+    [(0, grpc.StatusCode.ABORTED, Reason.STEP_ALREADY_APPLIED), (5, grpc.StatusCode.FAILED_PRECONDITION, Reason.STEP_NOT_READY)],
+    ids=["stale-aborted", "future-failed-precondition"],
+)
+def test_wrong_step_names_the_current_version(setup: Setup, step: int, code: grpc.StatusCode, reason: str) -> None:
     before = setup.state()
     addr, start, length = setup.shards[0]
-    e = push_raw(addr, setup.job_id, 0, [_chunk(start, length)])
-    assert e.code == grpc.StatusCode.ABORTED and e.reason == Reason.STEP_ALREADY_APPLIED
+    e = push_raw(addr, setup.job_id, step, [_chunk(start, length)])
+    assert e.code == code and e.reason == reason
     assert e.metadata["current_version"] == "1"
-    with pytest.raises(ServiceError) as err:  # also through the client
-        setup.workers[1].push(0, np.zeros(TOTAL, dtype=np.float32), 1)
-    assert err.value.code == grpc.StatusCode.ABORTED
-    assert_unchanged_and_serving(setup, before)
-
-
-def test_future_step_is_failed_precondition(setup: Setup) -> None:
-    before = setup.state()
-    addr, start, length = setup.shards[0]
-    e = push_raw(addr, setup.job_id, 5, [_chunk(start, length)])
-    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == Reason.STEP_NOT_READY
+    with pytest.raises(ServiceError) as err:  # the same through the client
+        setup.workers[1].push(step, np.zeros(TOTAL, dtype=np.float32), 1)
+    assert err.value.code == code and err.value.reason == reason
     assert_unchanged_and_serving(setup, before)
 
 
