@@ -23,7 +23,7 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.placement import Span
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
-from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, MAX_CHUNK_BYTES, chunk_elements
+from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, MAX_CHUNK_BYTES, chunk_elements, encode_chunk_message
 
 _TORCH_DTYPE = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}
 
@@ -199,10 +199,11 @@ class ShardState:
     # ---- reading (call under self.lock) -------------------------------------------------
 
     def publication(self, dtype: int, ranges: Sequence[Span] = ()) -> tuple[int, list[tuple[int, int, bytes]]]:
-        """(version, [(global offset, count, bytes)]) of the current parameters in `dtype`.
+        """(version, [(global offset, count, message)]) of the current parameters in `dtype`.
 
-        The whole-shard encoding is cached per dtype until the next version, so
-        several workers pulling the same version share one encoding.
+        Each message is a serialised ``PullParametersResponse{chunk}``, built with one
+        copy of the data. The whole-shard encoding is cached per dtype until the next
+        version, so several workers pulling the same version share one encoding.
         """
         assert self.params is not None
         if not ranges:
@@ -218,10 +219,11 @@ class ShardState:
             view = host[local : local + r.length]
             if dtype != FLOAT32:
                 view = view.to(_TORCH_DTYPE[dtype]).view(torch.int16)
-            arr = view.numpy()
+            data = view.numpy().data.cast("B")
+            size = ITEMSIZE[dtype]
             for i in range(0, r.length, step):
                 n = min(step, r.length - i)
-                out.append((r.start + i, n, arr[i : i + n].tobytes()))
+                out.append((r.start + i, n, encode_chunk_message(r.start + i, n, dtype, data[i * size : (i + n) * size])))
         result = (self.version, out)
         if not ranges:
             self._cache[dtype] = result

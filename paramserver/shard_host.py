@@ -20,8 +20,7 @@ from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState
 from paramserver.shard_runtime import ShardRuntime, StepReducer
-from paramserver.shard_service import ShardServicer
-from paramserver.v1 import shard_service_pb2_grpc
+from paramserver.shard_service import ShardServicer, add_shard_service
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class ShardHost:
         state = ShardState(self.config, self.index, self.spans, self.device())
         self.runtime = ShardRuntime(state, self.reducer)
         server = aio.server(options=GRPC_OPTIONS)
-        shard_service_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(self.job_id, self.runtime), server)
+        add_shard_service(ShardServicer(self.job_id, self.runtime), server)
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"
         port = server.add_insecure_port(f"{host}:0")
         await server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
@@ -14,8 +15,6 @@ from paramserver.shard import Piece
 from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
 from paramserver.steps import StepReport
 from paramserver.v1 import shard_service_pb2 as pb
-from paramserver.v1 import shard_service_pb2_grpc as pb_grpc
-from paramserver.v1 import tensor_pb2
 from paramserver_client.codec import FLOAT32, ITEMSIZE
 
 Ctx = aio.ServicerContext[Any, Any]
@@ -46,7 +45,7 @@ def _push_pb(r: PushResult) -> pb.PushGradientsResponse:
     )
 
 
-class ShardServicer(pb_grpc.ShardServiceServicer):
+class ShardServicer:
     """ShardService for one job's shard."""
 
     def __init__(self, job_id: str, runtime: ShardRuntime) -> None:
@@ -101,7 +100,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return _push_pb(await self.runtime.push(header, pieces))
 
     @streaming
-    async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse]:
+    async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
         """This shard's parameters once min_version is published."""
         self._check_job(request.job_id)
         dtype = request.dtype or FLOAT32
@@ -113,5 +112,35 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         yield pb.PullParametersResponse(
             header=pb.PullHeader(version=version, elements=sum(n for _, n, _ in chunks), last_step=report_pb(report))
         )
-        for offset, count, data in chunks:
-            yield pb.PullParametersResponse(chunk=tensor_pb2.TensorChunk(offset=offset, count=count, dtype=dtype, data=data))  # type: ignore[arg-type]
+        for _, _, message in chunks:
+            yield message  # already a serialised PullParametersResponse (see add_shard_service)
+
+
+def _serialize(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
+    """Register ShardService like the generated ``add_ShardServiceServicer_to_server``, except
+    that PullParameters may yield pre-serialised messages (bytes pass straight through)."""
+    handlers = {
+        "UploadParameters": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadParameters,
+            request_deserializer=pb.UploadParametersRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "PushGradients": grpc.stream_unary_rpc_method_handler(
+            servicer.PushGradients,
+            request_deserializer=pb.PushGradientsRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "PullParameters": grpc.unary_stream_rpc_method_handler(
+            servicer.PullParameters,
+            request_deserializer=pb.PullParametersRequest.FromString,
+            response_serializer=_serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ShardService"].full_name

@@ -54,7 +54,7 @@ def test_split_tiles_the_range() -> None:
 
 def test_hand_encoded_chunk_message_parses_as_protobuf() -> None:
     from paramserver.v1 import shard_service_pb2 as spb
-    from paramserver_client.aio import encode_chunk_message
+    from paramserver_client.codec import encode_chunk_message
 
     for offset, count in [(0, 1), (300, 5), (2**40 + 3, 2)]:
         data = np.arange(count, dtype="<f4").tobytes()
@@ -63,3 +63,32 @@ def test_hand_encoded_chunk_message_parses_as_protobuf() -> None:
         assert (msg.chunk.offset, msg.chunk.count, msg.chunk.dtype, msg.chunk.data) == (offset, count, FLOAT32, data)
         up = spb.UploadParametersRequest.FromString(encode_chunk_message(offset, count, BFLOAT16, data))
         assert up.chunk.dtype == BFLOAT16 and up.chunk.data == data
+
+
+def test_chunk_message_parser_roundtrips_and_skips_unknown_fields() -> None:
+    from paramserver.v1 import shard_service_pb2 as spb
+    from paramserver.v1 import tensor_pb2
+    from paramserver_client.codec import parse_chunk_message
+
+    data = np.arange(7, dtype="<f4").tobytes()
+    msg = spb.PullParametersResponse(chunk=tensor_pb2.TensorChunk(offset=2**33 + 1, count=7, dtype=FLOAT32, data=data))
+    raw = msg.SerializeToString()
+    offset, count, dtype, start, length = parse_chunk_message(raw)  # type: ignore[misc]
+    assert (offset, count, dtype, raw[start : start + length]) == (2**33 + 1, 7, FLOAT32, data)
+    header = spb.PullParametersResponse(header=spb.PullHeader(version=5, elements=7)).SerializeToString()
+    assert parse_chunk_message(header) is None
+    # an unknown field (number 15, varint) before the chunk is skipped
+    assert parse_chunk_message(b"\x78\x05" + raw)[:3] == (2**33 + 1, 7, FLOAT32)  # type: ignore[index]
+    with pytest.raises(ValueError):
+        parse_chunk_message(raw[:-3])
+
+
+@pytest.mark.parametrize("dtype", [FLOAT32, BFLOAT16, FLOAT16], ids=["fp32", "bf16", "fp16"])
+def test_decode_into_matches_decode(dtype: int) -> None:
+    from paramserver_client.codec import decode_into
+
+    x = _specials()
+    out = np.zeros(x.size + 5, dtype=np.float32)
+    decode_into(encode(x, dtype), dtype, out, 3)
+    assert np.array_equal(out[3 : 3 + x.size], decode(encode(x, dtype), dtype), equal_nan=True)
+    assert not out[:3].any() and not out[-2:].any()

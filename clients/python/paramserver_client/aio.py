@@ -27,9 +27,19 @@ from grpc import aio
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import job_service_pb2_grpc as jgrpc
 from paramserver.v1 import shard_service_pb2 as spb
-from paramserver.v1 import shard_service_pb2_grpc as sgrpc
 from paramserver.v1 import tensor_pb2
-from paramserver_client.codec import FLOAT32, MAX_MESSAGE_BYTES, F32Array, chunk_elements, decode, encode, split
+from paramserver_client.codec import (
+    FLOAT32,
+    ITEMSIZE,
+    MAX_MESSAGE_BYTES,
+    F32Array,
+    chunk_elements,
+    decode_into,
+    encode,
+    encode_chunk_message,
+    parse_chunk_message,
+    split,
+)
 from paramserver_client.errors import ServiceError
 from paramserver_client.retry import RetryPolicy, call_with_retry
 
@@ -81,25 +91,6 @@ def make_spec(
     spec.schedule.name = schedule
     spec.schedule.parameters.update(dict(schedule_parameters or {}))
     return spec
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def encode_chunk_message(offset: int, count: int, dtype: int, data: bytes | memoryview) -> bytes:
-    """A serialised ``{chunk: TensorChunk}`` stream message (field 2 of UploadParametersRequest and
-    PushGradientsRequest), built directly so that the data is copied once instead of three times."""
-    inner_head = b"".join([b"\x08", _varint(offset), b"\x10", _varint(count), b"\x18", _varint(dtype), b"\x22", _varint(len(data))])
-    return b"".join([b"\x12", _varint(len(inner_head) + len(data)), inner_head, data])
 
 
 def _serialize(message: Any) -> bytes:
@@ -201,7 +192,6 @@ class AsyncWorker:
         self.retry = retry or RetryPolicy()
         self.total = int(job.total_elements)
         self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
-        self._stubs = [sgrpc.ShardServiceStub(c) for c in self._channels]
         self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
 
     @classmethod
@@ -251,7 +241,7 @@ class AsyncWorker:
                 f"UploadParameters[{i}]",
             )
 
-        await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
+        await asyncio.gather(*(one(i) for i in range(len(self._channels))))
 
     async def push(self, step: int, grad: F32Array, loss_terms: int, *, dtype: int = FLOAT32, request_id: str | None = None) -> StepResult:
         """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`."""
@@ -274,7 +264,7 @@ class AsyncWorker:
             )
             return answer
 
-        answers = await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
+        answers = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
         done = [a for a in answers if a.outcome != spb.STEP_OUTCOME_PENDING]
         outcome = done[0].outcome if done else spb.STEP_OUTCOME_PENDING
         return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)
@@ -298,14 +288,21 @@ class AsyncWorker:
                 version = -1
                 report: spb.StepReport | None = None
                 got = 0
-                async for msg in self._stubs[i].PullParameters(req, timeout=self.pull_timeout):
-                    if msg.WhichOneof("kind") == "header":
-                        version = int(msg.header.version)
-                        report = msg.header.last_step if msg.header.HasField("last_step") else None
+                call = self._channels[i].unary_stream(
+                    "/paramserver.v1.ShardService/PullParameters", request_serializer=_serialize, response_deserializer=None
+                )
+                async for raw in call(req, timeout=self.pull_timeout):
+                    parsed = parse_chunk_message(raw)
+                    if parsed is None:  # the header
+                        head = spb.PullParametersResponse.FromString(raw).header
+                        version = int(head.version)
+                        report = head.last_step if head.HasField("last_step") else None
                         continue
-                    c = msg.chunk
-                    flat[c.offset : c.offset + c.count] = decode(c.data, c.dtype)
-                    got += c.count
+                    offset, count, wire, start, length = parsed
+                    if wire not in ITEMSIZE or length != count * ITEMSIZE[wire] or offset + count > self.total:
+                        raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent a malformed chunk at {offset}")
+                    decode_into(memoryview(raw)[start : start + length], wire, flat, offset)
+                    got += count
                 expected = sum(n for _, n in self._ranges[i])
                 if got != expected:
                     raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent {got} of {expected} elements")
@@ -313,7 +310,7 @@ class AsyncWorker:
 
             return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]")
 
-        results = await asyncio.gather(*(one(i) for i in range(len(self._stubs))))
+        results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
         version = min(v for v, _ in results)
         report = next((r for _, r in results if r is not None), None)
         return version, flat, report

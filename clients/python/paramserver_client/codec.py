@@ -95,3 +95,116 @@ def fp32_to_bf16_bits(values: F32Array) -> npt.NDArray[np.uint16]:
     if nan.any():
         out[nan] = np.uint16(0x7FC0)
     return out
+
+
+def decode_into(data: bytes | memoryview, dtype: int, out: F32Array, start: int = 0) -> None:
+    """Decode wire bytes straight into ``out[start:start + n]`` (one copy for fp32)."""
+    if dtype == FLOAT32:
+        src = np.frombuffer(data, dtype="<f4")
+    elif dtype == FLOAT16:
+        src = np.frombuffer(data, dtype="<f2")
+    elif dtype == BFLOAT16:
+        bits = np.frombuffer(data, dtype="<u2")
+        view = out[start : start + bits.size].view(np.uint32)
+        np.left_shift(bits, 16, out=view, dtype=np.uint32)
+        return
+    else:
+        raise ValueError(f"unsupported wire dtype {dtype}")
+    out[start : start + src.size] = src
+
+
+# ---- chunk messages, built and parsed without copying the data more than once -----------------
+#
+# {chunk: TensorChunk} is field 2 (length-delimited) of UploadParametersRequest,
+# PushGradientsRequest and PullParametersResponse alike; TensorChunk is
+# {1: offset, 2: count, 3: dtype (varints), 4: data (bytes)}.
+
+CHUNK_FIELD_TAG = 0x12
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_chunk_message(offset: int, count: int, dtype: int, data: bytes | memoryview) -> bytes:
+    """A serialised ``{chunk: TensorChunk}`` stream message, with the data copied once."""
+    head = b"".join([b"\x08", _varint(offset), b"\x10", _varint(count), b"\x18", _varint(dtype), b"\x22", _varint(len(data))])
+    return b"".join([bytes([CHUNK_FIELD_TAG]), _varint(len(head) + len(data)), head, data])
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _skip(buf: bytes, pos: int, wire: int) -> int:
+    if wire == 0:
+        return _read_varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 2:
+        n, pos = _read_varint(buf, pos)
+        return pos + n
+    if wire == 5:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire}")
+
+
+def parse_chunk_message(buf: bytes) -> tuple[int, int, int, int, int] | None:
+    """Parse a serialised stream message; if it holds a chunk, return
+    (offset, count, dtype, data_start, data_length) with the data at ``buf[data_start:...]``.
+    Returns None for any other message (e.g. a header). Unknown fields are skipped."""
+    pos, end = 0, len(buf)
+    chunk: tuple[int, int] | None = None
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if field == 2 and wire == 2:
+            n, pos = _read_varint(buf, pos)
+            chunk = (pos, pos + n)
+            pos += n
+        else:
+            pos = _skip(buf, pos, wire)
+    if chunk is None:
+        return None
+    offset = count = dtype = 0
+    data_start = data_len = 0
+    pos, end = chunk
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0 and field in (1, 2, 3):
+            value, pos = _read_varint(buf, pos)
+            if field == 1:
+                offset = value
+            elif field == 2:
+                count = value
+            else:
+                dtype = value
+        elif field == 4 and wire == 2:
+            data_len, pos = _read_varint(buf, pos)
+            data_start = pos
+            pos += data_len
+        else:
+            pos = _skip(buf, pos, wire)
+    if pos != end or data_start + data_len > len(buf):
+        raise ValueError("malformed chunk message")
+    return offset, count, dtype, data_start, data_len
