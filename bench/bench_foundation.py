@@ -141,15 +141,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_pieces(values: Any, dtype: int, itemsize: int) -> list[Any]:
-    """1 MiB Pieces of a flat fp32 numpy array, as the shard servicer builds them."""
-    from paramserver.shard import Piece
-    from paramserver_client.codec import encode
-
-    step = CHUNK_BYTES // itemsize
-    return [Piece(i, min(step, values.size - i), dtype, encode(values[i : i + step], dtype)) for i in range(0, values.size, step)]
-
-
 # ---------------------------------------------------------------------------------------
 # (a) the shard's AdamW update vs torch fused AdamW
 # ---------------------------------------------------------------------------------------
@@ -170,7 +161,9 @@ def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
 
     config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=1)
     state = ShardState(config, 0, config.plan()[0])
-    state.load(make_pieces(init, FLOAT32, 4))
+    staging = state.stage()
+    state.write(staging, 0, n, FLOAT32, init.tobytes())
+    state.load(staging)
     state.grad = grad.clone()
 
     p = torch.nn.Parameter(torch.from_numpy(init.copy()))
@@ -210,109 +203,6 @@ def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
     return {"shard_s": med(shard_t), "torch_s": med(torch_t), "torch1_s": med(torch1_t)}
 
 
-# ---------------------------------------------------------------------------------------
-# in-process breakdown of the per-byte work on the push / pull paths (diagnostics)
-# ---------------------------------------------------------------------------------------
-
-
-def bench_breakdown(n: int, reps: int) -> dict[str, float]:
-    """Time each copy / (de)serialization stage of a push and a pull of n fp32 elements, one
-    thread (what the asyncio loops and a shard actor use). Chunk by chunk, as the streams do:
-    each message is dropped after use; only what the real code keeps (the shard's Pieces) is kept."""
-    import numpy as np
-    import torch
-
-    from paramserver.jobconfig import JobConfig
-    from paramserver.shard import Contribution, Piece, ShardState
-    from paramserver.v1 import shard_service_pb2 as spb
-    from paramserver.v1 import tensor_pb2
-    from paramserver_client.codec import BFLOAT16, FLOAT32, chunk_elements, decode, encode, split
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(2)
-    flat = rng.standard_normal(n, dtype=np.float32)
-    out = np.empty_like(flat)
-    spans = list(split(0, n, chunk_elements(FLOAT32)))
-    res: dict[str, list[float]] = {}
-    pc = time.perf_counter
-
-    config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=1)
-    state = ShardState(config, 0, config.plan()[0])
-    state.load(make_pieces(flat, FLOAT32, 4))
-    try:
-        for _ in range(reps + 1):
-            acc = dict.fromkeys(
-                (
-                    "c.push encode (tobytes)",
-                    "c.push build TensorChunk msg",
-                    "c.push SerializeToString",
-                    "s.push FromString",
-                    "s.push chunk.data + check_chunk",
-                ),
-                0.0,
-            )
-            pieces = []
-            for o, c in spans:  # push: client encode -> wire -> shard parse, chunk by chunk
-                t0 = pc()
-                data = encode(flat[o : o + c], FLOAT32)
-                t1 = pc()
-                msg = spb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(offset=o, count=c, dtype=FLOAT32, data=data))
-                t2 = pc()
-                wire = msg.SerializeToString()
-                t3 = pc()
-                parsed = spb.PushGradientsRequest.FromString(wire)
-                t4 = pc()
-                ch = parsed.chunk
-                pieces.append(
-                    Piece(state.check_chunk(ch.offset, ch.count, ch.dtype, len(ch.data), len(pieces)), ch.count, ch.dtype, ch.data)
-                )
-                t5 = pc()
-                del data, msg, wire, parsed, ch
-                for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                    acc[k] += v
-            t0 = pc()
-            state.reduce([Contribution(0, 1, tuple(pieces))])
-            acc["s.reduce (copy+div+norm)"] = pc() - t0
-            del pieces
-            for name, dt in (("fp32", FLOAT32), ("bf16", BFLOAT16)):
-                state._cache.clear()
-                t0 = pc()
-                state.publication(dt)
-                acc[f"s.pull publication {name}"] = pc() - t0
-            state._cache.clear()
-            _, chunks = state.publication(FLOAT32)
-            for k in ("s.pull build msg+SerializeToString", "c.pull FromString", "c.pull chunk.data+decode+assign"):
-                acc[k] = 0.0
-            for o, c, d in chunks:  # pull: shard serialize -> wire -> client parse + decode, chunk by chunk
-                t0 = pc()
-                wire = spb.PullParametersResponse(
-                    chunk=tensor_pb2.TensorChunk(offset=o, count=c, dtype=FLOAT32, data=d)
-                ).SerializeToString()
-                t1 = pc()
-                parsed = spb.PullParametersResponse.FromString(wire)
-                t2 = pc()
-                ch = parsed.chunk
-                out[ch.offset : ch.offset + ch.count] = decode(ch.data, ch.dtype)
-                t3 = pc()
-                del wire, parsed, ch
-                acc["s.pull build msg+SerializeToString"] += t1 - t0
-                acc["c.pull FromString"] += t2 - t1
-                acc["c.pull chunk.data+decode+assign"] += t3 - t2
-            t0 = pc()
-            for o, c, d in chunks:  # the floor: one copy of the bytes into the destination
-                out[o : o + c] = np.frombuffer(d, dtype="<f4")
-            acc["(ref) one memcpy of the bytes"] = pc() - t0
-            del chunks
-            for k, v in acc.items():
-                res.setdefault(k, []).append(v)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: med(v[1:]) for k, v in res.items()}
-
-
-# ---------------------------------------------------------------------------------------
-# (b) and (c): the real service
 # ---------------------------------------------------------------------------------------
 
 
@@ -409,7 +299,6 @@ def main() -> int:
     ap.add_argument("--params", type=int, default=None, help="number of parameters (default 25M; 2M with --quick)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 15; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2; 1 with --quick)")
-    ap.add_argument("--no-breakdown", action="store_true", help="skip the in-process per-stage breakdown")
     args = ap.parse_args()
     n = args.params or (2_000_000 if args.quick else 25_000_000)
     reps = args.repeats or (3 if args.quick else 15)
@@ -429,11 +318,6 @@ def main() -> int:
     log("(a) shard AdamW vs torch fused AdamW")
     a = bench_optimizer(n, max(warmup, 2), max(reps, 5) * 3)
     gc.collect()
-    bd: dict[str, float] = {}
-    if not args.no_breakdown:
-        log("breakdown (in-process stages, 1 thread)")
-        bd = bench_breakdown(n, 3 if args.quick else 5)
-        gc.collect()
 
     # The raw baseline server in its own process (spawned like a fresh shard actor).
     ctx = mp.get_context("spawn")
@@ -549,15 +433,6 @@ def main() -> int:
         print(
             f"  (c) {name} model = {n * isz / raw_push * 1e3:.1f} ms push + {a['torch_s'] * 1e3:.1f} ms AdamW"
             f" + {n * isz / raw_pull * 1e3:.1f} ms pull"
-        )
-    if bd:
-        print()
-        print(f"breakdown: in-process cost of each stage for {nb / 1e6:.0f} MB fp32, 1 thread (ms, and GB/s of fp32 payload)")
-        for k, v in bd.items():
-            print(f"  {k:<34} {v * 1e3:8.1f} ms  {nb / v / GB:6.2f} GB/s")
-        print(
-            "  (stages that fill fresh 1 MiB buffers, e.g. building a TensorChunk or publication, swing 5-20x with glibc malloc's\n"
-            "   state: page faults of mmap'ed buffers; rerun with GLIBC_TUNABLES set to see them without the allocator)"
         )
     print()
     print(f"total time {time.perf_counter() - t_start:.0f} s")

@@ -33,12 +33,22 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 @dataclass(frozen=True)
 class Piece:
-    """A validated chunk: `count` elements at local offset `local`, raw wire bytes."""
+    """Where a validated chunk landed: `count` elements at local offset `local`."""
 
     local: int
     count: int
-    dtype: int
-    data: bytes
+
+
+@dataclass
+class Staging:
+    """A scratch fp32 buffer that one incoming stream fills chunk by chunk.
+
+    Nothing of the shard's state changes while it fills: a stream that turns out
+    bad just gives its buffer back.
+    """
+
+    buffer: torch.Tensor
+    pieces: list[Piece]
 
 
 @dataclass(frozen=True)
@@ -47,16 +57,13 @@ class Contribution:
 
     worker_id: int
     loss_terms: int
-    pieces: tuple[Piece, ...]
+    buffer: torch.Tensor
 
 
-def to_fp32(piece: Piece) -> torch.Tensor:
-    """A zero-copy, read-only tensor over a piece's bytes, in its wire dtype.
-
-    The wire is little-endian; so is every platform torch supports here.
-    Copying it into an fp32 buffer converts bf16/fp16 exactly.
-    """
-    return torch.frombuffer(piece.data, dtype=_TORCH_DTYPE[piece.dtype])
+def wire_tensor(data: bytes | memoryview, dtype: int) -> torch.Tensor:
+    """A zero-copy, read-only tensor over little-endian wire bytes, in its wire dtype
+    (copying it into an fp32 tensor converts bf16/fp16 exactly)."""
+    return torch.frombuffer(data, dtype=_TORCH_DTYPE[dtype])
 
 
 class ShardState:
@@ -84,6 +91,8 @@ class ShardState:
         self.last_report: StepReport | None = None
         self.lock = threading.Lock()
         self._cache: dict[int, tuple[int, list[tuple[int, int, bytes]]]] = {}
+        self._free: list[torch.Tensor] = []
+        self._free_lock = threading.Lock()
 
     @property
     def initialized(self) -> bool:
@@ -142,14 +151,32 @@ class ShardState:
                 "chunks", f"the chunks cover {pos} of this shard's {self.numel} elements", Reason.LAYOUT_MISMATCH
             )
 
+    # ---- staging (any thread; touches no state) ---------------------------------------------
+
+    def stage(self) -> Staging:
+        """A scratch buffer for one incoming stream (reused across steps)."""
+        with self._free_lock:
+            buf = self._free.pop() if self._free else None
+        return Staging(buf if buf is not None else torch.empty(self.numel, dtype=torch.float32), [])
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Give a scratch buffer back (at most num_workers + 1 are kept)."""
+        if buffer.numel() != self.numel or buffer.device.type != "cpu":
+            return
+        with self._free_lock:
+            if len(self._free) <= self.config.num_workers:
+                self._free.append(buffer)
+
+    def write(self, staging: Staging, local: int, count: int, dtype: int, data: bytes | memoryview) -> None:
+        """Decode a validated chunk into the staging buffer."""
+        staging.buffer[local : local + count].copy_(wire_tensor(data, dtype))
+        staging.pieces.append(Piece(local, count))
+
     # ---- mutation (call under self.lock) ----------------------------------------------
 
-    def load(self, pieces: Sequence[Piece]) -> None:
-        """Set the initial parameters from validated, complete pieces and publish version 0."""
-        params = torch.empty(self.numel, dtype=torch.float32)
-        for p in pieces:
-            params[p.local : p.local + p.count] = to_fp32(p)
-        self.params = params.to(self.device)
+    def load(self, staging: Staging) -> None:
+        """Take a complete, validated staging buffer as the initial parameters; version 0."""
+        self.params = staging.buffer if self.device.type == "cpu" else staging.buffer.to(self.device)
         self.opt_state = self.optimizer.init_state(self.params)
         self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.version = 0
@@ -162,16 +189,16 @@ class ShardState:
         assert self.params is not None
         ordered = sorted(contributions, key=lambda c: c.worker_id)
         n = sum(c.loss_terms for c in ordered)
-        grad = self.grad if self.device.type == "cpu" else torch.empty(self.numel, dtype=torch.float32)
-        for i, c in enumerate(ordered):
-            for p in c.pieces:
-                dst = grad[p.local : p.local + p.count]
-                if i == 0:
-                    dst.copy_(to_fp32(p))
-                else:
-                    dst.add_(to_fp32(p))
-        if grad is not self.grad:
-            self.grad.copy_(grad, non_blocking=False)
+        total = ordered[0].buffer  # G_0 + G_1 + ... summed into worker 0's scratch buffer
+        for c in ordered[1:]:
+            total.add_(c.buffer)
+            self.release(c.buffer)
+        if self.device.type == "cpu":
+            self.release(self.grad)
+            self.grad = total
+        else:
+            self.grad.copy_(total)
+            self.release(total)
         if n == 0:
             return ShardStats(self.index, 0.0, 0)
         self.grad.div_(n)

@@ -17,7 +17,7 @@ from typing import ParamSpec, Protocol, TypeVar
 from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
 from paramserver.placement import Span
-from paramserver.shard import Contribution, Piece, ShardState
+from paramserver.shard import Contribution, ShardState, Staging
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,18 @@ class ShardRuntime:
             raise ParamServerError.precondition(Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded")
         return None
 
-    async def upload(self, request_id: str, pieces: Sequence[Piece]) -> int:
-        """Store the initial parameters (complete, validated pieces) and publish version 0."""
+    async def upload(self, request_id: str, staging: Staging) -> int:
+        """Store the initial parameters (a complete, validated stream) and publish version 0."""
         done = self.check_upload_header(request_id)
         if done is not None:
+            self.state.release(staging.buffer)
             return done
-        self.state.check_coverage(pieces)
-        await asyncio.to_thread(self._locked, self.state.load, pieces)
+        try:
+            self.state.check_coverage(staging.pieces)
+        except ParamServerError:
+            self.state.release(staging.buffer)
+            raise
+        await asyncio.to_thread(self._locked, self.state.load, staging)
         self._upload_ledger.record(request_id, "upload", self.state.numel)
         await self._notify()
         return self.state.numel
@@ -132,15 +137,21 @@ class ShardRuntime:
             )
         return None
 
-    async def push(self, h: PushHeader, pieces: Sequence[Piece]) -> PushResult:
+    async def push(self, h: PushHeader, staging: Staging) -> PushResult:
         """Record a complete, validated push; complete the step when all workers are in."""
-        first = self.check_push_header(h)  # again: the state may have moved while chunks arrived
+        try:
+            first = self.check_push_header(h)  # again: the state may have moved while chunks arrived
+            if first is None:
+                self.state.check_coverage(staging.pieces)
+        except ParamServerError:
+            self.state.release(staging.buffer)
+            raise
         if first is not None:
+            self.state.release(staging.buffer)
             return await asyncio.shield(first)
-        self.state.check_coverage(pieces)
         fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         self._push_ledger.record(h.request_id, (h.worker_id, h.step), fut)
-        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, tuple(pieces))
+        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, staging.buffer)
         count = len(self._pending)
         if count < self.expected:
             fut.set_result(PushResult(Outcome.PENDING, self.state.version, count, self.expected, None))

@@ -11,11 +11,11 @@ from grpc import aio
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
 from paramserver.rpc import streaming, unary
-from paramserver.shard import Piece
+from paramserver.shard import Staging
 from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
 from paramserver.steps import StepReport
 from paramserver.v1 import shard_service_pb2 as pb
-from paramserver_client.codec import FLOAT32, ITEMSIZE
+from paramserver_client.codec import FLOAT32, ITEMSIZE, parse_chunk_message
 
 Ctx = aio.ServicerContext[Any, Any]
 
@@ -56,48 +56,54 @@ class ShardServicer:
         if job_id != self.job_id:
             raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"no job {job_id!r} on this shard", job_id=job_id)
 
-    async def _first(self, it: AsyncIterator[Any], what: str) -> Any:
-        async for msg in it:
-            if msg.WhichOneof("kind") != "header":
+    async def _first(self, it: AsyncIterator[bytes], message: Any, what: str) -> Any:
+        async for raw in it:
+            msg = None if _chunk_of(raw) is not None else message.FromString(raw)
+            if msg is None or msg.WhichOneof("kind") != "header":
                 raise ParamServerError.invalid("header", f"the first message of a {what} must be its header")
             return msg.header
         raise ParamServerError.invalid("header", f"empty {what} stream")
 
-    async def _pieces(self, it: AsyncIterator[Any]) -> list[Piece]:
+    async def _stage(self, it: AsyncIterator[bytes]) -> Staging:
+        """Check each chunk as it arrives and decode it into a scratch buffer."""
         state = self.runtime.state
-        pieces: list[Piece] = []
-        async for msg in it:
-            if msg.WhichOneof("kind") != "chunk":
-                raise ParamServerError.invalid("chunk", f"message {len(pieces) + 1} must be a chunk (one header per stream)")
-            c = msg.chunk
-            local = state.check_chunk(c.offset, c.count, c.dtype, len(c.data), len(pieces))
-            pieces.append(Piece(local, c.count, c.dtype, c.data))
-        return pieces
+        staging = state.stage()
+        try:
+            async for raw in it:
+                index = len(staging.pieces)
+                chunk = _chunk_of(raw)
+                if chunk is None:
+                    raise ParamServerError.invalid("chunk", f"message {index + 1} must be a chunk (one header per stream)")
+                offset, count, dtype, start, length = chunk
+                local = state.check_chunk(offset, count, dtype, length, index)
+                state.write(staging, local, count, dtype, memoryview(raw)[start : start + length])
+        except BaseException:
+            state.release(staging.buffer)
+            raise
+        return staging
 
     @unary
-    async def UploadParameters(
-        self, request_iterator: AsyncIterator[pb.UploadParametersRequest], context: Ctx
-    ) -> pb.UploadParametersResponse:
+    async def UploadParameters(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.UploadParametersResponse:
         """Initial parameters of this shard's ranges."""
-        header = await self._first(request_iterator, "upload")
+        header = await self._first(request_iterator, pb.UploadParametersRequest, "upload")
         self._check_job(header.job_id)
         done = self.runtime.check_upload_header(header.request_id)
         if done is not None:
             return pb.UploadParametersResponse(elements=done)
-        pieces = await self._pieces(request_iterator)
-        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, pieces))
+        staging = await self._stage(request_iterator)
+        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, staging))
 
     @unary
-    async def PushGradients(self, request_iterator: AsyncIterator[pb.PushGradientsRequest], context: Ctx) -> pb.PushGradientsResponse:
+    async def PushGradients(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.PushGradientsResponse:
         """One worker's gradient for one step."""
-        h = await self._first(request_iterator, "push")
+        h = await self._first(request_iterator, pb.PushGradientsRequest, "push")
         self._check_job(h.job_id)
         header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms)
         first = self.runtime.check_push_header(header)
         if first is not None:
             return _push_pb(await first)
-        pieces = await self._pieces(request_iterator)
-        return _push_pb(await self.runtime.push(header, pieces))
+        staging = await self._stage(request_iterator)
+        return _push_pb(await self.runtime.push(header, staging))
 
     @streaming
     async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
@@ -116,6 +122,13 @@ class ShardServicer:
             yield message  # already a serialised PullParametersResponse (see add_shard_service)
 
 
+def _chunk_of(raw: bytes) -> tuple[int, int, int, int, int] | None:
+    try:
+        return parse_chunk_message(raw)
+    except ValueError as exc:
+        raise ParamServerError.invalid("chunk", f"malformed message: {exc}") from None
+
+
 def _serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
@@ -126,12 +139,12 @@ def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
     handlers = {
         "UploadParameters": grpc.stream_unary_rpc_method_handler(
             servicer.UploadParameters,
-            request_deserializer=pb.UploadParametersRequest.FromString,
+            request_deserializer=None,  # raw: chunks are parsed by _stage without a copy
             response_serializer=_serialize,
         ),
         "PushGradients": grpc.stream_unary_rpc_method_handler(
             servicer.PushGradients,
-            request_deserializer=pb.PushGradientsRequest.FromString,
+            request_deserializer=None,
             response_serializer=_serialize,
         ),
         "PullParameters": grpc.unary_stream_rpc_method_handler(

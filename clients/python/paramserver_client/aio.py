@@ -35,10 +35,10 @@ from paramserver_client.codec import (
     F32Array,
     chunk_elements,
     decode_into,
-    encode,
     encode_chunk_message,
     parse_chunk_message,
     split,
+    to_wire,
 )
 from paramserver_client.errors import ServiceError
 from paramserver_client.retry import RetryPolicy, call_with_retry
@@ -211,14 +211,13 @@ class AsyncWorker:
             raise ValueError(f"{what} has {arr.size} elements; the job has {self.total}")
         return arr
 
-    def _chunks(self, shard: int, flat: F32Array, dtype: int) -> Iterator[bytes]:
-        """The shard's chunk messages, already serialised (one copy of the data each)."""
+    def _chunks(self, shard: int, wire: np.ndarray, dtype: int) -> Iterator[bytes]:
+        """The shard's chunk messages from the whole model in wire format (see to_wire),
+        already serialised: one copy of the data each."""
         step = chunk_elements(dtype)
         for start, length in self._ranges[shard]:
             for off, n in split(start, length, step):
-                view = flat[off : off + n]
-                data = view.data.cast("B") if dtype == FLOAT32 and view.dtype == np.dtype("<f4") else encode(view, dtype)
-                yield encode_chunk_message(off, n, dtype, data)
+                yield encode_chunk_message(off, n, dtype, wire[off : off + n].data.cast("B"))
 
     def _stream_unary(self, shard: int, method: str, response: Any) -> Any:
         return self._channels[shard].stream_unary(
@@ -232,7 +231,7 @@ class AsyncWorker:
 
         def stream(i: int) -> Iterator[spb.UploadParametersRequest | bytes]:
             yield spb.UploadParametersRequest(header=spb.UploadHeader(job_id=self.job_id, request_id=rid))
-            yield from self._chunks(i, flat, FLOAT32)
+            yield from self._chunks(i, flat, FLOAT32)  # fp32 is its own wire format
 
         async def one(i: int) -> None:
             await call_with_retry(
@@ -249,12 +248,13 @@ class AsyncWorker:
         if loss_terms < 0:
             raise ValueError("loss_terms must be >= 0")
         rid = request_id or new_request_id()
+        wire = to_wire(flat, dtype)  # one conversion pass for every shard
 
         def stream(i: int) -> Iterator[spb.PushGradientsRequest | bytes]:
             yield spb.PushGradientsRequest(
                 header=spb.PushHeader(job_id=self.job_id, worker_id=self.worker_id, step=step, request_id=rid, loss_terms=loss_terms)
             )
-            yield from self._chunks(i, flat, dtype)
+            yield from self._chunks(i, wire, dtype)
 
         async def one(i: int) -> spb.PushGradientsResponse:
             answer: spb.PushGradientsResponse = await call_with_retry(
