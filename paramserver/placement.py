@@ -8,11 +8,18 @@ marked ``whole`` is never split (it goes to the least-loaded shard).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from paramserver.errors import ConfigError
+
+#: Cuts inside a tensor fall on multiples of this many elements from the tensor's start (64 bytes
+#: of fp32: a cache line, and a multiple of every SIMD width). torch's fused CPU kernels vectorise
+#: from a tensor's start and finish with a scalar tail that may round differently, so aligned cuts
+#: make a sharded update bit-identical to the unsharded one.
+ALIGN = 16
 
 
 @dataclass(frozen=True, order=True)
@@ -64,12 +71,16 @@ def layout(params: Sequence[tuple[str, tuple[int, ...]]]) -> list[ParamLayout]:
     return out
 
 
-def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] | None = None) -> list[list[Span]]:
+def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] | None = None, align: int = ALIGN) -> list[list[Span]]:
     """Assign the flat space to `num_shards` shards, balanced by element count (= bytes).
 
-    Without ``whole`` constraints each shard gets one contiguous range of
-    floor/ceil(total / num_shards) elements, so tensors are split at
-    arbitrary (odd) offsets. Parameters with ``whole[i]`` set are first placed
+    Without ``whole`` constraints each shard gets one contiguous range of about
+    total / num_shards elements. A cut inside a tensor is moved to the nearest
+    multiple of ``align`` elements from that tensor's start (or to its edge), so
+    shards stay balanced to within ``align`` elements; the flat offsets of cuts
+    are otherwise arbitrary (odd when the tensor starts at an odd offset). If
+    aligned cuts would leave a shard empty, the cuts are not aligned.
+    Parameters with ``whole[i]`` set are first placed
     intact, largest first, on the least-loaded shard; the remaining elements
     fill the shards up to the balanced target in flat order.
     """
@@ -81,13 +92,11 @@ def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] |
     whole = list(whole) if whole is not None else [False] * len(params)
     if not any(whole):
         base, extra = divmod(total, num_shards)
-        out: list[list[Span]] = []
-        start = 0
-        for k in range(num_shards):
-            n = base + (1 if k < extra else 0)
-            out.append([Span(start, n)])
-            start += n
-        return out
+        ideal = [k * base + min(k, extra) for k in range(num_shards + 1)]
+        cuts = [0, *(_aligned(params, c, align) for c in ideal[1:-1]), total]
+        if any(b <= a for a, b in itertools.pairwise(cuts)):
+            cuts = ideal
+        return [[Span(a, b - a)] for a, b in itertools.pairwise(cuts)]
     return _plan_with_whole(params, num_shards, whole, total)
 
 
@@ -115,6 +124,15 @@ def _plan_with_whole(params: Sequence[ParamLayout], num_shards: int, whole: list
     if any(not s for s in spans):
         raise ConfigError("spec.num_shards", "too many shards for the tensors that must stay whole")
     return [_merge(sorted(s)) for s in spans]
+
+
+def _aligned(params: Sequence[ParamLayout], cut: int, align: int) -> int:
+    """Move a cut inside a tensor to the nearest multiple of align from the tensor's start."""
+    for p in params:
+        if p.offset < cut < p.offset + p.numel:
+            rel = round((cut - p.offset) / align) * align
+            return p.offset + min(rel, p.numel)
+    return cut
 
 
 def _merge(spans: list[Span]) -> list[Span]:

@@ -81,6 +81,8 @@ class ShardState:
         for s in self.spans:
             self._local_starts.append(pos)
             pos += s.length
+        self.segments = _segments(config, self.spans)
+        """(local start, length) of each parameter piece: the optimizer runs once per piece."""
         self.optimizer = config.build_optimizer()
         self.schedule = config.build_schedule()
         self.params: torch.Tensor | None = None
@@ -212,7 +214,7 @@ class ShardState:
         if decision.apply:
             if decision.clip_coef != 1.0:
                 self.grad.mul_(decision.clip_coef)
-            self.optimizer.update(self.params, self.grad, self.opt_state, lr)
+            self.optimizer.update(self.params, self.grad, self.opt_state, lr, self.segments)
             self.applied += 1
             outcome = Outcome.APPLIED
         else:
@@ -272,3 +274,17 @@ class ShardState:
         for k, v in self.opt_state.items():
             out[f"state.{k}"] = v.detach().cpu().clone()
         return out
+
+
+def _segments(config: JobConfig, spans: Sequence[Span]) -> list[tuple[int, int]]:
+    """The pieces of the shard's local buffer that belong to one parameter each."""
+    out: list[tuple[int, int]] = []
+    local = 0
+    params = config.layout()
+    for span in spans:
+        for p in params:
+            a, b = max(span.start, p.offset), min(span.end, p.offset + p.numel)
+            if a < b:
+                out.append((local + a - span.start, b - a))
+        local += span.length
+    return out

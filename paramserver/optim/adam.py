@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from paramserver.optim.base import Optimizer, State, fused_supported, register, require
+from paramserver.optim.base import Optimizer, Segments, State, fused_supported, register, require, views
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,17 +69,21 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(params)
         return state
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
+    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
         """One Adam(W) step in place."""
         h = self.hyper
-        vmax = [state["max_exp_avg_sq"]] if h.amsgrad else []
+        ps = views(params, segments)
+        vmax = views(state["max_exp_avg_sq"], segments) if h.amsgrad else []
+        # torch keeps one step counter per tensor and the kernel increments each: give it
+        # copies, then advance the shard's single counter.
+        steps = [state["step"].clone() for _ in ps]
         _torch_adam(
-            [params],
-            [grad],
-            [state["exp_avg"]],
-            [state["exp_avg_sq"]],
+            ps,
+            views(grad, segments),
+            views(state["exp_avg"], segments),
+            views(state["exp_avg_sq"], segments),
             vmax,
-            [state["step"]],
+            steps,
             fused=fused_supported(params),
             decoupled_weight_decay=self.decoupled,
             amsgrad=h.amsgrad,
@@ -90,6 +94,7 @@ class Adam(Optimizer):
             eps=h.eps,
             maximize=False,
         )
+        state["step"].add_(1)
 
 
 @register

@@ -4,10 +4,15 @@ An optimizer is a frozen hyperparameter dataclass plus two functions over
 flat fp32 tensors (optax's shape, in place for speed):
 
     state = opt.init_state(params)
-    opt.update(params, grad, state, lr)   # mutates params and state
+    opt.update(params, grad, state, lr, segments)   # mutates params and state
 
 It knows nothing of Ray, gRPC or storage. ``state`` is a ``dict[str, Tensor]``
-so that snapshots can save it by name. Adding an optimizer is one module that
+of flat tensors (or scalars) so that snapshots can save it by name and
+resharding is a range copy. ``segments`` lists the (start, length) pieces of
+the flat buffer that are parameter tensors (or the parts of them this shard
+owns): element-wise rules run torch's fused kernel once per segment, exactly
+as torch.optim does once per parameter, which keeps results bit-identical to
+torch whatever the shard count (see placement.ALIGN). Adding an optimizer is one module that
 subclasses :class:`Optimizer`, decorates it with :func:`register`, and a parity
 test.
 """
@@ -18,7 +23,7 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -58,8 +63,8 @@ class Optimizer(ABC):
         """Return the initial state for `params` (a 1-D fp32 tensor)."""
 
     @abstractmethod
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
-        """Apply one update in place with learning rate `lr` (already scheduled)."""
+    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
+        """Apply one update in place with learning rate `lr` (already scheduled), segment by segment."""
 
 
 _REGISTRY: dict[str, type[Optimizer]] = {}
@@ -145,3 +150,13 @@ def fused_supported(t: torch.Tensor) -> bool:
 
 
 Check = Callable[[str], None]
+
+#: (start, length) pieces of a flat buffer.
+Segments = Sequence[tuple[int, int]]
+
+
+def views(t: torch.Tensor, segments: Segments | None) -> list[torch.Tensor]:
+    """The segments of a flat tensor as views (the whole tensor when segments is None)."""
+    if segments is None:
+        return [t]
+    return [t[a : a + n] for a, n in segments]

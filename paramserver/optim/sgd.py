@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from paramserver.optim.base import Optimizer, State, fused_supported, register, require
+from paramserver.optim.base import Optimizer, Segments, State, fused_supported, register, require, views
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,13 +52,15 @@ class SGD(Optimizer):
         """No state until the first step (the momentum buffer starts as a copy of d)."""
         return {}
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
+    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
         """One SGD step in place."""
         h = self.hyper
-        bufs: list[torch.Tensor | None] = [state.get("momentum_buffer")]
+        flat_buf = state.get("momentum_buffer")
+        ps = views(params, segments)
+        bufs: list[torch.Tensor | None] = list(views(flat_buf, segments)) if flat_buf is not None else [None] * len(ps)
         _torch_sgd(
-            [params],
-            [grad],
+            ps,
+            views(grad, segments),
             bufs,
             fused=fused_supported(params),
             weight_decay=h.weight_decay,
@@ -68,5 +70,5 @@ class SGD(Optimizer):
             nesterov=h.nesterov,
             maximize=False,
         )
-        if h.momentum != 0 and bufs[0] is not None:
-            state["momentum_buffer"] = bufs[0]
+        if h.momentum != 0 and flat_buf is None:  # the first step created one buffer per segment
+            state["momentum_buffer"] = torch.cat([b for b in bufs if b is not None]) if len(bufs) > 1 else bufs[0]  # type: ignore[assignment]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from paramserver.errors import ConfigError
-from paramserver.placement import layout, plan
+from paramserver.placement import ALIGN, layout, plan
 
 
 def _tiles(spans: list[list[object]], total: int) -> bool:
@@ -30,14 +30,23 @@ def test_flat_plan_is_balanced_and_tiles(shards: int) -> None:
     spans = plan(lay, shards)
     assert _tiles(spans, total)  # type: ignore[arg-type]
     sizes = [sum(s.length for s in shard) for shard in spans]
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= 2 * ALIGN
+    exact = [sum(s.length for s in shard) for shard in plan(lay, shards, align=1)]
+    assert max(exact) - min(exact) <= 1
 
 
-def test_flat_plan_splits_tensors_at_odd_offsets() -> None:
-    lay = layout([("a", (37, 11)), ("b", (11,)), ("c", (101,))])
+def test_cuts_inside_tensors_are_aligned_to_the_tensor_start_at_odd_flat_offsets() -> None:
+    lay = layout([("bias", (7,)), ("w", (37, 11)), ("c", (101,))])
     bounds = [shard[0].start for shard in plan(lay, 3)][1:]
-    assert any(b % 2 == 1 for b in bounds)
-    assert any(p.offset < b < p.offset + p.numel for b in bounds for p in lay)
+    inside = [(b, p) for b in bounds for p in lay if p.offset < b < p.offset + p.numel]
+    assert inside and all((b - p.offset) % ALIGN == 0 for b, p in inside)
+    assert any(b % 2 == 1 for b, _ in inside)  # "w" starts at 7: its cuts are odd in the flat space
+
+
+def test_unalignable_cuts_fall_back_to_exact_ones() -> None:
+    lay = layout([("a", (20,))])
+    spans = plan(lay, 5)
+    assert [s[0].length for s in spans] == [4, 4, 4, 4, 4]
 
 
 def test_whole_tensors_stay_on_one_shard_and_balance() -> None:
