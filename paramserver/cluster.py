@@ -22,7 +22,7 @@ from paramserver.coordinator import Coordinator, JobView
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.placement import Span
-from paramserver.shard_host import ShardHost, ShardStatus
+from paramserver.shard_host import Restore, ShardHost, ShardStatus
 from paramserver.steps import Decision, ShardStats
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class RayShardHandle:
         result: dict[str, np.ndarray] = await _call(self.actor.tensors.remote(), "shard tensors")
         return result
 
+    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
+        """Write the shard's part of a snapshot."""
+        result: dict[str, Any] = await _call(self.actor.snapshot.remote(directory, version), "shard snapshot")
+        return result
+
     async def stop(self) -> None:
         """Stop serving and kill the actor."""
         try:
@@ -104,7 +109,9 @@ class RayShardLauncher:
     def __init__(self, bind_host: str = "127.0.0.1") -> None:
         self.bind_host = bind_host
 
-    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]]) -> list[RayShardHandle]:
+    async def launch(
+        self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None
+    ) -> list[RayShardHandle]:
         """One actor per shard, each serving its own port."""
         me = ray.get_runtime_context().current_actor
         reducer = RayStepReducer(me, job_id)
@@ -114,7 +121,7 @@ class RayShardLauncher:
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
                 name=f"paramserver-{job_id}-shard-{i}-{uuid.uuid4().hex[:6]}",
-            ).remote(job_id, config, i, list(spans), reducer, self.bind_host)
+            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore)
             for i, spans in enumerate(plan)
         ]
         handles: list[RayShardHandle] = []
@@ -150,14 +157,27 @@ def stop_ray() -> None:
 class Cluster:
     """The front door's facade over the coordinator actor."""
 
-    def __init__(self, bind_host: str = "127.0.0.1") -> None:
+    def __init__(self, bind_host: str = "127.0.0.1", snapshot_root: str = "snapshots") -> None:
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
-        ).remote(RayShardLauncher(bind_host))
+        ).remote(RayShardLauncher(bind_host), os.path.abspath(snapshot_root))
 
-    async def create_job(self, request_id: str, job_id: str, config: JobConfig) -> JobView:
+    async def create_job(
+        self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: dict[str, Any] | None = None
+    ) -> JobView:
         """See Coordinator.create_job."""
-        result: JobView = await _call(self.coordinator.create_job.remote(request_id, job_id, config), "create_job")
+        ref = self.coordinator.create_job.remote(request_id, job_id, config, restore_from, overrides)
+        result: JobView = await _call(ref, "create_job")
+        return result
+
+    async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
+        """See Coordinator.create_snapshot."""
+        result: dict[str, Any] = await _call(self.coordinator.create_snapshot.remote(request_id, job_id), "create_snapshot")
+        return result
+
+    async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
+        """See Coordinator.list_snapshots."""
+        result: list[dict[str, Any]] = await _call(self.coordinator.list_snapshots.remote(job_id), "list_snapshots")
         return result
 
     async def get_job(self, job_id: str) -> JobView:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from google.protobuf import json_format
 
 from paramserver.coordinator import JobView
@@ -35,6 +38,8 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         shard_num_cpus=spec.shard_num_cpus,
         shard_num_gpus=spec.shard_num_gpus,
         param_dtypes=tuple(dtypes),
+        snapshot_every_steps=spec.snapshot_every_steps,
+        snapshot_keep_last=spec.snapshot_keep_last,
     )
     config.validate()
     return config
@@ -48,6 +53,8 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
         max_grad_norm=c.max_grad_norm,
         shard_num_cpus=c.shard_num_cpus,
         shard_num_gpus=c.shard_num_gpus,
+        snapshot_every_steps=c.snapshot_every_steps,
+        snapshot_keep_last=c.snapshot_keep_last,
     )
     for i, (name, shape, group) in enumerate(c.parameters):
         dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32
@@ -78,3 +85,16 @@ def job_to_pb(v: JobView) -> pb.Job:
         for span in s.spans:
             info.ranges.add(start=span.start, length=span.length)
     return job
+
+
+def snapshot_to_pb(s: Mapping[str, Any]) -> pb.Snapshot:
+    """A snapshot summary (snapshot_store.summary) as a Snapshot message."""
+    return pb.Snapshot(
+        path=str(s["path"]),
+        job_id=str(s["job_id"]),
+        version=int(s["version"]),
+        applied_steps=int(s["applied"]),
+        shards=int(s["shards"]),
+        bytes=int(s["bytes"]),
+        created_at=str(s["created_at"]),
+    )

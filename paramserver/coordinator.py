@@ -7,17 +7,36 @@ started through an injected :class:`ShardLauncher`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.placement import Span
-from paramserver.shard_host import ShardStatus
+from paramserver.shard_host import Restore, ShardStatus, fault_from_env
+from paramserver.snapshot_store import (
+    FORMAT,
+    FORMAT_VERSION,
+    FaultHook,
+    clean_partial,
+    job_dir,
+    list_snapshots,
+    prune,
+    read_manifest,
+    remove_quietly,
+    resolve,
+    snapshot_id,
+    summary,
+    verify,
+    write_manifest,
+)
 from paramserver.steps import Decision, ShardStats, decide
 
 log = logging.getLogger(__name__)
@@ -39,12 +58,16 @@ class ShardHandle(Protocol):
         """Stop the shard and release its resources."""
         ...
 
+    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
+        """Write the shard's part of a snapshot at `version`; its file entry."""
+        ...
+
 
 class ShardLauncher(Protocol):
     """Starts the shards of a job."""
 
-    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]]) -> list[ShardHandle]:
-        """Start one shard per plan entry and return their handles once they serve."""
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None) -> list[ShardHandle]:
+        """Start one shard per plan entry (optionally restored) and return their handles once they serve."""
         ...
 
 
@@ -89,13 +112,16 @@ class _Job:
     reports: dict[int, dict[int, ShardStats]] = field(default_factory=dict)
     decisions: dict[int, Decision] = field(default_factory=dict)
     decided: dict[int, asyncio.Event] = field(default_factory=dict)
+    snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_policy_snapshot: int = 0
 
 
 class Coordinator:
     """Owns every job of one service."""
 
-    def __init__(self, launcher: ShardLauncher) -> None:
+    def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots") -> None:
         self.launcher = launcher
+        self.snapshot_root = Path(snapshot_root)
         self.jobs: dict[str, _Job] = {}
         self.ledger: Ledger[object] = Ledger()
         self._lock = asyncio.Lock()
@@ -111,9 +137,25 @@ class Coordinator:
         shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses))
         return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)))
 
-    async def create_job(self, request_id: str, job_id: str, config: JobConfig) -> JobView:
-        """Create (or, for the same description, return) a job and start its shards."""
+    async def create_job(
+        self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: Mapping[str, Any] | None = None
+    ) -> JobView:
+        """Create (or, for the same description, return) a job and start its shards.
+
+        With `restore_from`, the configuration comes from that snapshot (after every file is
+        verified), with `overrides` (num_shards, num_workers, ...) applied; the shards load
+        their ranges from it and the job starts at its version."""
         _require(request_id)
+        restore: Restore | None = None
+        if restore_from:
+            directory = resolve(self.snapshot_root, restore_from)
+            manifest = await asyncio.to_thread(verify, directory)
+            base = JobConfig.from_dict(manifest["config"])
+            config = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if v})
+            restore = Restore(str(directory), int(manifest["version"]), int(manifest.get("applied", 0)))
+            job_id = job_id or str(manifest["job_id"])
+        if config is None:
+            raise ParamServerError.invalid("spec", "required unless restore_from is given")
         async with self._lock:
             first = self.ledger.lookup(request_id, ("create", job_id, config.key()))
             if isinstance(first, str):
@@ -130,8 +172,11 @@ class Coordinator:
                 return await self._view(existing)
             config.validate()
             plan = config.plan()
-            shards = await self.launcher.launch(job_id, config, plan)
+            shards = await self.launcher.launch(job_id, config, plan, restore)
             self.jobs[job_id] = _Job(job_id, config, plan, shards)
+            if restore is not None:
+                self.jobs[job_id].next_policy_snapshot = restore.version + max(1, config.snapshot_every_steps)
+                log.info("job %s restored from %s at version %d", job_id, restore.directory, restore.version)
             self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
             log.info("created job %s: %d shards, %d workers", job_id, len(shards), config.num_workers)
             return await self._view(self.jobs[job_id])
@@ -206,6 +251,10 @@ class Coordinator:
         if len(job.reports[step]) == len(job.shards):
             decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm)
             job.decisions[step] = decision
+            every = job.config.snapshot_every_steps
+            if every and step + 1 >= max(job.next_policy_snapshot, every) and not job.snapshot_lock.locked():
+                job.next_policy_snapshot = step + 1 + every
+                asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
             for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
                 del job.decisions[old]
                 job.decided.pop(old, None)
@@ -215,6 +264,84 @@ class Coordinator:
         if step not in job.decisions:
             raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"job {job_id!r} was deleted", job_id=job_id)
         return job.decisions[step]
+
+    async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
+        """Take a consistent snapshot (all shards at one version) and commit it once durable."""
+        _require(request_id)
+        first = self.ledger.lookup(request_id, ("snapshot", job_id))
+        if isinstance(first, dict):
+            return first
+        job = self._job(job_id)
+        if job.snapshot_lock.locked():
+            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, f"a snapshot of job {job_id!r} is being written")
+        async with job.snapshot_lock:
+            result = await self._snapshot(job)
+        self.ledger.record(request_id, ("snapshot", job_id), result)
+        return result
+
+    async def _policy_snapshot(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.snapshot_lock.locked():
+            return  # policy: skip while one is being written
+        try:
+            async with job.snapshot_lock:
+                await self._snapshot(job)
+        except Exception:
+            log.exception("job %s: periodic snapshot failed", job_id)
+
+    async def _snapshot(self, job: _Job, attempts: int = 20) -> dict[str, Any]:
+        root = self.snapshot_root
+        await asyncio.to_thread(clean_partial, root, job.job_id)
+        for _ in range(attempts):
+            statuses = await asyncio.gather(*(s.status() for s in job.shards))
+            if not all(st.initialized for st in statuses):
+                raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "no parameters to snapshot yet")
+            version = max(st.version for st in statuses)
+            directory = job_dir(root, job.job_id) / snapshot_id(version)
+            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+            results = await asyncio.gather(*(s.snapshot(str(directory), version) for s in job.shards), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if not errors:
+                entries = [r for r in results if isinstance(r, dict)]
+                manifest = {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "job_id": job.job_id,
+                    "version": version,
+                    "applied": entries[0]["applied"],
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "config": job.config.to_dict(),
+                    "layout": [{"name": p.name, "shape": list(p.shape), "offset": p.offset, "numel": p.numel} for p in job.config.layout()],
+                    "total_elements": job.config.total_elements,
+                    "shards": sorted(entries, key=lambda e: int(e["index"])),
+                }
+                try:
+                    await asyncio.to_thread(write_manifest, directory, manifest, fault_for_manifest(job.job_id))
+                except OSError as exc:
+                    await asyncio.to_thread(remove_quietly, directory)
+                    raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"committing {directory}: {exc}") from exc
+                await asyncio.to_thread(prune, root, job.job_id, job.config.snapshot_keep_last)
+                log.info("job %s: snapshot %s committed", job.job_id, directory)
+                return summary(directory, manifest)
+            await asyncio.to_thread(remove_quietly, directory)
+            moved = [e for e in errors if isinstance(e, ParamServerError) and e.reason == Reason.STEP_ALREADY_APPLIED]
+            if len(moved) != len(errors):
+                first_error = errors[0]
+                raise ParamServerError(
+                    "INTERNAL", Reason.SNAPSHOT_FAILED, f"snapshot of job {job.job_id!r} failed: {first_error}"
+                ) from first_error
+            await asyncio.sleep(0.01)  # a shard moved on between the version check and its copy: retry
+        raise ParamServerError("UNAVAILABLE", Reason.SNAPSHOT_FAILED, f"job {job.job_id!r} never paused at a common version")
+
+    async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
+        """Committed snapshots of a job, oldest first."""
+        out = []
+        for d in await asyncio.to_thread(list_snapshots, self.snapshot_root, job_id):
+            try:
+                out.append(summary(d, await asyncio.to_thread(read_manifest, d)))
+            except ParamServerError:
+                continue  # listed by its manifest; a broken one is reported by verify, not here
+        return out
 
     async def shard_handles(self, job_id: str) -> list[ShardHandle]:
         """The handles of a job's shards (inspection and tests)."""
@@ -229,3 +356,14 @@ class Coordinator:
 def _require(request_id: str) -> None:
     if not request_id:
         raise ParamServerError.invalid("request_id", "must not be empty (every mutating call carries a request id)")
+
+
+def fault_for_manifest(job_id: str) -> FaultHook:
+    """The injected failure for committing a manifest ("JOB_ID manifest manifest" in the fault file)."""
+    hook = fault_from_env(job_id, -1)
+
+    def at(phase: str, path: Path) -> None:
+        if hook is not None:
+            hook(phase, path)
+
+    return at

@@ -7,7 +7,7 @@ from typing import Any
 from grpc import aio
 
 from paramserver.cluster import Cluster
-from paramserver.convert import job_to_pb, spec_to_config
+from paramserver.convert import job_to_pb, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError
 from paramserver.rpc import unary
 from paramserver.v1 import job_service_pb2 as pb
@@ -30,12 +30,36 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary
     async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
-        """Create a job (idempotent)."""
+        """Create a job (idempotent), or restore one from a snapshot."""
         _need(request.request_id, "request_id")
+        if request.restore_from:
+            s = request.spec
+            overrides = {
+                "num_workers": s.num_workers,
+                "num_shards": s.num_shards,
+                "shard_num_cpus": s.shard_num_cpus,
+                "shard_num_gpus": s.shard_num_gpus,
+                "snapshot_every_steps": s.snapshot_every_steps,
+                "snapshot_keep_last": s.snapshot_keep_last,
+            }
+            view = await self.cluster.create_job(request.request_id, request.job_id, None, request.restore_from, overrides)
+            return job_to_pb(view)
         if not request.HasField("spec"):
             raise ConfigError("spec", "required")
         config = spec_to_config(request.spec)
         return job_to_pb(await self.cluster.create_job(request.request_id, request.job_id, config))
+
+    @unary
+    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> pb.Snapshot:
+        """A consistent, durable snapshot of a job."""
+        _need(request.request_id, "request_id")
+        return snapshot_to_pb(await self.cluster.create_snapshot(request.request_id, _need(request.job_id, "job_id")))
+
+    @unary
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
+        """A job's committed snapshots."""
+        snaps = await self.cluster.list_snapshots(_need(request.job_id, "job_id"))
+        return pb.ListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in snaps])
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:

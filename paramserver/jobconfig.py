@@ -42,6 +42,28 @@ class JobConfig:
     """Ray GPUs per shard actor."""
     param_dtypes: tuple[int, ...] = ()
     """The wire DType value each parameter has in the model (informational)."""
+    snapshot_every_steps: int = 0
+    """Snapshot every this many steps (0 = only on demand)."""
+    snapshot_keep_last: int = 0
+    """Newest snapshots kept (0 = all)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (for snapshot manifests)."""
+        d = dataclasses.asdict(self)
+        d["parameters"] = [[n, list(s), g] for n, s, g in self.parameters]
+        d["hyperparameters"] = dict(self.hyperparameters)
+        d["schedule_parameters"] = dict(self.schedule_parameters)
+        d["param_dtypes"] = list(self.param_dtypes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobConfig:
+        """The inverse of to_dict (unknown keys are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["parameters"] = tuple((str(n), tuple(int(x) for x in s), str(g)) for n, s, g in d["parameters"])
+        kw["param_dtypes"] = tuple(int(x) for x in d.get("param_dtypes", ()))
+        return cls(**kw)
 
     def key(self) -> str:
         """A canonical string of the whole configuration (hashable, for idempotency checks)."""

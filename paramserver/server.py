@@ -50,6 +50,8 @@ class ServiceConfig:
     """Address shard actors bind their data ports to ("0.0.0.0" on a real cluster)."""
     grace_s: float = 5.0
     """Seconds in-flight calls get at shutdown."""
+    snapshot_dir: str = "snapshots"
+    """Where snapshots are written (a local or shared directory every shard can reach)."""
 
 
 class Service:
@@ -69,7 +71,7 @@ class Service:
 
     async def start(self) -> int:
         """Start serving (Ray must be initialised); return the bound port."""
-        self.cluster = Cluster(self.config.shard_host)
+        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir)
         server = aio.server(options=GRPC_OPTIONS)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -16,7 +16,9 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from paramserver.errors import ParamServerError, Reason
@@ -267,6 +269,43 @@ class ShardState:
             )
         return self._local_starts[k] + (r.start - self.spans[k].start)
 
+    def capture(self) -> dict[str, torch.Tensor]:
+        """Host copies of the parameters and optimizer state: the only pause of a snapshot
+        (call under self.lock). Scalars stay 0-d; flat tensors cover the shard's spans in order."""
+        assert self.params is not None
+        out = {"params": self.params.detach().to("cpu", copy=True)}
+        for k, v in self.opt_state.items():
+            out[f"state.{k}"] = v.detach().to("cpu", copy=True)
+        return out
+
+    def restore(self, source: SnapshotSource, version: int, applied: int) -> None:
+        """Load parameters and optimizer state for this shard's spans from a snapshot taken with
+        any shard count (resharding is a range copy of the flat tensors)."""
+
+        def flat(name: str) -> torch.Tensor:
+            out = np.empty(self.numel, dtype=np.float32)
+            pos = 0
+            for s in self.spans:
+                source.read(name, s.start, s.length, out[pos : pos + s.length])
+                pos += s.length
+            return torch.from_numpy(out).to(self.device)
+
+        self.params = flat("params")
+        state = self.optimizer.init_state(self.params)
+        for name in sorted(source.names()):
+            if not name.startswith("state."):
+                continue
+            key = name[len("state.") :]
+            if source.is_scalar(name):
+                state[key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
+            else:
+                state[key] = flat(name)
+        self.opt_state = state
+        self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self.version = version
+        self.applied = applied
+        self._cache.clear()
+
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the parameters and optimizer state on the host (for tests and snapshots)."""
         assert self.params is not None
@@ -274,6 +313,26 @@ class ShardState:
         for k, v in self.opt_state.items():
             out[f"state.{k}"] = v.detach().cpu().clone()
         return out
+
+
+class SnapshotSource(Protocol):
+    """What ShardState.restore reads (see snapshot_store.SnapshotReader)."""
+
+    def names(self) -> set[str]:
+        """Tensor names."""
+        ...
+
+    def is_scalar(self, name: str) -> bool:
+        """True for 0-d tensors (equal on every shard)."""
+        ...
+
+    def scalar(self, name: str) -> np.ndarray:
+        """A 0-d tensor."""
+        ...
+
+    def read(self, name: str, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, start + length) of a flat tensor."""
+        ...
 
 
 def _segments(config: JobConfig, spans: Sequence[Span]) -> list[tuple[int, int]]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState
 from paramserver.shard_runtime import ShardRuntime, StepReducer
 from paramserver.shard_service import ShardServicer, add_shard_service
+from paramserver.snapshot_store import FaultHook, SnapshotReader, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,39 @@ def tune_malloc() -> bool:
         return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1)
     except (OSError, AttributeError):
         return False
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a shard loads its initial state from (a verified snapshot)."""
+
+    directory: str
+    version: int
+    applied: int
+
+
+#: Fault injection for tests: the path of a file whose lines "JOB_ID SHARD PHASE" make that
+#: shard's snapshot writes fail at PHASE ("write", "fsync" or "rename") with an OSError.
+FAULT_FILE_ENV = "PARAMSERVER_SNAPSHOT_FAULT_FILE"
+
+
+def fault_from_env(job_id: str, index: int) -> FaultHook | None:
+    """The fault hook configured through PARAMSERVER_SNAPSHOT_FAULT_FILE for this shard, if any."""
+    path = os.environ.get(FAULT_FILE_ENV, "")
+    try:
+        lines = Path(path).read_text().splitlines() if path else []
+    except OSError:
+        return None
+    phases = [p[2] for p in (line.split() for line in lines) if len(p) == 3 and p[0] == job_id and p[1] == str(index)]
+    if not phases:
+        return None
+    phase = phases[0]
+
+    def hook(at: str, path: Path) -> None:
+        if at == phase:
+            raise OSError(f"injected failure at {phase} of {path.name}")
+
+    return hook
 
 
 @dataclass(frozen=True)
@@ -66,6 +103,7 @@ class ShardHost:
         spans: list[Span],
         reducer: StepReducer,
         bind_host: str = "127.0.0.1",
+        restore: Restore | None = None,
     ) -> None:
         self.job_id = job_id
         self.config = config
@@ -73,6 +111,7 @@ class ShardHost:
         self.spans = spans
         self.reducer = reducer
         self.bind_host = bind_host
+        self.restore = restore
         self.address = ""
         self._server: aio.Server | None = None
         self.runtime: ShardRuntime | None = None
@@ -93,6 +132,10 @@ class ShardHost:
         """Build the state, start the data-plane server; return its "host:port"."""
         tune_malloc()
         state = ShardState(self.config, self.index, self.spans, self.device())
+        if self.restore is not None:
+            r = self.restore
+            directory = Path(r.directory)
+            state.restore(SnapshotReader(directory, read_manifest(directory)), r.version, r.applied)
         self.runtime = ShardRuntime(state, self.reducer)
         server = aio.server(options=GRPC_OPTIONS)
         add_shard_service(ShardServicer(self.job_id, self.runtime), server)
@@ -118,6 +161,12 @@ class ShardHost:
             return {}
         with state.lock:
             return {k: v.numpy() for k, v in state.snapshot_tensors().items()}
+
+    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
+        """Write this shard's part of a snapshot at `version` into `directory`."""
+        assert self.runtime is not None
+        path = Path(directory) / f"shard-{self.index:05d}.safetensors"
+        return await self.runtime.snapshot(path, version, fault_from_env(self.job_id, self.index))
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving; waiters get UNAVAILABLE."""

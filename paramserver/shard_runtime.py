@@ -9,15 +9,18 @@ encoding) runs in a worker thread so the event loop keeps serving streams.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
 from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState, Staging
+from paramserver.snapshot_store import FaultHook, write_tensors
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ class ShardRuntime:
         self._published = asyncio.Condition()
         self._completing: asyncio.Task[None] | None = None
         self._closed = False
+        self._snapshot_busy = False
 
     # ---- uploads --------------------------------------------------------------------------
 
@@ -207,6 +211,42 @@ class ShardRuntime:
 
         return await asyncio.to_thread(self._locked, read)
 
+    # ---- snapshots ------------------------------------------------------------------------
+
+    async def snapshot(self, path: Path, version: int, fault: FaultHook | None = None) -> dict[str, Any]:
+        """Write this shard's part of a snapshot at `version` to `path`; return its file entry.
+
+        Waits until `version` is published, then copies the state to host memory under the lock
+        (the only pause); the file is written on a worker thread while training goes on. ABORTED
+        (SNAPSHOT_IN_PROGRESS) if another snapshot is being written; ABORTED with reason
+        STEP_ALREADY_APPLIED if this shard has already moved past `version` (the coordinator
+        then retries at a later version).
+        """
+        if self._snapshot_busy:
+            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, "a snapshot of this shard is being written")
+        self._snapshot_busy = True
+        try:
+            await self.wait_version(version)
+
+            def take() -> tuple[dict[str, Any], int]:
+                if self.state.version != version:
+                    raise ParamServerError(
+                        "ABORTED",
+                        Reason.STEP_ALREADY_APPLIED,
+                        f"shard {self.state.index} is at version {self.state.version}, not {version}",
+                        {"current_version": self.state.version},
+                    )
+                return {k: v.numpy() for k, v in self.state.capture().items()}, self.state.applied
+
+            tensors, applied = await asyncio.to_thread(self._locked, take)
+            ranges = [[s.start, s.length] for s in self.state.spans]
+            meta = {"shard": str(self.state.index), "version": str(version), "applied": str(applied), "ranges": json.dumps(ranges)}
+            entry = await asyncio.to_thread(write_tensors, path, tensors, meta, fault or _no_fault)
+            return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
+                    "ranges": ranges, "applied": applied}  # fmt: skip
+        finally:
+            self._snapshot_busy = False
+
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -221,6 +261,10 @@ class ShardRuntime:
     def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         with self.state.lock:
             return fn(*args, **kwargs)
+
+
+def _no_fault(phase: str, path: Path) -> None:
+    return None
 
 
 def _require_request_id(request_id: str) -> None:

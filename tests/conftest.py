@@ -11,11 +11,18 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="ps-tests-"))
+#: The test service's snapshot directory.
+SNAPSHOT_DIR = _SESSION_TMP / "snapshots"
+#: Lines "JOB_ID SHARD PHASE" here make shard snapshot writes fail (see shard_host.fault_from_env).
+FAULT_FILE = _SESSION_TMP / "faults.txt"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
@@ -26,6 +33,8 @@ def ray_session() -> Iterator[None]:
 
     tmp = tempfile.mkdtemp(prefix="ps-ray-")
     os.environ["RAY_TMPDIR"] = tmp
+    # shard actors inherit it: tests write "JOB SHARD PHASE" lines to inject snapshot failures
+    os.environ["PARAMSERVER_SNAPSHOT_FAULT_FILE"] = str(FAULT_FILE)
     ray.init(num_cpus=2, include_dashboard=False, namespace="paramserver-tests", _temp_dir=tmp, logging_level="WARNING")
     yield
     ray.shutdown()
@@ -36,7 +45,7 @@ def service(ray_session: None) -> Iterator[object]:
     """The front door on a free loopback port (a BackgroundService)."""
     from paramserver.server import BackgroundService, ServiceConfig
 
-    svc = BackgroundService(ServiceConfig(host="127.0.0.1", port=0), own_ray=False)
+    svc = BackgroundService(ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR)), own_ray=False)
     yield svc
     svc.stop()
 

@@ -145,6 +145,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: workers sent different loss_terms to different
     shards for the same step; the step was skipped on every shard.
     """
+    SNAPSHOT_CORRUPT: _ErrorReason.ValueType  # 23
+    """DATA_LOSS: a snapshot file is missing, truncated or altered. metadata:
+    file.
+    """
+    SNAPSHOT_NOT_FOUND: _ErrorReason.ValueType  # 24
+    """NOT_FOUND: no such snapshot. metadata: snapshot."""
+    SNAPSHOT_FAILED: _ErrorReason.ValueType  # 25
+    """INTERNAL or UNAVAILABLE: writing a snapshot failed; the previous ones are
+    intact.
+    """
+    SNAPSHOT_INCOMPATIBLE: _ErrorReason.ValueType  # 26
+    """FAILED_PRECONDITION: the snapshot's format version is not readable here."""
+    SNAPSHOT_IN_PROGRESS: _ErrorReason.ValueType  # 27
+    """ABORTED: a snapshot of this job is already being written."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -214,6 +228,20 @@ INCONSISTENT_LOSS_TERMS: ErrorReason.ValueType  # 22
 """INVALID_ARGUMENT: workers sent different loss_terms to different
 shards for the same step; the step was skipped on every shard.
 """
+SNAPSHOT_CORRUPT: ErrorReason.ValueType  # 23
+"""DATA_LOSS: a snapshot file is missing, truncated or altered. metadata:
+file.
+"""
+SNAPSHOT_NOT_FOUND: ErrorReason.ValueType  # 24
+"""NOT_FOUND: no such snapshot. metadata: snapshot."""
+SNAPSHOT_FAILED: ErrorReason.ValueType  # 25
+"""INTERNAL or UNAVAILABLE: writing a snapshot failed; the previous ones are
+intact.
+"""
+SNAPSHOT_INCOMPATIBLE: ErrorReason.ValueType  # 26
+"""FAILED_PRECONDITION: the snapshot's format version is not readable here."""
+SNAPSHOT_IN_PROGRESS: ErrorReason.ValueType  # 27
+"""ABORTED: a snapshot of this job is already being written."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -346,6 +374,8 @@ class JobSpec(_message.Message):
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     SHARD_NUM_CPUS_FIELD_NUMBER: _builtins.int
     SHARD_NUM_GPUS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_KEEP_LAST_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -362,6 +392,13 @@ class JobSpec(_message.Message):
     """GPUs per shard actor (0 = CPU). With a GPU the shard keeps its state in
     GPU memory.
     """
+    snapshot_every_steps: _builtins.int
+    """Snapshot policy: snapshot at the first step boundary at or after every
+    this many steps (0 = only on demand). A snapshot still being written when
+    the next is due makes the next one be skipped.
+    """
+    snapshot_keep_last: _builtins.int
+    """Keep this many newest snapshots of the job (0 = keep all)."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The model description, in flat-space order."""
@@ -385,10 +422,12 @@ class JobSpec(_message.Message):
         max_grad_norm: _builtins.float = ...,
         shard_num_cpus: _builtins.float = ...,
         shard_num_gpus: _builtins.float = ...,
+        snapshot_every_steps: _builtins.int = ...,
+        snapshot_keep_last: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,13 +574,23 @@ class CreateJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    RESTORE_FROM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key."""
     job_id: _builtins.str
     """The job's id: [A-Za-z0-9._-]{1,64}. Empty = the service picks one."""
+    restore_from: _builtins.str
+    """Resume from a snapshot: a snapshot directory, or "JOB_ID" / "JOB_ID:latest"
+    for the newest snapshot of that job. The shard count may differ from the
+    snapshot's. The job starts at the snapshot's version, with no upload.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
-        """The job's description."""
+        """The job's description. With restore_from, only num_workers, num_shards,
+        shard_num_cpus, shard_num_gpus, snapshot_every_steps and
+        snapshot_keep_last are read (when non-zero); the rest comes from the
+        snapshot.
+        """
 
     def __init__(
         self,
@@ -549,14 +598,133 @@ class CreateJobRequest(_message.Message):
         request_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         spec: Global___JobSpec | None = ...,
+        restore_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "restore_from", b"restore_from", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
+
+@_typing.final
+class Snapshot(_message.Message):
+    """A committed snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    APPLIED_STEPS_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Its directory (on the service's snapshot storage)."""
+    job_id: _builtins.str
+    """The job it was taken from."""
+    version: _builtins.int
+    """The version (steps processed) it holds."""
+    applied_steps: _builtins.int
+    """Optimizer updates applied (the schedule position)."""
+    shards: _builtins.int
+    """Number of shard files."""
+    bytes: _builtins.int
+    """Total bytes of its files."""
+    created_at: _builtins.str
+    """UTC time it was committed, ISO 8601."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        applied_steps: _builtins.int = ...,
+        shards: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        created_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_steps", b"applied_steps", "bytes", b"bytes", "created_at", b"created_at", "job_id", b"job_id", "path", b"path", "shards", b"shards", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Snapshot: _TypeAlias = Snapshot  # noqa: Y015
+
+@_typing.final
+class CreateSnapshotRequest(_message.Message):
+    """CreateSnapshot's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key."""
+    job_id: _builtins.str
+    """The job."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSnapshotRequest: _TypeAlias = CreateSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsRequest(_message.Message):
+    """ListSnapshots's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job (it need not exist any more)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsRequest: _TypeAlias = ListSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsResponse(_message.Message):
+    """ListSnapshots's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        snapshots: _abc.Iterable[Global___Snapshot] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsResponse: _TypeAlias = ListSnapshotsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

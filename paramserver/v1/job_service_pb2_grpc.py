@@ -65,6 +65,16 @@ class JobServiceStub:
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/paramserver.v1.JobService/CreateSnapshot',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/paramserver.v1.JobService/ListSnapshots',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -110,7 +120,22 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Deletes a job and stops its shards. Its state is gone.
+        """Deletes a job and stops its shards. Its state is gone (its snapshots stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSnapshot(self, request, context):
+        """Takes a consistent snapshot of a job (every shard at the same version) and returns once
+        it is durable. Training pauses only while each shard copies its state to host memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Lists the committed snapshots of a job, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +173,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.DeleteJob,
                     request_deserializer=paramserver_dot_v1_dot_job__service__pb2.DeleteJobRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_job__service__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.Snapshot.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +348,60 @@ class JobService:
             '/paramserver.v1.JobService/DeleteJob',
             paramserver_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
             paramserver_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.JobService/CreateSnapshot',
+            paramserver_dot_v1_dot_job__service__pb2.CreateSnapshotRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.JobService/ListSnapshots',
+            paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

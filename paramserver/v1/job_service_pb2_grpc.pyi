@@ -81,7 +81,13 @@ class JobServiceStub:
     LeaveJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.LeaveJobRequest, _job_service_pb2.LeaveJobResponse]
     """Leaves a job; the worker id becomes free for another worker."""
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
-    """Deletes a job and stops its shards. Its state is gone."""
+    """Deletes a job and stops its shards. Its state is gone (its snapshots stay)."""
+    CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CreateSnapshotRequest, _job_service_pb2.Snapshot]
+    """Takes a consistent snapshot of a job (every shard at the same version) and returns once
+    it is durable. Training pauses only while each shard copies its state to host memory.
+    """
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListSnapshotsRequest, _job_service_pb2.ListSnapshotsResponse]
+    """Lists the committed snapshots of a job, oldest first."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -104,7 +110,13 @@ class JobServiceAsyncStub(JobServiceStub):
     LeaveJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.LeaveJobRequest, _job_service_pb2.LeaveJobResponse]  # type: ignore[assignment]
     """Leaves a job; the worker id becomes free for another worker."""
     DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
-    """Deletes a job and stops its shards. Its state is gone."""
+    """Deletes a job and stops its shards. Its state is gone (its snapshots stay)."""
+    CreateSnapshot: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CreateSnapshotRequest, _job_service_pb2.Snapshot]  # type: ignore[assignment]
+    """Takes a consistent snapshot of a job (every shard at the same version) and returns once
+    it is durable. Training pauses only while each shard copies its state to host memory.
+    """
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListSnapshotsRequest, _job_service_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    """Lists the committed snapshots of a job, oldest first."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """Jobs: create, inspect, join, leave, delete."""
@@ -160,6 +172,24 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.DeleteJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.DeleteJobResponse, _abc.Awaitable[_job_service_pb2.DeleteJobResponse]]:
-        """Deletes a job and stops its shards. Its state is gone."""
+        """Deletes a job and stops its shards. Its state is gone (its snapshots stay)."""
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _job_service_pb2.CreateSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.Snapshot, _abc.Awaitable[_job_service_pb2.Snapshot]]:
+        """Takes a consistent snapshot of a job (every shard at the same version) and returns once
+        it is durable. Training pauses only while each shard copies its state to host memory.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _job_service_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListSnapshotsResponse, _abc.Awaitable[_job_service_pb2.ListSnapshotsResponse]]:
+        """Lists the committed snapshots of a job, oldest first."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,9 +72,13 @@ def make_spec(
     max_grad_norm: float = 0.0,
     shard_num_cpus: float = 0.0,
     shard_num_gpus: float = 0.0,
+    snapshot_every_steps: int = 0,
+    snapshot_keep_last: int = 0,
 ) -> jpb.JobSpec:
     """Build a JobSpec from (name, shape) pairs and settings."""
     spec = jpb.JobSpec(
+        snapshot_every_steps=snapshot_every_steps,
+        snapshot_keep_last=snapshot_keep_last,
         num_workers=num_workers,
         num_shards=num_shards,
         max_grad_norm=max_grad_norm,
@@ -126,6 +130,27 @@ class AsyncJobClient:
         req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec)
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
         return job
+
+    async def restore_job(self, restore_from: str, *, job_id: str = "", **overrides: Any) -> jpb.Job:
+        """Create a job from a snapshot (a path, or "JOB_ID" / "JOB_ID:latest"). Overrides:
+        num_workers, num_shards, shard_num_cpus, shard_num_gpus, snapshot_every_steps, snapshot_keep_last."""
+        spec = jpb.JobSpec(**overrides)
+        req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec, restore_from=restore_from)
+        job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
+        return job
+
+    async def create_snapshot(self, job_id: str) -> jpb.Snapshot:
+        """Take a consistent snapshot of a job; returns once it is durable."""
+        req = jpb.CreateSnapshotRequest(request_id=new_request_id(), job_id=job_id)
+        snap: jpb.Snapshot = await self._unary(self._stub.CreateSnapshot, req, "CreateSnapshot")
+        return snap
+
+    async def list_snapshots(self, job_id: str) -> list[jpb.Snapshot]:
+        """A job's committed snapshots, oldest first."""
+        resp: jpb.ListSnapshotsResponse = await self._unary(
+            self._stub.ListSnapshots, jpb.ListSnapshotsRequest(job_id=job_id), "ListSnapshots"
+        )
+        return list(resp.snapshots)
 
     async def get_job(self, job_id: str) -> jpb.Job:
         """A job with its shard map."""

@@ -58,6 +58,18 @@ class JobClient:
         """Create (or get) a job. See paramserver_client.aio.make_spec for the settings."""
         return self._loop.run(self._c.create_job(parameters, job_id=job_id, **settings))
 
+    def restore_job(self, restore_from: str, *, job_id: str = "", **overrides: Any) -> jpb.Job:
+        """Create a job from a snapshot; see AsyncJobClient.restore_job."""
+        return self._loop.run(self._c.restore_job(restore_from, job_id=job_id, **overrides))
+
+    def create_snapshot(self, job_id: str) -> jpb.Snapshot:
+        """Take a consistent snapshot of a job; returns once it is durable."""
+        return self._loop.run(self._c.create_snapshot(job_id))
+
+    def list_snapshots(self, job_id: str) -> list[jpb.Snapshot]:
+        """A job's committed snapshots, oldest first."""
+        return self._loop.run(self._c.list_snapshots(job_id))
+
     def get_job(self, job_id: str) -> jpb.Job:
         """A job with its shard map."""
         return self._loop.run(self._c.get_job(job_id))

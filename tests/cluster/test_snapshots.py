@@ -1,0 +1,166 @@
+"""Snapshots through the service: bitwise resume, resharding, policy, failures, corruption."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from paramserver.snapshot_store import MANIFEST, list_snapshots, verify
+from paramserver.v1 import job_service_pb2 as jpb
+from paramserver_client import JobClient, Reason, ServiceError, Worker
+from tests.cluster.test_parity import SHAPES, TOTAL, worker_grads
+from tests.conftest import FAULT_FILE, SNAPSHOT_DIR, shard_tensors
+
+SETTINGS = {
+    "optimizer": "adamw",
+    "hyperparameters": {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True},
+    "schedule": "warmup_cosine",
+    "schedule_parameters": {"warmup_steps": 5, "total_steps": 30},
+}
+
+
+def flat_state(service: object, job: jpb.Job) -> dict[str, np.ndarray]:
+    """Every flat tensor (params and moments) of a job, assembled from its shards."""
+    out: dict[str, np.ndarray] = {}
+    for info, tensors in zip(job.shards, shard_tensors(service, job.job_id), strict=True):
+        pos = 0
+        for r in info.ranges:
+            for name, arr in tensors.items():
+                if arr.ndim == 0:
+                    out[name] = arr
+                    continue
+                dst = out.setdefault(name, np.full(TOTAL, np.nan, dtype=np.float32))
+                dst[r.start : r.start + r.length] = arr[pos : pos + r.length]
+            pos += r.length
+    return out
+
+
+def train(address: str, job_id: str, start: int, end: int, p0: np.ndarray | None = None) -> None:
+    with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
+        ws = sorted([wa, wb], key=lambda w: w.worker_id)
+        if p0 is not None:
+            assert ws[0].upload_parameters
+            ws[0].upload(p0)
+        else:
+            assert not ws[0].upload_parameters  # restored: nothing to upload
+        for s in range(start, end):
+            version, _, _ = ws[0].pull(s)
+            assert version == s
+            for w in ws:
+                g, n = worker_grads(s, w.worker_id)
+                w.push(s, g, n)
+        ws[1].pull(end)
+        for w in ws:
+            w.leave()
+
+
+@pytest.fixture
+def jobs(address: str) -> Iterator[list[str]]:
+    created: list[str] = []
+    yield created
+    with JobClient(address) as jc:
+        for j in created:
+            try:
+                jc.delete_job(j)
+            except ServiceError:
+                pass
+
+
+def new_id(jobs: list[str]) -> str:
+    jid = f"s-{uuid.uuid4().hex[:8]}"
+    jobs.append(jid)
+    return jid
+
+
+def test_resume_is_bitwise_on_any_shard_count(address: str, service: object, jobs: list[str]) -> None:
+    p0 = np.random.default_rng(3).standard_normal(TOTAL).astype(np.float32)
+    base = new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=base, num_workers=2, num_shards=3, **SETTINGS)
+        train(address, base, 0, 12, p0)
+        snap = jc.create_snapshot(base)
+        assert snap.version == 12 and snap.shards == 3 and snap.applied_steps == 12
+        train(address, base, 12, 30)
+        reference = flat_state(service, jc.get_job(base))
+        assert not np.isnan(reference["params"]).any()
+        for shards in (3, 2, 4):
+            jid = new_id(jobs)
+            job = jc.restore_job(snap.path, job_id=jid, num_shards=shards)
+            assert job.version == 12 and len(job.shards) == shards and job.state == jpb.JOB_STATE_RUNNING
+            train(address, jid, 12, 30)
+            resumed = flat_state(service, jc.get_job(jid))
+            assert resumed.keys() == reference.keys()
+            for name in reference:  # parameters, both moments, amsgrad's max and the step counter
+                assert np.array_equal(resumed[name], reference[name]), f"{name} differs after resuming on {shards} shards"
+
+
+def test_policy_snapshots_keep_the_newest(address: str, jobs: list[str]) -> None:
+    jid = new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=jid, num_workers=2, num_shards=2, snapshot_every_steps=4, snapshot_keep_last=2, **SETTINGS)
+        train(address, jid, 0, 13, np.zeros(TOTAL, dtype=np.float32))
+        import time
+
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the last policy snapshot is written in the background
+            snaps = jc.list_snapshots(jid)
+            if snaps and snaps[-1].version >= 12:
+                break
+            time.sleep(0.2)
+        versions = [s.version for s in snaps]
+        assert len(versions) == 2 and versions == sorted(versions) and versions[-1] >= 12
+        latest = jc.restore_job(f"{jid}:latest", job_id=new_id(jobs))
+        assert latest.version == versions[-1]
+
+
+def test_restore_from_a_corrupted_snapshot_is_data_loss(address: str, jobs: list[str]) -> None:
+    jid = new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=jid, num_workers=2, num_shards=2, **SETTINGS)
+        train(address, jid, 0, 3, np.ones(TOTAL, dtype=np.float32))
+        snap = jc.create_snapshot(jid)
+        shard_file = Path(snap.path) / "shard-00001.safetensors"
+        data = bytearray(shard_file.read_bytes())
+        data[-5] ^= 0x40  # one flipped bit in a moment
+        shard_file.write_bytes(bytes(data))
+        target = new_id(jobs)
+        with pytest.raises(ServiceError) as err:
+            jc.restore_job(snap.path, job_id=target)
+        assert err.value.code == grpc.StatusCode.DATA_LOSS and err.value.reason == Reason.SNAPSHOT_CORRUPT
+        assert err.value.metadata["file"].endswith("shard-00001.safetensors")
+        with pytest.raises(ServiceError) as nf:
+            jc.get_job(target)  # nothing half-created
+        assert nf.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ServiceError) as missing:
+            jc.restore_job(str(SNAPSHOT_DIR / "no-such-job"), job_id=new_id(jobs))
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND and missing.value.reason == Reason.SNAPSHOT_NOT_FOUND
+
+
+@pytest.mark.parametrize(("shard", "phase"), [("1", "write"), ("1", "fsync"), ("0", "rename"), ("-1", "manifest")])
+def test_a_failed_save_leaves_the_previous_snapshot_loadable(address: str, jobs: list[str], shard: str, phase: str) -> None:
+    jid = new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=jid, num_workers=2, num_shards=2, **SETTINGS)
+        train(address, jid, 0, 2, np.ones(TOTAL, dtype=np.float32))
+        good = jc.create_snapshot(jid)
+        train(address, jid, 2, 4)
+        FAULT_FILE.write_text(f"{jid} {shard} {phase}\n")
+        try:
+            with pytest.raises(ServiceError) as err:
+                jc.create_snapshot(jid)
+        finally:
+            FAULT_FILE.write_text("")
+        assert err.value.reason == Reason.SNAPSHOT_FAILED and phase in err.value.message
+        committed = list_snapshots(SNAPSHOT_DIR, jid)
+        assert [str(p) for p in committed] == [good.path]
+        assert not [p for p in (SNAPSHOT_DIR / jid).iterdir() if p.is_dir() and not (p / MANIFEST).exists()]
+        verify(Path(good.path))
+        restored = jc.restore_job(good.path, job_id=new_id(jobs))
+        assert restored.version == 2
+        again = jc.create_snapshot(jid)  # and the service keeps working
+        assert again.version == 4
