@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from grpc import aio
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.job_service import JobServicer
 from paramserver.rpc import GRPC_OPTIONS
+from paramserver.snapshot_store import clean_all
 from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class Service:
 
     async def start(self) -> int:
         """Start serving (Ray must be initialised); return the bound port."""
+        removed = clean_all(Path(self.config.snapshot_dir))  # saves cut short by a crash
+        if removed:
+            log.warning("removed %d leftovers of interrupted snapshots under %s", len(removed), self.config.snapshot_dir)
         self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir)
         server = aio.server(options=GRPC_OPTIONS)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ class Restore:
 
 
 #: Fault injection for tests: the path of a file whose lines "JOB_ID SHARD PHASE" make that
-#: shard's snapshot writes fail at PHASE ("write", "fsync" or "rename") with an OSError.
+#: shard's snapshot writes fail at PHASE ("write", "fsync" or "rename"; shard -1 and "manifest"
+#: for the coordinator's commit) with an OSError, or, as "PHASE:hang", stall there for a minute
+#: (to kill a service in the middle of a save).
 FAULT_FILE_ENV = "PARAMSERVER_SNAPSHOT_FAULT_FILE"
 
 
@@ -74,7 +77,9 @@ def fault_from_env(job_id: str, index: int) -> FaultHook | None:
     phase = phases[0]
 
     def hook(at: str, path: Path) -> None:
-        if at == phase:
+        if phase == f"{at}:hang":
+            time.sleep(60)
+        elif at == phase:
             raise OSError(f"injected failure at {phase} of {path.name}")
 
     return hook

@@ -177,6 +177,13 @@ def clean_partial(root: Path, job_id: str, keep: Iterable[Path] = ()) -> list[Pa
     return removed
 
 
+def clean_all(root: Path) -> list[Path]:
+    """clean_partial for every job under root (at service start, when no save can be running)."""
+    if not root.is_dir():
+        return []
+    return [p for d in root.iterdir() if d.is_dir() for p in clean_partial(root, d.name)]
+
+
 def prune(root: Path, job_id: str, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` committed snapshots (0 = keep all)."""
     if keep_last <= 0:
