@@ -7,6 +7,7 @@ own data-plane gRPC server on a free port.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import socket
@@ -140,8 +141,11 @@ class ShardHost:
         if self.restore is not None:
             r = self.restore
             directory = Path(r.directory)
-            state.restore(SnapshotReader(directory, read_manifest(directory)), r.version, r.applied)
+            reader = SnapshotReader(directory, read_manifest(directory))
+            state.restore(reader, r.version, r.applied)
         self.runtime = ShardRuntime(state, self.reducer)
+        if self.restore is not None:
+            self.runtime.load_ledger(json.loads(reader.metadata(0).get("ledger", "[]")))
         server = aio.server(options=GRPC_OPTIONS)
         add_shard_service(ShardServicer(self.job_id, self.runtime), server)
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"

@@ -9,12 +9,13 @@ encoding) runs in a worker thread so the event loop keeps serving streams.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: Steps of push answers a snapshot keeps for exactly-once retries after a restore.
+LEDGER_STEPS_KEPT = 64
 
 #: Seconds between attempts when the coordinator cannot be reached during a step.
 REDUCE_RETRY_S = 0.5
@@ -239,13 +243,44 @@ class ShardRuntime:
                 return {k: v.numpy() for k, v in self.state.capture().items()}, self.state.applied
 
             tensors, applied = await asyncio.to_thread(self._locked, take)
+            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # same event-loop turn: consistent
             ranges = [[s.start, s.length] for s in self.state.spans]
-            meta = {"shard": str(self.state.index), "version": str(version), "applied": str(applied), "ranges": json.dumps(ranges)}
+            meta = {
+                "shard": str(self.state.index),
+                "version": str(version),
+                "applied": str(applied),
+                "ranges": json.dumps(ranges),
+                "ledger": json.dumps(ledger),
+            }
             entry = await asyncio.to_thread(write_tensors, path, tensors, meta, fault or _no_fault)
             return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
                     "ranges": ranges, "applied": applied}  # fmt: skip
         finally:
             self._snapshot_busy = False
+
+    def ledger_entries(self, since_step: int) -> list[dict[str, Any]]:
+        """The answered pushes of steps >= since_step, as JSON-able data (for snapshots)."""
+        out = []
+        for request_id, fingerprint, fut in self._push_ledger.items():
+            worker, step = cast(tuple[int, int], fingerprint)
+            if step < since_step or step >= self.state.version or not fut.done() or fut.exception() is not None:
+                continue
+            r = fut.result()
+            report = None if r.report is None else {**dataclasses.asdict(r.report), "outcome": r.report.outcome.value}
+            out.append({"request_id": request_id, "worker": worker, "step": step, "outcome": r.outcome.value,
+                        "version": r.version, "contributions": r.contributions, "expected": r.expected, "report": report})  # fmt: skip
+        return out
+
+    def load_ledger(self, entries: list[dict[str, Any]]) -> None:
+        """Remember the answers of pushes made before a snapshot (after a restore), so that a
+        retry of one of them gets its first answer."""
+        loop = asyncio.get_running_loop()
+        for e in entries:
+            rep = e.get("report")
+            report = None if rep is None else StepReport(**{**rep, "outcome": Outcome(rep["outcome"])})
+            fut: asyncio.Future[PushResult] = loop.create_future()
+            fut.set_result(PushResult(Outcome(e["outcome"]), e["version"], e["contributions"], e["expected"], report))
+            self._push_ledger.record(e["request_id"], (e["worker"], e["step"]), fut)
 
     # ---- lifecycle --------------------------------------------------------------------------
 

@@ -280,6 +280,10 @@ class SnapshotReader:
         sets = [set(h.keys()) for _, h, _ in self._files]
         return set.intersection(*sets) if sets else set()
 
+    def metadata(self, shard: int) -> dict[str, str]:
+        """The string metadata of one shard file."""
+        return dict(self._files[shard][1].metadata() or {})
+
     def is_scalar(self, name: str) -> bool:
         """True for 0-d tensors."""
         return len(self._files[0][1].get_slice(name).get_shape()) == 0

@@ -40,7 +40,7 @@ def flat_state(service: object, job: jpb.Job) -> dict[str, np.ndarray]:
     return out
 
 
-def train(address: str, job_id: str, start: int, end: int, p0: np.ndarray | None = None) -> None:
+def train(address: str, job_id: str, start: int, end: int, p0: np.ndarray | None = None, tag: str = "") -> None:
     with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
         ws = sorted([wa, wb], key=lambda w: w.worker_id)
         if p0 is not None:
@@ -53,7 +53,7 @@ def train(address: str, job_id: str, start: int, end: int, p0: np.ndarray | None
             assert version == s
             for w in ws:
                 g, n = worker_grads(s, w.worker_id)
-                w.push(s, g, n)
+                w.push(s, g, n, request_id=f"{tag}{job_id}-{w.worker_id}-{s}" if tag else None)
         ws[1].pull(end)
         for w in ws:
             w.leave()
@@ -82,7 +82,7 @@ def test_resume_is_bitwise_on_any_shard_count(address: str, service: object, job
     base = new_id(jobs)
     with JobClient(address) as jc:
         jc.create_job(SHAPES, job_id=base, num_workers=2, num_shards=3, **SETTINGS)
-        train(address, base, 0, 12, p0)
+        train(address, base, 0, 12, p0, tag="r-")
         snap = jc.create_snapshot(base)
         assert snap.version == 12 and snap.shards == 3 and snap.applied_steps == 12
         train(address, base, 12, 30)
@@ -92,6 +92,13 @@ def test_resume_is_bitwise_on_any_shard_count(address: str, service: object, job
             jid = new_id(jobs)
             job = jc.restore_job(snap.path, job_id=jid, num_shards=shards)
             assert job.version == 12 and len(job.shards) == shards and job.state == jpb.JOB_STATE_RUNNING
+            with Worker(address, jid, "x") as wx, Worker(address, jid, "y") as wy:
+                w = wx if wx.worker_id == 1 else wy  # a push answered before the snapshot, retried after it
+                g, n = worker_grads(11, 1)
+                first = w.push(11, g, n, request_id=f"r-{base}-1-11")
+                assert first.outcome == 2 and first.version == 12  # the first answer (APPLIED), not ABORTED
+                wx.leave()
+                wy.leave()
             train(address, jid, 12, 30)
             resumed = flat_state(service, jc.get_job(jid))
             assert resumed.keys() == reference.keys()
