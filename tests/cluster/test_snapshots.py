@@ -77,18 +77,21 @@ def new_id(jobs: list[str]) -> str:
     return jid
 
 
-def test_resume_is_bitwise_on_any_shard_count(address: str, service: object, jobs: list[str]) -> None:
+@pytest.mark.parametrize(("base_shards", "targets"), [(3, (3, 2)), (2, (4,))], ids=["3-to-3-and-2", "2-to-4"])
+def test_resume_is_bitwise_on_any_shard_count(
+    address: str, service: object, jobs: list[str], base_shards: int, targets: tuple[int, ...]
+) -> None:
     p0 = np.random.default_rng(3).standard_normal(TOTAL).astype(np.float32)
     base = new_id(jobs)
     with JobClient(address) as jc:
-        jc.create_job(SHAPES, job_id=base, num_workers=2, num_shards=3, **SETTINGS)
+        jc.create_job(SHAPES, job_id=base, num_workers=2, num_shards=base_shards, **SETTINGS)
         train(address, base, 0, 12, p0, tag="r-")
         snap = jc.create_snapshot(base)
-        assert snap.version == 12 and snap.shards == 3 and snap.applied_steps == 12
+        assert snap.version == 12 and snap.shards == base_shards and snap.applied_steps == 12
         train(address, base, 12, 30)
         reference = flat_state(service, jc.get_job(base))
         assert not np.isnan(reference["params"]).any()
-        for shards in (3, 2, 4):
+        for shards in targets:
             jid = new_id(jobs)
             job = jc.restore_job(snap.path, job_id=jid, num_shards=shards)
             assert job.version == 12 and len(job.shards) == shards and job.state == jpb.JOB_STATE_RUNNING
