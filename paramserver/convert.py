@@ -40,6 +40,7 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         param_dtypes=tuple(dtypes),
         snapshot_every_steps=spec.snapshot_every_steps,
         snapshot_keep_last=spec.snapshot_keep_last,
+        snapshot_every_seconds=spec.snapshot_every_seconds,
     )
     config.validate()
     return config
@@ -55,6 +56,7 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
         shard_num_gpus=c.shard_num_gpus,
         snapshot_every_steps=c.snapshot_every_steps,
         snapshot_keep_last=c.snapshot_keep_last,
+        snapshot_every_seconds=c.snapshot_every_seconds,
     )
     for i, (name, shape, group) in enumerate(c.parameters):
         dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32

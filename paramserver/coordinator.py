@@ -114,6 +114,7 @@ class _Job:
     decided: dict[int, asyncio.Event] = field(default_factory=dict)
     snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_policy_snapshot: int = 0
+    last_snapshot_time: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -251,9 +252,12 @@ class Coordinator:
         if len(job.reports[step]) == len(job.shards):
             decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm)
             job.decisions[step] = decision
-            every = job.config.snapshot_every_steps
-            if every and step + 1 >= max(job.next_policy_snapshot, every) and not job.snapshot_lock.locked():
-                job.next_policy_snapshot = step + 1 + every
+            every, seconds = job.config.snapshot_every_steps, job.config.snapshot_every_seconds
+            due_steps = every > 0 and step + 1 >= max(job.next_policy_snapshot, every)
+            due_time = seconds > 0 and time.monotonic() - job.last_snapshot_time >= seconds
+            if (due_steps or due_time) and not job.snapshot_lock.locked():
+                job.next_policy_snapshot = step + 1 + max(every, 1)
+                job.last_snapshot_time = time.monotonic()
                 asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
             for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
                 del job.decisions[old]
@@ -320,6 +324,7 @@ class Coordinator:
                 except OSError as exc:
                     await asyncio.to_thread(remove_quietly, directory)
                     raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"committing {directory}: {exc}") from exc
+                job.last_snapshot_time = time.monotonic()
                 await asyncio.to_thread(prune, root, job.job_id, job.config.snapshot_keep_last)
                 log.info("job %s: snapshot %s committed", job.job_id, directory)
                 return summary(directory, manifest)

@@ -41,6 +41,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 "shard_num_gpus": s.shard_num_gpus,
                 "snapshot_every_steps": s.snapshot_every_steps,
                 "snapshot_keep_last": s.snapshot_keep_last,
+                "snapshot_every_seconds": s.snapshot_every_seconds,
             }
             view = await self.cluster.create_job(request.request_id, request.job_id, None, request.restore_from, overrides)
             return job_to_pb(view)

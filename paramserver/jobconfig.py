@@ -46,6 +46,8 @@ class JobConfig:
     """Snapshot every this many steps (0 = only on demand)."""
     snapshot_keep_last: int = 0
     """Newest snapshots kept (0 = all)."""
+    snapshot_every_seconds: float = 0.0
+    """Also snapshot when this many seconds passed since the last one (0 = off)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (for snapshot manifests)."""

@@ -376,6 +376,7 @@ class JobSpec(_message.Message):
     SHARD_NUM_GPUS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_KEEP_LAST_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_SECONDS_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -399,6 +400,10 @@ class JobSpec(_message.Message):
     """
     snapshot_keep_last: _builtins.int
     """Keep this many newest snapshots of the job (0 = keep all)."""
+    snapshot_every_seconds: _builtins.float
+    """Snapshot policy: also snapshot at the first step boundary after this many
+    seconds since the last snapshot (or the job's start); 0 = off.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The model description, in flat-space order."""
@@ -424,10 +429,11 @@ class JobSpec(_message.Message):
         shard_num_gpus: _builtins.float = ...,
         snapshot_every_steps: _builtins.int = ...,
         snapshot_keep_last: _builtins.int = ...,
+        snapshot_every_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,8 +115,6 @@ def test_policy_snapshots_keep_the_newest(address: str, jobs: list[str]) -> None
     with JobClient(address) as jc:
         jc.create_job(SHAPES, job_id=jid, num_workers=2, num_shards=2, snapshot_every_steps=4, snapshot_keep_last=2, **SETTINGS)
         train(address, jid, 0, 13, np.zeros(TOTAL, dtype=np.float32))
-        import time
-
         deadline = time.time() + 30
         while time.time() < deadline:  # the last policy snapshot is written in the background
             snaps = jc.list_snapshots(jid)
@@ -174,3 +173,40 @@ def test_a_failed_save_leaves_the_previous_snapshot_loadable(address: str, jobs:
         assert restored.version == 2
         again = jc.create_snapshot(jid)  # and the service keeps working
         assert again.version == 4
+
+
+def test_time_policy_takes_snapshots(address: str, jobs: list[str]) -> None:
+    jid = new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=jid, num_workers=1, num_shards=2, snapshot_every_seconds=0.3, **SETTINGS)
+        with Worker(address, jid) as w:
+            w.upload(np.zeros(TOTAL, dtype=np.float32))
+            for s in range(4):
+                time.sleep(0.35)
+                w.push(s, worker_grads(s, 0)[0], 1)
+                w.pull(s + 1)
+        deadline = time.time() + 30
+        while time.time() < deadline and len(jc.list_snapshots(jid)) < 2:
+            time.sleep(0.1)
+        assert len(jc.list_snapshots(jid)) >= 2
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "hyper"),
+    [("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}), ("adam", {"lr": 1e-2, "weight_decay": 0.1})],
+    ids=["sgd-nesterov", "adam"],
+)
+def test_resume_is_bitwise_for_every_optimizer(
+    address: str, service: object, jobs: list[str], optimizer: str, hyper: dict[str, object]
+) -> None:
+    p0 = np.random.default_rng(5).standard_normal(TOTAL).astype(np.float32)
+    base, other = new_id(jobs), new_id(jobs)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=base, optimizer=optimizer, hyperparameters=hyper, num_workers=2, num_shards=3)
+        train(address, base, 0, 5, p0)
+        snap = jc.create_snapshot(base)
+        train(address, base, 5, 12)
+        jc.restore_job(snap.path, job_id=other, num_shards=2)
+        train(address, other, 5, 12)
+        a, b = flat_state(service, jc.get_job(base)), flat_state(service, jc.get_job(other))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -74,11 +74,13 @@ def make_spec(
     shard_num_gpus: float = 0.0,
     snapshot_every_steps: int = 0,
     snapshot_keep_last: int = 0,
+    snapshot_every_seconds: float = 0.0,
 ) -> jpb.JobSpec:
     """Build a JobSpec from (name, shape) pairs and settings."""
     spec = jpb.JobSpec(
         snapshot_every_steps=snapshot_every_steps,
         snapshot_keep_last=snapshot_keep_last,
+        snapshot_every_seconds=snapshot_every_seconds,
         num_workers=num_workers,
         num_shards=num_shards,
         max_grad_norm=max_grad_norm,
