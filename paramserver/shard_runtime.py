@@ -9,10 +9,15 @@ encoding) runs in a worker thread so the event loop keeps serving streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
@@ -79,6 +84,9 @@ class ShardRuntime:
         self._completing: asyncio.Task[None] | None = None
         self._closed = False
         self._snapshot_busy = False
+        # Snapshot files are written on their own low-priority thread, so that the step's
+        # reduce/apply (on the default pool) keep the CPU while a write runs in the background.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer", initializer=_lower_priority)
 
     # ---- uploads --------------------------------------------------------------------------
 
@@ -252,7 +260,8 @@ class ShardRuntime:
                 "ranges": json.dumps(ranges),
                 "ledger": json.dumps(ledger),
             }
-            entry = await asyncio.to_thread(write_tensors, path, tensors, meta, fault or _no_fault)
+            write = functools.partial(write_tensors, path, tensors, meta, fault or _no_fault, sync_dir=False)
+            entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
             return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
                     "ranges": ranges, "applied": applied}  # fmt: skip
         finally:
@@ -287,6 +296,7 @@ class ShardRuntime:
     async def close(self) -> None:
         """Wake every waiter with UNAVAILABLE."""
         self._closed = True
+        self._writer.shutdown(wait=False)
         await self._notify()
 
     async def _notify(self) -> None:
@@ -296,6 +306,11 @@ class ShardRuntime:
     def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         with self.state.lock:
             return fn(*args, **kwargs)
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread nice
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _no_fault(phase: str, path: Path) -> None:
