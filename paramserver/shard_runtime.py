@@ -84,6 +84,7 @@ class ShardRuntime:
         self._completing: asyncio.Task[None] | None = None
         self._closed = False
         self._snapshot_busy = False
+        self._upload_lock = asyncio.Lock()
         # Snapshot files are written on their own low-priority thread, so that the step's
         # reduce/apply (on the default pool) keep the CPU while a write runs in the background.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer", initializer=_lower_priority)
@@ -102,17 +103,19 @@ class ShardRuntime:
 
     async def upload(self, request_id: str, staging: Staging) -> int:
         """Store the initial parameters (a complete, validated stream) and publish version 0."""
-        done = self.check_upload_header(request_id)
-        if done is not None:
-            self.state.release(staging.buffer)
-            return done
-        try:
-            self.state.check_coverage(staging.pieces)
-        except ParamServerError:
-            self.state.release(staging.buffer)
-            raise
-        await asyncio.to_thread(self._locked, self.state.load, staging)
-        self._upload_ledger.record(request_id, "upload", self.state.numel)
+        async with self._upload_lock:  # two uploads racing: the second sees the first's result
+            try:
+                done = self.check_upload_header(request_id)
+                if done is None:
+                    self.state.check_coverage(staging.pieces)
+            except ParamServerError:
+                self.state.release(staging.buffer)
+                raise
+            if done is not None:
+                self.state.release(staging.buffer)
+                return done
+            await asyncio.to_thread(self._locked, self.state.load, staging)
+            self._upload_ledger.record(request_id, "upload", self.state.numel)
         await self._notify()
         return self.state.numel
 
