@@ -3,7 +3,7 @@
 Knows nothing of Ray, gRPC or storage.
 """
 
-from paramserver.optim import adam, sgd  # noqa: F401  (registration)
+from paramserver.optim import adam, lion, sgd  # noqa: F401  (registration)
 from paramserver.optim.base import Optimizer, State, available, build, register
 from paramserver.optim.schedules import Schedule, build_schedule
 

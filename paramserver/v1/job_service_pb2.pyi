@@ -295,7 +295,7 @@ class OptimizerConfig(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """"sgd", "adam" or "adamw"."""
+    """"sgd", "adam", "adamw", "lion" or "tiger"."""
     @_builtins.property
     def hyperparameters(self) -> _struct_pb2.Struct:
         """Hyperparameters by name; unknown names are INVALID_ARGUMENT.
@@ -305,7 +305,11 @@ class OptimizerConfig(_message.Message):
                  weight_decay (0, an L2 penalty), amsgrad (false)
           adamw: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8),
                  weight_decay (1e-2, decoupled), amsgrad (false)
-        The semantics are those of torch.optim.SGD / Adam / AdamW.
+          lion:  lr (1e-4), betas ([0.9, 0.99]), weight_decay (0, decoupled)
+          tiger: lr (1e-3), beta (0.965), weight_decay (0.01): Lion with
+                 beta1 = beta2 = beta
+        The semantics are those of torch.optim.SGD / Adam / AdamW and of
+        lion-pytorch's Lion.
         """
 
     def __init__(

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lion_pytorch import Lion as RefLion
 
 from paramserver.optim import build_schedule
 from paramserver_client import JobClient, Worker
@@ -19,9 +20,10 @@ CASES: list[tuple[str, dict[str, Any], float, str, dict[str, Any]]] = [
     ("adam", {"lr": 1e-2, "betas": [0.9, 0.99], "weight_decay": 0.05}, 0.0, "constant", {}),
     ("adamw", {"lr": 1e-2, "weight_decay": 0.1}, 1.0, "warmup_cosine", {"warmup_steps": 10, "total_steps": 100, "min_lr_ratio": 0.1}),
     ("adamw", {"lr": 1e-2, "amsgrad": True}, 0.5, "warmup_linear", {"warmup_steps": 5, "total_steps": 100}),
+    ("lion", {"lr": 3e-4, "betas": [0.9, 0.99], "weight_decay": 0.1}, 0.0, "warmup_cosine", {"warmup_steps": 5, "total_steps": 100}),
 ]
-IDS = ["sgd-nesterov", "adam", "adamw-clip-warmup-cosine", "adamw-amsgrad-clip-warmup-linear"]
-REF = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+IDS = ["sgd-nesterov", "adam", "adamw-clip-warmup-cosine", "adamw-amsgrad-clip-warmup-linear", "lion-warmup-cosine"]
+REF: dict[str, Any] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lion": RefLion}
 
 
 def worker_grads(step: int, worker: int) -> tuple[np.ndarray, int]:
@@ -55,7 +57,7 @@ def _reference(
     kw = dict(hyper)
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
-    opt = REF[name](params, **kw, fused=True)
+    opt = REF[name](params, **kw, **({} if name == "lion" else {"fused": True}))
     f = build_schedule(sched, sched_params)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
     for s in range(steps):

@@ -1,0 +1,49 @@
+"""Lion and plain Tiger against lucidrains' lion-pytorch (the spec's pip reference), bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lion_pytorch import Lion as RefLion
+
+from paramserver.optim import build
+
+
+def _run(name: str, hyper: dict[str, object], ref_kw: dict[str, object], segments: list[tuple[int, int]] | None) -> None:
+    sizes = (37, 1001)
+    p0 = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+    opt = build(name, hyper)
+    flat = p0.clone()
+    state = opt.init_state(flat)
+    refs = [p0[:37].clone().requires_grad_(True), p0[37:].clone().requires_grad_(True)]
+    ref = RefLion(refs, **ref_kw)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(1)
+    segs = segments or [(0, 37), (37, 1001)]
+    for s in range(100):
+        grad = torch.randn(sum(sizes), generator=g) * (1 + s % 5)
+        grad[::97] = 0.0  # sign(0) = 0 paths
+        lr = float(ref_kw["lr"]) * (0.5 + 0.5 * (s % 3))  # type: ignore[arg-type]
+        for group in ref.param_groups:
+            group["lr"] = lr
+        opt.update(flat, grad.clone(), state, lr, segs)
+        refs[0].grad, refs[1].grad = grad[:37].clone(), grad[37:].clone()
+        ref.step()
+        assert torch.equal(flat, torch.cat([r.detach() for r in refs])), f"step {s}"
+    assert torch.equal(state["exp_avg"], torch.cat([ref.state[r]["exp_avg"] for r in refs]))
+
+
+@pytest.mark.parametrize("segments", [None, [(0, 37), (37, 336), (373, 665)]], ids=["per-tensor", "split-at-aligned-cut"])
+def test_lion_is_bitwise_lion_pytorch(segments: list[tuple[int, int]] | None) -> None:
+    _run("lion", {"lr": 3e-4, "betas": [0.9, 0.99], "weight_decay": 0.1}, {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}, segments)
+
+
+def test_plain_tiger_is_lion_with_equal_betas() -> None:
+    _run("tiger", {"lr": 1e-3, "beta": 0.965, "weight_decay": 0.01}, {"lr": 1e-3, "betas": (0.965, 0.965), "weight_decay": 0.01}, None)
+
+
+def test_lion_bad_beta_names_the_field() -> None:
+    from paramserver.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build("lion", {"betas": [0.9, 1.5]}, "spec.optimizer")
+    assert err.value.field == "spec.optimizer.hyperparameters.betas[1]"
