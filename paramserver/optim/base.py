@@ -101,7 +101,7 @@ def build(name: str, hyperparameters: Mapping[str, object], field: str = "optimi
 def parse_hyper(hyper_cls: type[H], raw: Mapping[str, object], field: str) -> H:
     """Parse a mapping into a frozen hyperparameter dataclass, naming any bad field.
 
-    Accepted field types: float (ints accepted), bool, int, tuple[float, ...]
+    Accepted field types: float (ints accepted), bool, int, str, tuple[float, ...]
     (lists accepted). Unknown names are rejected.
     """
     fields = {f.name: f for f in dataclasses.fields(hyper_cls)}  # type: ignore[arg-type]
@@ -125,6 +125,10 @@ def _coerce(value: object, hint: object, field: str) -> object:
         if not math.isfinite(float(value)):
             raise ConfigError(field, f"must be finite, got {value!r}")
         return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(field, f"expected a string, got {value!r}")
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int | float) or float(value) != int(value):
             raise ConfigError(field, f"expected an integer, got {value!r}")

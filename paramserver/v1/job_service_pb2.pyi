@@ -341,13 +341,18 @@ class ScheduleConfig(_message.Message):
     (f = s / warmup_steps for s < warmup_steps, then 1), "warmup_cosine"
     (linear warmup, then f = r + (1 - r) * 0.5 * (1 + cos(pi * q)) with
     q = (s - W) / max(1, total_steps - W), clamped to [0, 1]) or
-    "warmup_linear" (linear warmup, then linear decay to r at total_steps).
+    "warmup_linear" or its alias "linear_decay" (linear warmup, then linear
+    decay to r at total_steps), "wsd" (warmup, hold 1 for stable_steps, then
+    decay over decay_steps with decay_shape "linear" 1-q, "cosine"
+    0.5(1+cos(pi q)) or "sqrt" 1-sqrt(q), to r and r afterwards), or
+    "inverse_sqrt" (warmup, then 1/sqrt((s + tau - W) / tau)).
     The warmup follows torch LambdaLR: the first update uses f(0) = 0.
     """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Parameters by name: warmup_steps (0), total_steps (required for the
-        decaying schedules), min_lr_ratio r (0).
+        decaying schedules), min_lr_ratio r (0), stable_steps (0), decay_steps,
+        decay_shape ("linear"), timescale tau (0 = warmup_steps, or 10000).
         """
 
     def __init__(

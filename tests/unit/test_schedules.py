@@ -53,3 +53,31 @@ def test_bad_schedule_names_the_field(name: str, params: dict[str, object], fiel
     with pytest.raises(ConfigError) as err:
         build_schedule(name, params)
     assert err.value.field == field
+
+
+def test_wsd_shapes() -> None:
+    base = {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4, "min_lr_ratio": 0.2}
+    lin = build_schedule("wsd", base)
+    assert [lin(s) for s in range(12)] == pytest.approx([0, 0.5, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+    cos = build_schedule("wsd", {**base, "decay_shape": "cosine"})
+    assert cos(7) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    sq = build_schedule("wsd", {**base, "decay_shape": "sqrt"})
+    assert sq(6) == pytest.approx(0.2 + 0.8 * (1 - math.sqrt(0.25)))
+
+
+def test_inverse_sqrt_matches_the_spec_values() -> None:
+    f = build_schedule("inverse_sqrt", {"warmup_steps": 10})
+    assert [round(f(s), 4) for s in (0, 1, 5, 10, 11)] == [0.0, 0.1, 0.5, 1.0, 0.9535]
+    g = build_schedule("inverse_sqrt", {})
+    assert g(0) == 1.0 and g(30000) == pytest.approx(0.5)
+
+
+def test_linear_decay_is_warmup_linear() -> None:
+    a = build_schedule("linear_decay", {"warmup_steps": 3, "total_steps": 13})
+    assert [a(s) for s in (0, 3, 8, 13, 20)] == pytest.approx([0, 1, 0.5, 0, 0])
+
+
+def test_bad_wsd_names_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_schedule("wsd", {"decay_steps": 3, "decay_shape": "square"})
+    assert err.value.field == "schedule.parameters.decay_shape"
