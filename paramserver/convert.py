@@ -41,6 +41,9 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         snapshot_every_steps=spec.snapshot_every_steps,
         snapshot_keep_last=spec.snapshot_keep_last,
         snapshot_every_seconds=spec.snapshot_every_seconds,
+        spike_window=spec.spike_guard.window,
+        spike_warmup=spec.spike_guard.warmup or 64,
+        spike_threshold_std=spec.spike_guard.threshold_std or 6.0,
     )
     config.validate()
     return config
@@ -58,6 +61,10 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
         snapshot_keep_last=c.snapshot_keep_last,
         snapshot_every_seconds=c.snapshot_every_seconds,
     )
+    if c.spike_window:
+        spec.spike_guard.window = c.spike_window
+        spec.spike_guard.warmup = c.spike_warmup
+        spec.spike_guard.threshold_std = c.spike_threshold_std
     for i, (name, shape, group) in enumerate(c.parameters):
         dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32
         spec.parameters.add(name=name, shape=list(shape), dtype=dtype, group=group)
@@ -76,6 +83,7 @@ def job_to_pb(v: JobView) -> pb.Job:
         state=pb.JOB_STATE_RUNNING if v.initialized else pb.JOB_STATE_AWAITING_PARAMETERS,
         version=v.version,
         workers=list(v.workers),
+        skipped_steps=dict(v.skips),
     )
     total = 0
     for p in v.config.layout():

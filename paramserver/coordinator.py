@@ -37,7 +37,7 @@ from paramserver.snapshot_store import (
     verify,
     write_manifest,
 )
-from paramserver.steps import Decision, ShardStats, decide
+from paramserver.steps import Decision, ShardStats, SpikeGuard, decide
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class JobView:
     config: JobConfig
     shards: tuple[ShardView, ...]
     workers: tuple[int, ...]
+    skips: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def initialized(self) -> bool:
@@ -115,6 +116,9 @@ class _Job:
     snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_policy_snapshot: int = 0
     last_snapshot_time: float = field(default_factory=time.monotonic)
+    guard: SpikeGuard | None = None
+    skips: dict[str, int] = field(default_factory=dict)
+    history_at: dict[int, tuple[tuple[float, ...], dict[str, int]]] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -136,7 +140,7 @@ class Coordinator:
     async def _view(self, job: _Job) -> JobView:
         statuses = await asyncio.gather(*(s.status() for s in job.shards))
         shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses))
-        return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)))
+        return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)), dict(job.skips))
 
     async def create_job(
         self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: Mapping[str, Any] | None = None
@@ -148,12 +152,16 @@ class Coordinator:
         their ranges from it and the job starts at its version."""
         _require(request_id)
         restore: Restore | None = None
+        history: list[float] = []
+        skips: dict[str, int] = {}
         if restore_from:
             directory = resolve(self.snapshot_root, restore_from)
             manifest = await asyncio.to_thread(verify, directory)
             base = JobConfig.from_dict(manifest["config"])
             config = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if v})
             restore = Restore(str(directory), int(manifest["version"]), int(manifest.get("applied", 0)))
+            history = [float(x) for x in manifest.get("spike_norms", [])]
+            skips = {str(k): int(v) for k, v in manifest.get("skips", {}).items()}
             job_id = job_id or str(manifest["job_id"])
         if config is None:
             raise ParamServerError.invalid("spec", "required unless restore_from is given")
@@ -175,6 +183,9 @@ class Coordinator:
             plan = config.plan()
             shards = await self.launcher.launch(job_id, config, plan, restore)
             self.jobs[job_id] = _Job(job_id, config, plan, shards)
+            if config.spike_window:
+                self.jobs[job_id].guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
+            self.jobs[job_id].skips = dict(skips)
             if restore is not None:
                 self.jobs[job_id].next_policy_snapshot = restore.version + max(1, config.snapshot_every_steps)
                 log.info("job %s restored from %s at version %d", job_id, restore.directory, restore.version)
@@ -250,7 +261,12 @@ class Coordinator:
         job.reports.setdefault(step, {})[stats.shard] = stats
         event = job.decided.setdefault(step, asyncio.Event())
         if len(job.reports[step]) == len(job.shards):
-            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm)
+            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard)
+            if not decision.apply:
+                job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
+            # what a snapshot at version step + 1 must carry (training may move on while it is written)
+            job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
+            job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
             job.decisions[step] = decision
             every, seconds = job.config.snapshot_every_steps, job.config.snapshot_every_seconds
             due_steps = every > 0 and step + 1 >= max(job.next_policy_snapshot, every)
@@ -307,6 +323,8 @@ class Coordinator:
             errors = [r for r in results if isinstance(r, BaseException)]
             if not errors:
                 entries = [r for r in results if isinstance(r, dict)]
+                current = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
+                history = job.history_at.get(version, current)
                 manifest = {
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
@@ -318,6 +336,8 @@ class Coordinator:
                     "layout": [{"name": p.name, "shape": list(p.shape), "offset": p.offset, "numel": p.numel} for p in job.config.layout()],
                     "total_elements": job.config.total_elements,
                     "shards": sorted(entries, key=lambda e: int(e["index"])),
+                    "spike_norms": list(history[0]),
+                    "skips": history[1],
                 }
                 try:
                     await asyncio.to_thread(write_manifest, directory, manifest, fault_for_manifest(job.job_id))

@@ -48,6 +48,12 @@ class JobConfig:
     """Newest snapshots kept (0 = all)."""
     snapshot_every_seconds: float = 0.0
     """Also snapshot when this many seconds passed since the last one (0 = off)."""
+    spike_window: int = 0
+    """Spike guard: rolling window of pre-clip gradient norms (0 = off)."""
+    spike_warmup: int = 64
+    """Spike guard: norms seen before it decides anything."""
+    spike_threshold_std: float = 6.0
+    """Spike guard: a norm above mean + this many std of the window is skipped."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (for snapshot manifests)."""
@@ -106,6 +112,10 @@ class JobConfig:
             raise ConfigError("spec.shard_num_cpus", "must be >= 0")
         if self.shard_num_gpus < 0:
             raise ConfigError("spec.shard_num_gpus", "must be >= 0")
+        if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
+            raise ConfigError("spec.spike_guard.window", "must be 0 (off) or >= 2")
+        if self.spike_window and not self.spike_threshold_std > 0:
+            raise ConfigError("spec.spike_guard.threshold_std", "must be > 0")
         self.build_optimizer()
         self.build_schedule()
         self.plan()

@@ -7,7 +7,9 @@ one :class:`Decision` (:func:`decide`), which every shard applies alike.
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -62,12 +64,35 @@ class StepReport:
     loss_terms: int
 
 
-def decide(step: int, stats: Sequence[ShardStats], max_grad_norm: float) -> Decision:
+class SpikeGuard:
+    """Skip steps whose pre-clip gradient norm is a spike (optimizers.md section 13, OLMo-core).
+
+    A finite norm above mean + k * std of the previous `window` finite norms is a spike, once at
+    least `warmup` norms were seen. Every finite norm (spikes included) enters the window;
+    non-finite ones never do (they are skipped as NON_FINITE_GRADIENT anyway).
+    """
+
+    def __init__(self, window: int, warmup: int, k: float, history: Sequence[float] = ()) -> None:
+        self.window, self.warmup, self.k = window, warmup, k
+        self.norms: collections.deque[float] = collections.deque(history, maxlen=window)
+
+    def is_spike(self, norm: float) -> bool:
+        """Whether `norm` is a spike; records it."""
+        spike = False
+        if len(self.norms) >= self.warmup and len(self.norms) >= 2:
+            mean = statistics.fmean(self.norms)
+            spike = norm > mean + self.k * statistics.pstdev(self.norms, mean)
+        self.norms.append(norm)
+        return spike
+
+
+def decide(step: int, stats: Sequence[ShardStats], max_grad_norm: float, guard: SpikeGuard | None = None) -> Decision:
     """Combine every shard's stats into one decision.
 
-    Skips when the shards disagree on the loss-term count, when it is 0, or
-    when the global norm is not finite; otherwise the clip coefficient is
-    min(max_grad_norm / (norm + 1e-6), 1) as in torch.nn.utils.clip_grad_norm_.
+    Skips when the shards disagree on the loss-term count, when it is 0, when
+    the global norm is not finite, or when the guard calls it a spike;
+    otherwise the clip coefficient is min(max_grad_norm / (norm + 1e-6), 1) as
+    in torch.nn.utils.clip_grad_norm_.
     """
     terms = {s.loss_terms for s in stats}
     n = max(terms) if terms else 0
@@ -78,6 +103,8 @@ def decide(step: int, stats: Sequence[ShardStats], max_grad_norm: float) -> Deci
         return Decision(step, False, Reason.NO_LOSS_TERMS, 0.0, 1.0, 0)
     if not math.isfinite(norm):
         return Decision(step, False, Reason.NON_FINITE_GRADIENT, norm, 1.0, n)
+    if guard is not None and guard.is_spike(norm):
+        return Decision(step, False, Reason.GRADIENT_SPIKE, norm, 1.0, n)
     coef = 1.0
     if max_grad_norm > 0:
         coef = min(max_grad_norm / (norm + CLIP_EPS), 1.0)

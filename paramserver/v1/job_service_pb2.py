@@ -26,17 +26,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from paramserver.v1 import tensor_pb2 as paramserver_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramserver/v1/job_service.proto\x12\x0eparamserver.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bparamserver/v1/tensor.proto\"a\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\r\n\x05group\x18\x04 \x01(\t\"Q\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x0eScheduleConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xec\x02\n\x07JobSpec\x12\x31\n\nparameters\x18\x01 \x03(\x0b\x32\x1d.paramserver.v1.ParameterSpec\x12\x32\n\toptimizer\x18\x02 \x01(\x0b\x32\x1f.paramserver.v1.OptimizerConfig\x12\x30\n\x08schedule\x18\x03 \x01(\x0b\x32\x1e.paramserver.v1.ScheduleConfig\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\x12\x12\n\nnum_shards\x18\x05 \x01(\r\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\x12\x16\n\x0eshard_num_cpus\x18\x07 \x01(\x01\x12\x16\n\x0eshard_num_gpus\x18\x08 \x01(\x01\x12\x1c\n\x14snapshot_every_steps\x18\t \x01(\r\x12\x1a\n\x12snapshot_keep_last\x18\n \x01(\r\x12\x1e\n\x16snapshot_every_seconds\x18\x0b \x01(\x01\">\n\x0fParameterLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05numel\x18\x03 \x01(\x04\"x\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x06ranges\x18\x03 \x03(\x0b\x32\x15.paramserver.v1.Range\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\"\xfb\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.paramserver.v1.JobSpec\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.paramserver.v1.JobState\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ShardInfo\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x16\n\x0etotal_elements\x18\x06 \x01(\x04\x12/\n\x06layout\x18\x07 \x03(\x0b\x32\x1f.paramserver.v1.ParameterLayout\x12\x0f\n\x07workers\x18\x08 \x03(\r\"s\n\x10\x43reateJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.paramserver.v1.JobSpec\x12\x14\n\x0crestore_from\x18\x04 \x01(\t\"\x83\x01\n\x08Snapshot\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rapplied_steps\x18\x04 \x01(\x04\x12\x0e\n\x06shards\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\t\";\n\x15\x43reateSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"&\n\x14ListSnapshotsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"D\n\x15ListSnapshotsResponse\x12+\n\tsnapshots\x18\x01 \x03(\x0b\x32\x18.paramserver.v1.Snapshot\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.paramserver.v1.Job\"I\n\x0eJoinJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\"a\n\x0fJoinJobResponse\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12 \n\x03job\x18\x02 \x01(\x0b\x32\x13.paramserver.v1.Job\x12\x19\n\x11upload_parameters\x18\x03 \x01(\x08\"H\n\x0fLeaveJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\r\"\x12\n\x10LeaveJobResponse\"6\n\x10\x44\x65leteJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse*_\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12!\n\x1dJOB_STATE_AWAITING_PARAMETERS\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02*\xa2\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rJOB_NOT_FOUND\x10\x01\x12\x16\n\x12JOB_ALREADY_EXISTS\x10\x02\x12\x11\n\rINVALID_FIELD\x10\x03\x12\x15\n\x11\x44TYPE_UNSUPPORTED\x10\x04\x12\x16\n\x12\x43HUNK_OUT_OF_RANGE\x10\x05\x12\x13\n\x0fLENGTH_MISMATCH\x10\x06\x12\x13\n\x0fLAYOUT_MISMATCH\x10\x07\x12\x18\n\x14STEP_ALREADY_APPLIED\x10\x08\x12\x12\n\x0eSTEP_NOT_READY\x10\t\x12\x15\n\x11MESSAGE_TOO_LARGE\x10\n\x12\x17\n\x13NON_FINITE_GRADIENT\x10\x0b\x12\x1e\n\x1aPARAMETERS_NOT_INITIALIZED\x10\x0c\x12\"\n\x1ePARAMETERS_ALREADY_INITIALIZED\x10\r\x12\x1a\n\x16\x44UPLICATE_CONTRIBUTION\x10\x0e\x12\x15\n\x11REQUEST_ID_REUSED\x10\x0f\x12\x0c\n\x08JOB_FULL\x10\x10\x12\x14\n\x10WORKER_NOT_FOUND\x10\x11\x12\x10\n\x0cUNKNOWN_NAME\x10\x12\x12\x12\n\x0eINTERNAL_ERROR\x10\x13\x12\x11\n\rNO_LOSS_TERMS\x10\x14\x12\x17\n\x13SERVICE_UNAVAILABLE\x10\x15\x12\x1b\n\x17INCONSISTENT_LOSS_TERMS\x10\x16\x12\x14\n\x10SNAPSHOT_CORRUPT\x10\x17\x12\x16\n\x12SNAPSHOT_NOT_FOUND\x10\x18\x12\x13\n\x0fSNAPSHOT_FAILED\x10\x19\x12\x19\n\x15SNAPSHOT_INCOMPATIBLE\x10\x1a\x12\x18\n\x14SNAPSHOT_IN_PROGRESS\x10\x1b\x32\xfb\x04\n\nJobService\x12\x42\n\tCreateJob\x12 .paramserver.v1.CreateJobRequest\x1a\x13.paramserver.v1.Job\x12<\n\x06GetJob\x12\x1d.paramserver.v1.GetJobRequest\x1a\x13.paramserver.v1.Job\x12M\n\x08ListJobs\x12\x1f.paramserver.v1.ListJobsRequest\x1a .paramserver.v1.ListJobsResponse\x12J\n\x07JoinJob\x12\x1e.paramserver.v1.JoinJobRequest\x1a\x1f.paramserver.v1.JoinJobResponse\x12M\n\x08LeaveJob\x12\x1f.paramserver.v1.LeaveJobRequest\x1a .paramserver.v1.LeaveJobResponse\x12P\n\tDeleteJob\x12 .paramserver.v1.DeleteJobRequest\x1a!.paramserver.v1.DeleteJobResponse\x12Q\n\x0e\x43reateSnapshot\x12%.paramserver.v1.CreateSnapshotRequest\x1a\x18.paramserver.v1.Snapshot\x12\\\n\rListSnapshots\x12$.paramserver.v1.ListSnapshotsRequest\x1a%.paramserver.v1.ListSnapshotsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n paramserver/v1/job_service.proto\x12\x0eparamserver.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bparamserver/v1/tensor.proto\"a\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\r\n\x05group\x18\x04 \x01(\t\"Q\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x0eScheduleConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xa3\x03\n\x07JobSpec\x12\x31\n\nparameters\x18\x01 \x03(\x0b\x32\x1d.paramserver.v1.ParameterSpec\x12\x32\n\toptimizer\x18\x02 \x01(\x0b\x32\x1f.paramserver.v1.OptimizerConfig\x12\x30\n\x08schedule\x18\x03 \x01(\x0b\x32\x1e.paramserver.v1.ScheduleConfig\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\x12\x12\n\nnum_shards\x18\x05 \x01(\r\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\x12\x16\n\x0eshard_num_cpus\x18\x07 \x01(\x01\x12\x16\n\x0eshard_num_gpus\x18\x08 \x01(\x01\x12\x1c\n\x14snapshot_every_steps\x18\t \x01(\r\x12\x1a\n\x12snapshot_keep_last\x18\n \x01(\r\x12\x1e\n\x16snapshot_every_seconds\x18\x0b \x01(\x01\x12\x35\n\x0bspike_guard\x18\x0c \x01(\x0b\x32 .paramserver.v1.SpikeGuardConfig\"I\n\x10SpikeGuardConfig\x12\x0e\n\x06window\x18\x01 \x01(\r\x12\x0e\n\x06warmup\x18\x02 \x01(\r\x12\x15\n\rthreshold_std\x18\x03 \x01(\x01\">\n\x0fParameterLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05numel\x18\x03 \x01(\x04\"x\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x06ranges\x18\x03 \x03(\x0b\x32\x15.paramserver.v1.Range\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x13\n\x0binitialized\x18\x05 \x01(\x08\"\xee\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.paramserver.v1.JobSpec\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.paramserver.v1.JobState\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ShardInfo\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x16\n\x0etotal_elements\x18\x06 \x01(\x04\x12/\n\x06layout\x18\x07 \x03(\x0b\x32\x1f.paramserver.v1.ParameterLayout\x12\x0f\n\x07workers\x18\x08 \x03(\r\x12<\n\rskipped_steps\x18\t \x03(\x0b\x32%.paramserver.v1.Job.SkippedStepsEntry\x1a\x33\n\x11SkippedStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"s\n\x10\x43reateJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.paramserver.v1.JobSpec\x12\x14\n\x0crestore_from\x18\x04 \x01(\t\"\x83\x01\n\x08Snapshot\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rapplied_steps\x18\x04 \x01(\x04\x12\x0e\n\x06shards\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\t\";\n\x15\x43reateSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"&\n\x14ListSnapshotsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"D\n\x15ListSnapshotsResponse\x12+\n\tsnapshots\x18\x01 \x03(\x0b\x32\x18.paramserver.v1.Snapshot\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.paramserver.v1.Job\"I\n\x0eJoinJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x13\n\x0bworker_name\x18\x03 \x01(\t\"a\n\x0fJoinJobResponse\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12 \n\x03job\x18\x02 \x01(\x0b\x32\x13.paramserver.v1.Job\x12\x19\n\x11upload_parameters\x18\x03 \x01(\x08\"H\n\x0fLeaveJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\r\"\x12\n\x10LeaveJobResponse\"6\n\x10\x44\x65leteJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse*_\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12!\n\x1dJOB_STATE_AWAITING_PARAMETERS\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02*\xb6\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rJOB_NOT_FOUND\x10\x01\x12\x16\n\x12JOB_ALREADY_EXISTS\x10\x02\x12\x11\n\rINVALID_FIELD\x10\x03\x12\x15\n\x11\x44TYPE_UNSUPPORTED\x10\x04\x12\x16\n\x12\x43HUNK_OUT_OF_RANGE\x10\x05\x12\x13\n\x0fLENGTH_MISMATCH\x10\x06\x12\x13\n\x0fLAYOUT_MISMATCH\x10\x07\x12\x18\n\x14STEP_ALREADY_APPLIED\x10\x08\x12\x12\n\x0eSTEP_NOT_READY\x10\t\x12\x15\n\x11MESSAGE_TOO_LARGE\x10\n\x12\x17\n\x13NON_FINITE_GRADIENT\x10\x0b\x12\x1e\n\x1aPARAMETERS_NOT_INITIALIZED\x10\x0c\x12\"\n\x1ePARAMETERS_ALREADY_INITIALIZED\x10\r\x12\x1a\n\x16\x44UPLICATE_CONTRIBUTION\x10\x0e\x12\x15\n\x11REQUEST_ID_REUSED\x10\x0f\x12\x0c\n\x08JOB_FULL\x10\x10\x12\x14\n\x10WORKER_NOT_FOUND\x10\x11\x12\x10\n\x0cUNKNOWN_NAME\x10\x12\x12\x12\n\x0eINTERNAL_ERROR\x10\x13\x12\x11\n\rNO_LOSS_TERMS\x10\x14\x12\x17\n\x13SERVICE_UNAVAILABLE\x10\x15\x12\x1b\n\x17INCONSISTENT_LOSS_TERMS\x10\x16\x12\x14\n\x10SNAPSHOT_CORRUPT\x10\x17\x12\x16\n\x12SNAPSHOT_NOT_FOUND\x10\x18\x12\x13\n\x0fSNAPSHOT_FAILED\x10\x19\x12\x19\n\x15SNAPSHOT_INCOMPATIBLE\x10\x1a\x12\x18\n\x14SNAPSHOT_IN_PROGRESS\x10\x1b\x12\x12\n\x0eGRADIENT_SPIKE\x10\x1c\x32\xfb\x04\n\nJobService\x12\x42\n\tCreateJob\x12 .paramserver.v1.CreateJobRequest\x1a\x13.paramserver.v1.Job\x12<\n\x06GetJob\x12\x1d.paramserver.v1.GetJobRequest\x1a\x13.paramserver.v1.Job\x12M\n\x08ListJobs\x12\x1f.paramserver.v1.ListJobsRequest\x1a .paramserver.v1.ListJobsResponse\x12J\n\x07JoinJob\x12\x1e.paramserver.v1.JoinJobRequest\x1a\x1f.paramserver.v1.JoinJobResponse\x12M\n\x08LeaveJob\x12\x1f.paramserver.v1.LeaveJobRequest\x1a .paramserver.v1.LeaveJobResponse\x12P\n\tDeleteJob\x12 .paramserver.v1.DeleteJobRequest\x1a!.paramserver.v1.DeleteJobResponse\x12Q\n\x0e\x43reateSnapshot\x12%.paramserver.v1.CreateSnapshotRequest\x1a\x18.paramserver.v1.Snapshot\x12\\\n\rListSnapshots\x12$.paramserver.v1.ListSnapshotsRequest\x1a%.paramserver.v1.ListSnapshotsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramserver.v1.job_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2051
-  _globals['_JOBSTATE']._serialized_end=2146
-  _globals['_ERRORREASON']._serialized_start=2149
-  _globals['_ERRORREASON']._serialized_end=2823
+  _globals['_JOB_SKIPPEDSTEPSENTRY']._loaded_options = None
+  _globals['_JOB_SKIPPEDSTEPSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=2296
+  _globals['_JOBSTATE']._serialized_end=2391
+  _globals['_ERRORREASON']._serialized_start=2394
+  _globals['_ERRORREASON']._serialized_end=3088
   _globals['_PARAMETERSPEC']._serialized_start=111
   _globals['_PARAMETERSPEC']._serialized_end=208
   _globals['_OPTIMIZERCONFIG']._serialized_start=210
@@ -44,41 +46,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULECONFIG']._serialized_start=293
   _globals['_SCHEDULECONFIG']._serialized_end=368
   _globals['_JOBSPEC']._serialized_start=371
-  _globals['_JOBSPEC']._serialized_end=735
-  _globals['_PARAMETERLAYOUT']._serialized_start=737
-  _globals['_PARAMETERLAYOUT']._serialized_end=799
-  _globals['_SHARDINFO']._serialized_start=801
-  _globals['_SHARDINFO']._serialized_end=921
-  _globals['_JOB']._serialized_start=924
-  _globals['_JOB']._serialized_end=1175
-  _globals['_CREATEJOBREQUEST']._serialized_start=1177
-  _globals['_CREATEJOBREQUEST']._serialized_end=1292
-  _globals['_SNAPSHOT']._serialized_start=1295
-  _globals['_SNAPSHOT']._serialized_end=1426
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1428
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1487
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1489
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1527
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1529
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1597
-  _globals['_GETJOBREQUEST']._serialized_start=1599
-  _globals['_GETJOBREQUEST']._serialized_end=1630
-  _globals['_LISTJOBSREQUEST']._serialized_start=1632
-  _globals['_LISTJOBSREQUEST']._serialized_end=1649
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1651
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1704
-  _globals['_JOINJOBREQUEST']._serialized_start=1706
-  _globals['_JOINJOBREQUEST']._serialized_end=1779
-  _globals['_JOINJOBRESPONSE']._serialized_start=1781
-  _globals['_JOINJOBRESPONSE']._serialized_end=1878
-  _globals['_LEAVEJOBREQUEST']._serialized_start=1880
-  _globals['_LEAVEJOBREQUEST']._serialized_end=1952
-  _globals['_LEAVEJOBRESPONSE']._serialized_start=1954
-  _globals['_LEAVEJOBRESPONSE']._serialized_end=1972
-  _globals['_DELETEJOBREQUEST']._serialized_start=1974
-  _globals['_DELETEJOBREQUEST']._serialized_end=2028
-  _globals['_DELETEJOBRESPONSE']._serialized_start=2030
-  _globals['_DELETEJOBRESPONSE']._serialized_end=2049
-  _globals['_JOBSERVICE']._serialized_start=2826
-  _globals['_JOBSERVICE']._serialized_end=3461
+  _globals['_JOBSPEC']._serialized_end=790
+  _globals['_SPIKEGUARDCONFIG']._serialized_start=792
+  _globals['_SPIKEGUARDCONFIG']._serialized_end=865
+  _globals['_PARAMETERLAYOUT']._serialized_start=867
+  _globals['_PARAMETERLAYOUT']._serialized_end=929
+  _globals['_SHARDINFO']._serialized_start=931
+  _globals['_SHARDINFO']._serialized_end=1051
+  _globals['_JOB']._serialized_start=1054
+  _globals['_JOB']._serialized_end=1420
+  _globals['_JOB_SKIPPEDSTEPSENTRY']._serialized_start=1369
+  _globals['_JOB_SKIPPEDSTEPSENTRY']._serialized_end=1420
+  _globals['_CREATEJOBREQUEST']._serialized_start=1422
+  _globals['_CREATEJOBREQUEST']._serialized_end=1537
+  _globals['_SNAPSHOT']._serialized_start=1540
+  _globals['_SNAPSHOT']._serialized_end=1671
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1673
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1732
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1734
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1772
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1774
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1842
+  _globals['_GETJOBREQUEST']._serialized_start=1844
+  _globals['_GETJOBREQUEST']._serialized_end=1875
+  _globals['_LISTJOBSREQUEST']._serialized_start=1877
+  _globals['_LISTJOBSREQUEST']._serialized_end=1894
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1896
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1949
+  _globals['_JOINJOBREQUEST']._serialized_start=1951
+  _globals['_JOINJOBREQUEST']._serialized_end=2024
+  _globals['_JOINJOBRESPONSE']._serialized_start=2026
+  _globals['_JOINJOBRESPONSE']._serialized_end=2123
+  _globals['_LEAVEJOBREQUEST']._serialized_start=2125
+  _globals['_LEAVEJOBREQUEST']._serialized_end=2197
+  _globals['_LEAVEJOBRESPONSE']._serialized_start=2199
+  _globals['_LEAVEJOBRESPONSE']._serialized_end=2217
+  _globals['_DELETEJOBREQUEST']._serialized_start=2219
+  _globals['_DELETEJOBREQUEST']._serialized_end=2273
+  _globals['_DELETEJOBRESPONSE']._serialized_start=2275
+  _globals['_DELETEJOBRESPONSE']._serialized_end=2294
+  _globals['_JOBSERVICE']._serialized_start=3091
+  _globals['_JOBSERVICE']._serialized_end=3726
 # @@protoc_insertion_point(module_scope)

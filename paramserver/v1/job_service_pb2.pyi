@@ -159,6 +159,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the snapshot's format version is not readable here."""
     SNAPSHOT_IN_PROGRESS: _ErrorReason.ValueType  # 27
     """ABORTED: a snapshot of this job is already being written."""
+    GRADIENT_SPIKE: _ErrorReason.ValueType  # 28
+    """Not an error: reported in StepReport.skip_reason when the spike guard
+    skipped the step.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -242,6 +246,10 @@ SNAPSHOT_INCOMPATIBLE: ErrorReason.ValueType  # 26
 """FAILED_PRECONDITION: the snapshot's format version is not readable here."""
 SNAPSHOT_IN_PROGRESS: ErrorReason.ValueType  # 27
 """ABORTED: a snapshot of this job is already being written."""
+GRADIENT_SPIKE: ErrorReason.ValueType  # 28
+"""Not an error: reported in StepReport.skip_reason when the spike guard
+skipped the step.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -386,6 +394,7 @@ class JobSpec(_message.Message):
     SNAPSHOT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_KEEP_LAST_FIELD_NUMBER: _builtins.int
     SNAPSHOT_EVERY_SECONDS_FIELD_NUMBER: _builtins.int
+    SPIKE_GUARD_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -425,6 +434,10 @@ class JobSpec(_message.Message):
     def schedule(self) -> Global___ScheduleConfig:
         """The learning-rate schedule."""
 
+    @_builtins.property
+    def spike_guard(self) -> Global___SpikeGuardConfig:
+        """Skip steps whose gradient norm spikes (absent or window 0 = off)."""
+
     def __init__(
         self,
         *,
@@ -439,14 +452,50 @@ class JobSpec(_message.Message):
         snapshot_every_steps: _builtins.int = ...,
         snapshot_keep_last: _builtins.int = ...,
         snapshot_every_seconds: _builtins.float = ...,
+        spike_guard: Global___SpikeGuardConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class SpikeGuardConfig(_message.Message):
+    """The spike guard (optimizers.md section 13, as OLMo-core): a step whose
+    pre-clip global gradient norm exceeds mean + threshold_std * std of the
+    previous `window` finite norms is skipped on every shard (skip_reason
+    GRADIENT_SPIKE), once `warmup` norms have been seen. Non-finite norms are
+    always skipped and never enter the window.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    WARMUP_FIELD_NUMBER: _builtins.int
+    THRESHOLD_STD_FIELD_NUMBER: _builtins.int
+    window: _builtins.int
+    """Norms kept (>= 2; 0 = off). OLMo-core uses 128."""
+    warmup: _builtins.int
+    """Norms seen before any decision (0 = 64)."""
+    threshold_std: _builtins.float
+    """k in mean + k * std (0 = 6)."""
+    def __init__(
+        self,
+        *,
+        window: _builtins.int = ...,
+        warmup: _builtins.int = ...,
+        threshold_std: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["threshold_std", b"threshold_std", "warmup", b"warmup", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpikeGuardConfig: _TypeAlias = SpikeGuardConfig  # noqa: Y015
 
 @_typing.final
 class ParameterLayout(_message.Message):
@@ -528,6 +577,26 @@ class Job(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SkippedStepsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -536,6 +605,7 @@ class Job(_message.Message):
     TOTAL_ELEMENTS_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    SKIPPED_STEPS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -560,6 +630,10 @@ class Job(_message.Message):
     def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Worker ids currently joined."""
 
+    @_builtins.property
+    def skipped_steps(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Steps skipped so far, by reason (NON_FINITE_GRADIENT, GRADIENT_SPIKE, ...)."""
+
     def __init__(
         self,
         *,
@@ -571,10 +645,11 @@ class Job(_message.Message):
         total_elements: _builtins.int = ...,
         layout: _abc.Iterable[Global___ParameterLayout] | None = ...,
         workers: _abc.Iterable[_builtins.int] | None = ...,
+        skipped_steps: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "layout", b"layout", "shards", b"shards", "spec", b"spec", "state", b"state", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "layout", b"layout", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

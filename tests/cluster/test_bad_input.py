@@ -176,6 +176,7 @@ def test_non_finite_gradient_skips_the_step_on_every_shard(setup: Setup, bad: fl
         ({"num_shards": 1000}, "spec.num_shards"),
         ({"num_workers": 0}, "spec.num_workers"),
         ({"schedule": "warmup_cosine"}, "spec.schedule.parameters.total_steps"),
+        ({"spike_window": 1}, "spec.spike_guard.window"),
     ],
 )
 def test_bad_job_spec_names_the_field(address: str, job_id: str, settings: dict[str, object], field: str) -> None:

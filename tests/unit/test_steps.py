@@ -45,3 +45,20 @@ def test_ledger_returns_first_answer_and_refuses_reuse() -> None:
     led.record("b", 1, "x")
     led.record("c", 1, "y")
     assert led.lookup("a", 1) is None and len(led) == 2
+
+
+def test_spike_guard_waits_for_warmup_then_skips_spikes() -> None:
+    from paramserver.steps import SpikeGuard
+
+    guard = SpikeGuard(window=8, warmup=5, k=3.0)
+    norms = [1.0, 1.1, 0.9, 1.05, 0.95]
+    assert not any(guard.is_spike(n) for n in [50.0])  # nothing decided before the warmup
+    guard = SpikeGuard(window=8, warmup=5, k=3.0)
+    assert not any(guard.is_spike(n) for n in norms)
+    assert guard.is_spike(10.0)
+    assert not guard.is_spike(1.0)
+    stats = [ShardStats(0, 4.0, 3), ShardStats(1, 12.0, 3)]  # norm 4
+    d = decide(9, stats, 1.0, SpikeGuard(window=8, warmup=3, k=3.0, history=[1.0, 1.0, 1.1, 0.9]))
+    assert not d.apply and d.skip_reason == Reason.GRADIENT_SPIKE and d.grad_norm == 4.0
+    inf = decide(9, [ShardStats(0, math.inf, 3)], 1.0, g := SpikeGuard(window=8, warmup=1, k=3.0))
+    assert inf.skip_reason == Reason.NON_FINITE_GRADIENT and len(g.norms) == 0  # never enters the window

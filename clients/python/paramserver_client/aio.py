@@ -75,12 +75,16 @@ def make_spec(
     snapshot_every_steps: int = 0,
     snapshot_keep_last: int = 0,
     snapshot_every_seconds: float = 0.0,
+    spike_window: int = 0,
+    spike_warmup: int = 0,
+    spike_threshold_std: float = 0.0,
 ) -> jpb.JobSpec:
     """Build a JobSpec from (name, shape) pairs and settings."""
     spec = jpb.JobSpec(
         snapshot_every_steps=snapshot_every_steps,
         snapshot_keep_last=snapshot_keep_last,
         snapshot_every_seconds=snapshot_every_seconds,
+        spike_guard=jpb.SpikeGuardConfig(window=spike_window, warmup=spike_warmup, threshold_std=spike_threshold_std),
         num_workers=num_workers,
         num_shards=num_shards,
         max_grad_norm=max_grad_norm,
