@@ -9,7 +9,7 @@ from google.protobuf import json_format
 
 from paramserver.coordinator import JobView
 from paramserver.errors import ConfigError
-from paramserver.jobconfig import JobConfig
+from paramserver.jobconfig import GroupRule, JobConfig
 from paramserver.v1 import job_service_pb2 as pb
 from paramserver.v1 import tensor_pb2
 from paramserver_client.codec import ITEMSIZE
@@ -44,6 +44,16 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         spike_window=spec.spike_guard.window,
         spike_warmup=spec.spike_guard.warmup or 64,
         spike_threshold_std=spec.spike_guard.threshold_std or 6.0,
+        groups=tuple(
+            GroupRule(
+                name=g.name,
+                patterns=tuple(g.patterns),
+                ndims=tuple(int(d) for d in g.ndims),
+                optimizer=g.optimizer.name,
+                hyperparameters=json_format.MessageToDict(g.optimizer.hyperparameters),
+            )
+            for g in spec.param_groups
+        ),
     )
     config.validate()
     return config
@@ -61,6 +71,10 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
         snapshot_keep_last=c.snapshot_keep_last,
         snapshot_every_seconds=c.snapshot_every_seconds,
     )
+    for g in c.groups:
+        pg = spec.param_groups.add(name=g.name, patterns=list(g.patterns), ndims=list(g.ndims))
+        pg.optimizer.name = g.optimizer
+        pg.optimizer.hyperparameters.update(dict(g.hyperparameters))
     if c.spike_window:
         spec.spike_guard.window = c.spike_window
         spec.spike_guard.warmup = c.spike_warmup

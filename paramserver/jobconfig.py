@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 from collections.abc import Mapping
@@ -14,6 +15,30 @@ from paramserver.optim import Optimizer, Schedule, build, build_schedule
 from paramserver.placement import ParamLayout, Span, layout, plan
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupRule:
+    """A parameter group: which parameters it takes, and its optimizer settings."""
+
+    name: str
+    """Unique, non-empty name."""
+    patterns: tuple[str, ...] = ()
+    """Shell-style patterns (fnmatch) on parameter names; empty = any name."""
+    ndims: tuple[int, ...] = ()
+    """Accepted numbers of dimensions; empty = any."""
+    optimizer: str = ""
+    """Optimizer name; "" = the job's optimizer."""
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    """With the job's optimizer: overrides of the job's hyperparameters; otherwise the group's own."""
+
+    def matches(self, name: str, ndim: int) -> bool:
+        """Whether a parameter falls in this group by the rules (a group with neither patterns
+        nor ndims takes only the parameters that name it)."""
+        if not self.patterns and not self.ndims:
+            return False
+        by_name = not self.patterns or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        return by_name and (not self.ndims or ndim in self.ndims)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +79,9 @@ class JobConfig:
     """Spike guard: norms seen before it decides anything."""
     spike_threshold_std: float = 6.0
     """Spike guard: a norm above mean + this many std of the window is skipped."""
+    groups: tuple[GroupRule, ...] = ()
+    """Parameter groups; a parameter goes to the group its ParameterSpec.group names, else to
+    the first rule that matches it, else to the default group (index 0: the job's optimizer)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (for snapshot manifests)."""
@@ -62,6 +90,16 @@ class JobConfig:
         d["hyperparameters"] = dict(self.hyperparameters)
         d["schedule_parameters"] = dict(self.schedule_parameters)
         d["param_dtypes"] = list(self.param_dtypes)
+        d["groups"] = [
+            {
+                "name": g.name,
+                "patterns": list(g.patterns),
+                "ndims": list(g.ndims),
+                "optimizer": g.optimizer,
+                "hyperparameters": dict(g.hyperparameters),
+            }
+            for g in self.groups
+        ]
         return d
 
     @classmethod
@@ -71,15 +109,44 @@ class JobConfig:
         kw = {k: v for k, v in d.items() if k in known}
         kw["parameters"] = tuple((str(n), tuple(int(x) for x in s), str(g)) for n, s, g in d["parameters"])
         kw["param_dtypes"] = tuple(int(x) for x in d.get("param_dtypes", ()))
+        kw["groups"] = tuple(
+            GroupRule(
+                name=str(g["name"]),
+                patterns=tuple(g.get("patterns", ())),
+                ndims=tuple(int(x) for x in g.get("ndims", ())),
+                optimizer=str(g.get("optimizer", "")),
+                hyperparameters=dict(g.get("hyperparameters", {})),
+            )
+            for g in d.get("groups", ())
+        )
         return cls(**kw)
 
     def key(self) -> str:
         """A canonical string of the whole configuration (hashable, for idempotency checks)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
 
-    def build_optimizer(self) -> Optimizer:
-        """The optimizer (raises ConfigError naming the bad field)."""
-        return build(self.optimizer, self.hyperparameters, "spec.optimizer")
+    def build_optimizers(self) -> list[Optimizer]:
+        """One optimizer per group: index 0 is the default group, i the (i-1)-th rule
+        (raises ConfigError naming the bad field)."""
+        out = [build(self.optimizer, self.hyperparameters, "spec.optimizer")]
+        for i, g in enumerate(self.groups):
+            name = g.optimizer or self.optimizer
+            hyper = {**self.hyperparameters, **g.hyperparameters} if name == self.optimizer else dict(g.hyperparameters)
+            out.append(build(name, hyper, f"spec.param_groups[{i}].optimizer"))
+        return out
+
+    def assign(self) -> list[int]:
+        """The group index of every parameter (0 = the default group)."""
+        names = {g.name: i + 1 for i, g in enumerate(self.groups)}
+        out = []
+        for k, (name, shape, group) in enumerate(self.parameters):
+            if group:
+                if group not in names:
+                    raise ConfigError(f"spec.parameters[{k}].group", f"no parameter group named {group!r}")
+                out.append(names[group])
+                continue
+            out.append(next((i + 1 for i, g in enumerate(self.groups) if g.matches(name, len(shape))), 0))
+        return out
 
     def build_schedule(self) -> Schedule:
         """The lr schedule (raises ConfigError naming the bad field)."""
@@ -96,9 +163,10 @@ class JobConfig:
 
     def plan(self) -> list[list[Span]]:
         """The placement plan: the spans each shard owns."""
-        opt = self.build_optimizer()
+        opts = self.build_optimizers()
         lay = self.layout()
-        return plan(lay, self.num_shards, None if opt.elementwise else [True] * len(lay))
+        whole = [not opts[g].elementwise for g in self.assign()]
+        return plan(lay, self.num_shards, whole if any(whole) else None)
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
@@ -116,7 +184,13 @@ class JobConfig:
             raise ConfigError("spec.spike_guard.window", "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:
             raise ConfigError("spec.spike_guard.threshold_std", "must be > 0")
-        self.build_optimizer()
+        seen: set[str] = set()
+        for i, g in enumerate(self.groups):
+            if not g.name or g.name in seen:
+                raise ConfigError(f"spec.param_groups[{i}].name", "must be non-empty and unique")
+            seen.add(g.name)
+        self.build_optimizers()
+        self.assign()
         self.build_schedule()
         self.plan()
 

@@ -11,6 +11,7 @@ over the whole shard with torch's fused kernels.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import threading
 import warnings
@@ -23,6 +24,7 @@ import torch
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
+from paramserver.optim.base import views
 from paramserver.placement import Span
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, MAX_CHUNK_BYTES, chunk_elements, encode_chunk_message
@@ -83,12 +85,14 @@ class ShardState:
         for s in self.spans:
             self._local_starts.append(pos)
             pos += s.length
-        self.segments = _segments(config, self.spans)
-        """(local start, length) of each parameter piece: the optimizer runs once per piece."""
-        self.optimizer = config.build_optimizer()
+        self.optimizers = config.build_optimizers()
+        """One per parameter group (index 0: the default group)."""
+        self.groups = _groups(config, self.spans)
+        """Per group: its parameter pieces on this shard; the optimizer runs once per piece."""
         self.schedule = config.build_schedule()
         self.params: torch.Tensor | None = None
-        self.opt_state: dict[str, torch.Tensor] = {}
+        self.opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        """Per group with pieces here: flat state tensors over the group's pieces, in order."""
         self.grad = torch.empty(0)
         self.version = 0
         self.applied = 0
@@ -182,7 +186,7 @@ class ShardState:
     def load(self, staging: Staging) -> None:
         """Take a complete, validated staging buffer as the initial parameters; version 0."""
         self.params = staging.buffer if self.device.type == "cpu" else staging.buffer.to(self.device)
-        self.opt_state = self.optimizer.init_state(self.params)
+        self.opt_state = self._init_states()
         self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.version = 0
         self.applied = 0
@@ -213,11 +217,19 @@ class ShardState:
     def apply(self, decision: Decision) -> StepReport:
         """Apply (or skip) the decided step and publish the next version."""
         assert self.params is not None
-        lr = self.optimizer.lr * self.schedule(self.applied)
+        factor = self.schedule(self.applied)
+        lr = self.optimizers[0].lr * factor
         if decision.apply:
             if decision.clip_coef != 1.0:
                 self.grad.mul_(decision.clip_coef)
-            self.optimizer.update(self.params, self.grad, self.opt_state, lr, self.segments)
+            for g, group in self.groups.items():
+                self.optimizers[g].update(
+                    views(self.params, group.local),
+                    views(self.grad, group.local),
+                    self.opt_state[g],
+                    self.optimizers[g].lr * factor,
+                    group.segments,
+                )
             self.applied += 1
             outcome = Outcome.APPLIED
         else:
@@ -279,7 +291,7 @@ class ShardState:
         shard's state kept between snapshots. Do not hold the result across two captures.
         """
         assert self.params is not None
-        sources = {"params": self.params, **{f"state.{k}": v for k, v in self.opt_state.items()}}
+        sources = {"params": self.params, **self._state_tensors()}
         out: dict[str, torch.Tensor] = {}
         for name, src in sources.items():
             buf = self._capture_buffers.get(name)
@@ -303,16 +315,20 @@ class ShardState:
             return torch.from_numpy(out).to(self.device)
 
         self.params = flat("params")
-        state = self.optimizer.init_state(self.params)
-        for name in sorted(source.names()):
-            if not name.startswith("state."):
-                continue
-            key = name[len("state.") :]
-            if source.is_scalar(name):
-                state[key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
-            else:
-                state[key] = flat(name)
-        self.opt_state = state
+        states = self._init_states()
+        names = source.names()
+        for g, group in self.groups.items():
+            prefix = f"state.{g}."
+            for name in sorted(n for n in names if n.startswith(prefix)):
+                key = name[len(prefix) :]
+                if source.is_scalar(name):
+                    states[g][key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
+                    continue
+                out = np.empty(group.numel, dtype=np.float32)
+                for (start, length), (pos, _) in zip(group.global_pieces, group.segments, strict=True):
+                    source.read(name, start, length, out[pos : pos + length])
+                states[g][key] = torch.from_numpy(out).to(self.device)
+        self.opt_state = states
         self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.version = version
         self.applied = applied
@@ -322,9 +338,24 @@ class ShardState:
         """Copies of the parameters and optimizer state on the host (for tests and snapshots)."""
         assert self.params is not None
         out = {"params": self.params.detach().cpu().clone()}
-        for k, v in self.opt_state.items():
-            out[f"state.{k}"] = v.detach().cpu().clone()
+        for k, v in self._state_tensors().items():
+            out[k] = v.detach().cpu().clone()
         return out
+
+    def _init_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {
+            g: self.optimizers[g].init_state(torch.empty(group.numel, dtype=torch.float32, device=self.device))
+            for g, group in self.groups.items()
+        }
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer state by snapshot name: "state.GROUP.KEY"."""
+        return {f"state.{g}.{k}": v for g, st in self.opt_state.items() for k, v in st.items()}
+
+    def snapshot_metadata(self) -> dict[str, str]:
+        """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
+        list of [start, length] pieces, in the order of the tensor's elements."""
+        return {f"ranges.{g}": json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
 
 
 class SnapshotSource(Protocol):
@@ -347,15 +378,36 @@ class SnapshotSource(Protocol):
         ...
 
 
-def _segments(config: JobConfig, spans: Sequence[Span]) -> list[tuple[int, int]]:
-    """The pieces of the shard's local buffer that belong to one parameter each."""
-    out: list[tuple[int, int]] = []
-    local = 0
+@dataclass
+class _Group:
+    """One parameter group's pieces on a shard (a piece = the part of one parameter here)."""
+
+    local: list[tuple[int, int]]
+    """(start, length) in the shard's local buffer."""
+    segments: list[tuple[int, int]]
+    """(start, length) in the group's flat state tensors (the pieces laid end to end)."""
+    global_pieces: list[tuple[int, int]]
+    """(start, length) in the flat parameter space."""
+
+    @property
+    def numel(self) -> int:
+        """Elements of the group on this shard."""
+        return sum(n for _, n in self.local)
+
+
+def _groups(config: JobConfig, spans: Sequence[Span]) -> dict[int, _Group]:
+    """Every group that has pieces on this shard, with its pieces in local order."""
+    groups: dict[int, _Group] = {}
+    assignment = config.assign()
     params = config.layout()
+    local = 0
     for span in spans:
-        for p in params:
+        for p, g in zip(params, assignment, strict=True):
             a, b = max(span.start, p.offset), min(span.end, p.offset + p.numel)
             if a < b:
-                out.append((local + a - span.start, b - a))
+                group = groups.setdefault(g, _Group([], [], []))
+                group.segments.append((group.numel, b - a))
+                group.local.append((local + a - span.start, b - a))
+                group.global_pieces.append((a, b - a))
         local += span.length
-    return out
+    return dict(sorted(groups.items()))

@@ -262,6 +262,7 @@ class ShardRuntime:
                 "applied": str(applied),
                 "ranges": json.dumps(ranges),
                 "ledger": json.dumps(ledger),
+                **self.state.snapshot_metadata(),
             }
             write = functools.partial(write_tensors, path, tensors, meta, fault or _no_fault, sync_dir=False)
             entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)

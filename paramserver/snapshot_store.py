@@ -287,20 +287,34 @@ class SnapshotReader:
 
         self.directory = directory
         self.manifest = manifest
-        self._files: list[tuple[Path, Any, list[tuple[int, int]]]] = []
+        self._files: list[tuple[Path, Any, dict[str, list[tuple[int, int]]]]] = []
         for shard in manifest["shards"]:
             path = directory / shard["file"]
             try:
                 handle: Any = safe_open(str(path), framework="numpy")
             except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
                 raise data_loss(path, f"not a valid safetensors file ({exc})") from None
-            ranges = [(int(s), int(n)) for s, n in shard["ranges"]]
+            # where each tensor's elements lie in the flat space: "params" covers the shard's
+            # ranges; "state.G.*" the pieces of group G listed in the file's "ranges.G" metadata
+            ranges = {"": [(int(s), int(n)) for s, n in shard["ranges"]]}
+            for key, value in (handle.metadata() or {}).items():
+                if key.startswith("ranges."):
+                    try:
+                        ranges[key[len("ranges.") :]] = [(int(s), int(n)) for s, n in json.loads(value)]
+                    except (ValueError, TypeError):
+                        raise data_loss(path, f"bad metadata {key!r}") from None
             self._files.append((path, handle, ranges))
 
     def names(self) -> set[str]:
-        """Tensor names present in every shard file."""
-        sets = [set(h.keys()) for _, h, _ in self._files]
-        return set.intersection(*sets) if sets else set()
+        """Tensor names present in any shard file (a group's state is only in the files of the
+        shards that hold some of its parameters)."""
+        return set().union(*(set(h.keys()) for _, h, _ in self._files))
+
+    def _handle(self, name: str) -> Any:
+        for _path, handle, _ in self._files:
+            if name in handle.keys():
+                return handle
+        raise data_loss(self.directory / MANIFEST, f"no file holds {name!r}")
 
     def metadata(self, shard: int) -> dict[str, str]:
         """The string metadata of one shard file."""
@@ -308,20 +322,21 @@ class SnapshotReader:
 
     def is_scalar(self, name: str) -> bool:
         """True for 0-d tensors."""
-        return len(self._files[0][1].get_slice(name).get_shape()) == 0
+        return len(self._handle(name).get_slice(name).get_shape()) == 0
 
     def scalar(self, name: str) -> np.ndarray:
         """A 0-d tensor (equal on every shard; taken from the first)."""
-        return np.asarray(self._files[0][1].get_tensor(name))
+        return np.asarray(self._handle(name).get_tensor(name))
 
     def read(self, name: str, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start + length) of flat tensor `name` across the snapshot's shards."""
         out = np.empty(length, dtype=np.float32) if out is None else out
         end = start + length
         filled = 0
-        for path, handle, ranges in self._files:
+        group = name.split(".")[1] if name.startswith("state.") else ""
+        for path, handle, all_ranges in self._files:
             local = 0
-            for s, n in ranges:
+            for s, n in all_ranges.get(group, []):
                 a, b = max(s, start), min(s + n, end)
                 if a < b:
                     try:

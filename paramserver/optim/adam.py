@@ -7,6 +7,7 @@ Runs torch's fused kernel (the CPU fused AdamW is ~5x foreach on this machine).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,22 +70,22 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(params)
         return state
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
         """One Adam(W) step in place."""
         h = self.hyper
-        ps = views(params, segments)
+        ps = list(params)
         vmax = views(state["max_exp_avg_sq"], segments) if h.amsgrad else []
         # torch keeps one step counter per tensor and the kernel increments each: give it
         # copies, then advance the shard's single counter.
         steps = [state["step"].clone() for _ in ps]
         _torch_adam(
             ps,
-            views(grad, segments),
+            list(grads),
             views(state["exp_avg"], segments),
             views(state["exp_avg_sq"], segments),
             vmax,
             steps,
-            fused=fused_supported(params),
+            fused=fused_supported(ps[0]),
             decoupled_weight_decay=self.decoupled,
             amsgrad=h.amsgrad,
             beta1=h.betas[0],

@@ -3,16 +3,17 @@
 An optimizer is a frozen hyperparameter dataclass plus two functions over
 flat fp32 tensors (optax's shape, in place for speed):
 
-    state = opt.init_state(params)
-    opt.update(params, grad, state, lr, segments)   # mutates params and state
+    state = opt.init_state(template)                       # flat tensors of the template's size
+    opt.update(params, grads, state, lr, segments)         # mutates params and state
 
 It knows nothing of Ray, gRPC or storage. ``state`` is a ``dict[str, Tensor]``
 of flat tensors (or scalars) so that snapshots can save it by name and
-resharding is a range copy. ``segments`` lists the (start, length) pieces of
-the flat buffer that are parameter tensors (or the parts of them this shard
-owns): element-wise rules run torch's fused kernel once per segment, exactly
-as torch.optim does once per parameter, which keeps results bit-identical to
-torch whatever the shard count (see placement.ALIGN). Adding an optimizer is one module that
+resharding is a range copy. ``params`` and ``grads`` are lists of views, one
+per parameter tensor (or the part of it this shard owns); ``segments[i]`` is
+the (start, length) of piece i in the flat state tensors. Element-wise rules
+run torch's kernels once per piece, exactly as torch.optim does once per
+parameter, which keeps results bit-identical to torch whatever the shard
+count (see placement.ALIGN). Adding an optimizer is one module that
 subclasses :class:`Optimizer`, decorates it with :func:`register`, and a parity
 test.
 """
@@ -60,11 +61,11 @@ class Optimizer(ABC):
 
     @abstractmethod
     def init_state(self, params: torch.Tensor) -> State:
-        """Return the initial state for `params` (a 1-D fp32 tensor)."""
+        """Return the initial state for a flat fp32 tensor of this size and device."""
 
     @abstractmethod
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
-        """Apply one update in place with learning rate `lr` (already scheduled), segment by segment."""
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
+        """Apply one update in place with learning rate `lr` (already scheduled), piece by piece."""
 
 
 _REGISTRY: dict[str, type[Optimizer]] = {}
@@ -159,8 +160,6 @@ Check = Callable[[str], None]
 Segments = Sequence[tuple[int, int]]
 
 
-def views(t: torch.Tensor, segments: Segments | None) -> list[torch.Tensor]:
-    """The segments of a flat tensor as views (the whole tensor when segments is None)."""
-    if segments is None:
-        return [t]
+def views(t: torch.Tensor, segments: Segments) -> list[torch.Tensor]:
+    """The segments of a flat tensor as views."""
     return [t[a : a + n] for a, n in segments]

@@ -13,6 +13,7 @@ needs per-tensor scalars across shards and is not implemented here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,10 +47,17 @@ class TigerHyper:
 
 
 def lion_update(
-    params: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, lr: float, wd: float, b1: float, b2: float, segments: Segments | None
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    m: torch.Tensor,
+    lr: float,
+    wd: float,
+    b1: float,
+    b2: float,
+    segments: Segments,
 ) -> None:
-    """One Lion step in place over the segments of flat tensors."""
-    ps, gs, ms = views(params, segments), views(grad, segments), views(m, segments)
+    """One Lion step in place over the pieces (m is the flat momentum)."""
+    ps, gs, ms = list(params), list(grads), views(m, segments)
     torch._foreach_mul_(ps, 1.0 - lr * wd)
     update = torch._foreach_mul(ms, b1)
     torch._foreach_add_(update, gs, alpha=1.0 - b1)
@@ -78,10 +86,10 @@ class Lion(Optimizer):
         """A zero momentum."""
         return {"exp_avg": torch.zeros_like(params)}
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
         """One Lion step in place."""
         h = self.hyper
-        lion_update(params, grad, state["exp_avg"], lr, h.weight_decay, h.betas[0], h.betas[1], segments)
+        lion_update(params, grads, state["exp_avg"], lr, h.weight_decay, h.betas[0], h.betas[1], segments)
 
 
 @register
@@ -102,7 +110,7 @@ class Tiger(Optimizer):
         """A zero momentum."""
         return {"exp_avg": torch.zeros_like(params)}
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
         """One Tiger step in place."""
         h = self.hyper
-        lion_update(params, grad, state["exp_avg"], lr, h.weight_decay, h.beta, h.beta, segments)
+        lion_update(params, grads, state["exp_avg"], lr, h.weight_decay, h.beta, h.beta, segments)

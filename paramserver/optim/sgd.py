@@ -7,6 +7,7 @@ buf; p -= lr*d. Runs torch's fused kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,17 +53,17 @@ class SGD(Optimizer):
         """No state until the first step (the momentum buffer starts as a copy of d)."""
         return {}
 
-    def update(self, params: torch.Tensor, grad: torch.Tensor, state: State, lr: float, segments: Segments | None = None) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
         """One SGD step in place."""
         h = self.hyper
         flat_buf = state.get("momentum_buffer")
-        ps = views(params, segments)
+        ps = list(params)
         bufs: list[torch.Tensor | None] = list(views(flat_buf, segments)) if flat_buf is not None else [None] * len(ps)
         _torch_sgd(
             ps,
-            views(grad, segments),
+            list(grads),
             bufs,
-            fused=fused_supported(params),
+            fused=fused_supported(ps[0]),
             weight_decay=h.weight_decay,
             momentum=h.momentum,
             lr=lr,

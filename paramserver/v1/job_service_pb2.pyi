@@ -271,8 +271,8 @@ class ParameterSpec(_message.Message):
     service always keeps fp32 master values). DTYPE_UNSPECIFIED = fp32.
     """
     group: _builtins.str
-    """Optional group name, for per-group optimizer settings (reserved for
-    future use; empty = the default group).
+    """Optional name of a ParamGroup of the job to put this parameter in
+    (overrides the groups' rules; empty = decided by the rules).
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -395,6 +395,7 @@ class JobSpec(_message.Message):
     SNAPSHOT_KEEP_LAST_FIELD_NUMBER: _builtins.int
     SNAPSHOT_EVERY_SECONDS_FIELD_NUMBER: _builtins.int
     SPIKE_GUARD_FIELD_NUMBER: _builtins.int
+    PARAM_GROUPS_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -438,6 +439,13 @@ class JobSpec(_message.Message):
     def spike_guard(self) -> Global___SpikeGuardConfig:
         """Skip steps whose gradient norm spikes (absent or window 0 = off)."""
 
+    @_builtins.property
+    def param_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamGroup]:
+        """Parameter groups with their own optimizer settings. A parameter goes to
+        the group its ParameterSpec.group names, else to the first group whose
+        rules match it, else to the default group (`optimizer` above).
+        """
+
     def __init__(
         self,
         *,
@@ -453,14 +461,65 @@ class JobSpec(_message.Message):
         snapshot_keep_last: _builtins.int = ...,
         snapshot_every_seconds: _builtins.float = ...,
         spike_guard: Global___SpikeGuardConfig | None = ...,
+        param_groups: _abc.Iterable[Global___ParamGroup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class ParamGroup(_message.Message):
+    """A parameter group: which parameters it takes and how they are optimized.
+    Every group uses the job's schedule (its lr times the schedule's factor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATTERNS_FIELD_NUMBER: _builtins.int
+    NDIMS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique, non-empty name (ParameterSpec.group may name it)."""
+    @_builtins.property
+    def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Shell-style patterns (fnmatch: *, ?, [..]) on parameter names; empty =
+        any name.
+        """
+
+    @_builtins.property
+    def ndims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Accepted numbers of dimensions (e.g. [0, 1] for biases and norm gains);
+        empty = any. A group with neither patterns nor ndims takes only the
+        parameters whose ParameterSpec.group names it.
+        """
+
+    @_builtins.property
+    def optimizer(self) -> Global___OptimizerConfig:
+        """The group's optimizer. An empty name means the job's optimizer, and then
+        these hyperparameters override the job's (e.g. {"weight_decay": 0});
+        another name takes only these hyperparameters.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        patterns: _abc.Iterable[_builtins.str] | None = ...,
+        ndims: _abc.Iterable[_builtins.int] | None = ...,
+        optimizer: Global___OptimizerConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ndims", b"ndims", "optimizer", b"optimizer", "patterns", b"patterns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParamGroup: _TypeAlias = ParamGroup  # noqa: Y015
 
 @_typing.final
 class SpikeGuardConfig(_message.Message):

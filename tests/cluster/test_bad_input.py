@@ -165,7 +165,7 @@ def test_non_finite_gradient_skips_the_step_on_every_shard(setup: Setup, bad: fl
         for k in b:
             assert np.array_equal(b[k], a[k]), k
     assert setup.valid_step(2).outcome == spb.STEP_OUTCOME_APPLIED
-    assert all(float(s["state.step"]) == 2.0 for s in setup.state())
+    assert all(float(s["state.0.step"]) == 2.0 for s in setup.state())
 
 
 @pytest.mark.parametrize(

@@ -103,3 +103,53 @@ def test_service_matches_torch(
     assert rel.max() <= 1e-6, f"max relative error {rel.max():.3e}"
     if clip == 0:  # the same fused kernels per tensor and no cross-shard norm: bit for bit
         assert np.array_equal(final, ref)
+
+
+def test_param_groups_through_the_service_match_torch(address: str, job_id: str) -> None:
+    """No decay for biases/scalars (the preset), SGD for one matrix, AdamW for the rest: bitwise."""
+    from paramserver_client import no_decay_for_biases_and_norms, param_group
+
+    groups = [
+        *no_decay_for_biases_and_norms(),
+        param_group("w2-sgd", patterns=["w2"], optimizer="sgd", hyperparameters={"lr": 0.05, "momentum": 0.9}),
+    ]
+    steps = 40
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=job_id, optimizer="adamw", hyperparameters={"lr": 1e-2, "weight_decay": 0.1},
+                      num_workers=2, num_shards=3, param_groups=groups)  # fmt: skip
+    p0 = np.random.default_rng(9).standard_normal(TOTAL).astype(np.float32)
+    with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
+        ws = sorted([wa, wb], key=lambda w: w.worker_id)
+        ws[0].upload(p0)
+        for s in range(steps):
+            for w in ws:
+                g, n = worker_grads(s, w.worker_id)
+                w.push(s, g, n)
+            ws[0].pull(s + 1)
+        _, final, _ = ws[1].pull(steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params, off = [], 0
+        for _, shape in SHAPES:
+            n = int(np.prod(shape))
+            params.append(torch.tensor(p0[off : off + n].reshape(shape), requires_grad=True))
+            off += n
+        emb, w1, b1, w2, scale = params
+        adamw = torch.optim.AdamW(
+            [{"params": [emb, w1]}, {"params": [b1, scale], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1, fused=True
+        )
+        sgd = torch.optim.SGD([w2], lr=0.05, momentum=0.9, fused=True)
+        for s in range(steps):
+            (g0, n0), (g1, n1) = worker_grads(s, 0), worker_grads(s, 1)
+            full = (torch.from_numpy(g0) + torch.from_numpy(g1)) / (n0 + n1)
+            off = 0
+            for p in params:
+                p.grad = full[off : off + p.numel()].view(p.shape).clone()
+                off += p.numel()
+            adamw.step()
+            sgd.step()
+        ref = torch.cat([p.detach().reshape(-1) for p in params]).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(final, ref)

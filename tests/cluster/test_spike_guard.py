@@ -37,4 +37,4 @@ def test_spike_is_skipped_on_every_shard_and_counted(address: str, job_id: str, 
         job = jc.get_job(job_id)
         assert dict(job.skipped_steps) == {Reason.GRADIENT_SPIKE: 1, Reason.NON_FINITE_GRADIENT: 1}
         assert job.spec.spike_guard.window == 16
-        assert all(float(s["state.step"]) == 9.0 for s in shard_tensors(service, job_id))
+        assert all(float(s["state.0.step"]) == 9.0 for s in shard_tensors(service, job_id))

@@ -7,6 +7,7 @@ import torch
 from lion_pytorch import Lion as RefLion
 
 from paramserver.optim import build
+from paramserver.optim.base import views
 
 
 def _run(name: str, hyper: dict[str, object], ref_kw: dict[str, object], segments: list[tuple[int, int]] | None) -> None:
@@ -25,7 +26,8 @@ def _run(name: str, hyper: dict[str, object], ref_kw: dict[str, object], segment
         lr = float(ref_kw["lr"]) * (0.5 + 0.5 * (s % 3))  # type: ignore[arg-type]
         for group in ref.param_groups:
             group["lr"] = lr
-        opt.update(flat, grad.clone(), state, lr, segs)
+        g2 = grad.clone()
+        opt.update(views(flat, segs), views(g2, segs), state, lr, segs)
         refs[0].grad, refs[1].grad = grad[:37].clone(), grad[37:].clone()
         ref.step()
         assert torch.equal(flat, torch.cat([r.detach() for r in refs])), f"step {s}"

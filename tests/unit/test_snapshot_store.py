@@ -55,7 +55,7 @@ def make_snapshot(root: Path, job_id: str = "j", version: int = 3, shards: int =
     entries = []
     for st in states:
         tensors = {k: v.numpy() for k, v in st.capture().items()}
-        e = write_tensors(directory / f"shard-{st.index:05d}.safetensors", tensors, {"shard": str(st.index)})
+        e = write_tensors(directory / f"shard-{st.index:05d}.safetensors", tensors, {"shard": str(st.index), **st.snapshot_metadata()})
         entries.append(
             {"index": st.index, "file": e.name, "size": e.size, "sha256": e.sha256, "ranges": [[s.start, s.length] for s in st.spans]}
         )
@@ -73,8 +73,8 @@ def test_round_trip_and_reshard_reads(tmp_path: Path) -> None:
     directory, params = make_snapshot(tmp_path, shards=3)
     manifest = verify(directory)
     reader = SnapshotReader(directory, manifest)
-    assert {"params", "state.exp_avg", "state.exp_avg_sq", "state.step"} <= reader.names()
-    assert reader.is_scalar("state.step") and float(reader.scalar("state.step")) == 3.0
+    assert {"params", "state.0.exp_avg", "state.0.exp_avg_sq", "state.0.step"} <= reader.names()
+    assert reader.is_scalar("state.0.step") and float(reader.scalar("state.0.step")) == 3.0
     np.testing.assert_array_equal(reader.read("params", 0, params.size), params)
     np.testing.assert_array_equal(reader.read("params", 50, 101), params[50:151])  # across shard files
     # a ShardState of another shard count restores exactly its ranges
@@ -91,7 +91,7 @@ def test_files_are_standard_safetensors(tmp_path: Path) -> None:
 
     directory, _ = make_snapshot(tmp_path)
     loaded = load_file(str(directory / "shard-00000.safetensors"))
-    assert loaded["params"].dtype == np.float32 and loaded["state.step"].shape == ()
+    assert loaded["params"].dtype == np.float32 and loaded["state.0.step"].shape == ()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra-byte"])

@@ -8,7 +8,7 @@
 Errors are :class:`ServiceError` with a machine-readable ``reason``.
 """
 
-from paramserver_client.aio import AsyncJobClient, AsyncWorker, StepResult, make_spec
+from paramserver_client.aio import AsyncJobClient, AsyncWorker, StepResult, make_spec, no_decay_for_biases_and_norms, param_group
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32
 from paramserver_client.errors import ServiceError
@@ -28,4 +28,6 @@ __all__ = [
     "StepResult",
     "Worker",
     "make_spec",
+    "no_decay_for_biases_and_norms",
+    "param_group",
 ]

@@ -78,6 +78,7 @@ def make_spec(
     spike_window: int = 0,
     spike_warmup: int = 0,
     spike_threshold_std: float = 0.0,
+    param_groups: Sequence[jpb.ParamGroup] = (),
 ) -> jpb.JobSpec:
     """Build a JobSpec from (name, shape) pairs and settings."""
     spec = jpb.JobSpec(
@@ -85,6 +86,7 @@ def make_spec(
         snapshot_keep_last=snapshot_keep_last,
         snapshot_every_seconds=snapshot_every_seconds,
         spike_guard=jpb.SpikeGuardConfig(window=spike_window, warmup=spike_warmup, threshold_std=spike_threshold_std),
+        param_groups=list(param_groups),
         num_workers=num_workers,
         num_shards=num_shards,
         max_grad_norm=max_grad_norm,
@@ -105,6 +107,27 @@ def make_spec(
 
 def _serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+def param_group(
+    name: str,
+    *,
+    patterns: Sequence[str] = (),
+    ndims: Sequence[int] = (),
+    optimizer: str = "",
+    hyperparameters: Mapping[str, Any] | None = None,
+) -> jpb.ParamGroup:
+    """A ParamGroup message (see job_service.proto)."""
+    g = jpb.ParamGroup(name=name, patterns=list(patterns), ndims=list(ndims))
+    g.optimizer.name = optimizer
+    g.optimizer.hyperparameters.update(dict(hyperparameters or {}))
+    return g
+
+
+def no_decay_for_biases_and_norms() -> list[jpb.ParamGroup]:
+    """Preset: parameters with fewer than 2 dimensions (biases, norm gains, scalars) get the job's
+    optimizer without weight decay."""
+    return [param_group("no_decay", ndims=(0, 1), hyperparameters={"weight_decay": 0.0})]
 
 
 class AsyncJobClient:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ class RemoteOptimizer:
         address: the front door, "host:port".
         job_id: the job to create or join.
         optimizer, hyperparameters, schedule, schedule_parameters, num_workers,
-        num_shards, max_grad_norm: the job's settings when it is created here
+        num_shards, max_grad_norm, param_groups: the job's settings when it is created here
             (ignored, but checked for equality by the service, if it exists).
         wire_dtype: "fp32" (default), "bf16" or "fp16" for gradients and
             parameters on the wire; the service keeps fp32 master values.
@@ -59,6 +59,7 @@ class RemoteOptimizer:
         num_workers: int = 1,
         num_shards: int = 1,
         max_grad_norm: float = 0.0,
+        param_groups: Sequence[Any] = (),
         wire_dtype: str = "fp32",
         worker_name: str | None = None,
         create: bool = True,
@@ -82,6 +83,7 @@ class RemoteOptimizer:
                     num_workers=num_workers,
                     num_shards=num_shards,
                     max_grad_norm=max_grad_norm,
+                    param_groups=param_groups,
                 )
         name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
         self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
