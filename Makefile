@@ -40,7 +40,8 @@ check-protos: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
 
 bench: setup
-	$(PY) bench/bench_foundation.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_foundation.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache
