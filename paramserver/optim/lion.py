@@ -73,13 +73,20 @@ class Lion(Optimizer):
 
     name = "lion"
     Hyper: ClassVar[type[Any]] = LionHyper
-    hyper: LionHyper
+
+    def betas(self) -> tuple[float, float]:
+        """(beta1, beta2)."""
+        b1, b2 = self.hyper.betas
+        return float(b1), float(b2)
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         require(self.hyper.lr >= 0, f"{field}.lr", "must be >= 0")
         require(self.hyper.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
-        for i, b in enumerate(self.hyper.betas):
+        self._check_betas(field)
+
+    def _check_betas(self, field: str) -> None:
+        for i, b in enumerate(self.betas()):
             require(0 <= b <= 1, f"{field}.betas[{i}]", "must be in [0, 1]")
 
     def init_state(self, params: torch.Tensor) -> State:
@@ -88,29 +95,20 @@ class Lion(Optimizer):
 
     def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
         """One Lion step in place."""
-        h = self.hyper
-        lion_update(params, grads, state["exp_avg"], lr, h.weight_decay, h.betas[0], h.betas[1], segments)
+        b1, b2 = self.betas()
+        lion_update(params, grads, state["exp_avg"], lr, self.hyper.weight_decay, b1, b2, segments)
 
 
 @register
-class Tiger(Optimizer):
+class Tiger(Lion):
     """Tiger in its plain form: Lion with beta1 == beta2 == beta."""
 
     name = "tiger"
     Hyper: ClassVar[type[Any]] = TigerHyper
-    hyper: TigerHyper
 
-    def check(self, field: str) -> None:
-        """Validate the hyperparameters' ranges."""
-        require(self.hyper.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(self.hyper.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+    def betas(self) -> tuple[float, float]:
+        """(beta, beta)."""
+        return float(self.hyper.beta), float(self.hyper.beta)
+
+    def _check_betas(self, field: str) -> None:
         require(0 <= self.hyper.beta <= 1, f"{field}.beta", "must be in [0, 1]")
-
-    def init_state(self, params: torch.Tensor) -> State:
-        """A zero momentum."""
-        return {"exp_avg": torch.zeros_like(params)}
-
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
-        """One Tiger step in place."""
-        h = self.hyper
-        lion_update(params, grads, state["exp_avg"], lr, h.weight_decay, h.beta, h.beta, segments)
