@@ -144,6 +144,9 @@ def export_cmd(
     snapshot: Annotated[str, typer.Argument(help="A snapshot directory, or JOB_ID[:latest].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")],
     fmt: Annotated[str, typer.Option("--format", help="safetensors or torch.")] = "safetensors",
+    point: Annotated[
+        str, typer.Option("--point", help="eval (Schedule-Free's averaged x; the parameters for other rules) or train (y).")
+    ] = "eval",
     root: RootOpt = Path("snapshots"),
 ) -> None:
     """Write a snapshot's parameters under their original names and shapes."""
@@ -157,7 +160,7 @@ def export_cmd(
         total = int(read_manifest(directory)["total_elements"])
         with Progress() as progress:
             task = progress.add_task("exporting", total=total)
-            shapes = export(directory, out, fmt, lambda name, n: progress.update(task, advance=n, description=name))
+            shapes = export(directory, out, fmt, lambda name, n: progress.update(task, advance=n, description=name), point=point)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return

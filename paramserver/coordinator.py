@@ -117,6 +117,7 @@ class _Job:
     next_policy_snapshot: int = 0
     last_snapshot_time: float = field(default_factory=time.monotonic)
     guard: SpikeGuard | None = None
+    nan_handled: bool = False
     skips: dict[str, int] = field(default_factory=dict)
     history_at: dict[int, tuple[tuple[float, ...], dict[str, int]]] = field(default_factory=dict)
 
@@ -186,6 +187,7 @@ class Coordinator:
             if config.spike_window:
                 self.jobs[job_id].guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
             self.jobs[job_id].skips = dict(skips)
+            self.jobs[job_id].nan_handled = config.nan_handled_by_optimizers()
             if restore is not None:
                 self.jobs[job_id].next_policy_snapshot = restore.version + max(1, config.snapshot_every_steps)
                 log.info("job %s restored from %s at version %d", job_id, restore.directory, restore.version)
@@ -261,7 +263,7 @@ class Coordinator:
         job.reports.setdefault(step, {})[stats.shard] = stats
         event = job.decided.setdefault(step, asyncio.Event())
         if len(job.reports[step]) == len(job.shards):
-            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard)
+            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard, job.nan_handled)
             if not decision.apply:
                 job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
             # what a snapshot at version step + 1 must carry (training may move on while it is written)

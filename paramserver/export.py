@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from paramserver.snapshot_store import SnapshotReader, verify
 
 FORMATS = ("safetensors", "torch")
+POINTS = ("eval", "train")
 
 
 def export(
-    directory: Path, out: Path, fmt: str = "safetensors", progress: Callable[[str, int], None] | None = None
+    directory: Path,
+    out: Path,
+    fmt: str = "safetensors",
+    progress: Callable[[str, int], None] | None = None,
+    point: str = "eval",
 ) -> dict[str, tuple[int, ...]]:
     """Verify a snapshot and write its parameters under their original names and shapes.
 
-    Returns {name: shape}. The output loads with safetensors (``safetensors.numpy.load_file``)
-    or with ``torch.load(..., weights_only=True)``, without this project.
+    ``point`` "eval" writes the evaluation point (Schedule-Free's averaged x; for every other rule
+    the parameters themselves), "train" the values gradients were taken at. Returns {name: shape}.
+    The output loads with safetensors (``safetensors.numpy.load_file``) or with
+    ``torch.load(..., weights_only=True)``, without this project.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if point not in POINTS:
+        raise ValueError(f"unknown point {point!r}; use one of {', '.join(POINTS)}")
     manifest = verify(directory)
     reader = SnapshotReader(directory, manifest)
     tensors: dict[str, np.ndarray] = {}
@@ -30,6 +41,8 @@ def export(
         tensors[p["name"]] = reader.read("params", int(p["offset"]), int(p["numel"])).reshape(shape)
         if progress is not None:
             progress(p["name"], int(p["numel"]))
+    if point == "eval":
+        to_eval_point(reader, manifest, tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
     if fmt == "safetensors":
@@ -42,3 +55,29 @@ def export(
         torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
     tmp.replace(out)
     return {k: v.shape for k, v in tensors.items()}
+
+
+def to_eval_point(reader: SnapshotReader, manifest: Mapping[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Move the parameters of every group whose rule has an evaluation point there, in place."""
+    import torch
+
+    from paramserver.jobconfig import JobConfig
+
+    config = JobConfig.from_dict(manifest["config"])
+    assignment, lay = config.assign(), config.layout()
+    for g, opt in enumerate(config.build_optimizers()):
+        members = [p for p, k in zip(lay, assignment, strict=True) if k == g]
+        if not opt.eval_keys or not members:
+            continue
+        segments = list(zip(itertools.accumulate((p.numel for p in members), initial=0), (p.numel for p in members), strict=False))
+        state: dict[str, torch.Tensor] = {}
+        for key in opt.eval_keys:
+            name = f"state.{g}.{key}"
+            if reader.is_scalar(name):
+                state[key] = torch.from_numpy(np.array(reader.scalar(name)))
+                continue
+            flat = np.empty(sum(p.numel for p in members), dtype=np.float32)
+            for p, (pos, n) in zip(members, segments, strict=True):
+                reader.read(name, p.offset, n, flat[pos : pos + n])
+            state[key] = torch.from_numpy(flat)
+        opt.eval_point([torch.from_numpy(tensors[p.name]).view(-1) for p in members], state, segments)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramserver.errors import ConfigError
-from paramserver.optim import Optimizer, Schedule, build, build_schedule
+from paramserver.optim import Optimizer, Param, Schedule, build, build_schedule
 from paramserver.placement import ParamLayout, Span, layout, plan
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -126,14 +126,33 @@ class JobConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
 
     def build_optimizers(self) -> list[Optimizer]:
-        """One optimizer per group: index 0 is the default group, i the (i-1)-th rule
-        (raises ConfigError naming the bad field)."""
+        """One optimizer per group: index 0 is the default group, i the (i-1)-th rule; each is
+        bound to its parameters after checking it applies to them (raises ConfigError naming the
+        bad field)."""
         out = [build(self.optimizer, self.hyperparameters, "spec.optimizer")]
+        fields = ["spec.optimizer"]
         for i, g in enumerate(self.groups):
             name = g.optimizer or self.optimizer
             hyper = {**self.hyperparameters, **g.hyperparameters} if name == self.optimizer else dict(g.hyperparameters)
-            out.append(build(name, hyper, f"spec.param_groups[{i}].optimizer"))
+            fields.append(f"spec.param_groups[{i}].optimizer")
+            out.append(build(name, hyper, fields[-1]))
+        members: list[list[Param]] = [[] for _ in out]
+        for p, k in zip(self.params(), self.assign(), strict=True):
+            out[k].check_param(p, f"spec.parameters[{p.index}]")
+            members[k].append(p)
+        for opt, params, name in zip(out, members, fields, strict=True):
+            opt.bind(params, f"{name}.hyperparameters")
         return out
+
+    def params(self) -> list[Param]:
+        """The model's parameters as the optimizers see them."""
+        return [Param(i, name, tuple(shape)) for i, (name, shape, _) in enumerate(self.parameters)]
+
+    def nan_handled_by_optimizers(self) -> bool:
+        """True when every parameter's rule deals with NaN gradients itself (Tiger's guard), so a
+        NaN gradient norm does not skip the step."""
+        opts = self.build_optimizers()
+        return all(opts[g].handles_nan for g in set(self.assign()))
 
     def assign(self) -> list[int]:
         """The group index of every parameter (0 = the default group)."""
@@ -165,7 +184,7 @@ class JobConfig:
         """The placement plan: the spans each shard owns."""
         opts = self.build_optimizers()
         lay = self.layout()
-        whole = [not opts[g].elementwise for g in self.assign()]
+        whole = [opts[g].whole_tensors for g in self.assign()]
         return plan(lay, self.num_shards, whole if any(whole) else None)
 
     def validate(self) -> None:
@@ -189,6 +208,7 @@ class JobConfig:
             if not g.name or g.name in seen:
                 raise ConfigError(f"spec.param_groups[{i}].name", "must be non-empty and unique")
             seen.add(g.name)
+        self.layout()
         self.build_optimizers()
         self.assign()
         self.build_schedule()

@@ -82,7 +82,8 @@ def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] |
     aligned cuts would leave a shard empty, the cuts are not aligned.
     Parameters with ``whole[i]`` set are first placed
     intact, largest first, on the least-loaded shard; the remaining elements
-    fill the shards up to the balanced target in flat order.
+    fill the shards up to the balanced target in flat order, cut on multiples
+    of ``align`` from each tensor's start as well.
     """
     total = sum(p.numel for p in params)
     if num_shards < 1:
@@ -97,10 +98,10 @@ def plan(params: Sequence[ParamLayout], num_shards: int, whole: Sequence[bool] |
         if any(b <= a for a, b in itertools.pairwise(cuts)):
             cuts = ideal
         return [[Span(a, b - a)] for a, b in itertools.pairwise(cuts)]
-    return _plan_with_whole(params, num_shards, whole, total)
+    return _plan_with_whole(params, num_shards, whole, total, align)
 
 
-def _plan_with_whole(params: Sequence[ParamLayout], num_shards: int, whole: list[bool], total: int) -> list[list[Span]]:
+def _plan_with_whole(params: Sequence[ParamLayout], num_shards: int, whole: list[bool], total: int, align: int) -> list[list[Span]]:
     target = math.ceil(total / num_shards)
     loads = [0] * num_shards
     spans: list[list[Span]] = [[] for _ in range(num_shards)]
@@ -112,15 +113,17 @@ def _plan_with_whole(params: Sequence[ParamLayout], num_shards: int, whole: list
     for i, p in enumerate(params):
         if whole[i]:
             continue
-        pos, left = p.offset, p.numel
-        while left > 0:
+        done = 0  # elements of p placed so far (a multiple of align, or all of them)
+        while done < p.numel:
             while k < num_shards - 1 and loads[k] >= target:
                 k += 1
-            n = left if k == num_shards - 1 else min(left, target - loads[k])
-            spans[k].append(Span(pos, n))
-            loads[k] += n
-            pos += n
-            left -= n
+            cut = p.numel if k == num_shards - 1 else min(p.numel, done + target - loads[k])
+            if cut < p.numel:  # a cut inside the tensor: on a multiple of align from its start
+                aligned = round(cut / align) * align
+                cut = min(p.numel, aligned if aligned > done else math.ceil(cut / align) * align)
+            spans[k].append(Span(p.offset + done, cut - done))
+            loads[k] += cut - done
+            done = cut
     if any(not s for s in spans):
         raise ConfigError("spec.num_shards", "too many shards for the tensors that must stay whole")
     return [_merge(sorted(s)) for s in spans]

@@ -24,10 +24,20 @@ import torch
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
-from paramserver.optim.base import views
+from paramserver.optim.base import Piece, State, Step, views
 from paramserver.placement import Span
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
-from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, MAX_CHUNK_BYTES, chunk_elements, encode_chunk_message
+from paramserver_client.codec import (
+    BFLOAT16,
+    EVAL,
+    FLOAT16,
+    FLOAT32,
+    ITEMSIZE,
+    MAX_CHUNK_BYTES,
+    TRAIN,
+    chunk_elements,
+    encode_chunk_message,
+)
 
 _TORCH_DTYPE = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}
 
@@ -36,7 +46,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 @dataclass(frozen=True)
-class Piece:
+class Landed:
     """Where a validated chunk landed: `count` elements at local offset `local`."""
 
     local: int
@@ -52,7 +62,7 @@ class Staging:
     """
 
     buffer: torch.Tensor
-    pieces: list[Piece]
+    pieces: list[Landed]
 
 
 @dataclass(frozen=True)
@@ -91,14 +101,16 @@ class ShardState:
         """Per group: its parameter pieces on this shard; the optimizer runs once per piece."""
         self.schedule = config.build_schedule()
         self.params: torch.Tensor | None = None
-        self.opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        self.opt_state: dict[int, State] = {}
         """Per group with pieces here: flat state tensors over the group's pieces, in order."""
+        self.tensor_state: dict[int, State] = {}
+        """Per parameter (by index) with a piece here: the rule's own tensors of any shape."""
         self.grad = torch.empty(0)
         self.version = 0
         self.applied = 0
         self.last_report: StepReport | None = None
         self.lock = threading.Lock()
-        self._cache: dict[int, tuple[int, list[tuple[int, int, bytes]]]] = {}
+        self._cache: dict[tuple[int, int], tuple[int, list[tuple[int, int, bytes]]]] = {}
         self._free: list[torch.Tensor] = []
         self._capture_buffers: dict[str, torch.Tensor] = {}
         self._free_lock = threading.Lock()
@@ -143,7 +155,7 @@ class ShardState:
             )
         return self._local_starts[k] + (offset - self.spans[k].start)
 
-    def check_coverage(self, pieces: Sequence[Piece]) -> None:
+    def check_coverage(self, pieces: Sequence[Landed]) -> None:
         """The pieces must cover the shard's local buffer exactly once."""
         pos = 0
         for p in sorted(pieces, key=lambda p: p.local):
@@ -179,14 +191,14 @@ class ShardState:
     def write(self, staging: Staging, local: int, count: int, dtype: int, data: bytes | memoryview) -> None:
         """Decode a validated chunk into the staging buffer."""
         staging.buffer[local : local + count].copy_(wire_tensor(data, dtype))
-        staging.pieces.append(Piece(local, count))
+        staging.pieces.append(Landed(local, count))
 
     # ---- mutation (call under self.lock) ----------------------------------------------
 
     def load(self, staging: Staging) -> None:
         """Take a complete, validated staging buffer as the initial parameters; version 0."""
         self.params = staging.buffer if self.device.type == "cpu" else staging.buffer.to(self.device)
-        self.opt_state = self._init_states()
+        self.opt_state, self.tensor_state = self._init_states()
         self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.version = 0
         self.applied = 0
@@ -223,13 +235,9 @@ class ShardState:
             if decision.clip_coef != 1.0:
                 self.grad.mul_(decision.clip_coef)
             for g, group in self.groups.items():
-                self.optimizers[g].update(
-                    views(self.params, group.local),
-                    views(self.grad, group.local),
-                    self.opt_state[g],
-                    self.optimizers[g].lr * factor,
-                    group.segments,
-                )
+                opt = self.optimizers[g]
+                step = Step(opt.lr * factor, group.pieces, self.tensor_state, self.applied)
+                opt.update(views(self.params, group.local), views(self.grad, group.local), self.opt_state[g], step)
             self.applied += 1
             outcome = Outcome.APPLIED
         else:
@@ -242,20 +250,23 @@ class ShardState:
 
     # ---- reading (call under self.lock) -------------------------------------------------
 
-    def publication(self, dtype: int, ranges: Sequence[Span] = ()) -> tuple[int, list[tuple[int, int, bytes]]]:
+    def publication(self, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> tuple[int, list[tuple[int, int, bytes]]]:
         """(version, [(global offset, count, message)]) of the current parameters in `dtype`.
 
         Each message is a serialised ``PullParametersResponse{chunk}``, built with one
-        copy of the data. The whole-shard encoding is cached per dtype until the next
-        version, so several workers pulling the same version share one encoding.
+        copy of the data. The whole-shard encoding is cached per dtype and point until the
+        next version, so several workers pulling the same version share one encoding. With
+        `point` EVAL, groups whose rule has an evaluation point (Schedule-Free) serve it.
         """
         assert self.params is not None
+        key = (dtype, point)
         if not ranges:
-            cached = self._cache.get(dtype)
+            cached = self._cache.get(key)
             if cached is not None and cached[0] == self.version:
                 return cached
         wanted = list(ranges) or self.spans
-        host = self.params if self.params.device.type == "cpu" else self.params.cpu()
+        host = self.params if point != EVAL else self.eval_params()
+        host = host if host.device.type == "cpu" else host.cpu()
         step = chunk_elements(dtype)
         out: list[tuple[int, int, bytes]] = []
         for r in sorted(wanted):
@@ -270,8 +281,20 @@ class ShardState:
                 out.append((r.start + i, n, encode_chunk_message(r.start + i, n, dtype, data[i * size : (i + n) * size])))
         result = (self.version, out)
         if not ranges:
-            self._cache[dtype] = result
+            self._cache[key] = result
         return result
+
+    def eval_params(self) -> torch.Tensor:
+        """The parameters at the evaluation point (the parameters themselves unless some group's
+        rule has one, e.g. Schedule-Free's x); a copy when it differs."""
+        assert self.params is not None
+        groups = [(g, group) for g, group in self.groups.items() if self.optimizers[g].eval_keys]
+        if not groups:
+            return self.params
+        out = self.params.clone()
+        for g, group in groups:
+            self.optimizers[g].eval_point(views(out, group.local), self.opt_state[g], group.segments)
+        return out
 
     def _local(self, r: Span) -> int:
         k = bisect.bisect_right(self._starts, r.start) - 1
@@ -315,7 +338,7 @@ class ShardState:
             return torch.from_numpy(out).to(self.device)
 
         self.params = flat("params")
-        states = self._init_states()
+        states, tensors = self._init_states()
         names = source.names()
         for g, group in self.groups.items():
             prefix = f"state.{g}."
@@ -328,6 +351,20 @@ class ShardState:
                 for (start, length), (pos, _) in zip(group.global_pieces, group.segments, strict=True):
                     source.read(name, start, length, out[pos : pos + length])
                 states[g][key] = torch.from_numpy(out).to(self.device)
+        for index, st in tensors.items():
+            prefix = f"param.{index}."
+            for name in sorted(n for n in names if n.startswith(prefix)):
+                key = name[len(prefix) :]
+                value = torch.from_numpy(np.array(source.tensor(name))).to(self.device)
+                if key in st and (st[key].shape != value.shape or st[key].dtype != value.dtype):
+                    raise ParamServerError(
+                        "DATA_LOSS",
+                        Reason.SNAPSHOT_CORRUPT,
+                        f"{name}: {tuple(value.shape)} {value.dtype} in the snapshot, {tuple(st[key].shape)} {st[key].dtype} expected",
+                        {"tensor": name},
+                    )
+                st[key] = value
+        self.tensor_state = tensors
         self.opt_state = states
         self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         self.version = version
@@ -342,15 +379,23 @@ class ShardState:
             out[k] = v.detach().cpu().clone()
         return out
 
-    def _init_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        return {
+    def _init_states(self) -> tuple[dict[int, State], dict[int, State]]:
+        """(flat state per group, per-parameter state by parameter index)."""
+        flat = {
             g: self.optimizers[g].init_state(torch.empty(group.numel, dtype=torch.float32, device=self.device))
             for g, group in self.groups.items()
         }
+        tensors = {
+            p.param.index: self.optimizers[g].init_tensor_state(p, self.device) for g, group in self.groups.items() for p in group.pieces
+        }
+        return flat, tensors
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optimizer state by snapshot name: "state.GROUP.KEY"."""
-        return {f"state.{g}.{k}": v for g, st in self.opt_state.items() for k, v in st.items()}
+        """Optimizer state by snapshot name: "state.GROUP.KEY" for a group's flat tensors and
+        scalars, "param.INDEX.KEY" for a parameter's own tensors."""
+        out = {f"state.{g}.{k}": v for g, st in self.opt_state.items() for k, v in st.items()}
+        out.update({f"param.{i}.{k}": v for i, st in self.tensor_state.items() for k, v in st.items()})
+        return out
 
     def snapshot_metadata(self) -> dict[str, str]:
         """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
@@ -377,6 +422,10 @@ class SnapshotSource(Protocol):
         """Elements [start, start + length) of a flat tensor."""
         ...
 
+    def tensor(self, name: str) -> np.ndarray:
+        """A whole tensor as saved (a parameter's own state; equal in every file that has it)."""
+        ...
+
 
 @dataclass
 class _Group:
@@ -384,10 +433,15 @@ class _Group:
 
     local: list[tuple[int, int]]
     """(start, length) in the shard's local buffer."""
-    segments: list[tuple[int, int]]
-    """(start, length) in the group's flat state tensors (the pieces laid end to end)."""
+    pieces: list[Piece]
+    """The pieces, with their parameters and their offsets in the group's flat state tensors."""
     global_pieces: list[tuple[int, int]]
     """(start, length) in the flat parameter space."""
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """(start, length) in the group's flat state tensors (the pieces laid end to end)."""
+        return [(p.segment, p.length) for p in self.pieces]
 
     @property
     def numel(self) -> int:
@@ -399,14 +453,15 @@ def _groups(config: JobConfig, spans: Sequence[Span]) -> dict[int, _Group]:
     """Every group that has pieces on this shard, with its pieces in local order."""
     groups: dict[int, _Group] = {}
     assignment = config.assign()
-    params = config.layout()
+    layout = config.layout()
+    params = config.params()
     local = 0
     for span in spans:
-        for p, g in zip(params, assignment, strict=True):
-            a, b = max(span.start, p.offset), min(span.end, p.offset + p.numel)
+        for lay, param, g in zip(layout, params, assignment, strict=True):
+            a, b = max(span.start, lay.offset), min(span.end, lay.offset + lay.numel)
             if a < b:
                 group = groups.setdefault(g, _Group([], [], []))
-                group.segments.append((group.numel, b - a))
+                group.pieces.append(Piece(param, a - lay.offset, b - a, group.numel))
                 group.local.append((local + a - span.start, b - a))
                 group.global_pieces.append((a, b - a))
         local += span.length

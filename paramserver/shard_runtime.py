@@ -28,6 +28,7 @@ from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState, Staging
 from paramserver.snapshot_store import FaultHook, write_tensors
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+from paramserver_client.codec import TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +218,13 @@ class ShardRuntime:
         if self._closed:
             raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "the shard is shutting down")
 
-    async def publication(self, dtype: int, ranges: Sequence[Span]) -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
-        """The current version's parameters encoded in `dtype` (optionally a subset)."""
+    async def publication(
+        self, dtype: int, ranges: Sequence[Span], point: int = TRAIN
+    ) -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
+        """The current version's parameters (at `point`) encoded in `dtype` (optionally a subset)."""
 
         def read() -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
-            version, chunks = self.state.publication(dtype, ranges)
+            version, chunks = self.state.publication(dtype, ranges, point)
             return version, self.state.last_report, chunks
 
         return await asyncio.to_thread(self._locked, read)

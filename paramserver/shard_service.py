@@ -15,7 +15,7 @@ from paramserver.shard import Staging
 from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
 from paramserver.steps import StepReport
 from paramserver.v1 import shard_service_pb2 as pb
-from paramserver_client.codec import FLOAT32, ITEMSIZE, parse_chunk_message
+from paramserver_client.codec import EVAL, FLOAT32, ITEMSIZE, TRAIN, parse_chunk_message
 
 Ctx = aio.ServicerContext[Any, Any]
 
@@ -112,9 +112,12 @@ class ShardServicer:
         dtype = request.dtype or FLOAT32
         if dtype not in ITEMSIZE:
             raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
+        point = request.point or TRAIN
+        if point not in (TRAIN, EVAL):
+            raise ParamServerError.invalid("point", f"unknown parameter point {point}")
         ranges = [Span(r.start, r.length) for r in request.ranges]
         await self.runtime.wait_version(request.min_version)
-        version, report, chunks = await self.runtime.publication(dtype, ranges)
+        version, report, chunks = await self.runtime.publication(dtype, ranges, point)
         yield pb.PullParametersResponse(
             header=pb.PullHeader(version=version, elements=sum(n for _, n, _ in chunks), last_step=report_pb(report))
         )

@@ -3,7 +3,8 @@
 Layout of one snapshot (a directory under ``<root>/<job_id>/``)::
 
     <snapshot_id>/shard-00000.safetensors   one file per shard: flat tensors of the shard's ranges
-    <snapshot_id>/...                        ("params", "state.exp_avg", ... and 0-d scalars)
+    <snapshot_id>/...                        ("params", "state.G.exp_avg", ... and 0-d scalars;
+                                             "param.I.KEY": parameter I's own state, any shape)
     <snapshot_id>/manifest.json              written last: format version, job config, layout,
                                              version, each file's ranges, size and sha256
 
@@ -327,6 +328,15 @@ class SnapshotReader:
     def scalar(self, name: str) -> np.ndarray:
         """A 0-d tensor (equal on every shard; taken from the first)."""
         return np.asarray(self._handle(name).get_tensor(name))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A whole tensor as saved (a parameter's own optimizer state, "param.INDEX.KEY"; every
+        file that holds it has the same values, the first is read)."""
+        handle = self._handle(name)
+        try:
+            return np.asarray(handle.get_tensor(name))
+        except Exception as exc:  # noqa: BLE001
+            raise data_loss(self.directory / MANIFEST, f"cannot read {name!r} ({exc})") from None
 
     def read(self, name: str, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start + length) of flat tensor `name` across the snapshot's shards."""

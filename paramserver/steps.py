@@ -86,21 +86,32 @@ class SpikeGuard:
         return spike
 
 
-def decide(step: int, stats: Sequence[ShardStats], max_grad_norm: float, guard: SpikeGuard | None = None) -> Decision:
+def decide(
+    step: int, stats: Sequence[ShardStats], max_grad_norm: float, guard: SpikeGuard | None = None, nan_handled: bool = False
+) -> Decision:
     """Combine every shard's stats into one decision.
 
     Skips when the shards disagree on the loss-term count, when it is 0, when
     the global norm is not finite, or when the guard calls it a spike;
     otherwise the clip coefficient is min(max_grad_norm / (norm + 1e-6), 1) as
-    in torch.nn.utils.clip_grad_norm_.
+    in torch.nn.utils.clip_grad_norm_. With `nan_handled` (every rule of the
+    job guards against NaN itself, as Tiger does per tensor) a NaN norm is
+    applied unclipped instead of skipped; an infinite one is still skipped.
     """
     terms = {s.loss_terms for s in stats}
     n = max(terms) if terms else 0
-    norm = math.sqrt(math.fsum(s.sumsq for s in stats)) if all(math.isfinite(s.sumsq) for s in stats) else math.inf
+    if any(math.isnan(s.sumsq) for s in stats):
+        norm = math.nan
+    elif all(math.isfinite(s.sumsq) for s in stats):
+        norm = math.sqrt(math.fsum(s.sumsq for s in stats))
+    else:
+        norm = math.inf
     if len(terms) > 1:
         return Decision(step, False, Reason.INCONSISTENT_LOSS_TERMS, norm, 1.0, n)
     if n == 0:
         return Decision(step, False, Reason.NO_LOSS_TERMS, 0.0, 1.0, 0)
+    if nan_handled and math.isnan(norm):
+        return Decision(step, True, "", norm, 1.0, n)
     if not math.isfinite(norm):
         return Decision(step, False, Reason.NON_FINITE_GRADIENT, norm, 1.0, n)
     if guard is not None and guard.is_spike(norm):

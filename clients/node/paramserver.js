@@ -59,6 +59,9 @@ const pb = grpc.loadPackageDefinition(packageDefinition).paramserver.v1;
 /** DType enum values. Only fp32 is produced and consumed by this client. */
 const DType = Object.freeze({ UNSPECIFIED: 0, FLOAT32: 1, BFLOAT16: 2, FLOAT16: 3 });
 
+/** ParameterPoint enum values (which values a pull serves). */
+const ParameterPoint = Object.freeze({ UNSPECIFIED: 0, TRAIN: 1, EVAL: 2 });
+
 /** StepOutcome enum values. */
 const StepOutcome = Object.freeze({ UNSPECIFIED: 0, PENDING: 1, APPLIED: 2, SKIPPED: 3 });
 
@@ -543,10 +546,12 @@ class Worker {
    * shard served (in synchronous training all serve the same), the
    * parameters (written into `out` if given, else a new Float32Array), and
    * the report of the step that produced the version (null for version 0).
+   * `point` 'EVAL' reads the evaluation point (Schedule-Free's averaged x; the
+   * parameters themselves for every other rule); the default is 'TRAIN'.
    */
-  async pull(minVersion, out = new Float32Array(this.totalElements)) {
+  async pull(minVersion, out = new Float32Array(this.totalElements), point = 'TRAIN') {
     this.checkFlat(out, 'out');
-    const results = await Promise.all(this.shards.map((s) => this.pullShard(s, minVersion, out)));
+    const results = await Promise.all(this.shards.map((s) => this.pullShard(s, minVersion, out, point)));
     return {
       version: Math.min(...results.map((r) => r.version)),
       params: out,
@@ -555,9 +560,10 @@ class Worker {
   }
 
   /** Pulls one shard's ranges into `out`. */
-  async pullShard(shard, minVersion, out) {
+  async pullShard(shard, minVersion, out, point = 'TRAIN') {
     const method = `PullParameters[${shard.index}]`;
-    const request = { job_id: this.jobId, min_version: minVersion, dtype: DType.FLOAT32 };
+    if (!(point in ParameterPoint)) throw new Error(`unknown point ${point}; use TRAIN or EVAL`);
+    const request = { job_id: this.jobId, min_version: minVersion, dtype: DType.FLOAT32, point: ParameterPoint[point] };
     const expected = shard.ranges.reduce((n, [, length]) => n + length, 0);
     let version = -1;
     let lastStep = null;
@@ -611,6 +617,7 @@ module.exports = {
   ParamServerError,
   DType,
   StepOutcome,
+  ParameterPoint,
   JobState,
   CHUNK_ELEMENTS,
   PROTO_ROOT,

@@ -1,8 +1,11 @@
-"""Adam, AdamW and AMSGrad (torch.optim.Adam / AdamW semantics).
+"""Adam, AdamW and AMSGrad (torch.optim.Adam / AdamW semantics), optionally Cautious.
 
 optimizers.md section 2. AdamW decays p *= 1 - lr*wd before the moments;
 Adam adds wd*p to the gradient. Bias correction and eps after it, as torch.
 Runs torch's fused kernel (the CPU fused AdamW is ~5x foreach on this machine).
+With ``cautious`` (C-AdamW, section 8) the update direction u = m_hat / denom is
+masked per tensor where it disagrees in sign with the gradient, which needs
+whole tensors and runs torch's single-tensor op sequence instead.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from paramserver.optim.base import Optimizer, Segments, State, fused_supported, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, check_betas, fused_supported, register, require, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdamHyper:
+class AdamHyper(CautiousOptions):
     """Hyperparameters of Adam (weight_decay is an L2 penalty)."""
 
     lr: float = 1e-3
@@ -41,6 +45,54 @@ class AdamWHyper(AdamHyper):
     """Decoupled decay: p *= 1 - lr * weight_decay each step."""
 
 
+def check_adam(h: AdamHyper, field: str) -> None:
+    """Validate Adam's hyperparameters."""
+    require(h.lr >= 0, f"{field}.lr", "must be >= 0")
+    require(h.eps >= 0, f"{field}.eps", "must be >= 0")
+    require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+    check_betas(h.betas, f"{field}.betas")
+    check_cautious(h, field)
+
+
+def adam_moments(params: torch.Tensor, amsgrad: bool) -> State:
+    """Zero first and second moments (and their running maximum) over a flat template."""
+    state: State = {"exp_avg": torch.zeros_like(params), "exp_avg_sq": torch.zeros_like(params)}
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(params)
+    return state
+
+
+def fused_adam(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state: State,
+    segments: Sequence[tuple[int, int]],
+    steps: list[torch.Tensor],
+    h: AdamHyper,
+    lr: float,
+    decoupled: bool,
+) -> None:
+    """torch's fused Adam(W) kernel over the pieces; `steps` (one counter per piece) are advanced."""
+    ps = list(params)
+    _torch_adam(
+        ps,
+        list(grads),
+        views(state["exp_avg"], segments),
+        views(state["exp_avg_sq"], segments),
+        views(state["max_exp_avg_sq"], segments) if h.amsgrad else [],
+        steps,
+        fused=fused_supported(ps[0]),
+        decoupled_weight_decay=decoupled,
+        amsgrad=h.amsgrad,
+        beta1=h.betas[0],
+        beta2=h.betas[1],
+        lr=lr,
+        weight_decay=h.weight_decay,
+        eps=h.eps,
+        maximize=False,
+    )
+
+
 @register
 class Adam(Optimizer):
     """torch.optim.Adam's update rule."""
@@ -50,52 +102,55 @@ class Adam(Optimizer):
     hyper: AdamHyper
     decoupled: ClassVar[bool] = False
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Only the Cautious mask needs whole tensors."""
+        return self.hyper.cautious
+
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
-        h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(h.eps >= 0, f"{field}.eps", "must be >= 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
-        for i, b in enumerate(h.betas):
-            require(0 <= b < 1, f"{field}.betas[{i}]", "must be in [0, 1)")
+        check_adam(self.hyper, field)
 
     def init_state(self, params: torch.Tensor) -> State:
         """Zero moments and a step counter of 0."""
-        state: State = {
-            "step": torch.zeros((), dtype=torch.float32, device=params.device),
-            "exp_avg": torch.zeros_like(params),
-            "exp_avg_sq": torch.zeros_like(params),
-        }
-        if self.hyper.amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros_like(params)
-        return state
+        return {"step": torch.zeros((), dtype=torch.float32, device=params.device), **adam_moments(params, self.hyper.amsgrad)}
 
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
         """One Adam(W) step in place."""
-        h = self.hyper
-        ps = list(params)
-        vmax = views(state["max_exp_avg_sq"], segments) if h.amsgrad else []
-        # torch keeps one step counter per tensor and the kernel increments each: give it
-        # copies, then advance the shard's single counter.
-        steps = [state["step"].clone() for _ in ps]
-        _torch_adam(
-            ps,
-            list(grads),
-            views(state["exp_avg"], segments),
-            views(state["exp_avg_sq"], segments),
-            vmax,
-            steps,
-            fused=fused_supported(ps[0]),
-            decoupled_weight_decay=self.decoupled,
-            amsgrad=h.amsgrad,
-            beta1=h.betas[0],
-            beta2=h.betas[1],
-            lr=lr,
-            weight_decay=h.weight_decay,
-            eps=h.eps,
-            maximize=False,
-        )
+        if self.hyper.cautious:
+            self._cautious(params, grads, state, step)
+        else:
+            # torch keeps one step counter per tensor and the kernel increments each: give it
+            # copies, then advance the group's single counter.
+            counters = [state["step"].clone() for _ in step.pieces]
+            fused_adam(params, grads, state, step.segments, counters, self.hyper, step.lr, self.decoupled)
         state["step"].add_(1)
+
+    def _cautious(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
+        h, lr = self.hyper, step.lr
+        b1, b2 = h.betas
+        t = float(state["step"]) + 1
+        step_size = lr / (1 - b1**t)
+        bias_correction2_sqrt = (1 - b2**t) ** 0.5
+        segments = step.segments
+        ms, vs = views(state["exp_avg"], segments), views(state["exp_avg_sq"], segments)
+        vmaxes = views(state["max_exp_avg_sq"], segments) if h.amsgrad else [None] * len(ms)
+        for p, g, m, v, vmax in zip(params, grads, ms, vs, vmaxes, strict=True):
+            raw = g
+            if self.decoupled:
+                p.mul_(1 - lr * h.weight_decay)
+            elif h.weight_decay != 0:
+                g = g.add(p, alpha=h.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if vmax is not None:
+                torch.maximum(vmax, v, out=vmax)
+                denom = (vmax.sqrt() / bias_correction2_sqrt).add_(h.eps)
+            else:
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(h.eps)
+            u = m / denom
+            apply_cautious(u, raw, h)
+            p.add_(u, alpha=-step_size)
 
 
 @register

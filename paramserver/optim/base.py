@@ -1,21 +1,24 @@
 """The optimizer interface, hyperparameter parsing and the registry.
 
-An optimizer is a frozen hyperparameter dataclass plus two functions over
-flat fp32 tensors (optax's shape, in place for speed):
+An optimizer is a frozen hyperparameter dataclass plus a few functions over
+fp32 tensors (optax's shape, in place for speed):
 
-    state = opt.init_state(template)                       # flat tensors of the template's size
-    opt.update(params, grads, state, lr, segments)         # mutates params and state
+    state = opt.init_state(template)                   # flat tensors over the group's elements
+    tstate = opt.init_tensor_state(piece, device)      # per-parameter tensors of any shape
+    opt.update(params, grads, state, step)             # mutates params and state
 
 It knows nothing of Ray, gRPC or storage. ``state`` is a ``dict[str, Tensor]``
-of flat tensors (or scalars) so that snapshots can save it by name and
-resharding is a range copy. ``params`` and ``grads`` are lists of views, one
-per parameter tensor (or the part of it this shard owns); ``segments[i]`` is
-the (start, length) of piece i in the flat state tensors. Element-wise rules
-run torch's kernels once per piece, exactly as torch.optim does once per
-parameter, which keeps results bit-identical to torch whatever the shard
-count (see placement.ALIGN). Adding an optimizer is one module that
-subclasses :class:`Optimizer`, decorates it with :func:`register`, and a parity
-test.
+of flat tensors (or 0-d scalars) so that snapshots save it by name and
+resharding is a range copy; per-parameter state (Adafactor's factors,
+GaLore's projection, per-tensor step counts) lives in ``step.tensors`` keyed
+by the parameter's index. ``params`` and ``grads`` are lists of flat views,
+one per :class:`Piece` (the part of one parameter this shard owns); a rule
+whose :attr:`Optimizer.whole_tensors` is True gets whole parameters only and
+may view them with their shapes. Element-wise rules run torch's kernels once
+per piece, exactly as torch.optim does once per parameter, which keeps
+results bit-identical to torch whatever the shard count (see
+placement.ALIGN). Adding an optimizer is one module that subclasses
+:class:`Optimizer`, decorates it with :func:`register`, and a parity test.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -36,20 +40,90 @@ State = dict[str, torch.Tensor]
 H = TypeVar("H")
 
 
+@dataclass(frozen=True)
+class Param:
+    """A parameter of the model description."""
+
+    index: int
+    """Its position in the model description (unique in a job)."""
+    name: str
+    """Its name."""
+    shape: tuple[int, ...]
+    """Its shape (empty for a scalar)."""
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of one parameter that a shard holds (all of it when :attr:`whole`)."""
+
+    param: Param
+    """The parameter."""
+    start: int
+    """First element of the piece within the parameter."""
+    length: int
+    """Number of elements."""
+    segment: int
+    """Where the piece starts in its group's flat state tensors."""
+
+    @property
+    def whole(self) -> bool:
+        """True when the piece is the whole parameter."""
+        return self.start == 0 and self.length == self.param.numel
+
+
+@dataclass
+class Step:
+    """What one update needs besides the tensors."""
+
+    lr: float
+    """The scheduled learning rate of this group."""
+    pieces: Sequence[Piece]
+    """One per params/grads view, in order."""
+    tensors: dict[int, State] = field(default_factory=dict)
+    """Per-parameter state by Param.index (mutable; created by init_tensor_state)."""
+    count: int = 0
+    """Updates applied before this one (the schedule position s)."""
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """(start, length) of each piece in the group's flat state tensors."""
+        return [(p.segment, p.length) for p in self.pieces]
+
+    def tensor_state(self, piece: Piece) -> State:
+        """The per-parameter state of a piece's parameter."""
+        return self.tensors[piece.param.index]
+
+
+def whole_pieces(shapes: Sequence[tuple[int, ...]], names: Sequence[str] = ()) -> list[Piece]:
+    """Pieces for whole parameters laid end to end (tests, benchmarks, exports)."""
+    out, pos = [], 0
+    for i, shape in enumerate(shapes):
+        p = Param(i, names[i] if i < len(names) else f"p{i}", tuple(shape))
+        out.append(Piece(p, 0, p.numel, pos))
+        pos += p.numel
+    return out
+
+
 class Optimizer(ABC):
-    """An update rule over a flat fp32 tensor.
+    """An update rule over fp32 tensors.
 
     Attributes:
         name: the registry name ("adamw").
-        elementwise: True when any slice of the flat space may be updated on
-            its own (the placement may split tensors); False when the rule
-            needs whole tensors.
         hyper: the parsed hyperparameters (a frozen dataclass with an ``lr``).
+        handles_nan: True when the rule itself deals with NaN gradients (Tiger's guard); a job
+            whose every group handles them does not skip steps with a NaN gradient norm.
+        eval_keys: the group state names that :meth:`eval_point` reads (none: x is the params).
     """
 
     name: ClassVar[str]
-    elementwise: ClassVar[bool] = True
     Hyper: ClassVar[type[Any]]
+    handles_nan: ClassVar[bool] = False
+    eval_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hyper: Any) -> None:
         self.hyper = hyper
@@ -59,13 +133,43 @@ class Optimizer(ABC):
         """The base learning rate (before the schedule)."""
         return float(self.hyper.lr)
 
-    @abstractmethod
+    @property
+    def whole_tensors(self) -> bool:
+        """True when the rule needs each parameter whole on one shard (matrix rules, per-tensor
+        scalars); the placement then never splits this group's parameters."""
+        return False
+
+    def check(self, field: str) -> None:
+        """Validate the hyperparameters' ranges (raise ConfigError naming the field)."""
+        require(self.hyper.lr >= 0, f"{field}.lr", "must be >= 0")
+
+    def check_param(self, param: Param, field: str) -> None:
+        """Validate that the rule applies to this parameter (e.g. matrices only)."""
+        return None
+
+    def bind(self, params: Sequence[Param], field: str) -> None:
+        """Called once with the group's parameters before any update (e.g. LISA's layer map);
+        `field` names the group's hyperparameters for errors."""
+        return None
+
     def init_state(self, params: torch.Tensor) -> State:
-        """Return the initial state for a flat fp32 tensor of this size and device."""
+        """The initial flat state for the group's elements (the template's size and device)."""
+        return {}
+
+    def init_tensor_state(self, piece: Piece, device: torch.device) -> State:
+        """The initial per-parameter state of a piece's parameter."""
+        return {}
 
     @abstractmethod
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
-        """Apply one update in place with learning rate `lr` (already scheduled), piece by piece."""
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
+        """Apply one update in place with learning rate ``step.lr`` (already scheduled), piece by
+        piece. ``grads`` may be overwritten."""
+
+    def eval_point(self, params: Sequence[torch.Tensor], state: Mapping[str, torch.Tensor], segments: Sequence[tuple[int, int]]) -> None:
+        """Turn training-point values (piece views) into the evaluation point in place; the same
+        point for every rule but Schedule-Free. ``state`` holds at least :attr:`eval_keys` (flat
+        tensors over the pieces at ``segments``, or 0-d)."""
+        return None
 
 
 _REGISTRY: dict[str, type[Optimizer]] = {}
@@ -93,9 +197,7 @@ def build(name: str, hyperparameters: Mapping[str, object], field: str = "optimi
         raise ConfigError(f"{field}.name", f"unknown optimizer {name!r}; available: {', '.join(available())}", Reason.UNKNOWN_NAME)
     hyper = parse_hyper(cls.Hyper, hyperparameters, f"{field}.hyperparameters")
     opt = cls(hyper)
-    check = getattr(opt, "check", None)
-    if callable(check):
-        check(f"{field}.hyperparameters")
+    opt.check(f"{field}.hyperparameters")
     return opt
 
 
@@ -149,12 +251,32 @@ def require(cond: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
+def require_one_of(value: str, choices: Sequence[str], field: str) -> None:
+    """Raise ConfigError(field) unless value is one of choices."""
+    require(value in choices, field, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_betas(betas: Sequence[float], field: str, closed: bool = False) -> None:
+    """Each beta in [0, 1) (or [0, 1] when closed)."""
+    for i, b in enumerate(betas):
+        require(0 <= b <= 1 if closed else 0 <= b < 1, f"{field}[{i}]", f"must be in [0, 1{']' if closed else ')'}")
+
+
+def shaped(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """A whole parameter's flat view with the parameter's shape."""
+    return t.view(piece.param.shape)
+
+
+def as_matrix(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """A whole parameter of >= 2 dimensions viewed as (rows, everything else) (conv weights)."""
+    shape = piece.param.shape
+    return t.view(shape[0], -1)
+
+
 def fused_supported(t: torch.Tensor) -> bool:
     """Whether torch's fused optimizer kernels run on this tensor's device."""
     return t.device.type in ("cpu", "cuda")
 
-
-Check = Callable[[str], None]
 
 #: (start, length) pieces of a flat buffer.
 Segments = Sequence[tuple[int, int]]

@@ -1,4 +1,4 @@
-"""Lion (Chen et al. 2023) and Tiger in its plain form (Lion with beta1 == beta2).
+"""Lion (Chen et al. 2023) and plain Tiger (Lion with beta1 == beta2), optionally Cautious.
 
 optimizers.md section 4, with the op order of lucidrains' lion-pytorch (bit-identical to it):
 
@@ -7,8 +7,9 @@ optimizers.md section 4, with the op order of lucidrains' lion-pytorch (bit-iden
     m = b2*m + (1-b2)*g
 
 Element-wise; each parameter piece is updated with the same per-tensor ops torch would run.
-Tiger's author's full rule (per-tensor relative lr, NaN guard, no decay for biases and norms)
-needs per-tensor scalars across shards and is not implemented here.
+With ``cautious`` (C-Lion, section 8) the sign update is masked per tensor, with the op order of
+lion-pytorch's cautious_lion (bit-identical to it with cautious_clamp 1e-5); that needs whole
+tensors. Tiger's author's full rule is :mod:`paramserver.optim.tiger`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, Segments, State, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, check_betas, register, require, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 @dataclass(frozen=True, kw_only=True)
-class LionHyper:
+class LionHyper(CautiousOptions):
     """Hyperparameters of Lion (lion-pytorch defaults)."""
 
     lr: float = 1e-4
@@ -35,7 +37,7 @@ class LionHyper:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TigerHyper:
+class TigerHyper(CautiousOptions):
     """Hyperparameters of plain Tiger (the author's defaults)."""
 
     lr: float = 1e-3
@@ -54,7 +56,7 @@ def lion_update(
     wd: float,
     b1: float,
     b2: float,
-    segments: Segments,
+    segments: Sequence[tuple[int, int]],
 ) -> None:
     """One Lion step in place over the pieces (m is the flat momentum)."""
     ps, gs, ms = list(params), list(grads), views(m, segments)
@@ -65,6 +67,27 @@ def lion_update(
     torch._foreach_add_(ps, update, alpha=-lr)
     torch._foreach_mul_(ms, b2)
     torch._foreach_add_(ms, gs, alpha=1.0 - b2)
+
+
+def cautious_lion_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    m: torch.Tensor,
+    lr: float,
+    wd: float,
+    b1: float,
+    b2: float,
+    segments: Sequence[tuple[int, int]],
+    h: CautiousOptions,
+) -> None:
+    """One C-Lion step in place, tensor by tensor (each piece a whole tensor)."""
+    for p, g, exp_avg in zip(params, grads, views(m, segments), strict=True):
+        update = exp_avg.clone().mul_(b1).add(g, alpha=1.0 - b1).sgn_()
+        apply_cautious(update, g, h)
+        if wd > 0.0:
+            p.mul_(1.0 - lr * wd)
+        p.add_(update, alpha=-lr)
+        exp_avg.mul_(b2).add_(g, alpha=1.0 - b2)
 
 
 @register
@@ -79,24 +102,33 @@ class Lion(Optimizer):
         b1, b2 = self.hyper.betas
         return float(b1), float(b2)
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Only the Cautious mask needs whole tensors."""
+        return bool(self.hyper.cautious)
+
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         require(self.hyper.lr >= 0, f"{field}.lr", "must be >= 0")
         require(self.hyper.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
         self._check_betas(field)
+        check_cautious(self.hyper, field)
 
     def _check_betas(self, field: str) -> None:
-        for i, b in enumerate(self.betas()):
-            require(0 <= b <= 1, f"{field}.betas[{i}]", "must be in [0, 1]")
+        check_betas(self.betas(), f"{field}.betas", closed=True)
 
     def init_state(self, params: torch.Tensor) -> State:
         """A zero momentum."""
         return {"exp_avg": torch.zeros_like(params)}
 
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
         """One Lion step in place."""
         b1, b2 = self.betas()
-        lion_update(params, grads, state["exp_avg"], lr, self.hyper.weight_decay, b1, b2, segments)
+        wd = self.hyper.weight_decay
+        if self.hyper.cautious:
+            cautious_lion_update(params, grads, state["exp_avg"], step.lr, wd, b1, b2, step.segments, self.hyper)
+        else:
+            lion_update(params, grads, state["exp_avg"], step.lr, wd, b1, b2, step.segments)
 
 
 @register

@@ -2,7 +2,9 @@
 
 optimizers.md section 1: d = g + wd*p; the first momentum step copies d;
 then buf = momentum*buf + (1-dampening)*d; d = d + momentum*buf (Nesterov) or
-buf; p -= lr*d. Runs torch's fused kernel.
+buf; p -= lr*d. Runs torch's fused kernel. With ``cautious`` (needs momentum)
+the direction d is masked per tensor where it disagrees in sign with the
+gradient (section 8), with torch's single-tensor op sequence.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from paramserver.optim.base import Optimizer, Segments, State, fused_supported, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, fused_supported, register, require, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 @dataclass(frozen=True, kw_only=True)
-class SGDHyper:
+class SGDHyper(CautiousOptions):
     """Hyperparameters of SGD."""
 
     lr: float = 1e-3
@@ -40,6 +43,11 @@ class SGD(Optimizer):
     Hyper = SGDHyper
     hyper: SGDHyper
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Only the Cautious mask needs whole tensors."""
+        return self.hyper.cautious
+
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
@@ -48,17 +56,23 @@ class SGD(Optimizer):
         require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
         if h.nesterov:
             require(h.momentum > 0 and h.dampening == 0, f"{field}.nesterov", "needs momentum > 0 and dampening == 0")
+        check_cautious(h, field)
+        if h.cautious:
+            require(h.momentum > 0, f"{field}.cautious", "needs momentum > 0 (the mask compares the momentum direction with the gradient)")
 
     def init_state(self, params: torch.Tensor) -> State:
         """No state until the first step (the momentum buffer starts as a copy of d)."""
         return {}
 
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, lr: float, segments: Segments) -> None:
+    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
         """One SGD step in place."""
+        if self.hyper.cautious:
+            self._cautious(params, grads, state, step)
+            return
         h = self.hyper
         flat_buf = state.get("momentum_buffer")
         ps = list(params)
-        bufs: list[torch.Tensor | None] = list(views(flat_buf, segments)) if flat_buf is not None else [None] * len(ps)
+        bufs: list[torch.Tensor | None] = list(views(flat_buf, step.segments)) if flat_buf is not None else [None] * len(ps)
         _torch_sgd(
             ps,
             list(grads),
@@ -66,10 +80,25 @@ class SGD(Optimizer):
             fused=fused_supported(ps[0]),
             weight_decay=h.weight_decay,
             momentum=h.momentum,
-            lr=lr,
+            lr=step.lr,
             dampening=h.dampening,
             nesterov=h.nesterov,
             maximize=False,
         )
         if h.momentum != 0 and flat_buf is None:  # the first step created one buffer per segment
             state["momentum_buffer"] = torch.cat([b for b in bufs if b is not None]) if len(bufs) > 1 else bufs[0]  # type: ignore[assignment]
+
+    def _cautious(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
+        h = self.hyper
+        first = "momentum_buffer" not in state
+        if first:
+            state["momentum_buffer"] = torch.empty(sum(n for _, n in step.segments), dtype=torch.float32, device=params[0].device)
+        for p, g, buf in zip(params, grads, views(state["momentum_buffer"], step.segments), strict=True):
+            d = g.add(p, alpha=h.weight_decay) if h.weight_decay != 0 else g
+            if first:
+                buf.copy_(d)
+            else:
+                buf.mul_(h.momentum).add_(d, alpha=1 - h.dampening)
+            u = d.add(buf, alpha=h.momentum) if h.nesterov else buf.clone()
+            apply_cautious(u, g, h)
+            p.add_(u, alpha=-step.lr)

@@ -113,7 +113,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: a chunk over 4 MiB. metadata: field, limit."""
     NON_FINITE_GRADIENT: _ErrorReason.ValueType  # 11
     """Not an error: reported in StepReport.skip_reason when a step was
-    skipped because the gradient had NaN or Inf.
+    skipped because the gradient had NaN or Inf (NaN is not skipped when
+    every parameter's rule guards against it itself: tiger_full).
     """
     PARAMETERS_NOT_INITIALIZED: _ErrorReason.ValueType  # 12
     """FAILED_PRECONDITION: parameters not uploaded yet."""
@@ -200,7 +201,8 @@ MESSAGE_TOO_LARGE: ErrorReason.ValueType  # 10
 """RESOURCE_EXHAUSTED: a chunk over 4 MiB. metadata: field, limit."""
 NON_FINITE_GRADIENT: ErrorReason.ValueType  # 11
 """Not an error: reported in StepReport.skip_reason when a step was
-skipped because the gradient had NaN or Inf.
+skipped because the gradient had NaN or Inf (NaN is not skipped when
+every parameter's rule guards against it itself: tiger_full).
 """
 PARAMETERS_NOT_INITIALIZED: ErrorReason.ValueType  # 12
 """FAILED_PRECONDITION: parameters not uploaded yet."""
@@ -303,21 +305,53 @@ class OptimizerConfig(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """"sgd", "adam", "adamw", "lion" or "tiger"."""
+    """"sgd", "adam", "adamw", "lion", "tiger", "tiger_full", "adafactor",
+    "muon", "lamb", "galore", "lisa" or "adamw_schedulefree".
+    """
     @_builtins.property
     def hyperparameters(self) -> _struct_pb2.Struct:
-        """Hyperparameters by name; unknown names are INVALID_ARGUMENT.
-          sgd:   lr (1e-3), momentum (0), dampening (0), weight_decay (0),
+        """Hyperparameters by name; unknown names are INVALID_ARGUMENT (UNKNOWN_NAME).
+          sgd:   lr (1e-3), momentum (0), dampening (0), weight_decay (0, L2),
                  nesterov (false)
           adam:  lr (1e-3), betas ([0.9, 0.999]), eps (1e-8),
                  weight_decay (0, an L2 penalty), amsgrad (false)
-          adamw: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8),
-                 weight_decay (1e-2, decoupled), amsgrad (false)
+          adamw: as adam with weight_decay (1e-2, decoupled)
           lion:  lr (1e-4), betas ([0.9, 0.99]), weight_decay (0, decoupled)
           tiger: lr (1e-3), beta (0.965), weight_decay (0.01): Lion with
                  beta1 = beta2 = beta
-        The semantics are those of torch.optim.SGD / Adam / AdamW and of
-        lion-pytorch's Lion.
+          tiger_full: lr (1e-3), beta (0.965), weight_decay (0.01),
+                 shrink_ratio (0.99), gain_pattern, bias_pattern,
+                 embedding_pattern (regular expressions on parameter names):
+                 bojone/tiger's rule (per-tensor relative lr, NaN guard, no
+                 decay for gains and biases)
+          adafactor: lr (1e-2), beta2_decay (-0.8), eps ([1.19e-7, 1e-3]),
+                 d (1), weight_decay (0), relative_step (true),
+                 scale_parameter (true), beta1 (0 = none),
+                 relative_weight_decay (false)
+          muon:  lr (1e-3), weight_decay (0.1), momentum (0.95), nesterov
+                 (true), ns_steps (5), ns_coefficients ([3.4445, -4.775,
+                 2.0315]), eps (1e-7), adjust_lr ("original" or
+                 "match_rms_adamw"), ns_dtype ("bfloat16" or "float32");
+                 matrices only
+          lamb:  lr (1e-3), betas ([0.9, 0.999]), eps (1e-6), weight_decay (0),
+                 bias_correction (true), adapt (true)
+          galore: lr (1e-3), betas ([0.9, 0.999]), eps (1e-6), weight_decay
+                 (0), correct_bias (true), rank (128), update_proj_gap (200),
+                 scale (0.25); 2-D matrices only
+          lisa:  adamw's, plus active_layers (2), interval_steps (20), seed (0),
+                 layer_pattern (a regular expression whose group captures the
+                 layer number)
+          adamw_schedulefree: lr (0.0025), betas ([0.9, 0.999]), eps (1e-8),
+                 weight_decay (0), warmup_steps (0), r (0), weight_lr_power (2)
+        sgd (with momentum), adam, adamw, lion and tiger also take cautious
+        (false), cautious_normalization ("mean" or "count") and cautious_clamp
+        (1e-3): the Cautious mask. tiger_full, adafactor, muon, lamb, galore
+        and any cautious rule need whole tensors: the placement keeps each of
+        their parameters on one shard. A rule that does not apply to a
+        parameter (muon or galore on a vector) is INVALID_ARGUMENT naming
+        spec.parameters[i].shape. The semantics are those of torch.optim,
+        lion-pytorch, galore-torch, schedulefree and the papers' reference
+        code (README: Optimizers and schedules).
         """
 
     def __init__(

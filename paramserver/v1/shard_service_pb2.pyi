@@ -64,6 +64,36 @@ version still advances so that workers move on.
 """
 Global___StepOutcome: _TypeAlias = StepOutcome  # noqa: Y015
 
+class _ParameterPoint:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParameterPointEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParameterPoint.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAMETER_POINT_UNSPECIFIED: _ParameterPoint.ValueType  # 0
+    """The same as PARAMETER_POINT_TRAIN."""
+    PARAMETER_POINT_TRAIN: _ParameterPoint.ValueType  # 1
+    """The values gradients are taken at: what the optimizer updates."""
+    PARAMETER_POINT_EVAL: _ParameterPoint.ValueType  # 2
+    """The values to evaluate or deploy. For Schedule-Free AdamW the averaged
+    point x = y + (1 - 1/beta1) * (z - y); for every other rule the same as
+    TRAIN.
+    """
+
+class ParameterPoint(_ParameterPoint, metaclass=_ParameterPointEnumTypeWrapper):
+    """Which parameter values a pull serves."""
+
+PARAMETER_POINT_UNSPECIFIED: ParameterPoint.ValueType  # 0
+"""The same as PARAMETER_POINT_TRAIN."""
+PARAMETER_POINT_TRAIN: ParameterPoint.ValueType  # 1
+"""The values gradients are taken at: what the optimizer updates."""
+PARAMETER_POINT_EVAL: ParameterPoint.ValueType  # 2
+"""The values to evaluate or deploy. For Schedule-Free AdamW the averaged
+point x = y + (1 - 1/beta1) * (z - y); for every other rule the same as
+TRAIN.
+"""
+Global___ParameterPoint: _TypeAlias = ParameterPoint  # noqa: Y015
+
 @_typing.final
 class UploadHeader(_message.Message):
     """First message of an upload."""
@@ -321,12 +351,15 @@ class PullParametersRequest(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     RANGES_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     min_version: _builtins.int
     """Wait until this version is published (0 = the initial parameters)."""
     dtype: _tensor_pb2.DType.ValueType
     """Wire dtype of the answer; DTYPE_UNSPECIFIED = fp32."""
+    point: Global___ParameterPoint.ValueType
+    """Which values to serve (UNSPECIFIED = TRAIN)."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Range]:
         """Optional subset of this shard's ranges; empty = all of them."""
@@ -338,10 +371,11 @@ class PullParametersRequest(_message.Message):
         min_version: _builtins.int = ...,
         dtype: _tensor_pb2.DType.ValueType = ...,
         ranges: _abc.Iterable[_tensor_pb2.Range] | None = ...,
+        point: Global___ParameterPoint.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "job_id", b"job_id", "min_version", b"min_version", "ranges", b"ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "job_id", b"job_id", "min_version", b"min_version", "point", b"point", "ranges", b"ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ import pytest
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver.v1 import shard_service_pb2_grpc as sgrpc
 from paramserver.v1 import tensor_pb2
-from paramserver_client import JobClient, Reason, ServiceError, Worker
+from paramserver_client import JobClient, Reason, ServiceError, Worker, param_group
 from paramserver_client.errors import from_rpc_error
 from tests.conftest import shard_tensors
 
@@ -177,6 +177,21 @@ def test_non_finite_gradient_skips_the_step_on_every_shard(setup: Setup, bad: fl
         ({"num_workers": 0}, "spec.num_workers"),
         ({"schedule": "warmup_cosine"}, "spec.schedule.parameters.total_steps"),
         ({"spike_window": 1}, "spec.spike_guard.window"),
+        # the optimizer zoo: rules that do not apply to a parameter, bad options
+        ({"optimizer": "muon"}, "spec.parameters[1].shape"),
+        ({"param_groups": [param_group("g", patterns=["b"], optimizer="galore")]}, "spec.parameters[1].shape"),
+        (
+            {"hyperparameters": {"cautious": True, "cautious_normalization": "median"}},
+            "spec.optimizer.hyperparameters.cautious_normalization",
+        ),
+        ({"optimizer": "lisa"}, "spec.optimizer.hyperparameters.layer_pattern"),
+        ({"optimizer": "tiger_full", "hyperparameters": {"gain_pattern": "("}}, "spec.optimizer.hyperparameters.gain_pattern"),
+        (
+            {"param_groups": [param_group("m", ndims=[2], optimizer="muon", hyperparameters={"adjust_lr": "x"})]},
+            "spec.param_groups[0].optimizer.hyperparameters.adjust_lr",
+        ),
+        ({"optimizer": "adafactor", "hyperparameters": {"eps": [0, 1e-3]}}, "spec.optimizer.hyperparameters.eps[0]"),
+        ({"optimizer": "galore", "hyperparameters": {"rank": 0}}, "spec.optimizer.hyperparameters.rank"),
     ],
 )
 def test_bad_job_spec_names_the_field(address: str, job_id: str, settings: dict[str, object], field: str) -> None:
@@ -188,3 +203,15 @@ def test_bad_job_spec_names_the_field(address: str, job_id: str, settings: dict[
         with pytest.raises(ServiceError) as nf:
             jc.get_job(job_id)  # nothing was created
         assert nf.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_pull_point_is_invalid_argument(setup: Setup) -> None:
+    before = setup.state()
+    addr, _, _ = setup.shards[0]
+    with grpc.insecure_channel(addr) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            req = spb.PullParametersRequest(job_id=setup.job_id, min_version=1, point=7)  # type: ignore[arg-type]
+            list(sgrpc.ShardServiceStub(ch).PullParameters(req, timeout=30))
+    e = from_rpc_error(err.value)
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.metadata["field"] == "point"
+    assert_unchanged_and_serving(setup, before)

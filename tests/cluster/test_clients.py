@@ -63,10 +63,11 @@ def test_remote_optimizer_trains_like_torch(address: str, job_id: str) -> None:
     hyper = {"lr": 0.02, "weight_decay": 0.0}
     results: dict[int, torch.nn.Module] = {}
     errors: list[BaseException] = []
+    models = [make(), make()]  # here, not in the threads: make() seeds torch's global generator
 
     def worker(i: int) -> None:
         try:
-            model = make()
+            model = models[i]
             opt = RemoteOptimizer(model.named_parameters(), address, job_id, optimizer="adamw", hyperparameters=hyper,
                                   num_workers=2, num_shards=2, worker_name=f"t{i}")  # fmt: skip
             x, y = xs[opt.worker_id], ys[opt.worker_id]

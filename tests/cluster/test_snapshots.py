@@ -38,7 +38,8 @@ def flat_state(service: object, job: jpb.Job) -> dict[str, np.ndarray]:
         spans = [Span(int(r.start), int(r.length)) for r in info.ranges]
         layout = ShardState(config, int(info.index), spans)
         for name, arr in tensors.items():
-            if arr.ndim == 0:
+            if arr.ndim == 0 or name.startswith("param."):  # scalars, a parameter's own state
+                assert name not in out or np.array_equal(out[name], arr), f"{name} differs between shards"
                 out[name] = arr
                 continue
             if name == "params":
@@ -209,21 +210,49 @@ def test_time_policy_takes_snapshots(address: str, jobs: list[str]) -> None:
         ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, False),
         ("adam", {"lr": 1e-2, "weight_decay": 0.1}, False),
         ("lion", {"lr": 1e-3, "weight_decay": 0.1}, False),
-        ("adamw", {"lr": 1e-2}, True),
+        ("adamw", {"lr": 1e-2}, "sgd"),
+        ("adamw", {"lr": 1e-2}, "whole-rules"),
+        ("adamw", {"lr": 1e-2}, "split-rules"),
     ],
-    ids=["sgd-nesterov", "adam", "lion", "adamw-with-sgd-and-no-decay-groups"],
+    ids=[
+        "sgd-nesterov",
+        "adam",
+        "lion",
+        "adamw-with-sgd-and-no-decay-groups",
+        "adafactor-muon-galore-lamb-tiger-full",
+        "lisa-schedule-free-c-adamw-c-sgd",
+    ],
 )
 def test_resume_is_bitwise_for_every_optimizer(
-    address: str, service: object, jobs: list[str], optimizer: str, hyper: dict[str, object], groups: bool
+    address: str, service: object, jobs: list[str], optimizer: str, hyper: dict[str, object], groups: bool | str
 ) -> None:
     from paramserver_client import no_decay_for_biases_and_norms, param_group
 
-    pg = [*no_decay_for_biases_and_norms(), param_group("w1", patterns=["w1"], optimizer="sgd", hyperparameters={"momentum": 0.9})]
+    pg = {
+        "sgd": [*no_decay_for_biases_and_norms(), param_group("w1", patterns=["w1"], optimizer="sgd", hyperparameters={"momentum": 0.9})],
+        # every rule with per-tensor state or whole tensors, one per parameter; GaLore refreshes its
+        # projection (every 3 updates) before and after the snapshot at 5
+        "whole-rules": [
+            param_group("a", patterns=["emb"], optimizer="adafactor", hyperparameters={"lr": 1e-2, "beta1": 0.9}),
+            param_group("m", patterns=["w1"], optimizer="muon", hyperparameters={"lr": 0.02}),
+            param_group("g", patterns=["w2"], optimizer="galore", hyperparameters={"rank": 3, "update_proj_gap": 3}),
+            param_group("l", patterns=["b1"], optimizer="lamb", hyperparameters={"lr": 1e-2}),
+            param_group("t", patterns=["scale"], optimizer="tiger_full", hyperparameters={"lr": 1e-2}),
+        ],
+        # per-tensor step counts (LISA, windows of 2 updates), float64 scalars (Schedule-Free), masks
+        "split-rules": [
+            param_group("l", patterns=["w*"], optimizer="lisa",
+                        hyperparameters={"lr": 1e-2, "layer_pattern": r"^w(\d)$", "active_layers": 1, "interval_steps": 2}),
+            param_group("s", patterns=["emb"], optimizer="adamw_schedulefree", hyperparameters={"lr": 1e-2, "warmup_steps": 3}),
+            param_group("c", patterns=["b1"], hyperparameters={"cautious": True}),
+            param_group("k", patterns=["scale"], optimizer="sgd", hyperparameters={"lr": 0.05, "momentum": 0.9, "cautious": True}),
+        ],
+    }.get(groups or "", [])  # fmt: skip
     p0 = np.random.default_rng(5).standard_normal(TOTAL).astype(np.float32)
     base, other = new_id(jobs), new_id(jobs)
     with JobClient(address) as jc:
         jc.create_job(SHAPES, job_id=base, optimizer=optimizer, hyperparameters=hyper, num_workers=2, num_shards=3,
-                      param_groups=pg if groups else [])  # fmt: skip
+                      param_groups=pg)  # fmt: skip
         train(address, base, 0, 5, p0)
         snap = jc.create_snapshot(base)
         train(address, base, 5, 12)

@@ -8,6 +8,7 @@ from lion_pytorch import Lion as RefLion
 
 from paramserver.optim import build
 from paramserver.optim.base import views
+from tests.helpers import pieces, step
 
 
 def _run(name: str, hyper: dict[str, object], ref_kw: dict[str, object], segments: list[tuple[int, int]] | None) -> None:
@@ -27,7 +28,7 @@ def _run(name: str, hyper: dict[str, object], ref_kw: dict[str, object], segment
         for group in ref.param_groups:
             group["lr"] = lr
         g2 = grad.clone()
-        opt.update(views(flat, segs), views(g2, segs), state, lr, segs)
+        opt.update(views(flat, segs), views(g2, segs), state, step(lr, pieces([(37,), (1001,)], segs)))
         refs[0].grad, refs[1].grad = grad[:37].clone(), grad[37:].clone()
         ref.step()
         assert torch.equal(flat, torch.cat([r.detach() for r in refs])), f"step {s}"

@@ -10,6 +10,7 @@ import torch
 from paramserver.errors import ConfigError
 from paramserver.optim import build
 from paramserver.optim.base import views
+from tests.helpers import pieces, step
 
 CASES: list[tuple[str, dict[str, Any], type[torch.optim.Optimizer], dict[str, Any]]] = [
     ("sgd", {"lr": 0.1}, torch.optim.SGD, {"lr": 0.1}),
@@ -43,7 +44,7 @@ def test_matches_torch(name: str, hyper: dict[str, Any], ref_cls: type[torch.opt
         lr = ref_kw["lr"] * (0.5 + 0.5 * (s % 3))  # a changing (scheduled) lr
         for group in ref_opt.param_groups:
             group["lr"] = lr
-        opt.update([ours], [g.clone()], state, lr, [(0, n)])
+        opt.update([ours], [g.clone()], state, step(lr, pieces([(n,)])))
         ref.grad = g.clone()
         ref_opt.step()
         if fused:
@@ -69,7 +70,7 @@ def test_segments_aligned_to_the_tensor_start_are_bitwise_equal(name: str, hyper
     try:
         for g in _grads(sum(sizes), 60):
             g = g.clone()
-            opt.update(views(flat, segments), views(g, segments), state, ref_kw["lr"], segments)
+            opt.update(views(flat, segments), views(g, segments), state, step(ref_kw["lr"], pieces([(37,), (1001,)], segments)))
             refs[0].grad, refs[1].grad = g[:37].clone(), g[37:].clone()
             ref_opt.step()
     finally:
@@ -88,9 +89,9 @@ def test_split_at_unaligned_offsets_is_close(name: str, hyper: dict[str, Any], r
     parts = [p0[:cut1].clone(), p0[cut1:cut2].clone(), p0[cut2:].clone()]
     states = [part_opt.init_state(p) for p in parts]
     for g in _grads(n, 50):
-        whole_opt.update([whole], [g.clone()], ws, 0.01, [(0, n)])
+        whole_opt.update([whole], [g.clone()], ws, step(0.01, pieces([(n,)])))
         for p, st, gp in zip(parts, states, (g[:cut1], g[cut1:cut2], g[cut2:]), strict=True):
-            part_opt.update([p], [gp.clone()], st, 0.01, [(0, p.numel())])
+            part_opt.update([p], [gp.clone()], st, step(0.01, pieces([(p.numel(),)])))
     # torch's fused CPU kernels run a vector loop and a scalar tail that may round
     # differently, so a piece that starts mid-vector can differ by an ulp.
     split_result = torch.cat(parts)

@@ -59,6 +59,12 @@ def test_whole_tensors_stay_on_one_shard_and_balance() -> None:
         assert len(owners) == 1
     sizes = [sum(s.length for s in shard) for shard in spans]
     assert max(sizes) <= 4096 + 1  # the biggest whole tensor bounds the imbalance
+    for p in lay[2:]:  # split tensors are cut on multiples of ALIGN from their start
+        cuts = [s.start - p.offset for shard in spans for s in shard if p.offset < s.start < p.offset + p.numel]
+        assert all(c % ALIGN == 0 for c in cuts)
+    # "w" whole on shard 0 (1600), then "v" fills it to the target 2300: cut at 700 -> 704
+    cut_plan = plan(layout([("w", (40, 40)), ("v", (3000,))]), 2, whole=[True, False])
+    assert [[(s.start, s.length) for s in shard] for shard in cut_plan] == [[(0, 2304)], [(2304, 2296)]]
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,28 @@
 Errors are :class:`ServiceError` with a machine-readable ``reason``.
 """
 
-from paramserver_client.aio import AsyncJobClient, AsyncWorker, StepResult, make_spec, no_decay_for_biases_and_norms, param_group
+from paramserver_client.aio import (
+    AsyncJobClient,
+    AsyncWorker,
+    StepResult,
+    galore_param_groups,
+    make_spec,
+    muon_param_groups,
+    no_decay_for_biases_and_norms,
+    param_group,
+)
 from paramserver_client.client import JobClient, Worker
-from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32
+from paramserver_client.codec import BFLOAT16, EVAL, FLOAT16, FLOAT32, TRAIN
 from paramserver_client.errors import ServiceError
 from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy
 
 __all__ = [
     "BFLOAT16",
+    "EVAL",
     "FLOAT16",
     "FLOAT32",
+    "TRAIN",
     "AsyncJobClient",
     "AsyncWorker",
     "JobClient",
@@ -27,7 +38,9 @@ __all__ = [
     "ServiceError",
     "StepResult",
     "Worker",
+    "galore_param_groups",
     "make_spec",
+    "muon_param_groups",
     "no_decay_for_biases_and_norms",
     "param_group",
 ]

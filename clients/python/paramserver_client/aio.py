@@ -32,6 +32,7 @@ from paramserver_client.codec import (
     FLOAT32,
     ITEMSIZE,
     MAX_MESSAGE_BYTES,
+    TRAIN,
     F32Array,
     chunk_elements,
     decode_into,
@@ -128,6 +129,36 @@ def no_decay_for_biases_and_norms() -> list[jpb.ParamGroup]:
     """Preset: parameters with fewer than 2 dimensions (biases, norm gains, scalars) get the job's
     optimizer without weight decay."""
     return [param_group("no_decay", ndims=(0, 1), hyperparameters={"weight_decay": 0.0})]
+
+
+#: Name patterns of the matrices that are not hidden layers: embeddings and output heads.
+EMBEDDING_AND_HEAD_PATTERNS = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "head.*", "*.head.*", "*classifier*")
+#: Name patterns of the hidden matrices GaLore projects (its README: attention and MLP Linears).
+ATTENTION_AND_MLP_PATTERNS = ("*attn*", "*attention*", "*mlp*", "*ffn*", "*feed_forward*")
+
+
+def muon_param_groups(
+    muon: Mapping[str, Any] | None = None,
+    *,
+    aux: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] = EMBEDDING_AND_HEAD_PATTERNS,
+) -> list[jpb.ParamGroup]:
+    """Preset: Muon for the hidden matrices (2-D or more: conv weights too), the job's optimizer
+    (use "adamw") for embeddings and heads (names matching `exclude`) and, by default, for every
+    parameter of fewer than 2 dimensions. `muon` are Muon's hyperparameters, `aux` overrides of the
+    job's hyperparameters for embeddings and heads."""
+    return [
+        param_group("embeddings_and_heads", patterns=exclude, hyperparameters=aux),
+        param_group("muon", ndims=(2, 3, 4, 5), optimizer="muon", hyperparameters=muon),
+    ]
+
+
+def galore_param_groups(
+    galore: Mapping[str, Any] | None = None, *, patterns: Sequence[str] = ATTENTION_AND_MLP_PATTERNS
+) -> list[jpb.ParamGroup]:
+    """Preset: GaLore (rank, update_proj_gap, scale, lr ... in `galore`) for the 2-D attention and
+    MLP matrices (names matching `patterns`); every other parameter keeps the job's optimizer."""
+    return [param_group("galore", patterns=patterns, ndims=(2,), optimizer="galore", hyperparameters=galore)]
 
 
 class AsyncJobClient:
@@ -324,19 +355,20 @@ class AsyncWorker:
         return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)
 
     async def pull(
-        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32
+        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32, point: int = TRAIN
     ) -> tuple[int, F32Array, spb.StepReport | None]:
         """Wait for `min_version` on every shard and return (version, flat fp32 params, last step report).
 
         The version is the lowest any shard served (in synchronous training
-        every shard serves the same one).
+        every shard serves the same one). ``point=EVAL`` asks for the evaluation
+        point (Schedule-Free's x; the same values for every other rule).
         """
         flat = np.empty(self.total, dtype=np.float32) if out is None else out
         if flat.size != self.total or flat.dtype != np.float32:
             raise ValueError(f"out must be a float32 array of {self.total} elements")
 
         async def one(i: int) -> tuple[int, spb.StepReport | None]:
-            req = spb.PullParametersRequest(job_id=self.job_id, min_version=min_version, dtype=dtype)  # type: ignore[arg-type]
+            req = spb.PullParametersRequest(job_id=self.job_id, min_version=min_version, dtype=dtype, point=point)  # type: ignore[arg-type]
 
             async def attempt() -> tuple[int, spb.StepReport | None]:
                 version = -1

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client.aio import AsyncJobClient, AsyncWorker, ParamLike, StepResult
-from paramserver_client.codec import FLOAT32, F32Array
+from paramserver_client.codec import FLOAT32, TRAIN, F32Array
 
 T = TypeVar("T")
 
@@ -122,9 +122,12 @@ class Worker:
         """Push the gradient of the summed loss over loss_terms terms for step."""
         return self._loop.run(self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id))
 
-    def pull(self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32) -> tuple[int, F32Array, spb.StepReport | None]:
-        """(version, flat fp32 params, last step report) once min_version is published."""
-        return self._loop.run(self._w.pull(min_version, out, dtype=dtype))
+    def pull(
+        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32, point: int = TRAIN
+    ) -> tuple[int, F32Array, spb.StepReport | None]:
+        """(version, flat fp32 params, last step report) once min_version is published
+        (``point=EVAL``: the evaluation point, e.g. Schedule-Free's x)."""
+        return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point))
 
     def leave(self) -> None:
         """Leave the job (frees the worker id)."""

@@ -27,6 +27,11 @@ FLOAT32: int = int(tensor_pb2.DTYPE_FLOAT32)
 BFLOAT16: int = int(tensor_pb2.DTYPE_BFLOAT16)
 FLOAT16: int = int(tensor_pb2.DTYPE_FLOAT16)
 
+#: Pull points (paramserver.v1.ParameterPoint) as plain ints: the training point (what the
+#: optimizer updates) and the evaluation point (Schedule-Free's x; the same values otherwise).
+TRAIN: int = 1
+EVAL: int = 2
+
 #: Bytes per element of each wire dtype.
 ITEMSIZE: dict[int, int] = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
 

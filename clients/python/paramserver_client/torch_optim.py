@@ -12,6 +12,10 @@
 With a mean loss, pass ``loss_is_mean=True``: the gradient is multiplied by
 ``loss_terms`` before it is sent, so unequal batches across workers still
 average exactly over all terms.
+
+As with schedulefree's optimizers, ``opt.eval()`` loads the evaluation point
+into the model (Schedule-Free's x; the same values for every other rule) and
+``opt.train()`` the training point back; ``step()`` needs train mode.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client.client import JobClient, Worker
-from paramserver_client.codec import dtype_from_name
+from paramserver_client.codec import EVAL, TRAIN, dtype_from_name
 
 
 class RemoteOptimizer:
@@ -100,6 +104,7 @@ class RemoteOptimizer:
         self.version = int(self.worker.job.version)
         self.version, _, self.last_report = self.worker.pull(self.version, self._flat, dtype=self.wire_dtype)
         self._scatter()
+        self.training = True
 
     @property
     def worker_id(self) -> int:
@@ -138,6 +143,8 @@ class RemoteOptimizer:
 
         Returns the step's report (outcome, skip reason, grad norm, lr).
         """
+        if not self.training:
+            raise RuntimeError("step() in eval mode: call train() first (the model holds the evaluation point)")
         grad = self._gather(lambda p: p.grad)
         if loss_is_mean:
             grad *= np.float32(loss_terms)
@@ -145,6 +152,18 @@ class RemoteOptimizer:
         self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
         self._scatter()
         return self.last_report
+
+    def eval(self) -> None:
+        """Load the evaluation point of the current version into the model (schedulefree's eval())."""
+        self.worker.pull(self.version, self._flat, dtype=self.wire_dtype, point=EVAL)
+        self._scatter()
+        self.training = False
+
+    def train(self) -> None:
+        """Load the training point of the current version back into the model (schedulefree's train())."""
+        self.worker.pull(self.version, self._flat, dtype=self.wire_dtype, point=TRAIN)
+        self._scatter()
+        self.training = True
 
     def close(self, leave: bool = True) -> None:
         """Leave the job (unless leave=False) and close connections."""
