@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, Piece, State, Step, register, require, shaped
+from paramserver.optim.base import Optimizer, Piece, State, Step, check_nonnegative, register, require, shaped
 
 FP32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -62,20 +62,17 @@ class Adafactor(Optimizer):
     Hyper: ClassVar[type[Any]] = AdafactorHyper
     hyper: AdafactorHyper
 
-    @property
-    def whole_tensors(self) -> bool:
-        """Row/column factors and per-tensor RMS."""
-        return True
+    whole: ClassVar[bool] = True
+    """Row/column factors and per-tensor RMS."""
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
+        check_nonnegative(h, field, "lr", "weight_decay")
         require(h.beta2_decay <= 0, f"{field}.beta2_decay", "must be <= 0")
         require(h.eps[0] > 0, f"{field}.eps[0]", "must be > 0")
         require(h.eps[1] >= 0, f"{field}.eps[1]", "must be >= 0")
         require(h.d > 0, f"{field}.d", "must be > 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
         require(0 <= h.beta1 < 1, f"{field}.beta1", "must be in [0, 1)")
 
     def init_state(self, params: torch.Tensor) -> State:

@@ -5,7 +5,7 @@ Adam adds wd*p to the gradient. Bias correction and eps after it, as torch.
 Runs torch's fused kernel (the CPU fused AdamW is ~5x foreach on this machine).
 With ``cautious`` (C-AdamW, section 8) the update direction u = m_hat / denom is
 masked per tensor where it disagrees in sign with the gradient, which needs
-whole tensors and runs torch's single-tensor op sequence instead.
+whole tensors and runs torch's single-tensor op sequence instead, block by block.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from paramserver.optim.base import Optimizer, State, Step, check_betas, fused_supported, register, require, views
-from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
+from paramserver.optim.base import Optimizer, State, Step, blocks, check_betas, check_nonnegative, fused_supported, register, views
+from paramserver.optim.cautious import CautiousOptions, cautious_scale, check_cautious, mask_disagreeing_
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,9 +47,7 @@ class AdamWHyper(AdamHyper):
 
 def check_adam(h: AdamHyper, field: str) -> None:
     """Validate Adam's hyperparameters."""
-    require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-    require(h.eps >= 0, f"{field}.eps", "must be >= 0")
-    require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+    check_nonnegative(h, field, "lr", "eps", "weight_decay")
     check_betas(h.betas, f"{field}.betas")
     check_cautious(h, field)
 
@@ -127,6 +125,8 @@ class Adam(Optimizer):
         state["step"].add_(1)
 
     def _cautious(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
+        """torch's single-tensor Adam(W) ops block by block into an update buffer, masked as it goes;
+        then one pass applies it with the tensor's normalisation."""
         h, lr = self.hyper, step.lr
         b1, b2 = h.betas
         t = float(state["step"]) + 1
@@ -136,21 +136,22 @@ class Adam(Optimizer):
         ms, vs = views(state["exp_avg"], segments), views(state["exp_avg_sq"], segments)
         vmaxes = views(state["max_exp_avg_sq"], segments) if h.amsgrad else [None] * len(ms)
         for p, g, m, v, vmax in zip(params, grads, ms, vs, vmaxes, strict=True):
-            raw = g
-            if self.decoupled:
-                p.mul_(1 - lr * h.weight_decay)
-            elif h.weight_decay != 0:
-                g = g.add(p, alpha=h.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if vmax is not None:
-                torch.maximum(vmax, v, out=vmax)
-                denom = (vmax.sqrt() / bias_correction2_sqrt).add_(h.eps)
-            else:
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(h.eps)
-            u = m / denom
-            apply_cautious(u, raw, h)
-            p.add_(u, alpha=-step_size)
+            u, kept = torch.empty_like(p), 0
+            for a, b in blocks(p.numel()):
+                pb, gb, mb, vb, ub = p[a:b], g[a:b], m[a:b], v[a:b], u[a:b]
+                raw = gb
+                if self.decoupled:
+                    pb.mul_(1 - lr * h.weight_decay)
+                elif h.weight_decay != 0:
+                    gb = gb.add(pb, alpha=h.weight_decay)
+                mb.lerp_(gb, 1 - b1)
+                vb.mul_(b2).addcmul_(gb, gb, value=1 - b2)
+                if vmax is not None:
+                    torch.maximum(vmax[a:b], vb, out=vmax[a:b])
+                    vb = vmax[a:b]
+                torch.div(mb, (vb.sqrt() / bias_correction2_sqrt).add_(h.eps), out=ub)
+                kept += mask_disagreeing_(ub, raw)
+            p.add_(u, alpha=-step_size * cautious_scale(kept, p.numel(), h))
 
 
 @register

@@ -115,6 +115,7 @@ class Optimizer(ABC):
     Attributes:
         name: the registry name ("adamw").
         hyper: the parsed hyperparameters (a frozen dataclass with an ``lr``).
+        whole: True when the rule always needs whole tensors (see :attr:`whole_tensors`).
         handles_nan: True when the rule itself deals with NaN gradients (Tiger's guard); a job
             whose every group handles them does not skip steps with a NaN gradient norm.
         eval_keys: the group state names that :meth:`eval_point` reads (none: x is the params).
@@ -122,6 +123,7 @@ class Optimizer(ABC):
 
     name: ClassVar[str]
     Hyper: ClassVar[type[Any]]
+    whole: ClassVar[bool] = False
     handles_nan: ClassVar[bool] = False
     eval_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -137,7 +139,7 @@ class Optimizer(ABC):
     def whole_tensors(self) -> bool:
         """True when the rule needs each parameter whole on one shard (matrix rules, per-tensor
         scalars); the placement then never splits this group's parameters."""
-        return False
+        return self.whole
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges (raise ConfigError naming the field)."""
@@ -251,6 +253,12 @@ def require(cond: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
+def check_nonnegative(hyper: Any, field: str, *names: str) -> None:
+    """Each named hyperparameter >= 0."""
+    for name in names:
+        require(getattr(hyper, name) >= 0, f"{field}.{name}", "must be >= 0")
+
+
 def require_one_of(value: str, choices: Sequence[str], field: str) -> None:
     """Raise ConfigError(field) unless value is one of choices."""
     require(value in choices, field, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
@@ -260,6 +268,18 @@ def check_betas(betas: Sequence[float], field: str, closed: bool = False) -> Non
     """Each beta in [0, 1) (or [0, 1] when closed)."""
     for i, b in enumerate(betas):
         require(0 <= b <= 1 if closed else 0 <= b < 1, f"{field}[{i}]", f"must be in [0, 1{']' if closed else ')'}")
+
+
+#: Elements per block of the element-wise rules that make several passes over a tensor: a 512 KiB
+#: block stays in cache from one pass to the next (the reference implementations stream whole
+#: tensors through memory once per operation). A multiple of every SIMD width, so each block's
+#: vector loop and scalar tail fall where they would over the whole tensor: the bits do not change.
+BLOCK = 1 << 17
+
+
+def blocks(n: int, size: int = BLOCK) -> list[tuple[int, int]]:
+    """[start, end) blocks of `size` elements covering n elements."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def shaped(t: torch.Tensor, piece: Piece) -> torch.Tensor:

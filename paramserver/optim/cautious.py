@@ -49,3 +49,18 @@ def apply_cautious(update: torch.Tensor, grad: torch.Tensor, h: CautiousOptions)
     else:
         mask.div_(mask.mean().clamp(min=h.cautious_clamp))
     update.mul_(mask)
+
+
+def cautious_scale(kept: int, numel: int, h: CautiousOptions) -> float:
+    """The factor of the kept coordinates of a tensor of `numel` elements where `kept` agree."""
+    if h.cautious_normalization == "count":
+        return numel / (kept + 1)
+    return 1.0 / max(kept / numel, h.cautious_clamp)
+
+
+def mask_disagreeing_(update: torch.Tensor, grad: torch.Tensor) -> int:
+    """Zero the coordinates where update and gradient disagree in sign, in place; return how
+    many were kept (for :func:`cautious_scale`, once every block of the tensor is masked)."""
+    keep = update * grad > 0
+    update.mul_(keep)
+    return int(keep.sum())

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, Param, Piece, State, Step, check_betas, register, require, shaped
+from paramserver.optim.base import Optimizer, Param, Piece, State, Step, check_betas, check_nonnegative, register, require, shaped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,17 +65,13 @@ class GaLore(Optimizer):
     Hyper: ClassVar[type[Any]] = GaLoreHyper
     hyper: GaLoreHyper
 
-    @property
-    def whole_tensors(self) -> bool:
-        """SVD and projections need the whole matrix."""
-        return True
+    whole: ClassVar[bool] = True
+    """SVD and projections need the whole matrix."""
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(h.eps >= 0, f"{field}.eps", "must be >= 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+        check_nonnegative(h, field, "lr", "eps", "weight_decay")
         check_betas(h.betas, f"{field}.betas")
         require(h.rank >= 1, f"{field}.rank", "must be >= 1")
         require(h.update_proj_gap >= 1, f"{field}.update_proj_gap", "must be >= 1")

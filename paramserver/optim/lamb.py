@@ -5,7 +5,8 @@
     trust = ||p|| / ||u||  if both > 0, else 1            (per tensor; adapt=False: 1)
     p = p - lr * trust * u
 
-The trust ratio is per tensor, so LAMB needs whole tensors. Exclude biases and norms from decay
+The trust ratio is per tensor, so LAMB needs whole tensors. One blocked pass computes the moments,
+u and both norms (sums of squares accumulated in float64), a second applies the update. Exclude biases and norms from decay
 and adaptation with a param group (e.g. {"weight_decay": 0, "adapt": false}).
 """
 
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, State, Step, check_betas, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, blocks, check_betas, check_nonnegative, register, views
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,17 +47,13 @@ class Lamb(Optimizer):
     Hyper: ClassVar[type[Any]] = LambHyper
     hyper: LambHyper
 
-    @property
-    def whole_tensors(self) -> bool:
-        """The trust ratio is per tensor."""
-        return True
+    whole: ClassVar[bool] = True
+    """The trust ratio is per tensor."""
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(h.eps >= 0, f"{field}.eps", "must be >= 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+        check_nonnegative(h, field, "lr", "eps", "weight_decay")
         check_betas(h.betas, f"{field}.betas")
 
     def init_state(self, params: torch.Tensor) -> State:
@@ -76,13 +73,16 @@ class Lamb(Optimizer):
         bc1, bc2 = (1 - b1**t, 1 - b2**t) if h.bias_correction else (1.0, 1.0)
         segments = step.segments
         for p, g, m, v in zip(params, grads, views(state["exp_avg"], segments), views(state["exp_avg_sq"], segments), strict=True):
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            u = (m / bc1).div_((v / bc2).sqrt_().add_(h.eps))
-            if h.weight_decay != 0:
-                u.add_(p, alpha=h.weight_decay)
-            if h.adapt:
-                w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                u.mul_(trust)
-            p.add_(u, alpha=-lr)
+            u, p_sq, u_sq = torch.empty_like(p), 0.0, 0.0
+            for a, b in blocks(p.numel()):  # one pass for the moments, u and both norms
+                pb, gb, mb, vb, ub = p[a:b], g[a:b], m[a:b], v[a:b], u[a:b]
+                mb.mul_(b1).add_(gb, alpha=1 - b1)
+                vb.mul_(b2).addcmul_(gb, gb, value=1 - b2)
+                torch.div(mb, bc1, out=ub).div_((vb / bc2).sqrt_().add_(h.eps))
+                if h.weight_decay != 0:
+                    ub.add_(pb, alpha=h.weight_decay)
+                if h.adapt:  # (not torch.dot: MKL's result depends on the block's memory alignment)
+                    p_sq += float(torch.linalg.vector_norm(pb)) ** 2
+                    u_sq += float(torch.linalg.vector_norm(ub)) ** 2
+            trust = (p_sq / u_sq) ** 0.5 if h.adapt and p_sq > 0 and u_sq > 0 else 1.0
+            p.add_(u, alpha=-lr * trust)

@@ -9,8 +9,8 @@ rule replaces the decay schedule; its own warmup is ``warmup_steps``):
     y = lerp(y, z, c);  y += lr_k * (b1 (1-c) - 1) * d;  z -= lr_k * d
 
 The evaluation point x = y + (1 - 1/b1)(z - y) (what schedulefree's ``eval()`` swaps in) is what
-a pull or an export asks for with the EVAL point. Element-wise, with schedulefree's foreach op
-sequence: bit-identical to it for y and x. lr_max and the weight sum are kept in float64, as the
+a pull or an export asks for with the EVAL point. Element-wise, with schedulefree's op sequence
+(block by block, for the cache): bit-identical to it for y and x, both of its paths. lr_max and the weight sum are kept in float64, as the
 reference keeps them in Python floats.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, State, Step, check_betas, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, blocks, check_betas, check_nonnegative, register, require, views
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +57,7 @@ class ScheduleFreeAdamW(Optimizer):
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(h.eps >= 0, f"{field}.eps", "must be >= 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+        check_nonnegative(h, field, "lr", "eps", "weight_decay")
         check_betas(h.betas, f"{field}.betas")
         require(h.betas[0] > 0, f"{field}.betas[0]", "must be > 0 (x = y + (1 - 1/b1)(z - y))")
         require(h.warmup_steps >= 0, f"{field}.warmup_steps", "must be >= 0")
@@ -90,21 +88,21 @@ class ScheduleFreeAdamW(Optimizer):
             ckp1 = weight / weight_sum
         except ZeroDivisionError:
             ckp1 = 0.0
-        y, grad = list(params), list(grads)
-        z, exp_avg_sq = views(state["z"], step.segments), views(state["exp_avg_sq"], step.segments)
-        if k == 0:
-            torch._foreach_copy_(z, y)
-        torch._foreach_mul_(exp_avg_sq, b2)
-        torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - b2)
-        denom = torch._foreach_div(exp_avg_sq, bias_correction2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, h.eps)
-        torch._foreach_div_(grad, denom)
-        if h.weight_decay != 0:
-            torch._foreach_add_(grad, y, alpha=h.weight_decay)
-        torch._foreach_lerp_(y, z, weight=ckp1)
-        torch._foreach_add_(y, grad, alpha=lr * (b1 * (1 - ckp1) - 1))
-        torch._foreach_sub_(z, grad, alpha=lr)
+        coef = lr * (b1 * (1 - ckp1) - 1)
+        segments = step.segments
+        for y, g, z, v in zip(params, grads, views(state["z"], segments), views(state["exp_avg_sq"], segments), strict=True):
+            for a, b in blocks(y.numel()):  # block by block: the ten passes reuse the cache
+                yb, gb, zb, vb = y[a:b], g[a:b], z[a:b], v[a:b]
+                if k == 0:
+                    zb.copy_(yb)
+                vb.mul_(b2).addcmul_(gb, gb, value=1 - b2)
+                denom = vb.div(bias_correction2).sqrt_().add_(h.eps)
+                gb.div_(denom)
+                if h.weight_decay != 0:
+                    gb.add_(yb, alpha=h.weight_decay)
+                yb.lerp_(zb, weight=ckp1)
+                yb.add_(gb, alpha=coef)
+                zb.sub_(gb, alpha=lr)
         state["k"].add_(1)
         state["lr_max"].fill_(lr_max)
         state["weight_sum"].fill_(weight_sum)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from paramserver.optim.base import Optimizer, State, Step, fused_supported, register, require, views
+from paramserver.optim.base import Optimizer, State, Step, check_nonnegative, fused_supported, register, require, views
 from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
@@ -51,9 +51,7 @@ class SGD(Optimizer):
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
-        require(h.momentum >= 0, f"{field}.momentum", "must be >= 0")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
+        check_nonnegative(h, field, "lr", "momentum", "weight_decay")
         if h.nesterov:
             require(h.momentum > 0 and h.dampening == 0, f"{field}.nesterov", "needs momentum > 0 and dampening == 0")
         check_cautious(h, field)
@@ -92,7 +90,7 @@ class SGD(Optimizer):
         h = self.hyper
         first = "momentum_buffer" not in state
         if first:
-            state["momentum_buffer"] = torch.empty(sum(n for _, n in step.segments), dtype=torch.float32, device=params[0].device)
+            state["momentum_buffer"] = torch.empty(sum(n for _, n in step.segments), dtype=params[0].dtype, device=params[0].device)
         for p, g, buf in zip(params, grads, views(state["momentum_buffer"], step.segments), strict=True):
             d = g.add(p, alpha=h.weight_decay) if h.weight_decay != 0 else g
             if first:

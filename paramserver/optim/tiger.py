@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paramserver.optim.base import Optimizer, Param, State, Step, register, require, shaped, views
+from paramserver.optim.base import Optimizer, Param, State, Step, check_nonnegative, register, require, shaped, views
 
 
 class Role(Enum):
@@ -83,17 +83,14 @@ class TigerFull(Optimizer):
         super().__init__(hyper)
         self.roles: dict[int, Role] = {}
 
-    @property
-    def whole_tensors(self) -> bool:
-        """Per-tensor RMS and NaN flags."""
-        return True
+    whole: ClassVar[bool] = True
+    """Per-tensor RMS and NaN flags."""
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges and patterns."""
         h = self.hyper
-        require(h.lr >= 0, f"{field}.lr", "must be >= 0")
+        check_nonnegative(h, field, "lr", "weight_decay")
         require(0 <= h.beta <= 1, f"{field}.beta", "must be in [0, 1]")
-        require(h.weight_decay >= 0, f"{field}.weight_decay", "must be >= 0")
         require(0 <= h.shrink_ratio <= 1, f"{field}.shrink_ratio", "must be in [0, 1]")
         for key in ("gain_pattern", "bias_pattern", "embedding_pattern"):
             try:

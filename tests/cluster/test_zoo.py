@@ -148,7 +148,7 @@ def test_muon_with_adamw_for_the_rest_is_bitwise_torch(address: str, job_id: str
     settings = {
         "optimizer": "adamw",
         "hyperparameters": {"lr": 3e-3, "weight_decay": 0.01},
-        "param_groups": muon_param_groups({"lr": 0.02, "weight_decay": 0.1}),
+        "param_groups": muon_param_groups({"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "bfloat16"}),
         "schedule": sched[0],
         "schedule_parameters": sched[1],
     }

@@ -12,12 +12,12 @@ from lion_pytorch.cautious_lion import Lion as RefCautiousLion
 
 from paramserver.jobconfig import JobConfig
 from paramserver.optim import build
-from paramserver.optim.base import views
+from paramserver.optim.base import BLOCK, views
 from paramserver.optim.cautious import CautiousOptions, apply_cautious
 from tests.helpers import pieces, step
 from tests.references import CautiousAdamW
 
-SHAPES: list[tuple[int, ...]] = [(37, 11), (23,), (11, 5)]
+SHAPES: list[tuple[int, ...]] = [(37, 11), (23,), (11, 5), (2 * BLOCK + 5,)]  # one of several blocks
 TOTAL = sum(torch.Size(s).numel() for s in SHAPES)
 
 
@@ -44,8 +44,10 @@ def test_c_lion_is_bitwise_lion_pytorch_cautious() -> None:
 
 @pytest.mark.parametrize("how", ["mean", "count"])
 def test_c_adamw_matches_the_formula(how: str) -> None:
-    p0 = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0))
-    grads = _grads(100)
+    """In float64 (the rule is dtype-agnostic): in fp32 a coordinate whose update is within rounding
+    of 0 may flip its mask, which moves the whole tensor's normalisation by 1/numel."""
+    p0 = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = [g.double() for g in _grads(100)]
     opt = build("adamw", {"lr": 1e-2, "weight_decay": 0.1, "cautious": True, "cautious_normalization": how})
     ps = pieces(SHAPES)
     flat, state, segs = p0.clone(), opt.init_state(p0), step(0, ps).segments
@@ -55,7 +57,7 @@ def test_c_adamw_matches_the_formula(how: str) -> None:
     for g in grads:
         ref.step([v.numpy() for v in views(g, segs)], 1e-2, how)
     expected = torch.from_numpy(np.concatenate([x.reshape(-1) for x in ref.p]))
-    assert float((flat.double() - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert float((flat - expected).abs().max() / expected.abs().max()) <= 1e-10
     plain = build("adamw", {"lr": 1e-2, "weight_decay": 0.1})
     other, pstate = p0.clone(), plain.init_state(p0)
     for g in grads:
@@ -64,8 +66,9 @@ def test_c_adamw_matches_the_formula(how: str) -> None:
 
 
 def test_c_sgd_nesterov_matches_the_formula() -> None:
-    p0 = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0))
-    grads = _grads(60)
+    """In float64, as C-AdamW's test."""
+    p0 = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = [g.double() for g in _grads(60)]
     opt = build("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "cautious": True})
     ps = pieces(SHAPES)
     flat, state, segs = p0.clone(), opt.init_state(p0), step(0, ps).segments
@@ -81,7 +84,7 @@ def test_c_sgd_nesterov_matches_the_formula() -> None:
             phi = (u * gv > 0).double()
             p.sub_(0.05 * u * phi / max(float(phi.mean()), 1e-3))
     ref = torch.cat(refs)
-    assert float((flat.double() - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert float((flat - ref).abs().max() / ref.abs().max()) <= 1e-10
 
 
 def test_the_mask_drops_disagreeing_coordinates_and_rescales() -> None:

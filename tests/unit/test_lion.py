@@ -50,3 +50,22 @@ def test_lion_bad_beta_names_the_field() -> None:
     with pytest.raises(ConfigError) as err:
         build("lion", {"betas": [0.9, 1.5]}, "spec.optimizer")
     assert err.value.field == "spec.optimizer.hyperparameters.betas[1]"
+
+
+def test_tensors_larger_than_a_block_stay_bitwise() -> None:
+    """Lion runs block by block (cache reuse); over tensors of several blocks it is still lion-pytorch."""
+    from paramserver.optim.base import BLOCK
+
+    n = 3 * BLOCK + 1001
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    opt = build("lion", {"lr": 3e-4, "weight_decay": 0.1})
+    flat, state = p0.clone(), opt.init_state(p0)
+    ref_p = p0.clone().requires_grad_(True)
+    ref = RefLion([ref_p], lr=3e-4, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        g = torch.randn(n, generator=gen)
+        opt.update([flat], [g.clone()], state, step(3e-4, pieces([(n,)])))
+        ref_p.grad = g.clone()
+        ref.step()
+    assert torch.equal(flat, ref_p.detach())

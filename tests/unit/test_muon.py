@@ -35,9 +35,12 @@ def _unflat(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Ten
 @pytest.mark.parametrize(
     ("hyper", "ref_kw"),
     [
-        ({"lr": 0.02, "weight_decay": 0.1}, {}),
-        ({"lr": 0.02, "weight_decay": 0.0, "nesterov": False, "momentum": 0.9}, {"nesterov": False, "momentum": 0.9}),
-        ({"lr": 1e-3, "weight_decay": 0.1, "adjust_lr": "match_rms_adamw"}, {"adjust_lr_fn": "match_rms_adamw"}),
+        ({"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "bfloat16"}, {}),
+        (
+            {"lr": 0.02, "weight_decay": 0.0, "nesterov": False, "momentum": 0.9, "ns_dtype": "bfloat16"},
+            {"nesterov": False, "momentum": 0.9},
+        ),
+        ({"lr": 1e-3, "weight_decay": 0.1, "adjust_lr": "match_rms_adamw", "ns_dtype": "bfloat16"}, {"adjust_lr_fn": "match_rms_adamw"}),
     ],
     ids=["nesterov-wd", "plain-momentum", "match-rms-adamw"],
 )
@@ -65,7 +68,7 @@ def test_conv_weight_is_muon_on_its_matrix_view() -> None:
     flat = _flat([shape], 2)
     ref_p = flat.clone().view(8, 27).requires_grad_(True)
     ref = torch.optim.Muon([ref_p], lr=0.02, weight_decay=0.01)
-    opt = build("muon", {"lr": 0.02, "weight_decay": 0.01})
+    opt = build("muon", {"lr": 0.02, "weight_decay": 0.01, "ns_dtype": "bfloat16"})
     state, ps = opt.init_state(flat), pieces([shape])
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):
@@ -84,7 +87,7 @@ def test_bf16_is_close_to_keller_jordans_muon_per_step() -> None:
     flat = _flat(shapes, 4)
     refs = [torch.nn.Parameter(t.clone()) for t in _unflat(flat, shapes)]
     ref = SingleDeviceMuon(refs, lr=0.02, weight_decay=0.0, momentum=0.95)
-    opt = build("muon", {"lr": 0.02, "weight_decay": 0.0})
+    opt = build("muon", {"lr": 0.02, "weight_decay": 0.0, "ns_dtype": "bfloat16"})
     state, ps = opt.init_state(flat), pieces(shapes)
     segs = step(0, ps).segments
     gen = torch.Generator().manual_seed(5)
@@ -153,3 +156,26 @@ def test_muon_rejects_vectors_naming_the_parameter() -> None:
     with pytest.raises(ConfigError) as err:
         cfg.validate()
     assert err.value.field == "spec.parameters[1].shape"
+
+
+def test_auto_is_float32_on_cpu_and_within_bf16_tolerance_of_torch() -> None:
+    """The default ns_dtype "auto" runs fp32 on a CPU: each step within 5e-2 relative Frobenius of
+    torch.optim.Muon's bf16 step (optimizers.md 5), and exactly the "float32" setting."""
+    flat = _flat(SHAPES, 9)
+    auto, fp32 = build("muon", {"lr": 0.02}), build("muon", {"lr": 0.02, "ns_dtype": "float32"})
+    ps = pieces(SHAPES)
+    segs = step(0, ps).segments
+    g = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(10))
+    a, b = flat.clone(), flat.clone()
+    auto.update(views(a, segs), views(g.clone(), segs), auto.init_state(a), step(0.02, ps))
+    fp32.update(views(b, segs), views(g.clone(), segs), fp32.init_state(b), step(0.02, ps))
+    assert torch.equal(a, b)
+    refs = [t.clone().requires_grad_(True) for t in _unflat(flat, SHAPES)]
+    ref = torch.optim.Muon(refs, lr=0.02)
+    for r, gr in zip(refs, _unflat(g, SHAPES), strict=True):
+        r.grad = gr.clone()
+    ref.step()
+    for ours_d, ref_d in zip(
+        _unflat(a - flat, SHAPES), [r.detach() - t for r, t in zip(refs, _unflat(flat, SHAPES), strict=True)], strict=True
+    ):
+        assert float((ours_d - ref_d).norm() / ref_d.norm()) <= 5e-2

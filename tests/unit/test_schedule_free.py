@@ -9,10 +9,10 @@ import torch
 from schedulefree import AdamWScheduleFree
 
 from paramserver.optim import build
-from paramserver.optim.base import views
+from paramserver.optim.base import BLOCK, views
 from tests.helpers import pieces, step
 
-SHAPES: list[tuple[int, ...]] = [(37, 11), (23,), (), (11, 5)]
+SHAPES: list[tuple[int, ...]] = [(37, 11), (23,), (), (11, 5), (3 * BLOCK + 7,)]  # one of several blocks
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["ref-foreach", "ref-single-tensor"])
