@@ -223,8 +223,22 @@ class ShardState:
         if n == 0:
             return ShardStats(self.index, 0.0, 0)
         self.grad.div_(n)
-        norm = float(torch.linalg.vector_norm(self.grad))
-        return ShardStats(self.index, norm * norm if math.isfinite(norm) else norm, n)
+        return ShardStats(self.index, self._sumsq(), n)
+
+    def _sumsq(self) -> float:
+        """Sum of squares of the gradient of the parameters the next update trains (all of them
+        unless a rule freezes some, as LISA does: like frozen torch parameters, whose grad is None,
+        they are outside the clip norm and the non-finite check). inf or nan if non-finite."""
+        if not any(self.optimizers[g].freezes for g in self.groups):
+            norm = float(torch.linalg.vector_norm(self.grad))
+            return norm * norm if math.isfinite(norm) else norm
+        total = 0.0
+        for g, group in self.groups.items():
+            opt = self.optimizers[g]
+            for (a, n), piece in zip(group.local, group.pieces, strict=True):
+                if not opt.freezes or opt.trains(piece.param, self.applied):
+                    total += float(torch.linalg.vector_norm(self.grad[a : a + n])) ** 2
+        return total
 
     def apply(self, decision: Decision) -> StepReport:
         """Apply (or skip) the decided step and publish the next version."""
@@ -283,6 +297,15 @@ class ShardState:
         if not ranges:
             self._cache[key] = result
         return result
+
+    def frozen_parameters(self) -> list[int]:
+        """Indices of the parameters with a piece here that the next update does not train."""
+        out = []
+        for g, group in self.groups.items():
+            opt = self.optimizers[g]
+            if opt.freezes:
+                out += [p.param.index for p in group.pieces if not opt.trains(p.param, self.applied)]
+        return sorted(set(out))
 
     def eval_params(self) -> torch.Tensor:
         """The parameters at the evaluation point (the parameters themselves unless some group's

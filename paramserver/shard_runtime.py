@@ -62,6 +62,17 @@ class PushResult:
 
 
 @dataclass(frozen=True)
+class Publication:
+    """What a pull serves: the version, the step report that produced it, the encoded chunks
+    [(offset, count, message)], and the parameters the next update will not train."""
+
+    version: int
+    report: StepReport | None
+    chunks: list[tuple[int, int, bytes]]
+    frozen: list[int]
+
+
+@dataclass(frozen=True)
 class PushHeader:
     """The header of a push, as plain values."""
 
@@ -218,14 +229,12 @@ class ShardRuntime:
         if self._closed:
             raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "the shard is shutting down")
 
-    async def publication(
-        self, dtype: int, ranges: Sequence[Span], point: int = TRAIN
-    ) -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
+    async def publication(self, dtype: int, ranges: Sequence[Span], point: int = TRAIN) -> Publication:
         """The current version's parameters (at `point`) encoded in `dtype` (optionally a subset)."""
 
-        def read() -> tuple[int, StepReport | None, list[tuple[int, int, bytes]]]:
+        def read() -> Publication:
             version, chunks = self.state.publication(dtype, ranges, point)
-            return version, self.state.last_report, chunks
+            return Publication(version, self.state.last_report, chunks, self.state.frozen_parameters())
 
         return await asyncio.to_thread(self._locked, read)
 

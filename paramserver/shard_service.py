@@ -117,11 +117,12 @@ class ShardServicer:
             raise ParamServerError.invalid("point", f"unknown parameter point {point}")
         ranges = [Span(r.start, r.length) for r in request.ranges]
         await self.runtime.wait_version(request.min_version)
-        version, report, chunks = await self.runtime.publication(dtype, ranges, point)
+        pub = await self.runtime.publication(dtype, ranges, point)
+        elements = sum(n for _, n, _ in pub.chunks)
         yield pb.PullParametersResponse(
-            header=pb.PullHeader(version=version, elements=sum(n for _, n, _ in chunks), last_step=report_pb(report))
+            header=pb.PullHeader(version=pub.version, elements=elements, last_step=report_pb(pub.report), frozen_parameters=pub.frozen)
         )
-        for _, _, message in chunks:
+        for _, _, message in pub.chunks:
             yield message  # already a serialised PullParametersResponse (see add_shard_service)
 
 

@@ -116,6 +116,7 @@ class Optimizer(ABC):
         name: the registry name ("adamw").
         hyper: the parsed hyperparameters (a frozen dataclass with an ``lr``).
         whole: True when the rule always needs whole tensors (see :attr:`whole_tensors`).
+        freezes: True when some updates leave some parameters out (see :meth:`trains`).
         handles_nan: True when the rule itself deals with NaN gradients (Tiger's guard); a job
             whose every group handles them does not skip steps with a NaN gradient norm.
         eval_keys: the group state names that :meth:`eval_point` reads (none: x is the params).
@@ -124,6 +125,7 @@ class Optimizer(ABC):
     name: ClassVar[str]
     Hyper: ClassVar[type[Any]]
     whole: ClassVar[bool] = False
+    freezes: ClassVar[bool] = False
     handles_nan: ClassVar[bool] = False
     eval_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -153,6 +155,11 @@ class Optimizer(ABC):
         """Called once with the group's parameters before any update (e.g. LISA's layer map);
         `field` names the group's hyperparameters for errors."""
         return None
+
+    def trains(self, param: Param, count: int) -> bool:
+        """Whether the update with index `count` trains this parameter (a frozen one is left out
+        of the clip norm and the non-finite check, as torch leaves out parameters with no grad)."""
+        return True
 
     def init_state(self, params: torch.Tensor) -> State:
         """The initial flat state for the group's elements (the template's size and device)."""

@@ -12,7 +12,8 @@ are drawn without replacement, seeded and reproducible anywhere:
 
 Active parameters get torch's AdamW update with their own step counter (as torch.optim.AdamW
 keeps per tensor); inactive ones are not touched at all: parameters, moments and step count stay
-as they were, as when LMFlow freezes them. Element-wise, so tensors may be split across shards.
+as they were, as when LMFlow freezes them, and their gradients (workers may send zeros) are left
+out of the global clip norm and the non-finite check, as frozen torch parameters' are. Element-wise, so tensors may be split across shards.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ class Lisa(Optimizer):
     name = "lisa"
     Hyper: ClassVar[type[Any]] = LisaHyper
     hyper: LisaHyper
+    freezes: ClassVar[bool] = True
 
     def __init__(self, hyper: Any) -> None:
         super().__init__(hyper)
         self.layer_of: dict[int, int] = {}
         self.layers: list[int] = []
+        self._drawn: tuple[int, set[int]] = (-1, set())
 
     def check(self, field: str) -> None:
         """Validate the hyperparameters' ranges and the layer pattern."""
@@ -88,16 +91,24 @@ class Lisa(Optimizer):
             if m is not None and m.group(1).isdigit():
                 self.layer_of[p.index] = int(m.group(1))
         self.layers = sorted(set(self.layer_of.values()))
+        self._drawn = (-1, set())
         require(bool(self.layers) or not params, f"{field}.layer_pattern", "matches no parameter name of the group (no layers to sample)")
 
     def active(self, count: int) -> set[int]:
         """The layers active for the update with index `count`."""
-        return sample_layers(self.layers, self.hyper.active_layers, self.hyper.seed, count // self.hyper.interval_steps)
+        window = count // self.hyper.interval_steps
+        if self._drawn[0] != window:
+            self._drawn = (window, sample_layers(self.layers, self.hyper.active_layers, self.hyper.seed, window))
+        return self._drawn[1]
 
     def is_active(self, param: Param, active: set[int]) -> bool:
         """Whether a parameter is updated in a window with these active layers."""
         layer = self.layer_of.get(param.index)
         return layer is None or layer in active
+
+    def trains(self, param: Param, count: int) -> bool:
+        """Whether the update with index `count` trains this parameter."""
+        return self.is_active(param, self.active(count))
 
     def init_state(self, params: torch.Tensor) -> State:
         """Zero moments (step counters are per tensor)."""

@@ -390,6 +390,7 @@ class PullHeader(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ELEMENTS_FIELD_NUMBER: _builtins.int
     LAST_STEP_FIELD_NUMBER: _builtins.int
+    FROZEN_PARAMETERS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version served (>= min_version)."""
     elements: _builtins.int
@@ -398,16 +399,26 @@ class PullHeader(_message.Message):
     def last_step(self) -> Global___StepReport:
         """The report of the step that produced this version (absent for 0)."""
 
+    @_builtins.property
+    def frozen_parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Parameters (indices into JobSpec.parameters) with elements on this
+        shard whose gradient the next update ignores, e.g. the layers LISA has
+        frozen for the current window. A worker may skip computing their
+        gradients and push zeros for them; they are left out of the clip norm
+        and the non-finite check. Empty for rules that train every parameter.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         elements: _builtins.int = ...,
         last_step: Global___StepReport | None = ...,
+        frozen_parameters: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_step", b"last_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elements", b"elements", "last_step", b"last_step", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elements", b"elements", "frozen_parameters", b"frozen_parameters", "last_step", b"last_step", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

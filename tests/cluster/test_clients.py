@@ -133,3 +133,53 @@ def test_jobs_are_listed_and_deleted(address: str, job_id: str) -> None:
         assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
         jc.delete_job(job_id)
         assert job_id not in {j.job_id for j in jc.list_jobs()}
+
+
+def test_remote_optimizer_skips_the_layers_lisa_froze(address: str, job_id: str) -> None:
+    """The pull header names the parameters the next update does not train; RemoteOptimizer turns
+    their requires_grad off, so backward skips them, and training equals torch AdamW with those
+    layers frozen."""
+    from paramserver.optim.lisa import sample_layers
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict(
+            {
+                "embed": torch.nn.Linear(4, 8),
+                "blocks": torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(3)]),
+                "head": torch.nn.Linear(8, 1),
+            }
+        )
+
+    def forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(m["embed"](x))  # type: ignore[index]
+        for blk in m["blocks"]:  # type: ignore[index]
+            h = torch.tanh(blk(h))
+        return m["head"](h)  # type: ignore[index, no-any-return]
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(dim=1, keepdim=True)
+    hyper = {"lr": 1e-2, "active_layers": 1, "interval_steps": 3, "seed": 5}
+    model = make()
+    names = [n for n, _ in model.named_parameters()]
+    opt = RemoteOptimizer(model.named_parameters(), address, job_id, optimizer="lisa", hyperparameters=hyper, num_shards=2)
+    ref_model = make()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
+    for s in range(9):
+        active = sample_layers([0, 1, 2], 1, 5, s // 3)
+        frozen = {i for i, n in enumerate(names) if n.startswith("blocks.") and int(n.split(".")[1]) not in active}
+        assert opt.worker.frozen == frozen
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(forward(model, x), y, reduction="sum").backward()
+        assert all((p.grad is None) == (i in frozen) for i, p in enumerate(model.parameters()))
+        opt.step(loss_terms=1)
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(forward(ref_model, x), y, reduction="sum").backward()
+        for i, p in enumerate(ref_model.parameters()):
+            if i in frozen:
+                p.grad = None
+        ref.step()
+    opt.close()
+    assert all(p.requires_grad for p in model.parameters())
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

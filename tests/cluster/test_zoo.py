@@ -185,23 +185,38 @@ def test_c_lion_is_bitwise_lion_pytorch(address: str, job_id: str) -> None:
     assert np.array_equal(ours, flat_of(ref))
 
 
-def test_lisa_is_bitwise_torch_adamw_with_frozen_layers(address: str, job_id: str) -> None:
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["no-clip", "clip"])
+def test_lisa_is_torch_adamw_with_frozen_layers(address: str, job_id: str, clip: float) -> None:
+    """Bitwise without clipping; with it, frozen layers' gradients are outside the clip norm as in
+    torch (their grad is None), and only the fp64 cross-shard norm differs (1e-6)."""
     p0 = p0_of(5)
     hyper = {"lr": 1e-2, "weight_decay": 0.1, "active_layers": 1, "interval_steps": 7, "seed": 11}
-    ours, _ = run_service(address, job_id, {"optimizer": "lisa", "hyperparameters": hyper}, p0)
+    ours, _ = run_service(address, job_id, {"optimizer": "lisa", "hyperparameters": hyper, "max_grad_norm": clip}, p0)
     layer = [int(n.split(".")[1]) if n.startswith("blocks.") else None for n in NAMES]
     seen: set[int] = set()
 
-    def freeze(s: int, ps: list[torch.nn.Parameter]) -> None:
+    def freeze(s: int, ps: list[torch.nn.Parameter], clip_frozen_too: bool = False) -> None:
         active = sample_layers([0, 1], 1, 11, s // 7)
         seen.update(active)
+        if clip and clip_frozen_too:
+            torch.nn.utils.clip_grad_norm_(ps, clip)
         for p, lay in zip(ps, layer, strict=True):
             if lay is not None and lay not in active:
                 p.grad = None
+        if clip and not clip_frozen_too:
+            torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], clip)
 
-    ref = torch_reference(lambda ps: [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)], p0, before_step=freeze)
+    def make(ps: list[torch.nn.Parameter]) -> list[torch.optim.Optimizer]:
+        return [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)]
+
+    ref = flat_of(torch_reference(make, p0, before_step=freeze))
     assert seen == {0, 1}
-    assert np.array_equal(ours, flat_of(ref))
+    if not clip:
+        assert np.array_equal(ours, ref)
+        return
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-6
+    wrong = flat_of(torch_reference(make, p0, before_step=lambda s, ps: freeze(s, ps, clip_frozen_too=True)))
+    assert np.abs(ours - wrong).max() / np.abs(wrong).max() > 1e-4
 
 
 def test_schedule_free_is_bitwise_schedulefree_for_y_and_x(address: str, job_id: str, tmp_path: Path) -> None:

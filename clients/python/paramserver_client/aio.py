@@ -278,6 +278,10 @@ class AsyncWorker:
         self.total = int(job.total_elements)
         self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
         self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
+        self.frozen: frozenset[int] = frozenset()
+        """Parameters (indices into the model description) the update after the last pulled
+        version does not train (e.g. LISA's frozen layers): their gradients may be skipped and
+        sent as zeros."""
 
     @classmethod
     async def join(cls, address: str, job_id: str, worker_name: str = "", **kwargs: Any) -> AsyncWorker:
@@ -367,6 +371,8 @@ class AsyncWorker:
         if flat.size != self.total or flat.dtype != np.float32:
             raise ValueError(f"out must be a float32 array of {self.total} elements")
 
+        frozen: set[int] = set()
+
         async def one(i: int) -> tuple[int, spb.StepReport | None]:
             req = spb.PullParametersRequest(job_id=self.job_id, min_version=min_version, dtype=dtype, point=point)  # type: ignore[arg-type]
 
@@ -383,6 +389,7 @@ class AsyncWorker:
                         head = spb.PullParametersResponse.FromString(raw).header
                         version = int(head.version)
                         report = head.last_step if head.HasField("last_step") else None
+                        frozen.update(int(k) for k in head.frozen_parameters)
                         continue
                     offset, count, wire, start, length = parsed
                     if wire not in ITEMSIZE or length != count * ITEMSIZE[wire] or offset + count > self.total:
@@ -399,4 +406,6 @@ class AsyncWorker:
         results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
         version = min(v for v, _ in results)
         report = next((r for _, r in results if r is not None), None)
+        if point == TRAIN:
+            self.frozen = frozenset(frozen)
         return version, flat, report

@@ -110,6 +110,11 @@ class Worker:
         return self._w.job
 
     @property
+    def frozen(self) -> frozenset[int]:
+        """Parameters the next update does not train (see AsyncWorker.frozen)."""
+        return self._w.frozen
+
+    @property
     def upload_parameters(self) -> bool:
         """True when this worker was chosen to upload the initial parameters."""
         return self._w.upload_parameters

@@ -48,6 +48,9 @@ class RemoteOptimizer:
             parameters on the wire; the service keeps fp32 master values.
         worker_name: this worker's stable name (default host:pid).
         create: create the job if it does not exist (default True).
+        skip_frozen: before each step, turn ``requires_grad`` off for the parameters the next
+            update does not train (LISA's frozen layers), so backward skips them (default True;
+            ``close()`` turns it back on).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class RemoteOptimizer:
         create: bool = True,
         timeout: float = 60.0,
         pull_timeout: float = 600.0,
+        skip_frozen: bool = True,
     ) -> None:
         self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not self.named:
@@ -92,11 +96,14 @@ class RemoteOptimizer:
         name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
         self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
         layout = {p.name: (int(p.offset), int(p.numel)) for p in self.worker.job.layout}
+        index = {p.name: i for i, p in enumerate(self.worker.job.layout)}
         self._slices: list[tuple[int, int]] = []
         for n, p in self.named:
             if n not in layout or layout[n][1] != p.numel():
                 raise ValueError(f"parameter {n!r} {tuple(p.shape)} does not match job {job_id!r}'s layout")
             self._slices.append(layout[n])
+        self._indices = [index[n] for n, _ in self.named]
+        self.skip_frozen = skip_frozen
         self.total = int(self.worker.job.total_elements)
         self._flat = np.empty(self.total, dtype=np.float32)
         if self.worker.upload_parameters:
@@ -124,6 +131,10 @@ class RemoteOptimizer:
         with torch.no_grad():
             for (off, n), p in zip(self._slices, self.params, strict=True):
                 p.copy_(flat[off : off + n].view(p.shape))
+        if self.skip_frozen:
+            frozen = self.worker.frozen
+            for i, p in zip(self._indices, self.params, strict=True):
+                p.requires_grad_(i not in frozen)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, as torch.optim.Optimizer.zero_grad."""
@@ -167,6 +178,8 @@ class RemoteOptimizer:
 
     def close(self, leave: bool = True) -> None:
         """Leave the job (unless leave=False) and close connections."""
+        for p in self.params:
+            p.requires_grad_(True)
         try:
             if leave:
                 self.worker.leave()
