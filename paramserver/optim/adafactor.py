@@ -25,12 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from paramserver.optim.base import Optimizer, Piece, State, Step, check_nonnegative, register, require, shaped
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 FP32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdafactorHyper:
+class AdafactorHyper(CautiousOptions):
     """Hyperparameters of Adafactor (torch.optim.Adafactor defaults)."""
 
     lr: float = 1e-2
@@ -74,6 +75,9 @@ class Adafactor(Optimizer):
         require(h.eps[1] >= 0, f"{field}.eps[1]", "must be >= 0")
         require(h.d > 0, f"{field}.d", "must be > 0")
         require(0 <= h.beta1 < 1, f"{field}.beta1", "must be in [0, 1)")
+        check_cautious(h, field)
+        if h.cautious:
+            require(h.beta1 > 0, f"{field}.cautious", "needs beta1 > 0 (a first moment to compare with the gradient)")
 
     def init_state(self, params: torch.Tensor) -> State:
         """A step counter (the factors are per tensor)."""
@@ -126,6 +130,11 @@ class Adafactor(Optimizer):
             if h.beta1 > 0:
                 exp_avg = st["exp_avg"]
                 exp_avg.mul_(h.beta1).add_(update.mul_(alpha / denom), alpha=1 - h.beta1)
-                param.sub_(exp_avg)
+                if h.cautious:  # mask the first moment's step against the gradient
+                    masked = exp_avg.clone()
+                    apply_cautious(masked, grad, h)
+                    param.sub_(masked)
+                else:
+                    param.sub_(exp_avg)
             else:
                 param.add_(update, alpha=-alpha / denom)

@@ -25,10 +25,11 @@ from typing import Any, ClassVar
 import torch
 
 from paramserver.optim.base import Optimizer, Param, Piece, State, Step, check_betas, check_nonnegative, register, require, shaped
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 @dataclass(frozen=True, kw_only=True)
-class GaLoreHyper:
+class GaLoreHyper(CautiousOptions):
     """Hyperparameters of GaLore AdamW (galore-torch's defaults for the Adam part; its README's
     rank, gap and scale)."""
 
@@ -75,6 +76,7 @@ class GaLore(Optimizer):
         check_betas(h.betas, f"{field}.betas")
         require(h.rank >= 1, f"{field}.rank", "must be >= 1")
         require(h.update_proj_gap >= 1, f"{field}.update_proj_gap", "must be >= 1")
+        check_cautious(h, field)
 
     def check_param(self, param: Param, field: str) -> None:
         """2-D matrices only."""
@@ -123,6 +125,9 @@ class GaLore(Optimizer):
                 step_size = step_size * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
             normalized = exp_avg / denom
             back = torch.matmul(proj, normalized) if wide else torch.matmul(normalized, proj)
-            p.add_(back * h.scale, alpha=-step_size)
+            update = back * h.scale
+            if h.cautious:  # C-GaLore: mask the projected-back update against the gradient
+                apply_cautious(update, g, h)
+            p.add_(update, alpha=-step_size)
             if h.weight_decay > 0.0:
                 p.add_(p, alpha=-step.lr * h.weight_decay)

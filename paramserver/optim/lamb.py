@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 
 from paramserver.optim.base import Optimizer, State, Step, blocks, check_betas, check_nonnegative, register, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 @dataclass(frozen=True, kw_only=True)
-class LambHyper:
+class LambHyper(CautiousOptions):
     """Hyperparameters of LAMB (the paper's Algorithm 2; tfa defaults except weight decay)."""
 
     lr: float = 1e-3
@@ -55,6 +56,7 @@ class Lamb(Optimizer):
         h = self.hyper
         check_nonnegative(h, field, "lr", "eps", "weight_decay")
         check_betas(h.betas, f"{field}.betas")
+        check_cautious(h, field)
 
     def init_state(self, params: torch.Tensor) -> State:
         """Zero moments and a step counter of 0."""
@@ -74,11 +76,18 @@ class Lamb(Optimizer):
         segments = step.segments
         for p, g, m, v in zip(params, grads, views(state["exp_avg"], segments), views(state["exp_avg_sq"], segments), strict=True):
             u, p_sq, u_sq = torch.empty_like(p), 0.0, 0.0
+            if h.cautious:  # C-LAMB: mask the Adam ratio r (before decay and the trust ratio)
+                for a, b in blocks(p.numel()):
+                    m[a:b].mul_(b1).add_(g[a:b], alpha=1 - b1)
+                    v[a:b].mul_(b2).addcmul_(g[a:b], g[a:b], value=1 - b2)
+                torch.div(m, bc1, out=u).div_((v / bc2).sqrt_().add_(h.eps))
+                apply_cautious(u, g, h)
             for a, b in blocks(p.numel()):  # one pass for the moments, u and both norms
                 pb, gb, mb, vb, ub = p[a:b], g[a:b], m[a:b], v[a:b], u[a:b]
-                mb.mul_(b1).add_(gb, alpha=1 - b1)
-                vb.mul_(b2).addcmul_(gb, gb, value=1 - b2)
-                torch.div(mb, bc1, out=ub).div_((vb / bc2).sqrt_().add_(h.eps))
+                if not h.cautious:
+                    mb.mul_(b1).add_(gb, alpha=1 - b1)
+                    vb.mul_(b2).addcmul_(gb, gb, value=1 - b2)
+                    torch.div(mb, bc1, out=ub).div_((vb / bc2).sqrt_().add_(h.eps))
                 if h.weight_decay != 0:
                     ub.add_(pb, alpha=h.weight_decay)
                 if h.adapt:  # (not torch.dot: MKL's result depends on the block's memory alignment)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from paramserver.optim.base import Optimizer, Param, State, Step, as_matrix, check_nonnegative, register, require, require_one_of, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -36,7 +37,7 @@ NS_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True, kw_only=True)
-class MuonHyper:
+class MuonHyper(CautiousOptions):
     """Hyperparameters of Muon (torch.optim.Muon defaults)."""
 
     lr: float = 1e-3
@@ -109,6 +110,7 @@ class Muon(Optimizer):
         require(h.eps > 0, f"{field}.eps", "must be > 0")
         require_one_of(h.adjust_lr, ADJUST_LR, f"{field}.adjust_lr")
         require_one_of(h.ns_dtype, NS_DTYPES, f"{field}.ns_dtype")
+        check_cautious(h, field)
 
     def check_param(self, param: Param, field: str) -> None:
         """Matrices (or conv weights) only."""
@@ -131,5 +133,8 @@ class Muon(Optimizer):
             buf.lerp_(grad, 1 - h.momentum)
             u = grad.lerp(buf, h.momentum) if h.nesterov else buf
             o = newton_schulz(u, h.ns_steps, h.ns_coefficients, h.eps, dtype)
+            if h.cautious:  # C-Muon: mask the orthogonalised update against the gradient
+                o = o.to(param.dtype)
+                apply_cautious(o, grad, h)
             param.mul_(1 - lr * h.weight_decay)
             param.add_(o, alpha=-lr * lr_ratio(param.size(0), param.size(1), h.adjust_lr))

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from paramserver.optim.base import Optimizer, Param, State, Step, check_nonnegative, register, require, shaped, views
+from paramserver.optim.cautious import CautiousOptions, apply_cautious, check_cautious
 
 
 class Role(Enum):
@@ -40,7 +41,7 @@ class Role(Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TigerFullHyper:
+class TigerFullHyper(CautiousOptions):
     """Hyperparameters of the full Tiger rule (the author's defaults)."""
 
     lr: float = 1e-3
@@ -92,6 +93,7 @@ class TigerFull(Optimizer):
         check_nonnegative(h, field, "lr", "weight_decay")
         require(0 <= h.beta <= 1, f"{field}.beta", "must be in [0, 1]")
         require(0 <= h.shrink_ratio <= 1, f"{field}.shrink_ratio", "must be in [0, 1]")
+        check_cautious(h, field)
         for key in ("gain_pattern", "bias_pattern", "embedding_pattern"):
             try:
                 re.compile(getattr(h, key))
@@ -125,7 +127,10 @@ class TigerFull(Optimizer):
                 eta = (rows.square().mean(dim=-1, keepdim=True).sqrt() * lr).reshape(-1, 1)
             else:
                 eta = p.square().mean().sqrt() * lr
-            u = torch.sign(m).add_(p, alpha=decay)
+            u = torch.sign(m)
+            if h.cautious:  # mask the sign update (before decay) against the gradient
+                apply_cautious(u, g, h)
+            u.add_(p, alpha=decay)
             if isinstance(eta, torch.Tensor) and eta.dim() == 2:
                 u.view(eta.shape[0], -1).mul_(eta)
             else:

@@ -343,9 +343,10 @@ class OptimizerConfig(_message.Message):
                  layer number)
           adamw_schedulefree: lr (0.0025), betas ([0.9, 0.999]), eps (1e-8),
                  weight_decay (0), warmup_steps (0), r (0), weight_lr_power (2)
-        sgd (with momentum), adam, adamw, lion and tiger also take cautious
-        (false), cautious_normalization ("mean" or "count") and cautious_clamp
-        (1e-3): the Cautious mask. tiger_full, adafactor, muon, lamb, galore
+        Every momentum rule (sgd with momentum, adam, adamw, lion, tiger,
+        tiger_full, muon, lamb, galore, adafactor with beta1) also takes
+        cautious (false), cautious_normalization ("mean" or "count") and
+        cautious_clamp (1e-3): the Cautious mask. tiger_full, adafactor, muon, lamb, galore
         and any cautious rule need whole tensors: the placement keeps each of
         their parameters on one shard. A rule that does not apply to a
         parameter (muon or galore on a vector) is INVALID_ARGUMENT naming

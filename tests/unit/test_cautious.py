@@ -120,3 +120,52 @@ def test_cautious_keeps_tensors_whole_in_the_placement() -> None:
     whole = JobConfig(parameters=params, optimizer="adamw", hyperparameters={"cautious": True}, num_shards=2).plan()
     assert [(s.start, s.length) for spans in split for s in spans] == [(0, 96), (96, 104)]  # "a" cut at an aligned 96
     assert sorted((s.start, s.length) for spans in whole for s in spans) == [(0, 160), (160, 40)]
+
+
+MOMENTUM_RULES: list[tuple[str, dict[str, Any]]] = [
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("adam", {}),
+    ("adamw", {"weight_decay": 0.0, "amsgrad": True}),
+    ("lion", {}),
+    ("tiger", {"weight_decay": 0.0}),
+    ("tiger_full", {"weight_decay": 0.0}),
+    ("muon", {"weight_decay": 0.0, "ns_dtype": "float32"}),
+    ("galore", {"rank": 4, "update_proj_gap": 2}),
+    ("adafactor", {"beta1": 0.9}),
+    ("lamb", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), MOMENTUM_RULES, ids=[n for n, _ in MOMENTUM_RULES])
+def test_every_momentum_rule_takes_the_cautious_mask(name: str, hyper: dict[str, Any]) -> None:
+    """From the same parameters and state, the cautious step is the plain step kept only where it
+    moves against the gradient, rescaled per tensor by 1 / mean(mask) (LAMB: its trust ratio is
+    taken after the mask, so only the kept coordinates and their direction are checked)."""
+    import copy
+
+    shapes: list[tuple[int, ...]] = [(24, 16), (16, 40)]
+    ps = pieces(shapes, names=["blocks.0.attn.w", "blocks.0.mlp.w"])
+    total = sum(p.length for p in ps)
+    plain, caut = build(name, {"lr": 1e-2, **hyper}), build(name, {"lr": 1e-2, **hyper, "cautious": True})
+    for opt in (plain, caut):
+        opt.bind([p.param for p in ps], "spec.optimizer.hyperparameters")
+    params = torch.randn(total, generator=torch.Generator().manual_seed(0))
+    state = plain.init_state(params)
+    tensors = {p.param.index: plain.init_tensor_state(p, params.device) for p in ps}
+    segs = step(0, ps).segments
+    gen = torch.Generator().manual_seed(1)
+    for s in range(3):
+        plain.update(views(params, segs), views(torch.randn(total, generator=gen), segs), state, step(1e-2, ps, s, tensors))
+    g = torch.randn(total, generator=gen)
+    results = []
+    for opt in (plain, caut):
+        p, st, ts = params.clone(), copy.deepcopy(state), copy.deepcopy(tensors)
+        opt.update(views(p, segs), views(g.clone(), segs), st, step(1e-2, ps, 3, ts))
+        results.append(p - params)
+    for d_plain, d_caut, gv in zip(views(results[0], segs), views(results[1], segs), views(g, segs), strict=True):
+        phi = (d_plain * gv < 0).float()
+        assert 0 < float(phi.mean()) < 1
+        assert torch.all(d_caut[phi == 0] == 0) and torch.all(d_caut * gv <= 0)
+        if name != "lamb":
+            expected = d_plain * phi / max(float(phi.mean()), 1e-3)
+            assert torch.allclose(d_caut, expected, rtol=1e-4, atol=1e-6)  # (d = p1 - p0 carries ulp(p0))
