@@ -43,6 +43,7 @@ bench: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_foundation.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py
 	$(PY) bench/bench_optimizers.py
+	$(PY) bench/bench_spill.py
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -164,6 +164,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Not an error: reported in StepReport.skip_reason when the spike guard
     skipped the step.
     """
+    SPILL_DISK_FULL: _ErrorReason.ValueType  # 29
+    """RESOURCE_EXHAUSTED: the spill directory cannot hold a shard's spill file.
+    metadata: path, bytes_needed, bytes_free.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -251,6 +255,10 @@ SNAPSHOT_IN_PROGRESS: ErrorReason.ValueType  # 27
 GRADIENT_SPIKE: ErrorReason.ValueType  # 28
 """Not an error: reported in StepReport.skip_reason when the spike guard
 skipped the step.
+"""
+SPILL_DISK_FULL: ErrorReason.ValueType  # 29
+"""RESOURCE_EXHAUSTED: the spill directory cannot hold a shard's spill file.
+metadata: path, bytes_needed, bytes_free.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
