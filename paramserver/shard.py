@@ -365,8 +365,10 @@ class ShardState:
         names = source.names()
         for g, group in self.groups.items():
             prefix = f"state.{g}."
+            loaded = set()
             for name in sorted(n for n in names if n.startswith(prefix)):
                 key = name[len(prefix) :]
+                loaded.add(key)
                 if source.is_scalar(name):
                     states[g][key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
                     continue
@@ -374,6 +376,7 @@ class ShardState:
                 for (start, length), (pos, _) in zip(group.global_pieces, group.segments, strict=True):
                     source.read(name, start, length, out[pos : pos + length])
                 states[g][key] = torch.from_numpy(out).to(self.device)
+            self.optimizers[g].restored(states[g], loaded)
         for index, st in tensors.items():
             prefix = f"param.{index}."
             for name in sorted(n for n in names if n.startswith(prefix)):

@@ -165,6 +165,11 @@ class Optimizer(ABC):
         """The initial flat state for the group's elements (the template's size and device)."""
         return {}
 
+    def restored(self, state: State, loaded: set[str]) -> None:
+        """Called after a snapshot filled the group's flat state; `loaded` names the keys it had
+        (a chance to read older snapshot layouts)."""
+        return None
+
     def init_tensor_state(self, piece: Piece, device: torch.device) -> State:
         """The initial per-parameter state of a piece's parameter."""
         return {}

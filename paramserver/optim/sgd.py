@@ -1,6 +1,7 @@
 """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD semantics).
 
-optimizers.md section 1: d = g + wd*p; the first momentum step copies d;
+optimizers.md section 1: d = g + wd*p; the first momentum step copies d (the buffer exists from
+the start, flagged by ``momentum_started``, so that its storage is fixed);
 then buf = momentum*buf + (1-dampening)*d; d = d + momentum*buf (Nesterov) or
 buf; p -= lr*d. Runs torch's fused kernel. With ``cautious`` (needs momentum)
 the direction d is masked per tensor where it disagrees in sign with the
@@ -59,8 +60,16 @@ class SGD(Optimizer):
             require(h.momentum > 0, f"{field}.cautious", "needs momentum > 0 (the mask compares the momentum direction with the gradient)")
 
     def init_state(self, params: torch.Tensor) -> State:
-        """No state until the first step (the momentum buffer starts as a copy of d)."""
-        return {}
+        """The momentum buffer (when momentum > 0) and a flag: torch starts the buffer as a copy of
+        d at the first step, so until then it is not used."""
+        if self.hyper.momentum == 0:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(params), "momentum_started": torch.zeros((), dtype=torch.int64, device=params.device)}
+
+    def restored(self, state: State, loaded: set[str]) -> None:
+        """A snapshot with a momentum buffer but no flag (written before the flag existed) has started."""
+        if "momentum_buffer" in loaded and "momentum_started" not in loaded and "momentum_started" in state:
+            state["momentum_started"].fill_(1)
 
     def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
         """One SGD step in place."""
@@ -68,9 +77,9 @@ class SGD(Optimizer):
             self._cautious(params, grads, state, step)
             return
         h = self.hyper
-        flat_buf = state.get("momentum_buffer")
         ps = list(params)
-        bufs: list[torch.Tensor | None] = list(views(flat_buf, step.segments)) if flat_buf is not None else [None] * len(ps)
+        started = h.momentum != 0 and bool(state["momentum_started"])
+        bufs: list[torch.Tensor | None] = list(views(state["momentum_buffer"], step.segments)) if started else [None] * len(ps)
         _torch_sgd(
             ps,
             list(grads),
@@ -83,14 +92,15 @@ class SGD(Optimizer):
             nesterov=h.nesterov,
             maximize=False,
         )
-        if h.momentum != 0 and flat_buf is None:  # the first step created one buffer per segment
-            state["momentum_buffer"] = torch.cat([b for b in bufs if b is not None]) if len(bufs) > 1 else bufs[0]  # type: ignore[assignment]
+        if h.momentum != 0 and not started:  # the first step created one buffer per piece
+            for dst, src in zip(views(state["momentum_buffer"], step.segments), bufs, strict=True):
+                assert src is not None
+                dst.copy_(src)
+            state["momentum_started"].fill_(1)
 
     def _cautious(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: State, step: Step) -> None:
         h = self.hyper
-        first = "momentum_buffer" not in state
-        if first:
-            state["momentum_buffer"] = torch.empty(sum(n for _, n in step.segments), dtype=params[0].dtype, device=params[0].device)
+        first = not bool(state["momentum_started"])
         for p, g, buf in zip(params, grads, views(state["momentum_buffer"], step.segments), strict=True):
             d = g.add(p, alpha=h.weight_decay) if h.weight_decay != 0 else g
             if first:
@@ -100,3 +110,4 @@ class SGD(Optimizer):
             u = d.add(buf, alpha=h.momentum) if h.nesterov else buf.clone()
             apply_cautious(u, g, h)
             p.add_(u, alpha=-step.lr)
+        state["momentum_started"].fill_(1)

@@ -115,3 +115,15 @@ def test_bad_hyperparameters_name_the_field(name: str, hyper: dict[str, Any], fi
     with pytest.raises(ConfigError) as err:
         build(name, hyper, "spec.optimizer")
     assert err.value.field == field
+
+
+def test_sgd_state_from_a_snapshot_without_the_started_flag_counts_as_started() -> None:
+    """Snapshots written before the momentum buffer was eager carry the buffer alone."""
+    opt = build("sgd", {"lr": 0.1, "momentum": 0.9})
+    state = opt.init_state(torch.zeros(3))
+    assert int(state["momentum_started"]) == 0
+    state["momentum_buffer"].fill_(1.0)
+    opt.restored(state, {"momentum_buffer"})
+    p = torch.zeros(3)
+    opt.update([p], [torch.zeros(3)], state, step(0.1, pieces([(3,)])))
+    assert torch.allclose(p, torch.full((3,), -0.09))  # buf = 0.9 * 1 + 0, not a copy of d = 0
