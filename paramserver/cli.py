@@ -21,6 +21,7 @@ def serve(
     shard_host: Annotated[str, typer.Option(help="Address shard data ports bind ('0.0.0.0' on a multi-node cluster).")] = "127.0.0.1",
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get at shutdown.")] = 5.0,
     snapshot_dir: Annotated[str, typer.Option(help="Where snapshots are written (shared by all nodes).")] = "snapshots",
+    spill_dir: Annotated[str, typer.Option(help="Where shards over their memory budget spill state (local NVMe).")] = "spill",
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Start the service; stop it with SIGTERM or Ctrl-C."""
@@ -32,7 +33,14 @@ def serve(
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     run(
         ServiceConfig(
-            host=host, port=port, ray_address=address, num_cpus=num_cpus, shard_host=shard_host, grace_s=grace, snapshot_dir=snapshot_dir
+            host=host,
+            port=port,
+            ray_address=address,
+            num_cpus=num_cpus,
+            shard_host=shard_host,
+            grace_s=grace,
+            snapshot_dir=snapshot_dir,
+            spill_dir=spill_dir,
         )
     )
 

@@ -106,8 +106,9 @@ class RayShardHandle:
 class RayShardLauncher:
     """Starts shard actors (runs inside the coordinator actor)."""
 
-    def __init__(self, bind_host: str = "127.0.0.1") -> None:
+    def __init__(self, bind_host: str = "127.0.0.1", spill_dir: str = "spill") -> None:
         self.bind_host = bind_host
+        self.spill_dir = spill_dir
 
     async def launch(
         self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None
@@ -121,7 +122,7 @@ class RayShardLauncher:
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
                 name=f"paramserver-{job_id}-shard-{i}-{uuid.uuid4().hex[:6]}",
-            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore)
+            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore, self.spill_dir)
             for i, spans in enumerate(plan)
         ]
         handles: list[RayShardHandle] = []
@@ -157,10 +158,10 @@ def stop_ray() -> None:
 class Cluster:
     """The front door's facade over the coordinator actor."""
 
-    def __init__(self, bind_host: str = "127.0.0.1", snapshot_root: str = "snapshots") -> None:
+    def __init__(self, bind_host: str = "127.0.0.1", snapshot_root: str = "snapshots", spill_root: str = "spill") -> None:
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
-        ).remote(RayShardLauncher(bind_host), os.path.abspath(snapshot_root))
+        ).remote(RayShardLauncher(bind_host, os.path.abspath(spill_root)), os.path.abspath(snapshot_root))
 
     async def create_job(
         self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: dict[str, Any] | None = None

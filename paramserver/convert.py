@@ -37,6 +37,7 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         max_grad_norm=spec.max_grad_norm,
         shard_num_cpus=spec.shard_num_cpus,
         shard_num_gpus=spec.shard_num_gpus,
+        shard_memory_budget_bytes=spec.shard_memory_budget_bytes,
         param_dtypes=tuple(dtypes),
         snapshot_every_steps=spec.snapshot_every_steps,
         snapshot_keep_last=spec.snapshot_keep_last,
@@ -67,6 +68,7 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
         max_grad_norm=c.max_grad_norm,
         shard_num_cpus=c.shard_num_cpus,
         shard_num_gpus=c.shard_num_gpus,
+        shard_memory_budget_bytes=c.shard_memory_budget_bytes,
         snapshot_every_steps=c.snapshot_every_steps,
         snapshot_keep_last=c.snapshot_keep_last,
         snapshot_every_seconds=c.snapshot_every_seconds,
@@ -106,6 +108,8 @@ def job_to_pb(v: JobView) -> pb.Job:
     job.total_elements = total
     for s in v.shards:
         info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized)
+        for key, value in s.memory.items():
+            setattr(info.memory, key, value if key.endswith("_per_second") else int(value))
         for span in s.spans:
             info.ranges.add(start=span.start, length=span.length)
     return job

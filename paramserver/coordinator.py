@@ -80,6 +80,8 @@ class ShardView:
     spans: tuple[Span, ...]
     version: int
     initialized: bool
+    memory: Mapping[str, float] = field(default_factory=dict)
+    """Budget, resident and spilled bytes, spill traffic and rates (ShardMemory's fields)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Coordinator:
 
     async def _view(self, job: _Job) -> JobView:
         statuses = await asyncio.gather(*(s.status() for s in job.shards))
-        shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized) for i, st in enumerate(statuses))
+        shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory) for i, st in enumerate(statuses))
         return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)), dict(job.skips))
 
     async def create_job(

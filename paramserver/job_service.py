@@ -39,6 +39,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 "num_shards": s.num_shards,
                 "shard_num_cpus": s.shard_num_cpus,
                 "shard_num_gpus": s.shard_num_gpus,
+                "shard_memory_budget_bytes": s.shard_memory_budget_bytes,
                 "snapshot_every_steps": s.snapshot_every_steps,
                 "snapshot_keep_last": s.snapshot_keep_last,
                 "snapshot_every_seconds": s.snapshot_every_seconds,

@@ -65,6 +65,8 @@ class JobConfig:
     """Ray CPUs reserved per shard actor."""
     shard_num_gpus: float = 0.0
     """Ray GPUs per shard actor."""
+    shard_memory_budget_bytes: int = 0
+    """Memory a shard may use for its state (0 = unlimited); the rest is spilled to disk."""
     param_dtypes: tuple[int, ...] = ()
     """The wire DType value each parameter has in the model (informational)."""
     snapshot_every_steps: int = 0
@@ -199,6 +201,10 @@ class JobConfig:
             raise ConfigError("spec.shard_num_cpus", "must be >= 0")
         if self.shard_num_gpus < 0:
             raise ConfigError("spec.shard_num_gpus", "must be >= 0")
+        if self.shard_memory_budget_bytes < 0:
+            raise ConfigError("spec.shard_memory_budget_bytes", "must be >= 0 (0 = unlimited)")
+        if self.shard_memory_budget_bytes and self.shard_num_gpus > 0:
+            raise ConfigError("spec.shard_memory_budget_bytes", "spilling state to disk is supported on CPU shards only (shard_num_gpus 0)")
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
             raise ConfigError("spec.spike_guard.window", "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:

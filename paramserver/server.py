@@ -26,6 +26,7 @@ from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.job_service import JobServicer
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.snapshot_store import clean_all
+from paramserver.spill import clean_spill
 from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ServiceConfig:
     """Seconds in-flight calls get at shutdown."""
     snapshot_dir: str = "snapshots"
     """Where snapshots are written (a local or shared directory every shard can reach)."""
+    spill_dir: str = "spill"
+    """Where shards over their memory budget keep spill files (local NVMe on each node)."""
 
 
 class Service:
@@ -76,7 +79,10 @@ class Service:
         removed = clean_all(Path(self.config.snapshot_dir))  # saves cut short by a crash
         if removed:
             log.warning("removed %d leftovers of interrupted snapshots under %s", len(removed), self.config.snapshot_dir)
-        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir)
+        removed = clean_spill(Path(self.config.spill_dir))  # files of shards that died with a crash
+        if removed:
+            log.warning("removed %d spill files left by a previous run under %s", len(removed), self.config.spill_dir)
+        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir, self.config.spill_dir)
         server = aio.server(options=GRPC_OPTIONS)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

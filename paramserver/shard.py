@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Piece, State, Step, views
 from paramserver.placement import Span
+from paramserver.snapshot_store import FaultHook, FileEntry
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver_client.codec import (
     BFLOAT16,
@@ -229,16 +230,17 @@ class ShardState:
         """Sum of squares of the gradient of the parameters the next update trains (all of them
         unless a rule freezes some, as LISA does: like frozen torch parameters, whose grad is None,
         they are outside the clip norm and the non-finite check). inf or nan if non-finite."""
+        return blocked_sumsq(lambda a, b: self.grad[a:b], self.trained_ranges(), self.numel)
+
+    def trained_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) local ranges of the parameters the next update trains, in order."""
         if not any(self.optimizers[g].freezes for g in self.groups):
-            norm = float(torch.linalg.vector_norm(self.grad))
-            return norm * norm if math.isfinite(norm) else norm
-        total = 0.0
+            return [(0, self.numel)]
+        out: list[tuple[int, int]] = []
         for g, group in self.groups.items():
             opt = self.optimizers[g]
-            for (a, n), piece in zip(group.local, group.pieces, strict=True):
-                if not opt.freezes or opt.trains(piece.param, self.applied):
-                    total += float(torch.linalg.vector_norm(self.grad[a : a + n])) ** 2
-        return total
+            out += [(a, a + n) for (a, n), piece in zip(group.local, group.pieces, strict=True) if opt.trains(piece.param, self.applied)]
+        return sorted(out)
 
     def apply(self, decision: Decision) -> StepReport:
         """Apply (or skip) the decided step and publish the next version."""
@@ -264,7 +266,11 @@ class ShardState:
 
     # ---- reading (call under self.lock) -------------------------------------------------
 
-    def publication(self, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> tuple[int, list[tuple[int, int, bytes]]]:
+    #: Whether snapshots are written under the lock by :meth:`write_snapshot` (a spilled shard)
+    #: instead of captured to host memory and written in the background.
+    streams_snapshots = False
+
+    def publication(self, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> tuple[int, Iterable[tuple[int, int, bytes]]]:
         """(version, [(global offset, count, message)]) of the current parameters in `dtype`.
 
         Each message is a serialised ``PullParametersResponse{chunk}``, built with one
@@ -423,10 +429,46 @@ class ShardState:
         out.update({f"param.{i}.{k}": v for i, st in self.tensor_state.items() for k, v in st.items()})
         return out
 
+    def write_snapshot(self, path: Path, metadata: dict[str, str], fault: FaultHook) -> FileEntry:
+        """Write the snapshot file directly (only for shards that stream their snapshots)."""
+        raise NotImplementedError("an in-memory shard captures its state; see capture()")
+
+    def memory(self) -> dict[str, float]:
+        """Bytes of the shard's state in memory (all of it: nothing is spilled)."""
+        state = sum(v.numel() * v.element_size() for v in self._state_tensors().values())
+        params = self.params.numel() * 4 if self.params is not None else 0
+        return {"budget_bytes": float(self.config.shard_memory_budget_bytes), "resident_bytes": float(params + state), "buffer_bytes": 0.0,
+                "spilled_bytes": 0.0, "read_bytes": 0.0, "written_bytes": 0.0, "read_bytes_per_second": 0.0,
+                "write_bytes_per_second": 0.0}  # fmt: skip
+
+    def close(self) -> None:
+        """Release what the shard holds outside its memory (nothing here)."""
+        return None
+
     def snapshot_metadata(self) -> dict[str, str]:
         """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
         list of [start, length] pieces, in the order of the tensor's elements."""
         return {f"ranges.{g}": json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
+
+
+#: Elements per block of the gradient-norm reduction: every block's fp32 norm is squared and
+#: summed in float64, in local order, so that a shard holding its gradient in memory and one
+#: streaming it from disk compute the same bits (and so the same clip coefficient).
+NORM_BLOCK = 1 << 20
+
+
+def blocked_sumsq(block: Callable[[int, int], torch.Tensor], ranges: Sequence[tuple[int, int]], numel: int) -> float:
+    """Sum of squares over local `ranges` of a gradient read by `block(start, end)`, block by block
+    (blocks of NORM_BLOCK from local 0, cut by the ranges); inf or nan if non-finite."""
+    total = 0.0
+    for k in range(0, numel, NORM_BLOCK):
+        lo, hi = k, min(k + NORM_BLOCK, numel)
+        for a, b in ranges:
+            a, b = max(a, lo), min(b, hi)
+            if a < b:
+                norm = float(torch.linalg.vector_norm(block(a, b)))
+                total += norm * norm
+    return total
 
 
 class SnapshotSource(Protocol):

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from paramserver.shard import ShardState
 from paramserver.shard_runtime import ShardRuntime, StepReducer
 from paramserver.shard_service import ShardServicer, add_shard_service
 from paramserver.snapshot_store import FaultHook, SnapshotReader, read_manifest
+from paramserver.spilled_shard import SpilledShardState, in_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class ShardStatus:
     initialized: bool
     applied: int
     device: str
+    memory: dict[str, float] = field(default_factory=dict)
+    """Budget, resident and spilled bytes, spill traffic and rates."""
 
 
 class ShardHost:
@@ -110,6 +113,7 @@ class ShardHost:
         reducer: StepReducer,
         bind_host: str = "127.0.0.1",
         restore: Restore | None = None,
+        spill_dir: str = "spill",
     ) -> None:
         self.job_id = job_id
         self.config = config
@@ -118,6 +122,7 @@ class ShardHost:
         self.reducer = reducer
         self.bind_host = bind_host
         self.restore = restore
+        self.spill_dir = Path(spill_dir) / job_id
         self.address = ""
         self._server: aio.Server | None = None
         self.runtime: ShardRuntime | None = None
@@ -137,7 +142,7 @@ class ShardHost:
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
         tune_malloc()
-        state = ShardState(self.config, self.index, self.spans, self.device())
+        state = self.make_state()
         if self.restore is not None:
             r = self.restore
             directory = Path(r.directory)
@@ -156,11 +161,19 @@ class ShardHost:
         log.info("job %s shard %d serving %s on %s", self.job_id, self.index, self.address, state.device)
         return self.address
 
+    def make_state(self) -> ShardState:
+        """In memory, or over spill files when the state does not fit the job's memory budget."""
+        budget = self.config.shard_memory_budget_bytes
+        if budget and in_memory_bytes(self.config, self.index, self.spans) > budget:
+            log.info("job %s shard %d: state over its %d-byte budget, spilling under %s", self.job_id, self.index, budget, self.spill_dir)
+            return SpilledShardState(self.config, self.index, self.spans, budget, self.spill_dir, self.device())
+        return ShardState(self.config, self.index, self.spans, self.device())
+
     async def status(self) -> ShardStatus:
-        """Version and initialisation state."""
+        """Version, initialisation state and memory."""
         assert self.runtime is not None
         s = self.runtime.state
-        return ShardStatus(self.index, self.address, s.version, s.initialized, s.applied, str(s.device))
+        return ShardStatus(self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory())
 
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the parameters and optimizer state (inspection and tests)."""

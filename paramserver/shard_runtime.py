@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,9 @@ class Publication:
 
     version: int
     report: StepReport | None
-    chunks: list[tuple[int, int, bytes]]
+    chunks: Iterable[tuple[int, int, bytes]]
+    """A list (in memory, cached) or an iterator that reads as it goes (a spilled shard)."""
+    elements: int
     frozen: list[int]
 
 
@@ -234,7 +236,8 @@ class ShardRuntime:
 
         def read() -> Publication:
             version, chunks = self.state.publication(dtype, ranges, point)
-            return Publication(version, self.state.last_report, chunks, self.state.frozen_parameters())
+            elements = sum(r.length for r in ranges) or self.state.numel
+            return Publication(version, self.state.last_report, chunks, elements, self.state.frozen_parameters())
 
         return await asyncio.to_thread(self._locked, read)
 
@@ -255,6 +258,12 @@ class ShardRuntime:
         try:
             await self.wait_version(version)
 
+            ranges = [[s.start, s.length] for s in self.state.spans]
+            if self.state.streams_snapshots:  # a spilled shard writes under the lock, from its tiles
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self._locked, self._write_streamed, path, version, ranges, fault or _no_fault
+                )
+
             def take() -> tuple[dict[str, Any], int]:
                 if self.state.version != version:
                     raise ParamServerError(
@@ -266,22 +275,37 @@ class ShardRuntime:
                 return {k: v.numpy() for k, v in self.state.capture().items()}, self.state.applied
 
             tensors, applied = await asyncio.to_thread(self._locked, take)
-            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # same event-loop turn: consistent
-            ranges = [[s.start, s.length] for s in self.state.spans]
-            meta = {
-                "shard": str(self.state.index),
-                "version": str(version),
-                "applied": str(applied),
-                "ranges": json.dumps(ranges),
-                "ledger": json.dumps(ledger),
-                **self.state.snapshot_metadata(),
-            }
+            meta = self._snapshot_meta(version, applied, ranges)  # same event-loop turn: consistent ledger
             write = functools.partial(write_tensors, path, tensors, meta, fault or _no_fault, sync_dir=False)
             entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
             return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
                     "ranges": ranges, "applied": applied}  # fmt: skip
         finally:
             self._snapshot_busy = False
+
+    def _snapshot_meta(self, version: int, applied: int, ranges: list[list[int]]) -> dict[str, str]:
+        return {
+            "shard": str(self.state.index),
+            "version": str(version),
+            "applied": str(applied),
+            "ranges": json.dumps(ranges),
+            "ledger": json.dumps(self.ledger_entries(version - LEDGER_STEPS_KEPT)),
+            **self.state.snapshot_metadata(),
+        }
+
+    def _write_streamed(self, path: Path, version: int, ranges: list[list[int]], fault: FaultHook) -> dict[str, Any]:
+        """A spilled shard's snapshot, written under the lock (the pause lasts the write)."""
+        if self.state.version != version:
+            raise ParamServerError(
+                "ABORTED",
+                Reason.STEP_ALREADY_APPLIED,
+                f"shard {self.state.index} is at version {self.state.version}, not {version}",
+                {"current_version": self.state.version},
+            )
+        applied = self.state.applied
+        entry = self.state.write_snapshot(path, self._snapshot_meta(version, applied, ranges), fault)
+        return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
+                "ranges": ranges, "applied": applied}  # fmt: skip
 
     def ledger_entries(self, since_step: int) -> list[dict[str, Any]]:
         """The answered pushes of steps >= since_step, as JSON-able data (for snapshots)."""
@@ -310,10 +334,11 @@ class ShardRuntime:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Wake every waiter with UNAVAILABLE."""
+        """Wake every waiter with UNAVAILABLE and release the state's files."""
         self._closed = True
         self._writer.shutdown(wait=False)
         await self._notify()
+        await asyncio.to_thread(self._locked, self.state.close)
 
     async def _notify(self) -> None:
         async with self._published:

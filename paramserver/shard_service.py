@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -118,12 +120,17 @@ class ShardServicer:
         ranges = [Span(r.start, r.length) for r in request.ranges]
         await self.runtime.wait_version(request.min_version)
         pub = await self.runtime.publication(dtype, ranges, point)
-        elements = sum(n for _, n, _ in pub.chunks)
         yield pb.PullParametersResponse(
-            header=pb.PullHeader(version=pub.version, elements=elements, last_step=report_pb(pub.report), frozen_parameters=pub.frozen)
+            header=pb.PullHeader(version=pub.version, elements=pub.elements, last_step=report_pb(pub.report), frozen_parameters=pub.frozen)
         )
-        for _, _, message in pub.chunks:
-            yield message  # already a serialised PullParametersResponse (see add_shard_service)
+        if isinstance(pub.chunks, list):  # in memory: encoded once per version
+            for _, _, message in pub.chunks:
+                yield message  # already a serialised PullParametersResponse (see add_shard_service)
+            return
+        chunks = iter(pub.chunks)  # a spilled shard reads its publication file as it goes
+        while batch := await asyncio.to_thread(lambda: list(itertools.islice(chunks, 8))):
+            for _, _, message in batch:
+                yield message
 
 
 def _chunk_of(raw: bytes) -> tuple[int, int, int, int, int] | None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +79,41 @@ def _noop(phase: str, path: Path) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class TensorStream:
+    """A tensor written from blocks: its dtype ("F32", "F64" or "I64"), shape and a callable that
+    yields its little-endian bytes in order (exactly nbytes in all)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[memoryview]]
+    stable: bool = False
+    """True when a block stays valid after the next is produced (an array's memory); otherwise
+    the hasher gets a copy."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the data."""
+        return int(np.prod(self.shape, dtype=np.int64)) * (8 if self.dtype in ("F64", "I64") else 4)
+
+
+def array_stream(arr: np.ndarray) -> TensorStream:
+    """A TensorStream over an in-memory array (written straight from its memory)."""
+    a = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # (ascontiguousarray makes 0-d arrays 1-d)
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"unsupported dtype {a.dtype}")
+
+    def blocks() -> Iterator[memoryview]:
+        view = a.data.cast("B") if a.ndim else memoryview(a.tobytes())
+        for i in range(0, len(view), _BLOCK):
+            yield view[i : i + _BLOCK]
+
+    return TensorStream(_DTYPES[a.dtype], tuple(arr.shape), blocks, stable=True)
+
+
 def write_tensors(
     path: Path,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | TensorStream],
     metadata: Mapping[str, str],
     fault: FaultHook = _noop,
     progress: Callable[[int], None] | None = None,
@@ -90,21 +122,20 @@ def write_tensors(
     """Write a safetensors file atomically (tmp, fsync, rename, and unless sync_dir=False an
     fsync of the directory, which the caller then owes before committing) and return its sha256.
 
-    Arrays must be little-endian fp32/fp64/int64 and C-contiguous; they are written straight from
-    their memory in 16 MiB blocks (no staging copy). The sha256 runs on a second thread, block by
+    Arrays must be little-endian fp32/fp64/int64; they are written straight from their memory in
+    16 MiB blocks (no staging copy), and a :class:`TensorStream` from its blocks as they are
+    produced (a spilled shard streams its tiles). The sha256 runs on a second thread, block by
     block, while the next block is written (hashlib releases the GIL), and each written block's
     writeback is started at once, so hashing, copying and the disk overlap.
     """
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     pos = 0
-    arrays = []
-    for name, arr in tensors.items():
-        a = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # (ascontiguousarray makes 0-d arrays 1-d)
-        if a.dtype not in _DTYPES:
-            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
-        header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [pos, pos + a.nbytes]}
-        pos += a.nbytes
-        arrays.append(a)
+    streams = []
+    for name, value in tensors.items():
+        st = value if isinstance(value, TensorStream) else array_stream(value)
+        header[name] = {"dtype": st.dtype, "shape": list(st.shape), "data_offsets": [pos, pos + st.nbytes]}
+        pos += st.nbytes
+        streams.append((name, st))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = path.with_name(TMP_PREFIX + path.name)
@@ -117,17 +148,20 @@ def write_tensors(
             f.write(piece)
             digest.update(piece)
             written += len(piece)
-        for a in arrays:
-            view = a.data.cast("B") if a.ndim else memoryview(a.tobytes())
-            for i in range(0, len(view), _BLOCK):
-                block = view[i : i + _BLOCK]
+        for name, st in streams:
+            start = written
+            for block in st.blocks():
                 _write_all(f, block)
-                pending.append(hasher.submit(digest.update, block))  # in order: one thread
+                pending.append(hasher.submit(digest.update, block if st.stable else bytes(block)))  # in order: one thread
+                while not st.stable and len(pending) > 4:  # bound the copies waiting for the hasher
+                    pending.pop(0).result()
                 if hasattr(os, "posix_fadvise"):  # start writeback now rather than at fsync
                     os.posix_fadvise(f.fileno(), written, len(block), os.POSIX_FADV_DONTNEED)
                 written += len(block)
                 if progress is not None:
                     progress(len(block))
+            if written - start != st.nbytes:
+                raise ValueError(f"{name}: {written - start} bytes written, {st.nbytes} expected")
         for fut in pending:
             fut.result()
         fault("fsync", path)

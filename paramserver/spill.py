@@ -175,6 +175,19 @@ def _allocate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)  # no fallocate (macOS): at least the size is right
 
 
+def clean_spill(root: Path) -> list[Path]:
+    """Delete every spill file under root (at service start, when no shard can be using them)."""
+    if not root.is_dir():
+        return []
+    removed = sorted(root.glob("*/*.spill"))
+    for p in removed:
+        p.unlink(missing_ok=True)
+    for d in root.iterdir():
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return removed
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """One tile: `length` elements starting at `start` in the store's element space."""
@@ -231,6 +244,7 @@ class TileStore:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spill-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spill-write")
         self._ring: list[np.ndarray] = []
+        self._scratch: np.ndarray | None = None
 
     def record_bytes(self, length: int) -> int:
         """Bytes of one spilled tile's record (its columns, padded to 4 KiB)."""
@@ -299,6 +313,18 @@ class TileStore:
             for f in list(reads.values()) + list(writes.values()):
                 f.result()
 
+    def read_tile(self, index: int) -> dict[str, torch.Tensor]:
+        """One tile's columns, read synchronously: views of a resident tile, or of a private
+        buffer (valid until the next call) for a spilled one."""
+        if index in self._memory:
+            return self._views(index, self._memory[index])
+        assert self.file is not None
+        size = self.record_bytes(self.tiles[index].length)
+        if self._scratch is None or self._scratch.nbytes < size:
+            self._scratch = aligned_empty(max(size, self.ring_bytes // self.depth))
+        self.file.read_into(self._offsets[index], self._scratch[:size])
+        return self._views(index, self._scratch[:size])
+
     def read_column(self, column: str, out: np.ndarray | None = None) -> np.ndarray:
         """A whole column in element order (tests, snapshots of small stores)."""
         out = np.empty(self.numel, dtype=np.float32) if out is None else out
@@ -320,3 +346,4 @@ class TileStore:
             self.file = None
         self._ring.clear()
         self._memory.clear()
+        self._scratch = None

@@ -21,6 +21,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ps-tests-"))
 #: The test service's snapshot directory.
 SNAPSHOT_DIR = _SESSION_TMP / "snapshots"
+#: The test service's spill directory.
+SPILL_DIR = _SESSION_TMP / "spill"
 #: Lines "JOB_ID SHARD PHASE" here make shard snapshot writes fail (see shard_host.fault_from_env).
 FAULT_FILE = _SESSION_TMP / "faults.txt"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -45,7 +47,9 @@ def service(ray_session: None) -> Iterator[object]:
     """The front door on a free loopback port (a BackgroundService)."""
     from paramserver.server import BackgroundService, ServiceConfig
 
-    svc = BackgroundService(ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR)), own_ray=False)
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR)), own_ray=False
+    )
     yield svc
     svc.stop()
 

@@ -439,6 +439,7 @@ class JobSpec(_message.Message):
     SNAPSHOT_EVERY_SECONDS_FIELD_NUMBER: _builtins.int
     SPIKE_GUARD_FIELD_NUMBER: _builtins.int
     PARAM_GROUPS_FIELD_NUMBER: _builtins.int
+    SHARD_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -465,6 +466,15 @@ class JobSpec(_message.Message):
     snapshot_every_seconds: _builtins.float
     """Snapshot policy: also snapshot at the first step boundary after this many
     seconds since the last snapshot (or the job's start); 0 = off.
+    """
+    shard_memory_budget_bytes: _builtins.int
+    """Memory each shard may use for its parameters and optimizer state, in
+    bytes (0 = unlimited). A shard whose state does not fit keeps what fits
+    resident and streams the rest through the update from files under the
+    service's spill directory (CPU shards only). The budget includes the
+    I/O buffers and a 64 MiB allowance for gRPC and block buffers; one too
+    small for them is INVALID_ARGUMENT naming this field. A spill directory
+    that cannot hold the files is RESOURCE_EXHAUSTED (SPILL_DISK_FULL).
     """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
@@ -505,10 +515,11 @@ class JobSpec(_message.Message):
         snapshot_every_seconds: _builtins.float = ...,
         spike_guard: Global___SpikeGuardConfig | None = ...,
         param_groups: _abc.Iterable[Global___ParamGroup] | None = ...,
+        shard_memory_budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,6 +651,7 @@ class ShardInfo(_message.Message):
     RANGES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     INITIALIZED_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based shard index."""
     address: _builtins.str
@@ -656,6 +668,10 @@ class ShardInfo(_message.Message):
         ranges tile [0, total_elements) exactly once.
         """
 
+    @_builtins.property
+    def memory(self) -> Global___ShardMemory:
+        """Where its state lives and how fast its spill files move."""
+
     def __init__(
         self,
         *,
@@ -664,14 +680,65 @@ class ShardInfo(_message.Message):
         ranges: _abc.Iterable[_tensor_pb2.Range] | None = ...,
         version: _builtins.int = ...,
         initialized: _builtins.bool = ...,
+        memory: Global___ShardMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "ranges", b"ranges", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "memory", b"memory", "ranges", b"ranges", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShardInfo: _TypeAlias = ShardInfo  # noqa: Y015
+
+@_typing.final
+class ShardMemory(_message.Message):
+    """A shard's memory and spill files."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
+    BUFFER_BYTES_FIELD_NUMBER: _builtins.int
+    SPILLED_BYTES_FIELD_NUMBER: _builtins.int
+    READ_BYTES_FIELD_NUMBER: _builtins.int
+    WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
+    READ_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    WRITE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    budget_bytes: _builtins.int
+    """The job's shard_memory_budget_bytes (0 = unlimited)."""
+    resident_bytes: _builtins.int
+    """Parameters and optimizer state held in memory."""
+    buffer_bytes: _builtins.int
+    """I/O buffers and the fixed allowance of a spilled shard."""
+    spilled_bytes: _builtins.int
+    """Parameters and optimizer state in spill files."""
+    read_bytes: _builtins.int
+    """Bytes read from and written to the spill files so far."""
+    written_bytes: _builtins.int
+    """See read_bytes."""
+    read_bytes_per_second: _builtins.float
+    """Their rates while the I/O threads were busy, bytes per second."""
+    write_bytes_per_second: _builtins.float
+    """See read_bytes_per_second."""
+    def __init__(
+        self,
+        *,
+        budget_bytes: _builtins.int = ...,
+        resident_bytes: _builtins.int = ...,
+        buffer_bytes: _builtins.int = ...,
+        spilled_bytes: _builtins.int = ...,
+        read_bytes: _builtins.int = ...,
+        written_bytes: _builtins.int = ...,
+        read_bytes_per_second: _builtins.float = ...,
+        write_bytes_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "buffer_bytes", b"buffer_bytes", "read_bytes", b"read_bytes", "read_bytes_per_second", b"read_bytes_per_second", "resident_bytes", b"resident_bytes", "spilled_bytes", b"spilled_bytes", "write_bytes_per_second", b"write_bytes_per_second", "written_bytes", b"written_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardMemory: _TypeAlias = ShardMemory  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):
@@ -779,9 +846,9 @@ class CreateJobRequest(_message.Message):
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """The job's description. With restore_from, only num_workers, num_shards,
-        shard_num_cpus, shard_num_gpus, snapshot_every_steps and
-        snapshot_keep_last are read (when non-zero); the rest comes from the
-        snapshot.
+        shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes,
+        snapshot_every_steps and snapshot_keep_last are read (when non-zero);
+        the rest comes from the snapshot.
         """
 
     def __init__(

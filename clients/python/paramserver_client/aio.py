@@ -73,6 +73,7 @@ def make_spec(
     max_grad_norm: float = 0.0,
     shard_num_cpus: float = 0.0,
     shard_num_gpus: float = 0.0,
+    shard_memory_budget_bytes: int = 0,
     snapshot_every_steps: int = 0,
     snapshot_keep_last: int = 0,
     snapshot_every_seconds: float = 0.0,
@@ -93,6 +94,7 @@ def make_spec(
         max_grad_norm=max_grad_norm,
         shard_num_cpus=shard_num_cpus,
         shard_num_gpus=shard_num_gpus,
+        shard_memory_budget_bytes=shard_memory_budget_bytes,
     )
     for p in parameters:
         if isinstance(p, jpb.ParameterSpec):
@@ -193,7 +195,8 @@ class AsyncJobClient:
 
     async def restore_job(self, restore_from: str, *, job_id: str = "", **overrides: Any) -> jpb.Job:
         """Create a job from a snapshot (a path, or "JOB_ID" / "JOB_ID:latest"). Overrides:
-        num_workers, num_shards, shard_num_cpus, shard_num_gpus, snapshot_every_steps, snapshot_keep_last."""
+        num_workers, num_shards, shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes,
+        snapshot_every_steps, snapshot_keep_last."""
         spec = jpb.JobSpec(**overrides)
         req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec, restore_from=restore_from)
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")

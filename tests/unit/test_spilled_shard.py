@@ -1,0 +1,146 @@
+"""A spilled shard (state streamed from files within a memory budget) and an in-memory shard fed the
+same uploads and pushes hold the same bits: parameters, every moment and counter, publications."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver.errors import ConfigError
+from paramserver.jobconfig import GroupRule, JobConfig
+from paramserver.shard import ShardState
+from paramserver.spilled_shard import OVERHEAD_BYTES, SpilledShardState
+from paramserver.steps import decide
+from paramserver_client.codec import BFLOAT16, EVAL, FLOAT32, TRAIN, chunk_elements, encode, parse_chunk_message
+
+PARAMS = (("embed.weight", (300, 40), ""), ("blocks.0.attn.w", (40, 40), ""), ("blocks.0.ln.weight", (40,), ""),
+          ("blocks.1.mlp.w", (40, 160), ""), ("blocks.1.mlp.bias", (160,), ""), ("head.weight", (40, 7), ""))  # fmt: skip
+GALORE = GroupRule(name="g", patterns=("*mlp.w",), optimizer="galore", hyperparameters={"rank": 4, "update_proj_gap": 2})
+CASES: list[tuple[str, dict[str, Any], tuple[GroupRule, ...], float]] = [
+    ("adamw", {"lr": 1e-2, "amsgrad": True}, (), 1.0),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True}, (), 0.0),
+    ("lion", {"lr": 1e-3, "weight_decay": 0.1}, (), 0.5),
+    ("adamw_schedulefree", {"lr": 1e-2, "warmup_steps": 2}, (), 0.0),
+    ("lisa", {"lr": 1e-2, "active_layers": 1, "interval_steps": 2}, (), 1.0),
+    ("adamw", {"lr": 1e-2}, (GroupRule(name="m", patterns=("blocks.*.w",), optimizer="muon", hyperparameters={"lr": 0.02}),
+                             GroupRule(name="a", patterns=("embed.*",), optimizer="adafactor"),
+                             GALORE,
+                             GroupRule(name="t", ndims=(1,), optimizer="tiger_full")), 1.0),
+]  # fmt: skip
+IDS = ["adamw-amsgrad-clip", "sgd-nesterov", "lion-clip", "schedule-free", "lisa-clip", "muon-adafactor-galore-tiger-full"]
+
+
+def config(name: str, hyper: dict[str, Any], groups: tuple[GroupRule, ...], clip: float, shards: int = 2) -> JobConfig:
+    cfg = JobConfig(parameters=PARAMS, optimizer=name, hyperparameters=hyper, groups=groups, num_workers=2, num_shards=shards,
+                    max_grad_norm=clip)  # fmt: skip
+    cfg.validate()
+    return cfg
+
+
+def feed(state: ShardState, values: np.ndarray, dtype: int = FLOAT32, seed: int = 0) -> Any:
+    """Stage a stream of this shard's elements (chunks in a shuffled order) as a push would."""
+    staging = state.stage()
+    chunks = []
+    for s in state.spans:
+        step = chunk_elements(dtype, 1 << 14)
+        for a in range(s.start, s.end, step):
+            n = min(step, s.end - a)
+            chunks.append((a, n))
+    np.random.default_rng(seed).shuffle(chunks)
+    for a, n in chunks:
+        data = encode(values[a : a + n], dtype)
+        state.write(staging, state.check_chunk(a, n, dtype, len(data), 0), n, dtype, data)
+    state.check_coverage(staging.pieces)
+    return staging
+
+
+def budgeted(cfg: JobConfig, index: int, spans: Any, directory: Path) -> SpilledShardState:
+    """A spilled shard whose budget holds the rings, the allowance and about a third of the state."""
+    probe = SpilledShardState(cfg, index, spans, 1 << 40, directory, tile=1024)
+    fixed = probe.ring_bytes + probe.tensor_bytes + OVERHEAD_BYTES
+    state = sum(t.piece.length * 4 * len(probe._columns[g]) for g, tiles in probe.tiles.items() for t in tiles)
+    probe.close()
+    return SpilledShardState(cfg, index, spans, fixed + state // 3, directory, tile=1024)
+
+
+def pulled(state: ShardState, dtype: int = FLOAT32, point: int = TRAIN) -> list[tuple[int, int, bytes]]:
+    _, chunks = state.publication(dtype, (), point)
+    return [(o, n, m) for o, n, m in chunks]
+
+
+@pytest.mark.parametrize(("name", "hyper", "groups", "clip"), CASES, ids=IDS)
+def test_spilled_shards_hold_the_same_bits_as_in_memory_ones(tmp_path: Path, name: str, hyper: dict[str, Any],
+                                                             groups: tuple[GroupRule, ...], clip: float) -> None:  # fmt: skip
+    from paramserver.shard import Contribution
+
+    cfg = config(name, hyper, groups, clip)
+    total = cfg.total_elements
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(total).astype(np.float32)
+    pairs = []
+    for i, spans in enumerate(cfg.plan()):
+        mem = ShardState(cfg, i, spans)
+        spilled = budgeted(cfg, i, spans, tmp_path / f"s{i}")
+        assert sum(s.spilled_bytes for s in spilled.stores.values()) > 0 and spilled.memory()["resident_bytes"] > 0
+        for st in (mem, spilled):
+            st.load(feed(st, p0))
+        pairs.append((mem, spilled))
+    for step in range(6):
+        grads = [(rng.standard_normal(total) * (1 + step % 3) * 10).astype(np.float32) for _ in range(2)]
+        terms = [int(rng.integers(1, 9)), int(rng.integers(1, 9))]
+        results = []
+        for which in (0, 1):
+            stats = []
+            for pair in pairs:
+                st = pair[which]
+                contributions = [Contribution(w, terms[w], feed(st, grads[w], BFLOAT16 if w else FLOAT32, seed=w).buffer) for w in (1, 0)]
+                stats.append(st.reduce(contributions))
+            decision = decide(step, stats, cfg.max_grad_norm)
+            results.append(decision)
+            for pair in pairs:
+                pair[which].apply(decision)
+        assert results[0] == results[1]  # the same norm, clip coefficient and decision
+    for mem, spilled in pairs:
+        a, b = mem.snapshot_tensors(), spilled.snapshot_tensors()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        for dtype, point in ((FLOAT32, TRAIN), (BFLOAT16, TRAIN), (FLOAT32, EVAL)):
+            assert pulled(mem, dtype, point) == pulled(spilled, dtype, point)
+        assert mem.frozen_parameters() == spilled.frozen_parameters()
+        spilled.close()
+        assert not any(p.suffix == ".spill" for p in spilled.directory.iterdir())
+
+
+def test_a_pull_overtaken_by_two_versions_is_aborted(tmp_path: Path) -> None:
+    from paramserver.errors import ParamServerError
+    from paramserver.shard import Contribution
+
+    cfg = JobConfig(parameters=(("w", (600, 1000), ""),), optimizer="sgd", hyperparameters={"lr": 0.1}, num_workers=2)
+    (spans,) = cfg.plan()  # 600K elements: three 1 MiB chunks
+    st = budgeted(cfg, 0, spans, tmp_path)
+    st.load(feed(st, np.zeros(cfg.total_elements, dtype=np.float32)))
+    _, chunks = st.publication(FLOAT32)
+    first = next(chunks)
+    assert parse_chunk_message(first[2]) is not None
+    for step in range(2):
+        g = np.ones(cfg.total_elements, dtype=np.float32)
+        stats = st.reduce([Contribution(w, 1, feed(st, g).buffer) for w in (0, 1)])
+        st.apply(decide(step, [stats], 0.0))
+    with pytest.raises(ParamServerError) as err:
+        next(chunks)
+    assert err.value.code == "ABORTED" and err.value.metadata["current_version"] == "2"
+    st.close()
+
+
+def test_a_budget_below_the_rings_names_the_field(tmp_path: Path) -> None:
+    cfg = config("adamw", {}, (), 0.0, shards=1)
+    (spans,) = cfg.plan()
+    with pytest.raises(ConfigError) as err:
+        SpilledShardState(cfg, 0, spans, 1 << 20, tmp_path)
+    assert err.value.field == "spec.shard_memory_budget_bytes"
+    assert not list(tmp_path.glob("*.spill"))
