@@ -94,6 +94,11 @@ class RayShardHandle:
         result: dict[str, Any] = await _call(self.actor.snapshot.remote(directory, version), "shard snapshot")
         return result
 
+    async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
+        """The shard process's resident memory now and at its peak (see ShardHost.memory_probe)."""
+        result: dict[str, int] = await _call(self.actor.memory_probe.remote(reset_peak), "shard memory probe")
+        return result
+
     async def stop(self) -> None:
         """Stop serving and kill the actor."""
         try:
@@ -203,6 +208,11 @@ class Cluster:
     async def delete_job(self, request_id: str, job_id: str) -> None:
         """See Coordinator.delete_job."""
         await _call(self.coordinator.delete_job.remote(request_id, job_id), "delete_job")
+
+    async def shard_memory(self, job_id: str, reset_peak: bool = False) -> list[dict[str, int]]:
+        """Every shard process's resident memory now and at its peak (tests and tools)."""
+        handles = await _call(self.coordinator.shard_handles.remote(job_id), "shard_handles")
+        return [await h.memory_probe(reset_peak) for h in handles]
 
     async def shard_tensors(self, job_id: str) -> list[dict[str, np.ndarray]]:
         """Every shard's parameters and optimizer state (inspection and tests)."""

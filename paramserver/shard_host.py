@@ -6,6 +6,7 @@ own data-plane gRPC server on a free port.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -141,8 +142,9 @@ class ShardHost:
 
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
-        tune_malloc()
         state = self.make_state()
+        if not isinstance(state, SpilledShardState):  # a spilled shard keeps glibc's trimming: its budget counts
+            tune_malloc()
         if self.restore is not None:
             r = self.restore
             directory = Path(r.directory)
@@ -183,6 +185,20 @@ class ShardHost:
             return {}
         with state.lock:
             return {k: v.numpy() for k, v in state.snapshot_tensors().items()}
+
+    async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
+        """This process's resident memory now and its peak ("rss", "peak"), in bytes, from
+        /proc/self/status; reset_peak first clears the peak (Linux clear_refs). Tests and tools."""
+        if reset_peak:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+        fields = {}
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024
+        return fields
 
     async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
         """Write this shard's part of a snapshot at `version` into `directory`."""

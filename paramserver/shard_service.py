@@ -128,7 +128,7 @@ class ShardServicer:
                 yield message  # already a serialised PullParametersResponse (see add_shard_service)
             return
         chunks = iter(pub.chunks)  # a spilled shard reads its publication file as it goes
-        while batch := await asyncio.to_thread(lambda: list(itertools.islice(chunks, 8))):
+        while batch := await asyncio.to_thread(lambda: list(itertools.islice(chunks, 2))):
             for _, _, message in batch:
                 yield message
 

@@ -27,6 +27,7 @@ counters the in-memory update sees once for all pieces: a spilled shard gives th
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import threading
@@ -66,7 +67,7 @@ MIN_TILE = 1 << 14
 DEPTH = 3
 #: The part of the budget kept for block buffers (the reduction's and the update's gradient
 #: blocks, a pull's chunk, snapshot blocks) and gRPC's message buffers.
-OVERHEAD_BYTES = 64 << 20
+OVERHEAD_BYTES = 96 << 20
 
 
 def in_memory_bytes(config: JobConfig, index: int, spans: Sequence[Span]) -> int:
@@ -78,6 +79,15 @@ def in_memory_bytes(config: JobConfig, index: int, spans: Sequence[Span]) -> int
         for g, grp in probe.groups.items()
     )
     return 4 * probe.numel * (config.num_workers + 3) + state
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc): a spilled shard's budget counts what the
+    process holds, not what it uses."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -306,7 +316,9 @@ class SpilledShardState(ShardState):
             self._read(grad, a, part[: b - a])
             return part[: b - a]
 
-        return ShardStats(self.index, blocked_sumsq(block, self.trained_ranges(), self.numel), n)
+        stats = ShardStats(self.index, blocked_sumsq(block, self.trained_ranges(), self.numel), n)
+        trim_heap()
+        return stats
 
     def apply(self, decision: Decision) -> StepReport:
         """Stream every tile through its group's rule (or skip), and publish the next version."""
@@ -315,21 +327,23 @@ class SpilledShardState(ShardState):
         if decision.apply:
             assert self._grad is not None
             grad = torch.empty(max(t.piece.length for tiles in self.tiles.values() for t in tiles))
+            pub = self._next_publication()
             for g, store in self.stores.items():
-                self._update_group(g, store, grad, decision.clip_coef, self.optimizers[g].lr * factor)
+                self._update_group(g, store, grad, decision.clip_coef, self.optimizers[g].lr * factor, pub)
             self.applied += 1
             outcome = Outcome.APPLIED
-            self._publish()
+            self._pub = 1 - self._pub
         else:
             outcome = Outcome.SKIPPED
         self.release(self._grad)
         self._grad = None
+        trim_heap()
         report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
         self.version = decision.step + 1
         self.last_report = report
         return report
 
-    def _update_group(self, g: int, store: TileStore, grad: torch.Tensor, clip_coef: float, lr: float) -> None:
+    def _update_group(self, g: int, store: TileStore, grad: torch.Tensor, clip_coef: float, lr: float, pub: _Publication) -> None:
         opt, scalars = self.optimizers[g], self.opt_state[g]
         shared = {k: v.clone() for k, v in scalars.items()}
         own = {
@@ -349,25 +363,32 @@ class SpilledShardState(ShardState):
                 g_tile.mul_(clip_coef)
             state: State = {**{c: tile.columns[c] for c in self._columns[g][1:]}, **scalars}
             opt.update([tile.columns["params"]], [g_tile], state, Step(lr, [info.piece], self.tensor_state, self.applied))
+            self._publish_tile(pub, g, info.local, tile.columns)  # in the same pass: no second read
+
+    def _next_publication(self) -> _Publication:
+        """The publication file the next version goes to (the one not being served)."""
+        pub = self._pubs[1 - self._pub]
+        pub.generation += 1  # a pull still reading it (two versions old) sees this and aborts
+        return pub
+
+    def _publish_tile(self, pub: _Publication, g: int, local: int, columns: dict[str, torch.Tensor]) -> None:
+        params = columns["params"]
+        pub.files[TRAIN].write_from(4 * local, params.numpy().view(np.uint8))
+        if pub.files[EVAL] is not pub.files[TRAIN]:
+            x = params.clone()
+            opt = self.optimizers[g]
+            if opt.eval_keys:
+                opt.eval_point([x], {**{c: columns[c] for c in self._columns[g][1:]}, **self.opt_state[g]}, [(0, params.numel())])
+            pub.files[EVAL].write_from(4 * local, x.numpy().view(np.uint8))
 
     def _publish(self) -> None:
-        """Write the parameters (and the evaluation point) to the other publication file."""
-        nxt = 1 - self._pub if self._loaded else self._pub
-        pub = self._pubs[nxt]
-        pub.generation += 1
-        evaluation = pub.files[EVAL] if pub.files[EVAL] is not pub.files[TRAIN] else None
+        """Write the current parameters to the other publication file and serve it (after a load
+        or a restore; updates publish tile by tile as they go)."""
+        pub = self._next_publication()
         for g, store in self.stores.items():
-            opt = self.optimizers[g]
             for tile in store.stream(write=False):
-                local = self.tiles[g][tile.index].local
-                params = tile.columns["params"]
-                pub.files[TRAIN].write_from(4 * local, params.numpy().view(np.uint8))
-                if evaluation is not None:
-                    x = params.clone()
-                    if opt.eval_keys:
-                        opt.eval_point([x], {**{c: tile.columns[c] for c in self._columns[g][1:]}, **self.opt_state[g]}, [(0, tile.length)])
-                    evaluation.write_from(4 * local, x.numpy().view(np.uint8))
-        self._pub = nxt
+                self._publish_tile(pub, g, self.tiles[g][tile.index].local, tile.columns)
+        self._pub = 1 - self._pub
 
     # ---- pulls -----------------------------------------------------------------------------------
 

@@ -472,7 +472,7 @@ class JobSpec(_message.Message):
     bytes (0 = unlimited). A shard whose state does not fit keeps what fits
     resident and streams the rest through the update from files under the
     service's spill directory (CPU shards only). The budget includes the
-    I/O buffers and a 64 MiB allowance for gRPC and block buffers; one too
+    I/O buffers and a 96 MiB allowance for gRPC and block buffers; one too
     small for them is INVALID_ARGUMENT naming this field. A spill directory
     that cannot hold the files is RESOURCE_EXHAUSTED (SPILL_DISK_FULL).
     """
