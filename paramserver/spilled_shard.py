@@ -7,7 +7,7 @@ What lives where:
   ``params`` and the group's flat state (``exp_avg``, ``exp_avg_sq``, ...) over tiles. A tile is a
   run of one parameter piece, at most :data:`TILE` elements and cut on multiples of
   ``placement.ALIGN`` from the piece's start (so the bits do not change), or the whole piece for
-  rules that need whole tensors. The first tiles that fit the budget stay resident; the rest live
+  rules that need whole tensors. Tiles stay resident, in order, while they fit the budget; the rest live
   in a preallocated O_DIRECT file, read ahead and written behind through a ring of buffers.
 * **Gradients**: a push is written chunk by chunk to a preallocated gradient file (buffered I/O:
   the page cache absorbs it, the process does not grow). The reduction reads the workers' files
@@ -149,7 +149,7 @@ class SpilledShardState(ShardState):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             for g, tiles in self.tiles.items():
-                spec = [(t.piece.length, k < self.resident_tiles[g]) for k, t in enumerate(tiles)]
+                spec = [(t.piece.length, self.resident[g][k]) for k, t in enumerate(tiles)]
                 self.stores[g] = TileStore(self._columns[g], spec, self.directory / f"shard-{index}-group-{g}.spill", DEPTH)
             has_eval = any(self.optimizers[g].eval_keys for g in self.groups)
             for k in range(2):
@@ -200,14 +200,15 @@ class SpilledShardState(ShardState):
                 f"buffers {OVERHEAD_BYTES}",
             )
         left = self.budget - fixed
-        self.resident_tiles: dict[int, int] = {}
-        for g, tiles in self.tiles.items():
+        self.resident: dict[int, list[bool]] = {}
+        for g, tiles in self.tiles.items():  # in order, every tile that still fits stays resident
             per = 4 * len(self._columns[g])
-            k = 0
-            while k < len(tiles) and tiles[k].piece.length * per <= left:
-                left -= tiles[k].piece.length * per
-                k += 1
-            self.resident_tiles[g] = k
+            flags = []
+            for t in tiles:
+                fits = t.piece.length * per <= left
+                left -= t.piece.length * per if fits else 0
+                flags.append(fits)
+            self.resident[g] = flags
 
     # ---- status ------------------------------------------------------------------------------
 
