@@ -26,7 +26,7 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
 from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState, Staging
-from paramserver.snapshot_store import FaultHook, write_tensors
+from paramserver.snapshot_store import FaultHook, FileEntry, write_tensors
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver_client.codec import TRAIN
 
@@ -259,42 +259,30 @@ class ShardRuntime:
             await self.wait_version(version)
 
             ranges = [[s.start, s.length] for s in self.state.spans]
+            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
             if self.state.streams_snapshots:  # a spilled shard writes under the lock, from its tiles
-                return await asyncio.get_running_loop().run_in_executor(
-                    self._writer, self._locked, self._write_streamed, path, version, ranges, fault or _no_fault
-                )
+
+                def streamed() -> dict[str, Any]:
+                    self._check_version(version)
+                    meta = self._snapshot_meta(version, self.state.applied, ranges, ledger)
+                    return self._entry(self.state.write_snapshot(path, meta, fault or _no_fault), ranges, self.state.applied)
+
+                return await asyncio.get_running_loop().run_in_executor(self._writer, self._locked, streamed)
 
             def take() -> tuple[dict[str, Any], int]:
-                if self.state.version != version:
-                    raise ParamServerError(
-                        "ABORTED",
-                        Reason.STEP_ALREADY_APPLIED,
-                        f"shard {self.state.index} is at version {self.state.version}, not {version}",
-                        {"current_version": self.state.version},
-                    )
+                self._check_version(version)
                 return {k: v.numpy() for k, v in self.state.capture().items()}, self.state.applied
 
             tensors, applied = await asyncio.to_thread(self._locked, take)
-            meta = self._snapshot_meta(version, applied, ranges)  # same event-loop turn: consistent ledger
+            meta = self._snapshot_meta(version, applied, ranges, ledger)
             write = functools.partial(write_tensors, path, tensors, meta, fault or _no_fault, sync_dir=False)
             entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
-            return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
-                    "ranges": ranges, "applied": applied}  # fmt: skip
+            return self._entry(entry, ranges, applied)
         finally:
             self._snapshot_busy = False
 
-    def _snapshot_meta(self, version: int, applied: int, ranges: list[list[int]]) -> dict[str, str]:
-        return {
-            "shard": str(self.state.index),
-            "version": str(version),
-            "applied": str(applied),
-            "ranges": json.dumps(ranges),
-            "ledger": json.dumps(self.ledger_entries(version - LEDGER_STEPS_KEPT)),
-            **self.state.snapshot_metadata(),
-        }
-
-    def _write_streamed(self, path: Path, version: int, ranges: list[list[int]], fault: FaultHook) -> dict[str, Any]:
-        """A spilled shard's snapshot, written under the lock (the pause lasts the write)."""
+    def _check_version(self, version: int) -> None:
+        """ABORTED (STEP_ALREADY_APPLIED) when this shard has moved past `version`."""
         if self.state.version != version:
             raise ParamServerError(
                 "ABORTED",
@@ -302,8 +290,18 @@ class ShardRuntime:
                 f"shard {self.state.index} is at version {self.state.version}, not {version}",
                 {"current_version": self.state.version},
             )
-        applied = self.state.applied
-        entry = self.state.write_snapshot(path, self._snapshot_meta(version, applied, ranges), fault)
+
+    def _snapshot_meta(self, version: int, applied: int, ranges: list[list[int]], ledger: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            "shard": str(self.state.index),
+            "version": str(version),
+            "applied": str(applied),
+            "ranges": json.dumps(ranges),
+            "ledger": json.dumps(ledger),
+            **self.state.snapshot_metadata(),
+        }
+
+    def _entry(self, entry: FileEntry, ranges: list[list[int]], applied: int) -> dict[str, Any]:
         return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
                 "ranges": ranges, "applied": applied}  # fmt: skip
 

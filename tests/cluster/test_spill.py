@@ -72,6 +72,14 @@ def test_a_spilled_job_trains_like_an_in_memory_one_within_its_budget(address: s
             assert m.budget_bytes == BUDGET and m.spilled_bytes > 0 and m.resident_bytes + m.buffer_bytes <= BUDGET
             assert m.read_bytes > 0 and m.written_bytes > 0 and m.read_bytes_per_second > 0 and m.write_bytes_per_second > 0
             assert memories[0].spilled_bytes == 0 and memories[0].resident_bytes >= TOTAL * 12
+            # the spilled job's snapshot (streamed from its tiles) restores in memory, state and all
+            snap = jc.create_snapshot(ids[1])
+            restored = f"{ids[1]}-restored"
+            ids.append(restored)
+            job = jc.restore_job(snap.path, job_id=restored, shard_memory_budget_bytes=1 << 50)  # (0 = keep the snapshot's)
+            assert job.shards[0].memory.spilled_bytes == 0
+            again = shard_tensors(service, restored)[0]
+            assert again.keys() == disk_state.keys() and all(np.array_equal(again[k], disk_state[k]) for k in again)
             # the in-memory shard rose by more than the budget; the spilled one stayed within it
             assert rises[0] > BUDGET + 64 * MIB, rises
             assert rises[1] <= BUDGET, (rises, m)
