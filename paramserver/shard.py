@@ -75,6 +75,13 @@ class Contribution:
     buffer: torch.Tensor
 
 
+def wire_bytes(values: torch.Tensor, dtype: int) -> memoryview:
+    """The little-endian wire bytes of fp32 host values in `dtype` (a view for fp32)."""
+    if dtype != FLOAT32:
+        values = values.to(_TORCH_DTYPE[dtype]).view(torch.int16)
+    return values.numpy().data.cast("B")
+
+
 def wire_tensor(data: bytes | memoryview, dtype: int) -> torch.Tensor:
     """A zero-copy, read-only tensor over little-endian wire bytes, in its wire dtype
     (copying it into an fp32 tensor converts bf16/fp16 exactly)."""
@@ -291,10 +298,7 @@ class ShardState:
         out: list[tuple[int, int, bytes]] = []
         for r in sorted(wanted):
             local = self._local(r)
-            view = host[local : local + r.length]
-            if dtype != FLOAT32:
-                view = view.to(_TORCH_DTYPE[dtype]).view(torch.int16)
-            data = view.numpy().data.cast("B")
+            data = wire_bytes(host[local : local + r.length], dtype)
             size = ITEMSIZE[dtype]
             for i in range(0, r.length, step):
                 n = min(step, r.length - i)

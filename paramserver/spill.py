@@ -134,7 +134,7 @@ class SpillFile:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise ParamServerError("DATA_LOSS", Reason.INTERNAL_ERROR, f"{self.path}: short read at {offset + done}")
+                raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{self.path}: short read at {offset + done}")
             done += n
         self.stats.add(done, 0, time.perf_counter() - t0)
 

@@ -44,7 +44,6 @@ from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Piece, State, Step
 from paramserver.placement import Span
 from paramserver.shard import (
-    _TORCH_DTYPE,
     NORM_BLOCK,
     Contribution,
     Landed,
@@ -52,12 +51,13 @@ from paramserver.shard import (
     SnapshotSource,
     Staging,
     blocked_sumsq,
+    wire_bytes,
     wire_tensor,
 )
 from paramserver.snapshot_store import FaultHook, FileEntry, TensorStream, write_tensors
 from paramserver.spill import SpillFile, TileStore
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
-from paramserver_client.codec import EVAL, FLOAT32, ITEMSIZE, TRAIN, chunk_elements, encode_chunk_message
+from paramserver_client.codec import EVAL, FLOAT32, TRAIN, chunk_elements, encode_chunk_message
 
 #: Largest tile of a split-able piece, in elements (12 MB records for AdamW's three columns).
 TILE = 1 << 20
@@ -415,10 +415,7 @@ class SpilledShardState(ShardState):
                             f"version {version} was replaced while it was being read; pull again (now {self.version})",
                             {"current_version": self.version},
                         )
-                    view = torch.from_numpy(buf[:n])
-                    if dtype != FLOAT32:
-                        view = view.to(_TORCH_DTYPE[dtype]).view(torch.int16)
-                    yield r.start + i, n, encode_chunk_message(r.start + i, n, dtype, view.numpy().data.cast("B")[: n * ITEMSIZE[dtype]])
+                    yield r.start + i, n, encode_chunk_message(r.start + i, n, dtype, wire_bytes(torch.from_numpy(buf[:n]), dtype))
 
         return version, chunks()
 

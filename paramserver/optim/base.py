@@ -99,16 +99,6 @@ class Step:
         return self.tensors[piece.param.index]
 
 
-def whole_pieces(shapes: Sequence[tuple[int, ...]], names: Sequence[str] = ()) -> list[Piece]:
-    """Pieces for whole parameters laid end to end (tests, benchmarks, exports)."""
-    out, pos = [], 0
-    for i, shape in enumerate(shapes):
-        p = Param(i, names[i] if i < len(names) else f"p{i}", tuple(shape))
-        out.append(Piece(p, 0, p.numel, pos))
-        pos += p.numel
-    return out
-
-
 class Optimizer(ABC):
     """An update rule over fp32 tensors.
 

@@ -58,37 +58,20 @@ def lion_update(
     b1: float,
     b2: float,
     segments: Sequence[tuple[int, int]],
+    cautious: CautiousOptions | None = None,
 ) -> None:
-    """One Lion step in place over the pieces (m is the flat momentum), block by block."""
+    """One Lion step in place over the pieces (m is the flat momentum): block by block, or with
+    the Cautious mask tensor by tensor (each piece then a whole tensor)."""
     for p, g, exp_avg in zip(params, grads, views(m, segments), strict=True):
-        for a, b in blocks(p.numel()):
+        for a, b in blocks(p.numel()) if cautious is None else [(0, p.numel())]:
             pb, gb, mb = p[a:b], g[a:b], exp_avg[a:b]
+            update = mb.clone().mul_(b1).add_(gb, alpha=1.0 - b1).sgn_()
+            if cautious is not None:
+                apply_cautious(update, gb, cautious)
             if wd != 0:  # (a multiplication by 1.0 changes no bit)
                 pb.mul_(1.0 - lr * wd)
-            update = mb.clone().mul_(b1).add_(gb, alpha=1.0 - b1).sgn_()
             pb.add_(update, alpha=-lr)
             mb.mul_(b2).add_(gb, alpha=1.0 - b2)
-
-
-def cautious_lion_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    m: torch.Tensor,
-    lr: float,
-    wd: float,
-    b1: float,
-    b2: float,
-    segments: Sequence[tuple[int, int]],
-    h: CautiousOptions,
-) -> None:
-    """One C-Lion step in place, tensor by tensor (each piece a whole tensor)."""
-    for p, g, exp_avg in zip(params, grads, views(m, segments), strict=True):
-        update = exp_avg.clone().mul_(b1).add(g, alpha=1.0 - b1).sgn_()
-        apply_cautious(update, g, h)
-        if wd > 0.0:
-            p.mul_(1.0 - lr * wd)
-        p.add_(update, alpha=-lr)
-        exp_avg.mul_(b2).add_(g, alpha=1.0 - b2)
 
 
 @register
@@ -125,10 +108,8 @@ class Lion(Optimizer):
         """One Lion step in place."""
         b1, b2 = self.betas()
         wd = self.hyper.weight_decay
-        if self.hyper.cautious:
-            cautious_lion_update(params, grads, state["exp_avg"], step.lr, wd, b1, b2, step.segments, self.hyper)
-        else:
-            lion_update(params, grads, state["exp_avg"], step.lr, wd, b1, b2, step.segments)
+        cautious = self.hyper if self.hyper.cautious else None
+        lion_update(params, grads, state["exp_avg"], step.lr, wd, b1, b2, step.segments, cautious)
 
 
 @register
