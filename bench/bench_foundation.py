@@ -203,6 +203,40 @@ def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
     return {"shard_s": med(shard_t), "torch_s": med(torch_t), "torch1_s": med(torch1_t)}
 
 
+def bench_norm(n: int, warmup: int, reps: int) -> dict[str, float]:
+    """The shard's share of the global gradient norm (fixed blocks, the same bits on any shard
+    count) vs the plain fp32 norm it replaced (torch.linalg.vector_norm in 1M blocks, summed in
+    fp64), both on one thread as in a shard actor."""
+    import numpy as np
+    import torch
+
+    from paramserver.gradnorm_kernel import norm_part
+
+    grad = torch.from_numpy(np.random.default_rng(2).standard_normal(n, dtype=np.float32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def ours() -> None:
+        norm_part(lambda a, k: grad[a : a + k], [(0, n)], n)
+
+    def plain() -> None:
+        total = 0.0
+        for k in range(0, n, 1 << 20):
+            v = float(torch.linalg.vector_norm(grad[k : k + (1 << 20)]))
+            total += v * v
+
+    ours_t, plain_t = [], []
+    try:
+        for r in range(warmup + reps):
+            a, b = timed(ours), timed(plain)
+            if r >= warmup:
+                ours_t.append(a)
+                plain_t.append(b)
+    finally:
+        torch.set_num_threads(threads)
+    return {"ours_s": med(ours_t), "plain_s": med(plain_t)}
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -318,6 +352,9 @@ def main() -> int:
     log("(a) shard AdamW vs torch fused AdamW")
     a = bench_optimizer(n, max(warmup, 2), max(reps, 5) * 3)
     gc.collect()
+    log("(a) gradient norm: fixed blocks vs plain fp32 norm")
+    norm = bench_norm(n, warmup, reps)
+    gc.collect()
 
     # The raw baseline server in its own process (spawned like a fresh shard actor).
     ctx = mp.get_context("spawn")
@@ -416,6 +453,11 @@ def main() -> int:
     print()
     print("details")
     print(f"  torch fused AdamW, 1 thread (a shard actor's default): {n / a['torch1_s'] / 1e9:.3f} Gparam/s ({a['torch1_s'] * 1e3:.1f} ms)")
+    print(
+        f"  gradient norm, 1 thread: split-invariant blocks {norm['ours_s'] * 1e3:.1f} ms, plain fp32 vector_norm "
+        f"{norm['plain_s'] * 1e3:.1f} ms (cost ratio {norm['ours_s'] / norm['plain_s']:.2f}x; "
+        f"{norm['ours_s'] / a['torch1_s'] * 100:.0f}% of a 1-thread AdamW update)"
+    )
     print(
         f"  (b) raw client-stream, server holding every chunk to the end (as the shard holds its Pieces): "
         f"{nb / b['raw_push_keep'] / GB:.3f} GB/s ({b['raw_push_keep'] * 1e3:.1f} ms)"

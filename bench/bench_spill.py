@@ -38,6 +38,7 @@ from torch.optim.adam import adam as torch_adam
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from paramserver.gradnorm import sum_of_squares
 from paramserver.spill import SpillFile, TileStore, aligned_empty
 
 COLUMNS = ["params", "exp_avg", "exp_avg_sq"]
@@ -104,7 +105,7 @@ def shard_row(n: int, directory: Path, repeats: int) -> None:
     def one(st: ShardState, k: int) -> float:
         t0 = time.perf_counter()
         stats = st.reduce([Contribution(0, 1, push(st, grad).buffer)])
-        st.apply(Decision(k, True, "", stats.sumsq**0.5, 1.0, 1))
+        st.apply(Decision(k, True, "", sum_of_squares([stats.norm]) ** 0.5, 1.0, 1))
         return time.perf_counter() - t0
 
     one(spilled, 0)

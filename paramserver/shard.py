@@ -14,7 +14,7 @@ import bisect
 import json
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from paramserver.errors import ParamServerError, Reason
+from paramserver.gradnorm import NormPart
+from paramserver.gradnorm_kernel import GradReader, norm_part
 from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Piece, State, Step, views
 from paramserver.placement import Span
@@ -229,24 +231,25 @@ class ShardState:
             self.grad.copy_(total)
             self.release(total)
         if n == 0:
-            return ShardStats(self.index, 0.0, 0)
+            return ShardStats(self.index, NormPart(), 0)
         self.grad.div_(n)
-        return ShardStats(self.index, self._sumsq(), n)
+        return ShardStats(self.index, self.norm_part(lambda a, count: self.grad[a : a + count]), n)
 
-    def _sumsq(self) -> float:
-        """Sum of squares of the gradient of the parameters the next update trains (all of them
-        unless a rule freezes some, as LISA does: like frozen torch parameters, whose grad is None,
-        they are outside the clip norm and the non-finite check). inf or nan if non-finite."""
-        return blocked_sumsq(lambda a, b: self.grad[a:b], self.trained_ranges(), self.numel)
+    def norm_part(self, read: GradReader) -> NormPart:
+        """This shard's share of the global norm of the gradient `read` gives (see gradnorm). The
+        parameters the next update does not train (a rule freezes them, as LISA does) count as
+        zeros: like frozen torch parameters, whose grad is None, they are outside the clip norm
+        and the non-finite check."""
+        spans = [(s.start, s.length) for s in self.spans]
+        return norm_part(read, spans, self.config.total_elements, self.frozen_ranges(), self.device)
 
-    def trained_ranges(self) -> list[tuple[int, int]]:
-        """[start, end) local ranges of the parameters the next update trains, in order."""
-        if not any(self.optimizers[g].freezes for g in self.groups):
-            return [(0, self.numel)]
+    def frozen_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) local ranges of the parameters the next update does not train, in order."""
         out: list[tuple[int, int]] = []
         for g, group in self.groups.items():
             opt = self.optimizers[g]
-            out += [(a, a + n) for (a, n), piece in zip(group.local, group.pieces, strict=True) if opt.trains(piece.param, self.applied)]
+            if opt.freezes:
+                out += [(a, a + n) for (a, n), p in zip(group.local, group.pieces, strict=True) if not opt.trains(p.param, self.applied)]
         return sorted(out)
 
     def apply(self, decision: Decision) -> StepReport:
@@ -453,26 +456,6 @@ class ShardState:
         """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
         list of [start, length] pieces, in the order of the tensor's elements."""
         return {f"ranges.{g}": json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
-
-
-#: Elements per block of the gradient-norm reduction: every block's fp32 norm is squared and
-#: summed in float64, in local order, so that a shard holding its gradient in memory and one
-#: streaming it from disk compute the same bits (and so the same clip coefficient).
-NORM_BLOCK = 1 << 20
-
-
-def blocked_sumsq(block: Callable[[int, int], torch.Tensor], ranges: Sequence[tuple[int, int]], numel: int) -> float:
-    """Sum of squares over local `ranges` of a gradient read by `block(start, end)`, block by block
-    (blocks of NORM_BLOCK from local 0, cut by the ranges); inf or nan if non-finite."""
-    total = 0.0
-    for k in range(0, numel, NORM_BLOCK):
-        lo, hi = k, min(k + NORM_BLOCK, numel)
-        for a, b in ranges:
-            a, b = max(a, lo), min(b, hi)
-            if a < b:
-                norm = float(torch.linalg.vector_norm(block(a, b)))
-                total += norm * norm
-    return total
 
 
 class SnapshotSource(Protocol):

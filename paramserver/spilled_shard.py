@@ -40,17 +40,16 @@ import numpy as np
 import torch
 
 from paramserver.errors import ConfigError, ParamServerError, Reason
+from paramserver.gradnorm import NormPart
 from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Piece, State, Step
 from paramserver.placement import Span
 from paramserver.shard import (
-    NORM_BLOCK,
     Contribution,
     Landed,
     ShardState,
     SnapshotSource,
     Staging,
-    blocked_sumsq,
     wire_bytes,
     wire_tensor,
 )
@@ -59,6 +58,8 @@ from paramserver.spill import SpillFile, TileStore
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver_client.codec import EVAL, FLOAT32, TRAIN, chunk_elements, encode_chunk_message
 
+#: Elements per block of the reduction's pass over the gradient files (and of the norm's reads).
+REDUCE_BLOCK = 1 << 20
 #: Largest tile of a split-able piece, in elements (12 MB records for AdamW's three columns).
 TILE = 1 << 20
 #: Smallest tile a small budget may force.
@@ -294,9 +295,9 @@ class SpilledShardState(ShardState):
         ordered = sorted(contributions, key=lambda c: c.worker_id)
         n = sum(c.loss_terms for c in ordered)
         files: list[SpillFile] = [c.buffer for c in ordered]  # type: ignore[misc]
-        acc, part = torch.empty(min(NORM_BLOCK, self.numel)), torch.empty(min(NORM_BLOCK, self.numel))
-        for k in range(0, self.numel, NORM_BLOCK):
-            m = min(NORM_BLOCK, self.numel - k)
+        acc, part = torch.empty(min(REDUCE_BLOCK, self.numel)), torch.empty(min(REDUCE_BLOCK, self.numel))
+        for k in range(0, self.numel, REDUCE_BLOCK):
+            m = min(REDUCE_BLOCK, self.numel - k)
             self._read(files[0], k, acc[:m])
             for f in files[1:]:
                 self._read(f, k, part[:m])
@@ -310,14 +311,14 @@ class SpilledShardState(ShardState):
             self.release(self._grad)
         self._grad = files[0]
         if n == 0:
-            return ShardStats(self.index, 0.0, 0)
+            return ShardStats(self.index, NormPart(), 0)
         grad = files[0]
 
-        def block(a: int, b: int) -> torch.Tensor:
-            self._read(grad, a, part[: b - a])
-            return part[: b - a]
+        def block(a: int, count: int) -> torch.Tensor:
+            self._read(grad, a, part[:count])
+            return part[:count]
 
-        stats = ShardStats(self.index, blocked_sumsq(block, self.trained_ranges(), self.numel), n)
+        stats = ShardStats(self.index, self.norm_part(block), n)
         trim_heap()
         return stats
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from paramserver.errors import Reason
+from paramserver.gradnorm import NormPart, sum_of_squares
 
 #: torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 CLIP_EPS = 1e-6
@@ -33,8 +34,8 @@ class ShardStats:
     """One shard's scalars for a step."""
 
     shard: int
-    sumsq: float
-    """Sum of squares of this shard's slice of G / N (inf or nan if non-finite)."""
+    norm: NormPart
+    """This shard's share of the squared norm of G / N (see paramserver.gradnorm)."""
     loss_terms: int
     """Sum of the workers' loss_terms as this shard received them."""
 
@@ -91,8 +92,9 @@ def decide(
 ) -> Decision:
     """Combine every shard's stats into one decision.
 
-    Skips when the shards disagree on the loss-term count, when it is 0, when
-    the global norm is not finite, or when the guard calls it a spike;
+    The global norm is computed from fixed blocks of the flat space (paramserver.gradnorm),
+    so the decision does not depend on the shard count. Skips when the shards disagree on the
+    loss-term count, when it is 0, when the global norm is not finite, or when the guard calls it a spike;
     otherwise the clip coefficient is min(max_grad_norm / (norm + 1e-6), 1) as
     in torch.nn.utils.clip_grad_norm_. With `nan_handled` (every rule of the
     job guards against NaN itself, as Tiger does per tensor) a NaN norm is
@@ -100,12 +102,7 @@ def decide(
     """
     terms = {s.loss_terms for s in stats}
     n = max(terms) if terms else 0
-    if any(math.isnan(s.sumsq) for s in stats):
-        norm = math.nan
-    elif all(math.isfinite(s.sumsq) for s in stats):
-        norm = math.sqrt(math.fsum(s.sumsq for s in stats))
-    else:
-        norm = math.inf
+    norm = math.sqrt(sum_of_squares(s.norm for s in stats))  # the same bits on any shard count
     if len(terms) > 1:
         return Decision(step, False, Reason.INCONSISTENT_LOSS_TERMS, norm, 1.0, n)
     if n == 0:

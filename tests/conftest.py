@@ -37,7 +37,8 @@ def ray_session() -> Iterator[None]:
     os.environ["RAY_TMPDIR"] = tmp
     # shard actors inherit it: tests write "JOB SHARD PHASE" lines to inject snapshot failures
     os.environ["PARAMSERVER_SNAPSHOT_FAULT_FILE"] = str(FAULT_FILE)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="paramserver-tests", _temp_dir=tmp, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, namespace="paramserver-tests", _temp_dir=tmp, logging_level="WARNING",
+             _node_ip_address="127.0.0.1")  # fmt: skip
     yield
     ray.shutdown()
 

@@ -160,7 +160,7 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
     from paramserver.snapshot_store import SnapshotReader, write_manifest
 
     name, hyper, groups, _ = CASES[-1]  # every per-tensor state kind
-    clip = 0.0  # (a clip coefficient's last bits depend on how the shards split the norm)
+    clip = 1.0  # the norm has the same bits on any shard count (paramserver.gradnorm)
     cfg = config(name, hyper, groups, clip, shards=2)
     total = cfg.total_elements
     shards = [budgeted(cfg, i, spans, tmp_path / f"a{i}") for i, spans in enumerate(cfg.plan())]

@@ -7,12 +7,13 @@ import math
 import pytest
 
 from paramserver.errors import ParamServerError, Reason
+from paramserver.gradnorm import NormPart
 from paramserver.ledger import Ledger
 from paramserver.steps import ShardStats, decide
 
 
 def test_clip_coefficient_matches_torch_formula() -> None:
-    stats = [ShardStats(0, 9.0, 10), ShardStats(1, 16.0, 10)]
+    stats = [ShardStats(0, NormPart.of(9.0), 10), ShardStats(1, NormPart.of(16.0), 10)]
     d = decide(3, stats, max_grad_norm=1.0)
     assert d.apply and d.grad_norm == 5.0
     assert d.clip_coef == pytest.approx(1.0 / (5.0 + 1e-6))
@@ -23,10 +24,10 @@ def test_clip_coefficient_matches_torch_formula() -> None:
 @pytest.mark.parametrize(
     ("stats", "reason"),
     [
-        ([ShardStats(0, math.inf, 4), ShardStats(1, 1.0, 4)], Reason.NON_FINITE_GRADIENT),
-        ([ShardStats(0, math.nan, 4), ShardStats(1, 1.0, 4)], Reason.NON_FINITE_GRADIENT),
-        ([ShardStats(0, 0.0, 0), ShardStats(1, 0.0, 0)], Reason.NO_LOSS_TERMS),
-        ([ShardStats(0, 1.0, 4), ShardStats(1, 1.0, 5)], Reason.INCONSISTENT_LOSS_TERMS),
+        ([ShardStats(0, NormPart.of(math.inf), 4), ShardStats(1, NormPart.of(1.0), 4)], Reason.NON_FINITE_GRADIENT),
+        ([ShardStats(0, NormPart.of(math.nan), 4), ShardStats(1, NormPart.of(1.0), 4)], Reason.NON_FINITE_GRADIENT),
+        ([ShardStats(0, NormPart.of(0.0), 0), ShardStats(1, NormPart.of(0.0), 0)], Reason.NO_LOSS_TERMS),
+        ([ShardStats(0, NormPart.of(1.0), 4), ShardStats(1, NormPart.of(1.0), 5)], Reason.INCONSISTENT_LOSS_TERMS),
     ],
 )
 def test_skips(stats: list[ShardStats], reason: str) -> None:
@@ -57,8 +58,8 @@ def test_spike_guard_waits_for_warmup_then_skips_spikes() -> None:
     assert not any(guard.is_spike(n) for n in norms)
     assert guard.is_spike(10.0)
     assert not guard.is_spike(1.0)
-    stats = [ShardStats(0, 4.0, 3), ShardStats(1, 12.0, 3)]  # norm 4
+    stats = [ShardStats(0, NormPart.of(4.0), 3), ShardStats(1, NormPart.of(12.0), 3)]  # norm 4
     d = decide(9, stats, 1.0, SpikeGuard(window=8, warmup=3, k=3.0, history=[1.0, 1.0, 1.1, 0.9]))
     assert not d.apply and d.skip_reason == Reason.GRADIENT_SPIKE and d.grad_norm == 4.0
-    inf = decide(9, [ShardStats(0, math.inf, 3)], 1.0, g := SpikeGuard(window=8, warmup=1, k=3.0))
+    inf = decide(9, [ShardStats(0, NormPart.of(math.inf), 3)], 1.0, g := SpikeGuard(window=8, warmup=1, k=3.0))
     assert inf.skip_reason == Reason.NON_FINITE_GRADIENT and len(g.norms) == 0  # never enters the window
