@@ -6,13 +6,38 @@ from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from paramserver.coordinator import JobView
 from paramserver.errors import ConfigError
-from paramserver.jobconfig import GroupRule, JobConfig
+from paramserver.jobconfig import DEFAULT_SCHEDULE, SETTINGS, GroupRule, JobConfig, Setting
 from paramserver.v1 import job_service_pb2 as pb
 from paramserver.v1 import tensor_pb2
 from paramserver_client.codec import ITEMSIZE
+
+#: The JobSpec fields converted by hand (lists, Structs, names without a default); every other
+#: field, nested messages' included, is a :data:`~paramserver.jobconfig.SETTINGS` entry.
+HAND_CONVERTED = frozenset({"parameters", "optimizer", "schedule", "param_groups"})
+
+
+def _parent(message: Message, path: str) -> tuple[Message, str]:
+    """The message holding a dotted field path, and the field's name in it."""
+    *outer, leaf = path.split(".")
+    for name in outer:
+        message = getattr(message, name)
+    return message, leaf
+
+
+def spec_value(spec: pb.JobSpec, setting: Setting) -> Any:
+    """A setting's value as the wire carries it (0 when unset)."""
+    message, leaf = _parent(spec, setting.path)
+    return getattr(message, leaf)
+
+
+def restore_overrides(spec: pb.JobSpec) -> dict[str, Any]:
+    """The settings a restore takes from ``CreateJobRequest.spec``, as sent: the restorable ones
+    (:attr:`Setting.restorable`); a 0 keeps the snapshot's value."""
+    return {s.name: spec_value(spec, s) for s in SETTINGS if s.restorable}
 
 
 def spec_to_config(spec: pb.JobSpec) -> JobConfig:
@@ -26,25 +51,17 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         dtypes.append(int(p.dtype or tensor_pb2.DTYPE_FLOAT32))
     if not spec.HasField("optimizer") or not spec.optimizer.name:
         raise ConfigError("spec.optimizer.name", "an optimizer is required (sgd, adam, adamw)")
+    settings: dict[str, Any] = {}
+    for s in SETTINGS:
+        value = spec_value(spec, s)
+        settings[s.name] = value if value or s.required else s.default
     config = JobConfig(
         parameters=tuple(params),
         optimizer=spec.optimizer.name,
         hyperparameters=json_format.MessageToDict(spec.optimizer.hyperparameters),
-        schedule=spec.schedule.name or "constant",
+        schedule=spec.schedule.name or DEFAULT_SCHEDULE,
         schedule_parameters=json_format.MessageToDict(spec.schedule.parameters),
-        num_workers=spec.num_workers,
-        num_shards=spec.num_shards,
-        max_grad_norm=spec.max_grad_norm,
-        shard_num_cpus=spec.shard_num_cpus,
-        shard_num_gpus=spec.shard_num_gpus,
-        shard_memory_budget_bytes=spec.shard_memory_budget_bytes,
         param_dtypes=tuple(dtypes),
-        snapshot_every_steps=spec.snapshot_every_steps,
-        snapshot_keep_last=spec.snapshot_keep_last,
-        snapshot_every_seconds=spec.snapshot_every_seconds,
-        spike_window=spec.spike_guard.window,
-        spike_warmup=spec.spike_guard.warmup or 64,
-        spike_threshold_std=spec.spike_guard.threshold_std or 6.0,
         groups=tuple(
             GroupRule(
                 name=g.name,
@@ -55,6 +72,7 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
             )
             for g in spec.param_groups
         ),
+        **settings,
     )
     config.validate()
     return config
@@ -62,25 +80,17 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
 
 def config_to_spec(c: JobConfig) -> pb.JobSpec:
     """The JobSpec a JobConfig came from."""
-    spec = pb.JobSpec(
-        num_workers=c.num_workers,
-        num_shards=c.num_shards,
-        max_grad_norm=c.max_grad_norm,
-        shard_num_cpus=c.shard_num_cpus,
-        shard_num_gpus=c.shard_num_gpus,
-        shard_memory_budget_bytes=c.shard_memory_budget_bytes,
-        snapshot_every_steps=c.snapshot_every_steps,
-        snapshot_keep_last=c.snapshot_keep_last,
-        snapshot_every_seconds=c.snapshot_every_seconds,
-    )
+    spec = pb.JobSpec()
+    for s in SETTINGS:
+        value = getattr(c, s.name)
+        # zeros are not written (the same on the wire, and a nested message stays absent)
+        if value and (not s.only_with or getattr(c, s.only_with)):
+            message, leaf = _parent(spec, s.path)
+            setattr(message, leaf, value)
     for g in c.groups:
         pg = spec.param_groups.add(name=g.name, patterns=list(g.patterns), ndims=list(g.ndims))
         pg.optimizer.name = g.optimizer
         pg.optimizer.hyperparameters.update(dict(g.hyperparameters))
-    if c.spike_window:
-        spec.spike_guard.window = c.spike_window
-        spec.spike_guard.warmup = c.spike_warmup
-        spec.spike_guard.threshold_std = c.spike_threshold_std
     for i, (name, shape, group) in enumerate(c.parameters):
         dtype = c.param_dtypes[i] if i < len(c.param_dtypes) else tensor_pb2.DTYPE_FLOAT32
         spec.parameters.add(name=name, shape=list(shape), dtype=dtype, group=group)

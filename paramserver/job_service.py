@@ -7,7 +7,7 @@ from typing import Any
 from grpc import aio
 
 from paramserver.cluster import Cluster
-from paramserver.convert import job_to_pb, snapshot_to_pb, spec_to_config
+from paramserver.convert import job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError
 from paramserver.rpc import unary
 from paramserver.v1 import job_service_pb2 as pb
@@ -33,17 +33,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """Create a job (idempotent), or restore one from a snapshot."""
         _need(request.request_id, "request_id")
         if request.restore_from:
-            s = request.spec
-            overrides = {
-                "num_workers": s.num_workers,
-                "num_shards": s.num_shards,
-                "shard_num_cpus": s.shard_num_cpus,
-                "shard_num_gpus": s.shard_num_gpus,
-                "shard_memory_budget_bytes": s.shard_memory_budget_bytes,
-                "snapshot_every_steps": s.snapshot_every_steps,
-                "snapshot_keep_last": s.snapshot_keep_last,
-                "snapshot_every_seconds": s.snapshot_every_seconds,
-            }
+            overrides = restore_overrides(request.spec)  # 0 = keep the snapshot's value
             view = await self.cluster.create_job(request.request_id, request.job_id, None, request.restore_from, overrides)
             return job_to_pb(view)
         if not request.HasField("spec"):

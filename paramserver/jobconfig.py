@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from paramserver.errors import ConfigError
 from paramserver.optim import Optimizer, Param, Schedule, build, build_schedule
@@ -41,6 +41,69 @@ class GroupRule:
         return by_name and (not self.ndims or ndim in self.ndims)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One scalar setting of a job: a :class:`JobConfig` field, the JobSpec field it travels in
+    and its default. :data:`SETTINGS` lists them all; the conversions to and from the wire and the
+    restore overrides (``paramserver.convert``) walk it. The client, which cannot import this,
+    derives the same keywords from the JobSpec descriptor (``paramserver_client.aio.SPEC_SETTINGS``;
+    tests/unit/test_settings.py checks that both agree with the proto)."""
+
+    name: str
+    """The JobConfig field; also the client's keyword (``make_spec(spike_window=...)``)."""
+    path: str
+    """The JobSpec field, dotted through nested messages (``"spike_guard.window"``)."""
+    default: int | float
+    """JobConfig's default. Unless `required`, an unset (0) wire field means this value."""
+    required: bool = False
+    """The wire has no default: 0 is read as 0, which :meth:`JobConfig.validate` rejects."""
+    restorable: bool = False
+    """A restore (``CreateJobRequest.restore_from``) takes it from the request's spec when it is
+    non-zero (0 keeps the snapshot's value)."""
+    only_with: str = ""
+    """Sent on the wire only when this other setting is non-zero (it means nothing without it)."""
+
+    @property
+    def spec_field(self) -> str:
+        """The field's name in error messages (``"spec.spike_guard.window"``)."""
+        return f"spec.{self.path}"
+
+
+#: Every scalar setting of a job, in JobSpec order. The JobSpec fields not listed here are
+#: converted by hand (see ``paramserver.convert.HAND_CONVERTED``).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("num_workers", "num_workers", 1, required=True, restorable=True),
+    Setting("num_shards", "num_shards", 1, required=True, restorable=True),
+    Setting("max_grad_norm", "max_grad_norm", 0.0),
+    Setting("shard_num_cpus", "shard_num_cpus", 0.0, restorable=True),
+    Setting("shard_num_gpus", "shard_num_gpus", 0.0, restorable=True),
+    Setting("snapshot_every_steps", "snapshot_every_steps", 0, restorable=True),
+    Setting("snapshot_keep_last", "snapshot_keep_last", 0, restorable=True),
+    Setting("snapshot_every_seconds", "snapshot_every_seconds", 0.0, restorable=True),
+    Setting("spike_window", "spike_guard.window", 0),
+    Setting("spike_warmup", "spike_guard.warmup", 64, only_with="spike_window"),
+    Setting("spike_threshold_std", "spike_guard.threshold_std", 6.0, only_with="spike_window"),
+    Setting("shard_memory_budget_bytes", "shard_memory_budget_bytes", 0, restorable=True),
+)
+#: The settings by name.
+SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+#: The schedule of a job that names none.
+DEFAULT_SCHEDULE = "constant"
+
+_T = TypeVar("_T", int, float)
+
+
+def _default(name: str, kind: type[_T]) -> _T:
+    d = SETTINGS_BY_NAME[name].default
+    if not isinstance(d, kind):
+        raise TypeError(f"SETTINGS[{name!r}].default must be a {kind.__name__}, got {d!r}")
+    return d
+
+
+def _spec_field(name: str) -> str:
+    return SETTINGS_BY_NAME[name].spec_field
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """Everything needed to build a job's shards; equal configs describe the same job."""
@@ -51,35 +114,35 @@ class JobConfig:
     """Registered optimizer name."""
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     """Raw optimizer hyperparameters (validated by :meth:`validate`)."""
-    schedule: str = "constant"
+    schedule: str = DEFAULT_SCHEDULE
     """Schedule name."""
     schedule_parameters: Mapping[str, Any] = field(default_factory=dict)
     """Raw schedule parameters."""
-    num_workers: int = 1
+    num_workers: int = _default("num_workers", int)
     """Gradients per synchronous step."""
-    num_shards: int = 1
+    num_shards: int = _default("num_shards", int)
     """Shard actors."""
-    max_grad_norm: float = 0.0
+    max_grad_norm: float = _default("max_grad_norm", float)
     """Global L2 clipping threshold; 0 = off."""
-    shard_num_cpus: float = 0.0
+    shard_num_cpus: float = _default("shard_num_cpus", float)
     """Ray CPUs reserved per shard actor."""
-    shard_num_gpus: float = 0.0
+    shard_num_gpus: float = _default("shard_num_gpus", float)
     """Ray GPUs per shard actor."""
-    shard_memory_budget_bytes: int = 0
+    shard_memory_budget_bytes: int = _default("shard_memory_budget_bytes", int)
     """Memory a shard may use for its state (0 = unlimited); the rest is spilled to disk."""
     param_dtypes: tuple[int, ...] = ()
     """The wire DType value each parameter has in the model (informational)."""
-    snapshot_every_steps: int = 0
+    snapshot_every_steps: int = _default("snapshot_every_steps", int)
     """Snapshot every this many steps (0 = only on demand)."""
-    snapshot_keep_last: int = 0
+    snapshot_keep_last: int = _default("snapshot_keep_last", int)
     """Newest snapshots kept (0 = all)."""
-    snapshot_every_seconds: float = 0.0
+    snapshot_every_seconds: float = _default("snapshot_every_seconds", float)
     """Also snapshot when this many seconds passed since the last one (0 = off)."""
-    spike_window: int = 0
+    spike_window: int = _default("spike_window", int)
     """Spike guard: rolling window of pre-clip gradient norms (0 = off)."""
-    spike_warmup: int = 64
+    spike_warmup: int = _default("spike_warmup", int)
     """Spike guard: norms seen before it decides anything."""
-    spike_threshold_std: float = 6.0
+    spike_threshold_std: float = _default("spike_threshold_std", float)
     """Spike guard: a norm above mean + this many std of the window is skipped."""
     groups: tuple[GroupRule, ...] = ()
     """Parameter groups; a parameter goes to the group its ParameterSpec.group names, else to
@@ -192,23 +255,25 @@ class JobConfig:
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
         if self.num_workers < 1:
-            raise ConfigError("spec.num_workers", "must be >= 1")
+            raise ConfigError(_spec_field("num_workers"), "must be >= 1")
         if self.num_shards < 1:
-            raise ConfigError("spec.num_shards", "must be >= 1")
+            raise ConfigError(_spec_field("num_shards"), "must be >= 1")
         if not (self.max_grad_norm >= 0.0):
-            raise ConfigError("spec.max_grad_norm", "must be >= 0 (0 disables clipping)")
+            raise ConfigError(_spec_field("max_grad_norm"), "must be >= 0 (0 disables clipping)")
         if self.shard_num_cpus < 0:
-            raise ConfigError("spec.shard_num_cpus", "must be >= 0")
+            raise ConfigError(_spec_field("shard_num_cpus"), "must be >= 0")
         if self.shard_num_gpus < 0:
-            raise ConfigError("spec.shard_num_gpus", "must be >= 0")
+            raise ConfigError(_spec_field("shard_num_gpus"), "must be >= 0")
         if self.shard_memory_budget_bytes < 0:
-            raise ConfigError("spec.shard_memory_budget_bytes", "must be >= 0 (0 = unlimited)")
+            raise ConfigError(_spec_field("shard_memory_budget_bytes"), "must be >= 0 (0 = unlimited)")
         if self.shard_memory_budget_bytes and self.shard_num_gpus > 0:
-            raise ConfigError("spec.shard_memory_budget_bytes", "spilling state to disk is supported on CPU shards only (shard_num_gpus 0)")
+            raise ConfigError(
+                _spec_field("shard_memory_budget_bytes"), "spilling state to disk is supported on CPU shards only (shard_num_gpus 0)"
+            )
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
-            raise ConfigError("spec.spike_guard.window", "must be 0 (off) or >= 2")
+            raise ConfigError(_spec_field("spike_window"), "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:
-            raise ConfigError("spec.spike_guard.threshold_std", "must be > 0")
+            raise ConfigError(_spec_field("spike_threshold_std"), "must be > 0")
         seen: set[str] = set()
         for i, g in enumerate(self.groups):
             if not g.name or g.name in seen:

@@ -61,6 +61,33 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+#: JobSpec fields that make_spec takes as arguments of their own (lists, Structs, names).
+_SPECIAL_FIELDS = frozenset({"parameters", "optimizer", "schedule", "param_groups"})
+#: Keyword prefixes of the fields of nested JobSpec messages (``spike_window`` sets
+#: ``spike_guard.window``).
+_NESTED_PREFIXES = {"spike_guard": "spike_"}
+
+
+def _scalar_settings() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for f in jpb.JobSpec.DESCRIPTOR.fields:
+        if f.name in _SPECIAL_FIELDS or f.is_repeated:
+            continue
+        if f.message_type is None:
+            out[f.name] = f.name
+        elif f.name in _NESTED_PREFIXES:
+            for sub in f.message_type.fields:
+                if sub.message_type is None and not sub.is_repeated:
+                    out[_NESTED_PREFIXES[f.name] + sub.name] = f"{f.name}.{sub.name}"
+    return out
+
+
+#: make_spec's keywords for the scalar settings of a job, each with the JobSpec field it sets
+#: (dotted through nested messages): every scalar field of JobSpec under its own name, and
+#: spike_guard's as ``spike_window``, ``spike_warmup`` and ``spike_threshold_std``.
+SPEC_SETTINGS: Mapping[str, str] = _scalar_settings()
+
+
 def make_spec(
     parameters: Sequence[ParamLike],
     *,
@@ -68,34 +95,37 @@ def make_spec(
     hyperparameters: Mapping[str, Any] | None = None,
     schedule: str = "constant",
     schedule_parameters: Mapping[str, Any] | None = None,
+    param_groups: Sequence[jpb.ParamGroup] = (),
     num_workers: int = 1,
     num_shards: int = 1,
-    max_grad_norm: float = 0.0,
-    shard_num_cpus: float = 0.0,
-    shard_num_gpus: float = 0.0,
-    shard_memory_budget_bytes: int = 0,
-    snapshot_every_steps: int = 0,
-    snapshot_keep_last: int = 0,
-    snapshot_every_seconds: float = 0.0,
-    spike_window: int = 0,
-    spike_warmup: int = 0,
-    spike_threshold_std: float = 0.0,
-    param_groups: Sequence[jpb.ParamGroup] = (),
+    **settings: float,
 ) -> jpb.JobSpec:
-    """Build a JobSpec from (name, shape) pairs and settings."""
-    spec = jpb.JobSpec(
-        snapshot_every_steps=snapshot_every_steps,
-        snapshot_keep_last=snapshot_keep_last,
-        snapshot_every_seconds=snapshot_every_seconds,
-        spike_guard=jpb.SpikeGuardConfig(window=spike_window, warmup=spike_warmup, threshold_std=spike_threshold_std),
-        param_groups=list(param_groups),
-        num_workers=num_workers,
-        num_shards=num_shards,
-        max_grad_norm=max_grad_norm,
-        shard_num_cpus=shard_num_cpus,
-        shard_num_gpus=shard_num_gpus,
-        shard_memory_budget_bytes=shard_memory_budget_bytes,
-    )
+    """Build a JobSpec from (name, shape) pairs (or ParameterSpec messages) and settings.
+
+    Besides the arguments above, every scalar JobSpec field is a keyword of the same name (e.g.
+    ``max_grad_norm``, ``shard_memory_budget_bytes``, ``snapshot_every_steps``), and the spike
+    guard's fields are ``spike_window``, ``spike_warmup`` and ``spike_threshold_std``
+    (:data:`SPEC_SETTINGS` lists them all; job_service.proto gives their meaning; unset = the
+    service's default). num_workers and num_shards, which the wire requires, default to 1 here. An unknown
+    keyword is a TypeError naming it; a value of the wrong type or range a TypeError or
+    ValueError naming the keyword.
+    """
+    spec = jpb.JobSpec(param_groups=list(param_groups))
+    for key, value in {"num_workers": num_workers, "num_shards": num_shards, **settings}.items():
+        path = SPEC_SETTINGS.get(key)
+        if path is None:
+            raise TypeError(
+                f"make_spec() got an unexpected keyword argument {key!r} (besides optimizer, hyperparameters, schedule, "
+                f"schedule_parameters and param_groups it takes the JobSpec settings {', '.join(SPEC_SETTINGS)})"
+            )
+        message: Any = spec
+        *outer, leaf = path.split(".")
+        for name in outer:
+            message = getattr(message, name)
+        try:
+            setattr(message, leaf, value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"make_spec(): {key}={value!r}: {e}") from e
     for p in parameters:
         if isinstance(p, jpb.ParameterSpec):
             spec.parameters.append(p)
@@ -194,9 +224,10 @@ class AsyncJobClient:
         return job
 
     async def restore_job(self, restore_from: str, *, job_id: str = "", **overrides: Any) -> jpb.Job:
-        """Create a job from a snapshot (a path, or "JOB_ID" / "JOB_ID:latest"). Overrides:
-        num_workers, num_shards, shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes,
-        snapshot_every_steps, snapshot_keep_last."""
+        """Create a job from a snapshot (a path, or "JOB_ID" / "JOB_ID:latest"). Overrides (JobSpec
+        field names; 0 or absent keeps the snapshot's value): num_workers, num_shards,
+        shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes, snapshot_every_steps,
+        snapshot_keep_last, snapshot_every_seconds."""
         spec = jpb.JobSpec(**overrides)
         req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec, restore_from=restore_from)
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")

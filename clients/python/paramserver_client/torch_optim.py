@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from paramserver.v1 import shard_service_pb2 as spb
+from paramserver_client.aio import make_spec
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import EVAL, TRAIN, dtype_from_name
 
@@ -41,9 +42,11 @@ class RemoteOptimizer:
             flat layout; every worker must pass the same model).
         address: the front door, "host:port".
         job_id: the job to create or join.
-        optimizer, hyperparameters, schedule, schedule_parameters, num_workers,
-        num_shards, max_grad_norm, param_groups: the job's settings when it is created here
-            (ignored, but checked for equality by the service, if it exists).
+        **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
+            (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
+            max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
+            is a TypeError). Used when the job is created here (if it exists, they are checked
+            for equality by the service).
         wire_dtype: "fp32" (default), "bf16" or "fp16" for gradients and
             parameters on the wire; the service keeps fp32 master values.
         worker_name: this worker's stable name (default host:pid).
@@ -59,40 +62,23 @@ class RemoteOptimizer:
         address: str,
         job_id: str,
         *,
-        optimizer: str = "adamw",
-        hyperparameters: Mapping[str, Any] | None = None,
-        schedule: str = "constant",
-        schedule_parameters: Mapping[str, Any] | None = None,
-        num_workers: int = 1,
-        num_shards: int = 1,
-        max_grad_norm: float = 0.0,
-        param_groups: Sequence[Any] = (),
         wire_dtype: str = "fp32",
         worker_name: str | None = None,
         create: bool = True,
         timeout: float = 60.0,
         pull_timeout: float = 600.0,
         skip_frozen: bool = True,
+        **settings: Any,
     ) -> None:
         self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not self.named:
             raise ValueError("no trainable parameters")
         self.params = [p for _, p in self.named]
         self.wire_dtype = dtype_from_name(wire_dtype)
+        spec = make_spec([(n, tuple(p.shape)) for n, p in self.named], **settings)  # checks the settings
         if create:
             with JobClient(address, timeout=timeout) as jobs:
-                jobs.create_job(
-                    [(n, tuple(p.shape)) for n, p in self.named],
-                    job_id=job_id,
-                    optimizer=optimizer,
-                    hyperparameters=hyperparameters,
-                    schedule=schedule,
-                    schedule_parameters=schedule_parameters,
-                    num_workers=num_workers,
-                    num_shards=num_shards,
-                    max_grad_norm=max_grad_norm,
-                    param_groups=param_groups,
-                )
+                jobs.create_job(spec, job_id=job_id)
         name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
         self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
         layout = {p.name: (int(p.offset), int(p.numel)) for p in self.worker.job.layout}
