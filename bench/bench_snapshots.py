@@ -141,7 +141,7 @@ def settle() -> None:
 def _control_main(conn: Any, directory: str, shard_numel: int, nshards: int) -> None:
     import numpy as np
 
-    from paramserver.snapshot_store import write_tensors
+    from paramserver.snapshot_store import DirectoryStore, SnapshotRef
 
     rng = np.random.default_rng(7)
     shards = []
@@ -154,7 +154,9 @@ def _control_main(conn: Any, directory: str, shard_numel: int, nshards: int) -> 
                 "state.step": np.array(1.0, dtype=np.float32),
             }
         )
-    d = Path(directory)
+    store, ref = DirectoryStore(directory), SnapshotRef("bench", "control")
+    store.begin(ref)
+    d = Path(store.path(ref))
     conn.send("ready")
     while True:
         mode = conn.recv()
@@ -165,8 +167,8 @@ def _control_main(conn: Any, directory: str, shard_numel: int, nshards: int) -> 
             path = d / f"control-{i:05d}.safetensors"
             if mode == "write_tensors_nice":  # a sketch: the writer thread at the lowest CPU priority
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            if mode.startswith("write_tensors"):
-                write_tensors(path, shards[i], {"shard": str(i)})
+            if mode.startswith("write_tensors"):  # what a shard does: tmp name, stream + sha256, fsync, rename
+                store.write_file(ref, path.name, shards[i], {"shard": str(i)})
             else:
                 plain_write(path, views(shards[i]))
 
@@ -189,7 +191,7 @@ def bench_inprocess(n: int, nshards: int, directory: Path, reps: int) -> dict[st
 
     from paramserver.jobconfig import JobConfig
     from paramserver.shard import ShardState
-    from paramserver.snapshot_store import write_tensors
+    from paramserver.snapshot_store import DirectoryStore, SnapshotRef
     from paramserver.steps import Decision
     from paramserver_client.codec import FLOAT32
 
@@ -229,7 +231,9 @@ def bench_inprocess(n: int, nshards: int, directory: Path, reps: int) -> dict[st
     nbytes = sum(len(v) for v in bufs)
     meta = {"shard": "0", "version": "1", "applied": "1", "ranges": f"[[0, {m}]]", "ledger": "[]"}
 
-    target = directory / "shard-00000.safetensors"
+    store, ref = DirectoryStore(directory), SnapshotRef("bench", "inprocess")
+    store.begin(ref)
+    target = Path(store.path(ref)) / "shard-00000.safetensors"
     plain = directory / "plain.bin"
     res: dict[str, list[float]] = {k: [] for k in ("write_tensors", "plain", "plain_write", "plain_fsync", "sha256", "overlapped")}
     for r in range(reps + 1):  # one untimed warm-up round; alternate the order so drift hits both
@@ -239,7 +243,7 @@ def bench_inprocess(n: int, nshards: int, directory: Path, reps: int) -> dict[st
             settle()
             t = time.perf_counter()
             if which == "wt":
-                write_tensors(target, tensors, meta)
+                store.write_file(ref, target.name, tensors, meta)
                 got["write_tensors"] = time.perf_counter() - t
                 target.unlink()
             else:
@@ -408,7 +412,7 @@ def bench_service(n: int, reps: int, base_steps: int, warmup: int, snap_dir: Pat
 
                     for mode in CONTROLS:
                         log(f"{rep}: control ({mode} of the same bytes, another process) while training")
-                        for p in snap_dir.glob("control/control-*"):
+                        for p in snap_dir.glob("control/bench/control/control-*"):
                             p.unlink()
                         settle()
 
@@ -418,7 +422,7 @@ def bench_service(n: int, reps: int, base_steps: int, warmup: int, snap_dir: Pat
 
                         win = tr.window(ctl, pre=2, post=3)
                         wins[mode].append(win)
-                    for p in snap_dir.glob("control/control-*"):
+                    for p in snap_dir.glob("control/bench/control/control-*"):
                         p.unlink()
 
                     # (2a): a snapshot with training idle vs one plain write + fsync of the same bytes.

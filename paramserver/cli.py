@@ -65,7 +65,7 @@ def demo(
 snapshot_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and take snapshots.")
 app.add_typer(snapshot_app, name="snapshot")
 
-RootOpt = Annotated[Path, typer.Option("--root", help="The service's snapshot directory.")]
+RootOpt = Annotated[str, typer.Option("--root", help="The service's snapshot store: a directory, or s3://bucket/prefix.")]
 
 
 def _fail(err: Exception) -> None:
@@ -78,54 +78,57 @@ def _fail(err: Exception) -> None:
 
 
 @snapshot_app.command("list")
-def snapshot_list(job_id: Annotated[str, typer.Argument(help="The job.")], root: RootOpt = Path("snapshots")) -> None:
-    """List a job's committed snapshots, oldest first."""
+def snapshot_list(job_id: Annotated[str, typer.Argument(help="The job.")], root: RootOpt = "snapshots") -> None:
+    """List a job's committed snapshots, oldest first (and any that lost their manifest)."""
     from rich.console import Console
     from rich.table import Table
 
-    from paramserver.snapshot_store import list_snapshots, read_manifest, summary
+    from paramserver.snapshot_store import open_store
 
+    store = open_store(root)
     table = Table("version", "applied", "shards", "bytes", "created (UTC)", "path")
-    for d in list_snapshots(root, job_id):
+    for ref in store.snapshots(job_id):
         try:
-            s = summary(d, read_manifest(d))
+            s = store.read_manifest(ref).summary(store.path(ref))
         except Exception as exc:  # noqa: BLE001 - listed, marked unreadable
-            table.add_row("?", "?", "?", "?", "?", f"{d} ({exc})")
+            table.add_row("?", "?", "?", "?", "?", f"{store.path(ref)} ({exc})")
             continue
         table.add_row(str(s["version"]), str(s["applied"]), str(s["shards"]), f"{s['bytes']:,}", s["created_at"], s["path"])
+    for ref in store.quarantined(job_id):
+        table.add_row("?", "?", "?", "?", "?", f"{store.path(ref)} (QUARANTINED: manifest lost)")
     Console().print(table)
 
 
 @snapshot_app.command("show")
 def snapshot_show(
-    snapshot: Annotated[str, typer.Argument(help="A snapshot directory, or JOB_ID[:latest].")], root: RootOpt = Path("snapshots")
+    snapshot: Annotated[str, typer.Argument(help="A snapshot directory or URL, or JOB_ID[:latest].")], root: RootOpt = "snapshots"
 ) -> None:
     """Print a snapshot's manifest (job config, layout, files)."""
-    import json
-
-    from paramserver.snapshot_store import read_manifest, resolve
+    from paramserver.snapshot_store import open_store, resolve
 
     try:
-        directory = resolve(root, snapshot)
-        typer.echo(json.dumps(read_manifest(directory), indent=1, sort_keys=True))
+        store = open_store(root)
+        typer.echo(store.read_manifest(resolve(store, snapshot)).to_json().decode())
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 
 
 @snapshot_app.command("verify")
 def snapshot_verify(
-    snapshot: Annotated[str, typer.Argument(help="A snapshot directory, or JOB_ID[:latest].")], root: RootOpt = Path("snapshots")
+    snapshot: Annotated[str, typer.Argument(help="A snapshot directory or URL, or JOB_ID[:latest].")], root: RootOpt = "snapshots"
 ) -> None:
-    """Check every file's size and sha256 against the manifest (exit 2 on DATA_LOSS)."""
-    from paramserver.snapshot_store import resolve, verify
+    """Check every file's size, sha256 and format against the manifest, as a restore reads it
+    (exit 2 on DATA_LOSS)."""
+    from paramserver.snapshot_store import open_store, resolve, verify
 
     try:
-        directory = resolve(root, snapshot)
-        manifest = verify(directory)
+        store = open_store(root)
+        ref = resolve(store, snapshot)
+        manifest = verify(store, ref)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return
-    typer.echo(f"ok: {directory} (version {manifest['version']}, {len(manifest['shards'])} files verified)")
+    typer.echo(f"ok: {store.path(ref)} (version {manifest.version}, {len(manifest.shards)} files verified)")
 
 
 @snapshot_app.command("create")
@@ -149,26 +152,27 @@ def snapshot_create(
 
 @app.command("export")
 def export_cmd(
-    snapshot: Annotated[str, typer.Argument(help="A snapshot directory, or JOB_ID[:latest].")],
+    snapshot: Annotated[str, typer.Argument(help="A snapshot directory or URL, or JOB_ID[:latest].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")],
     fmt: Annotated[str, typer.Option("--format", help="safetensors or torch.")] = "safetensors",
     point: Annotated[
         str, typer.Option("--point", help="eval (Schedule-Free's averaged x; the parameters for other rules) or train (y).")
     ] = "eval",
-    root: RootOpt = Path("snapshots"),
+    root: RootOpt = "snapshots",
 ) -> None:
     """Write a snapshot's parameters under their original names and shapes."""
     from rich.progress import Progress
 
     from paramserver.export import export
-    from paramserver.snapshot_store import read_manifest, resolve
+    from paramserver.snapshot_store import open_store, resolve
 
     try:
-        directory = resolve(root, snapshot)
-        total = int(read_manifest(directory)["total_elements"])
+        store = open_store(root)
+        ref = resolve(store, snapshot)
+        total = store.read_manifest(ref).total_elements
         with Progress() as progress:
             task = progress.add_task("exporting", total=total)
-            shapes = export(directory, out, fmt, lambda name, n: progress.update(task, advance=n, description=name), point=point)
+            shapes = export(store, ref, out, fmt, lambda name, n: progress.update(task, advance=n, description=name), point=point)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return

@@ -21,6 +21,7 @@ import ray.exceptions
 from paramserver.coordinator import Coordinator, JobView
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
+from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
 from paramserver.shard_host import Restore, ShardHost, ShardStatus
 from paramserver.steps import Decision, ShardStats
@@ -89,9 +90,9 @@ class RayShardHandle:
         result: dict[str, np.ndarray] = await _call(self.actor.tensors.remote(), "shard tensors")
         return result
 
-    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
+    async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
         """Write the shard's part of a snapshot."""
-        result: dict[str, Any] = await _call(self.actor.snapshot.remote(directory, version), "shard snapshot")
+        result: ShardEntry = await _call(self.actor.snapshot.remote(store, job_id, name, version), "shard snapshot")
         return result
 
     async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
@@ -166,7 +167,10 @@ class Cluster:
     def __init__(self, bind_host: str = "127.0.0.1", snapshot_root: str = "snapshots", spill_root: str = "spill") -> None:
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
-        ).remote(RayShardLauncher(bind_host, os.path.abspath(spill_root)), os.path.abspath(snapshot_root))
+        ).remote(
+            RayShardLauncher(bind_host, os.path.abspath(spill_root)),
+            snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
+        )
 
     async def create_job(
         self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: dict[str, Any] | None = None

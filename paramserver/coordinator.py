@@ -13,30 +13,15 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
+from paramserver.manifest import Manifest, ShardEntry
 from paramserver.placement import Span
 from paramserver.shard_host import Restore, ShardStatus, fault_from_env
-from paramserver.snapshot_store import (
-    FORMAT,
-    FORMAT_VERSION,
-    FaultHook,
-    clean_partial,
-    job_dir,
-    list_snapshots,
-    prune,
-    read_manifest,
-    remove_quietly,
-    resolve,
-    snapshot_id,
-    summary,
-    verify,
-    write_manifest,
-)
+from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, open_store, prune, resolve, snapshot_name, verify
 from paramserver.steps import Decision, ShardStats, SpikeGuard, decide
 
 log = logging.getLogger(__name__)
@@ -58,8 +43,8 @@ class ShardHandle(Protocol):
         """Stop the shard and release its resources."""
         ...
 
-    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
-        """Write the shard's part of a snapshot at `version`; its file entry."""
+    async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
+        """Write the shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
         ...
 
 
@@ -129,7 +114,7 @@ class Coordinator:
 
     def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots") -> None:
         self.launcher = launcher
-        self.snapshot_root = Path(snapshot_root)
+        self.store = open_store(snapshot_root)
         self.jobs: dict[str, _Job] = {}
         self.ledger: Ledger[object] = Ledger()
         self._lock = asyncio.Lock()
@@ -158,14 +143,14 @@ class Coordinator:
         history: list[float] = []
         skips: dict[str, int] = {}
         if restore_from:
-            directory = resolve(self.snapshot_root, restore_from)
-            manifest = await asyncio.to_thread(verify, directory)
-            base = JobConfig.from_dict(manifest["config"])
+            ref = await asyncio.to_thread(resolve, self.store, restore_from)
+            manifest = await asyncio.to_thread(verify, self.store, ref)
+            base = manifest.job_config()
             config = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if v})
-            restore = Restore(str(directory), int(manifest["version"]), int(manifest.get("applied", 0)))
-            history = [float(x) for x in manifest.get("spike_norms", [])]
-            skips = {str(k): int(v) for k, v in manifest.get("skips", {}).items()}
-            job_id = job_id or str(manifest["job_id"])
+            restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+            history = list(manifest.spike_norms)
+            skips = dict(manifest.skips)
+            job_id = job_id or manifest.job_id
         if config is None:
             raise ParamServerError.invalid("spec", "required unless restore_from is given")
         async with self._lock:
@@ -192,7 +177,9 @@ class Coordinator:
             self.jobs[job_id].nan_handled = config.nan_handled_by_optimizers()
             if restore is not None:
                 self.jobs[job_id].next_policy_snapshot = restore.version + max(1, config.snapshot_every_steps)
-                log.info("job %s restored from %s at version %d", job_id, restore.directory, restore.version)
+                log.info(
+                    "job %s restored from %s/%s/%s at version %d", job_id, restore.store, restore.job_id, restore.name, restore.version
+                )
             self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
             log.info("created job %s: %d shards, %d workers", job_id, len(shards), config.num_workers)
             return await self._view(self.jobs[job_id])
@@ -314,45 +301,34 @@ class Coordinator:
             log.exception("job %s: periodic snapshot failed", job_id)
 
     async def _snapshot(self, job: _Job, attempts: int = 20) -> dict[str, Any]:
-        root = self.snapshot_root
-        await asyncio.to_thread(clean_partial, root, job.job_id)
+        store = self.store
+        await asyncio.to_thread(store.clean, job.job_id)
         for _ in range(attempts):
             statuses = await asyncio.gather(*(s.status() for s in job.shards))
             if not all(st.initialized for st in statuses):
                 raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "no parameters to snapshot yet")
             version = max(st.version for st in statuses)
-            directory = job_dir(root, job.job_id) / snapshot_id(version)
-            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-            results = await asyncio.gather(*(s.snapshot(str(directory), version) for s in job.shards), return_exceptions=True)
+            ref = SnapshotRef(job.job_id, snapshot_name(version))
+            await asyncio.to_thread(store.begin, ref)
+            results = await asyncio.gather(
+                *(s.snapshot(store.url, ref.job_id, ref.name, version) for s in job.shards), return_exceptions=True
+            )
             errors = [r for r in results if isinstance(r, BaseException)]
             if not errors:
-                entries = [r for r in results if isinstance(r, dict)]
+                entries = [r for r in results if isinstance(r, ShardEntry)]
                 current = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
-                history = job.history_at.get(version, current)
-                manifest = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "job_id": job.job_id,
-                    "version": version,
-                    "applied": entries[0]["applied"],
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "config": job.config.to_dict(),
-                    "layout": [{"name": p.name, "shape": list(p.shape), "offset": p.offset, "numel": p.numel} for p in job.config.layout()],
-                    "total_elements": job.config.total_elements,
-                    "shards": sorted(entries, key=lambda e: int(e["index"])),
-                    "spike_norms": list(history[0]),
-                    "skips": history[1],
-                }
+                norms, skips = job.history_at.get(version, current)
+                manifest = Manifest.build(job.job_id, version, job.config, entries, norms, skips)
                 try:
-                    await asyncio.to_thread(write_manifest, directory, manifest, fault_for_manifest(job.job_id))
-                except OSError as exc:
-                    await asyncio.to_thread(remove_quietly, directory)
-                    raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"committing {directory}: {exc}") from exc
+                    await asyncio.to_thread(store.commit, ref, manifest, fault_for_manifest(job.job_id))
+                except (OSError, ParamServerError) as exc:
+                    await asyncio.to_thread(store.delete, ref)
+                    raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"committing {store.path(ref)}: {exc}") from exc
                 job.last_snapshot_time = time.monotonic()
-                await asyncio.to_thread(prune, root, job.job_id, job.config.snapshot_keep_last)
-                log.info("job %s: snapshot %s committed", job.job_id, directory)
-                return summary(directory, manifest)
-            await asyncio.to_thread(remove_quietly, directory)
+                await asyncio.to_thread(prune, store, job.job_id, job.config.snapshot_keep_last)
+                log.info("job %s: snapshot %s committed", job.job_id, store.path(ref))
+                return manifest.summary(store.path(ref))
+            await asyncio.to_thread(store.delete, ref)
             moved = [e for e in errors if isinstance(e, ParamServerError) and e.reason == Reason.STEP_ALREADY_APPLIED]
             if len(moved) != len(errors):
                 first_error = errors[0]
@@ -364,13 +340,9 @@ class Coordinator:
 
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
         """Committed snapshots of a job, oldest first."""
-        out = []
-        for d in await asyncio.to_thread(list_snapshots, self.snapshot_root, job_id):
-            try:
-                out.append(summary(d, await asyncio.to_thread(read_manifest, d)))
-            except ParamServerError:
-                continue  # listed by its manifest; a broken one is reported by verify, not here
-        return out
+        found = await asyncio.to_thread(lambda: list(iter_snapshots(self.store, job_id)))
+        # a snapshot with an unreadable manifest is left out here and reported by verify
+        return [m.summary(self.store.path(ref)) for ref, m in found if m is not None]
 
     async def shard_handles(self, job_id: str) -> list[ShardHandle]:
         """The handles of a job's shards (inspection and tests)."""
@@ -391,8 +363,8 @@ def fault_for_manifest(job_id: str) -> FaultHook:
     """The injected failure for committing a manifest ("JOB_ID manifest manifest" in the fault file)."""
     hook = fault_from_env(job_id, -1)
 
-    def at(phase: str, path: Path) -> None:
+    def at(phase: str, name: str) -> None:
         if hook is not None:
-            hook(phase, path)
+            hook(phase, name)
 
     return at

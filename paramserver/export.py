@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from paramserver.snapshot_store import SnapshotReader, verify
+from paramserver import snapshot_names as names
+from paramserver.manifest import Manifest
+from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore, verify
 
 FORMATS = ("safetensors", "torch")
 POINTS = ("eval", "train")
 
 
 def export(
-    directory: Path,
+    store: SnapshotStore,
+    ref: SnapshotRef,
     out: Path,
     fmt: str = "safetensors",
     progress: Callable[[str, int], None] | None = None,
@@ -33,22 +35,24 @@ def export(
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if point not in POINTS:
         raise ValueError(f"unknown point {point!r}; use one of {', '.join(POINTS)}")
-    manifest = verify(directory)
-    reader = SnapshotReader(directory, manifest)
+    manifest = verify(store, ref)
+    reader = SnapshotReader(store, ref, manifest)
     tensors: dict[str, np.ndarray] = {}
-    for p in manifest["layout"]:
-        shape = tuple(int(d) for d in p["shape"])
-        tensors[p["name"]] = reader.read("params", int(p["offset"]), int(p["numel"])).reshape(shape)
-        if progress is not None:
-            progress(p["name"], int(p["numel"]))
-    if point == "eval":
-        to_eval_point(reader, manifest, tensors)
+    try:
+        for p in manifest.job_config().layout():
+            tensors[p.name] = reader.read(names.PARAMS, p.offset, p.numel).reshape(p.shape)
+            if progress is not None:
+                progress(p.name, p.numel)
+        if point == "eval":
+            to_eval_point(reader, manifest, tensors)
+    finally:
+        reader.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
     if fmt == "safetensors":
         from safetensors.numpy import save_file
 
-        save_file(tensors, str(tmp), metadata={"source": str(directory), "version": str(manifest["version"])})
+        save_file(tensors, str(tmp), metadata={"source": store.path(ref), "version": str(manifest.version)})
     else:
         import torch
 
@@ -57,13 +61,11 @@ def export(
     return {k: v.shape for k, v in tensors.items()}
 
 
-def to_eval_point(reader: SnapshotReader, manifest: Mapping[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def to_eval_point(reader: SnapshotReader, manifest: Manifest, tensors: dict[str, np.ndarray]) -> None:
     """Move the parameters of every group whose rule has an evaluation point there, in place."""
     import torch
 
-    from paramserver.jobconfig import JobConfig
-
-    config = JobConfig.from_dict(manifest["config"])
+    config = manifest.job_config()
     assignment, lay = config.assign(), config.layout()
     for g, opt in enumerate(config.build_optimizers()):
         members = [p for p, k in zip(lay, assignment, strict=True) if k == g]
@@ -72,7 +74,7 @@ def to_eval_point(reader: SnapshotReader, manifest: Mapping[str, Any], tensors: 
         segments = list(zip(itertools.accumulate((p.numel for p in members), initial=0), (p.numel for p in members), strict=False))
         state: dict[str, torch.Tensor] = {}
         for key in opt.eval_keys:
-            name = f"state.{g}.{key}"
+            name = names.group_state(g, key)
             if reader.is_scalar(name):
                 state[key] = torch.from_numpy(np.array(reader.scalar(name)))
                 continue

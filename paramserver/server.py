@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.job_service import JobServicer
 from paramserver.rpc import GRPC_OPTIONS
-from paramserver.snapshot_store import clean_all
+from paramserver.snapshot_store import open_store
 from paramserver.spill import clean_spill
 from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
 
@@ -76,9 +76,11 @@ class Service:
 
     async def start(self) -> int:
         """Start serving (Ray must be initialised); return the bound port."""
-        removed = clean_all(Path(self.config.snapshot_dir))  # saves cut short by a crash
-        if removed:
-            log.warning("removed %d leftovers of interrupted snapshots under %s", len(removed), self.config.snapshot_dir)
+        report = open_store(self.config.snapshot_dir).clean()  # saves cut short by a crash
+        if report.removed:
+            log.warning("removed %d leftovers of interrupted snapshots under %s", len(report.removed), self.config.snapshot_dir)
+        for q in report.quarantined:
+            log.error("snapshot %s lost its manifest: quarantined, not loaded (see quarantine.json beside it)", q)
         removed = clean_spill(Path(self.config.spill_dir))  # files of shards that died with a crash
         if removed:
             log.warning("removed %d spill files left by a previous run under %s", len(removed), self.config.spill_dir)

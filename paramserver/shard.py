@@ -16,20 +16,20 @@ import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from paramserver import snapshot_names as names
 from paramserver.errors import ParamServerError, Reason
 from paramserver.gradnorm import NormPart
 from paramserver.gradnorm_kernel import GradReader, norm_part
 from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Piece, State, Step, views
 from paramserver.placement import Span
-from paramserver.snapshot_store import FaultHook, FileEntry
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+from paramserver.tensor_file import TensorStream
 from paramserver_client.codec import (
     BFLOAT16,
     EVAL,
@@ -276,7 +276,7 @@ class ShardState:
 
     # ---- reading (call under self.lock) -------------------------------------------------
 
-    #: Whether snapshots are written under the lock by :meth:`write_snapshot` (a spilled shard)
+    #: Whether snapshots are written under the lock from :meth:`stream_snapshot` (a spilled shard)
     #: instead of captured to host memory and written in the background.
     streams_snapshots = False
 
@@ -350,7 +350,7 @@ class ShardState:
         shard's state kept between snapshots. Do not hold the result across two captures.
         """
         assert self.params is not None
-        sources = {"params": self.params, **self._state_tensors()}
+        sources = {names.PARAMS: self.params, **self._state_tensors()}
         out: dict[str, torch.Tensor] = {}
         for name, src in sources.items():
             buf = self._capture_buffers.get(name)
@@ -373,14 +373,13 @@ class ShardState:
                 pos += s.length
             return torch.from_numpy(out).to(self.device)
 
-        self.params = flat("params")
+        self.params = flat(names.PARAMS)
         states, tensors = self._init_states()
-        names = source.names()
+        stored = {n: p for n in source.names() if (p := names.parse(n)) is not None}
         for g, group in self.groups.items():
-            prefix = f"state.{g}."
             loaded = set()
-            for name in sorted(n for n in names if n.startswith(prefix)):
-                key = name[len(prefix) :]
+            for name in sorted(n for n, p in stored.items() if p.kind == "group" and p.index == g):
+                key = stored[name].key
                 loaded.add(key)
                 if source.is_scalar(name):
                     states[g][key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
@@ -391,9 +390,8 @@ class ShardState:
                 states[g][key] = torch.from_numpy(out).to(self.device)
             self.optimizers[g].restored(states[g], loaded)
         for index, st in tensors.items():
-            prefix = f"param.{index}."
-            for name in sorted(n for n in names if n.startswith(prefix)):
-                key = name[len(prefix) :]
+            for name in sorted(n for n, p in stored.items() if p.kind == "param" and p.index == index):
+                key = stored[name].key
                 value = torch.from_numpy(np.array(source.tensor(name))).to(self.device)
                 if key in st and (st[key].shape != value.shape or st[key].dtype != value.dtype):
                     raise ParamServerError(
@@ -413,7 +411,7 @@ class ShardState:
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the parameters and optimizer state on the host (for tests and snapshots)."""
         assert self.params is not None
-        out = {"params": self.params.detach().cpu().clone()}
+        out = {names.PARAMS: self.params.detach().cpu().clone()}
         for k, v in self._state_tensors().items():
             out[k] = v.detach().cpu().clone()
         return out
@@ -432,12 +430,12 @@ class ShardState:
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer state by snapshot name: "state.GROUP.KEY" for a group's flat tensors and
         scalars, "param.INDEX.KEY" for a parameter's own tensors."""
-        out = {f"state.{g}.{k}": v for g, st in self.opt_state.items() for k, v in st.items()}
-        out.update({f"param.{i}.{k}": v for i, st in self.tensor_state.items() for k, v in st.items()})
+        out = {names.group_state(g, k): v for g, st in self.opt_state.items() for k, v in st.items()}
+        out.update({names.param_state(i, k): v for i, st in self.tensor_state.items() for k, v in st.items()})
         return out
 
-    def write_snapshot(self, path: Path, metadata: dict[str, str], fault: FaultHook) -> FileEntry:
-        """Write the snapshot file directly (only for shards that stream their snapshots)."""
+    def stream_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
+        """The snapshot file's tensors as streams (only for shards that stream their snapshots)."""
         raise NotImplementedError("an in-memory shard captures its state; see capture()")
 
     def memory(self) -> dict[str, float]:
@@ -455,7 +453,7 @@ class ShardState:
     def snapshot_metadata(self) -> dict[str, str]:
         """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
         list of [start, length] pieces, in the order of the tensor's elements."""
-        return {f"ranges.{g}": json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
+        return {names.group_ranges(g): json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
 
 
 class SnapshotSource(Protocol):

@@ -15,19 +15,20 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from grpc import aio
 
+from paramserver import snapshot_names as names
 from paramserver.jobconfig import JobConfig
+from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState
 from paramserver.shard_runtime import ShardRuntime, StepReducer
 from paramserver.shard_service import ShardServicer, add_shard_service
-from paramserver.snapshot_store import FaultHook, SnapshotReader, read_manifest
+from paramserver.snapshot_store import FaultHook, SnapshotReader, SnapshotRef, SnapshotStore, open_store
 from paramserver.spilled_shard import SpilledShardState, in_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ def tune_malloc() -> bool:
 class Restore:
     """Where a shard loads its initial state from (a verified snapshot)."""
 
-    directory: str
+    store: str
+    """The snapshot store's URL (a directory or s3://bucket/prefix)."""
+    job_id: str
+    name: str
     version: int
     applied: int
 
@@ -79,11 +83,11 @@ def fault_from_env(job_id: str, index: int) -> FaultHook | None:
         return None
     phase = phases[0]
 
-    def hook(at: str, path: Path) -> None:
+    def hook(at: str, name: str) -> None:
         if phase == f"{at}:hang":
             time.sleep(60)
         elif at == phase:
-            raise OSError(f"injected failure at {phase} of {path.name}")
+            raise OSError(f"injected failure at {phase} of {name}")
 
     return hook
 
@@ -127,6 +131,13 @@ class ShardHost:
         self.address = ""
         self._server: aio.Server | None = None
         self.runtime: ShardRuntime | None = None
+        self._stores: dict[str, SnapshotStore] = {}
+
+    def store(self, url: str) -> SnapshotStore:
+        """The snapshot store at `url` (opened once)."""
+        if url not in self._stores:
+            self._stores[url] = open_store(url)
+        return self._stores[url]
 
     def device(self) -> torch.device:
         """CUDA when this actor was given a GPU, else CPU."""
@@ -145,14 +156,18 @@ class ShardHost:
         state = self.make_state()
         if not isinstance(state, SpilledShardState):  # a spilled shard keeps glibc's trimming: its budget counts
             tune_malloc()
+        ledger = "[]"
         if self.restore is not None:
             r = self.restore
-            directory = Path(r.directory)
-            reader = SnapshotReader(directory, read_manifest(directory))
-            state.restore(reader, r.version, r.applied)
+            store, ref = self.store(r.store), SnapshotRef(r.job_id, r.name)
+            reader = SnapshotReader(store, ref, store.read_manifest(ref))
+            try:
+                state.restore(reader, r.version, r.applied)
+                ledger = reader.metadata(0).get(names.META_LEDGER, "[]")
+            finally:
+                reader.close()
         self.runtime = ShardRuntime(state, self.reducer)
-        if self.restore is not None:
-            self.runtime.load_ledger(json.loads(reader.metadata(0).get("ledger", "[]")))
+        self.runtime.load_ledger(json.loads(ledger))
         server = aio.server(options=GRPC_OPTIONS)
         add_shard_service(ShardServicer(self.job_id, self.runtime), server)
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"
@@ -200,11 +215,11 @@ class ShardHost:
                     fields["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024
         return fields
 
-    async def snapshot(self, directory: str, version: int) -> dict[str, Any]:
-        """Write this shard's part of a snapshot at `version` into `directory`."""
+    async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
+        """Write this shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
         assert self.runtime is not None
-        path = Path(directory) / f"shard-{self.index:05d}.safetensors"
-        return await self.runtime.snapshot(path, version, fault_from_env(self.job_id, self.index))
+        ref = SnapshotRef(job_id, name)
+        return await self.runtime.snapshot(self.store(store), ref, version, fault_from_env(self.job_id, self.index))
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving; waiters get UNAVAILABLE."""

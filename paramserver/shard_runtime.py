@@ -19,14 +19,15 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
+from paramserver import snapshot_names as names
 from paramserver.errors import ParamServerError, Reason
 from paramserver.ledger import Ledger
+from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState, Staging
-from paramserver.snapshot_store import FaultHook, FileEntry, write_tensors
+from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver_client.codec import TRAIN
 
@@ -243,8 +244,8 @@ class ShardRuntime:
 
     # ---- snapshots ------------------------------------------------------------------------
 
-    async def snapshot(self, path: Path, version: int, fault: FaultHook | None = None) -> dict[str, Any]:
-        """Write this shard's part of a snapshot at `version` to `path`; return its file entry.
+    async def snapshot(self, store: SnapshotStore, ref: SnapshotRef, version: int, fault: FaultHook | None = None) -> ShardEntry:
+        """Write this shard's part of snapshot `ref` at `version` into `store`; return its file entry.
 
         Waits until `version` is published, then copies the state to host memory under the lock
         (the only pause); the file is written on a worker thread while training goes on. ABORTED
@@ -260,12 +261,14 @@ class ShardRuntime:
 
             ranges = [[s.start, s.length] for s in self.state.spans]
             ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
+            name = names.shard_file(self.state.index)
+            hook = fault or no_fault
             if self.state.streams_snapshots:  # a spilled shard writes under the lock, from its tiles
 
-                def streamed() -> dict[str, Any]:
+                def streamed() -> ShardEntry:
                     self._check_version(version)
                     meta = self._snapshot_meta(version, self.state.applied, ranges, ledger)
-                    return self._entry(self.state.write_snapshot(path, meta, fault or _no_fault), ranges, self.state.applied)
+                    return self._entry(store.write_file(ref, name, self.state.stream_snapshot(), meta, hook), ranges, self.state.applied)
 
                 return await asyncio.get_running_loop().run_in_executor(self._writer, self._locked, streamed)
 
@@ -275,7 +278,7 @@ class ShardRuntime:
 
             tensors, applied = await asyncio.to_thread(self._locked, take)
             meta = self._snapshot_meta(version, applied, ranges, ledger)
-            write = functools.partial(write_tensors, path, tensors, meta, fault or _no_fault, sync_dir=False)
+            write = functools.partial(store.write_file, ref, name, tensors, meta, hook)
             entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
             return self._entry(entry, ranges, applied)
         finally:
@@ -293,17 +296,16 @@ class ShardRuntime:
 
     def _snapshot_meta(self, version: int, applied: int, ranges: list[list[int]], ledger: list[dict[str, Any]]) -> dict[str, str]:
         return {
-            "shard": str(self.state.index),
-            "version": str(version),
-            "applied": str(applied),
-            "ranges": json.dumps(ranges),
-            "ledger": json.dumps(ledger),
+            names.META_SHARD: str(self.state.index),
+            names.META_VERSION: str(version),
+            names.META_APPLIED: str(applied),
+            names.META_RANGES: json.dumps(ranges),
+            names.META_LEDGER: json.dumps(ledger),
             **self.state.snapshot_metadata(),
         }
 
-    def _entry(self, entry: FileEntry, ranges: list[list[int]], applied: int) -> dict[str, Any]:
-        return {"index": self.state.index, "file": entry.name, "size": entry.size, "sha256": entry.sha256,
-                "ranges": ranges, "applied": applied}  # fmt: skip
+    def _entry(self, entry: ShardEntry, ranges: list[list[int]], applied: int) -> ShardEntry:
+        return dataclasses.replace(entry, index=self.state.index, ranges=tuple((a, n) for a, n in ranges), applied=applied)
 
     def ledger_entries(self, since_step: int) -> list[dict[str, Any]]:
         """The answered pushes of steps >= since_step, as JSON-able data (for snapshots)."""
@@ -350,10 +352,6 @@ class ShardRuntime:
 def _lower_priority() -> None:
     with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread nice
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-def _no_fault(phase: str, path: Path) -> None:
-    return None
 
 
 def _require_request_id(request_id: str) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from paramserver import snapshot_names as names
 from paramserver.errors import ConfigError, ParamServerError, Reason
 from paramserver.gradnorm import NormPart
 from paramserver.jobconfig import JobConfig
@@ -53,9 +54,9 @@ from paramserver.shard import (
     wire_bytes,
     wire_tensor,
 )
-from paramserver.snapshot_store import FaultHook, FileEntry, TensorStream, write_tensors
 from paramserver.spill import SpillFile, TileStore
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+from paramserver.tensor_file import TensorStream
 from paramserver_client.codec import EVAL, FLOAT32, TRAIN, chunk_elements, encode_chunk_message
 
 #: Elements per block of the reduction's pass over the gradient files (and of the norm's reads).
@@ -425,8 +426,8 @@ class SpilledShardState(ShardState):
     streams_snapshots = True
     """Snapshots are written under the lock from the tiles, one record at a time (no host copy)."""
 
-    def write_snapshot(self, path: Path, metadata: dict[str, str], fault: FaultHook) -> FileEntry:
-        """Write this shard's snapshot file: the same names and layout as an in-memory shard's,
+    def stream_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
+        """This shard's snapshot tensors: the same names and layout as an in-memory shard's,
         streamed from the tiles (one pass for the parameters, one per state column)."""
         order = sorted((t.local, g, k) for g, tiles in self.tiles.items() for k, t in enumerate(tiles))
 
@@ -441,16 +442,16 @@ class SpilledShardState(ShardState):
 
             return TensorStream("F32", (self.groups[g].numel,), blocks)
 
-        tensors: dict[str, np.ndarray | TensorStream] = {"params": TensorStream("F32", (self.numel,), params)}
+        tensors: dict[str, np.ndarray | TensorStream] = {names.PARAMS: TensorStream("F32", (self.numel,), params)}
         for g in self.groups:
             for c in self._columns[g][1:]:
-                tensors[f"state.{g}.{c}"] = column(g, c)
+                tensors[names.group_state(g, c)] = column(g, c)
             for k, v in self.opt_state[g].items():
-                tensors[f"state.{g}.{k}"] = v.numpy()
+                tensors[names.group_state(g, k)] = v.numpy()
         for i, st in self.tensor_state.items():
             for k, v in st.items():
-                tensors[f"param.{i}.{k}"] = v.numpy()
-        return write_tensors(path, tensors, metadata, fault, sync_dir=False)
+                tensors[names.param_state(i, k)] = v.numpy()
+        return tensors
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and optimizer state assembled as an in-memory shard holds them (tests and
@@ -465,42 +466,43 @@ class SpilledShardState(ShardState):
                 for c, t in flat.items():
                     t[seg : seg + tile.length].copy_(tile.columns[c])
                 seg += tile.length
-            out.update({f"state.{g}.{c}": t for c, t in flat.items()})
-            out.update({f"state.{g}.{k}": v.clone() for k, v in self.opt_state[g].items()})
+            out.update({names.group_state(g, c): t for c, t in flat.items()})
+            out.update({names.group_state(g, k): v.clone() for k, v in self.opt_state[g].items()})
         for i, st in self.tensor_state.items():
-            out.update({f"param.{i}.{k}": v.clone() for k, v in st.items()})
+            out.update({names.param_state(i, k): v.clone() for k, v in st.items()})
         return out
 
     def restore(self, source: SnapshotSource, version: int, applied: int) -> None:
         """Load parameters and optimizer state for this shard's tiles from a snapshot taken with
         any shard count and any memory budget."""
-        names = source.names()
+        stored = source.names()
         self._init_resident()
         for g, store in self.stores.items():
-            loaded = {k for k in itertools.chain(self._columns[g][1:], self._scalar_keys[g]) if f"state.{g}.{k}" in names}
+            loaded = {k for k in itertools.chain(self._columns[g][1:], self._scalar_keys[g]) if names.group_state(g, k) in stored}
             for tile in store.stream():
                 info = self.tiles[g][tile.index]
-                source.read("params", info.glob, tile.length, tile.columns["params"].numpy())
+                source.read(names.PARAMS, info.glob, tile.length, tile.columns["params"].numpy())
                 for c in self._columns[g][1:]:
                     if c in loaded:
-                        source.read(f"state.{g}.{c}", info.glob, tile.length, tile.columns[c].numpy())
+                        source.read(names.group_state(g, c), info.glob, tile.length, tile.columns[c].numpy())
                     else:
                         tile.columns[c].zero_()
             for k in self._scalar_keys[g]:
                 if k in loaded:
-                    self.opt_state[g][k] = torch.from_numpy(np.array(source.scalar(f"state.{g}.{k}")))
+                    self.opt_state[g][k] = torch.from_numpy(np.array(source.scalar(names.group_state(g, k))))
             self.optimizers[g].restored(self.opt_state[g], loaded)
         for index, st in self.tensor_state.items():
-            prefix = f"param.{index}."
-            for name in sorted(n for n in names if n.startswith(prefix)):
-                st[name[len(prefix) :]] = torch.from_numpy(np.array(source.tensor(name)))
+            for name in sorted(stored):
+                p = names.parse(name)
+                if p is not None and p.kind == "param" and p.index == index:
+                    st[p.key] = torch.from_numpy(np.array(source.tensor(name)))
         self.version, self.applied = version, applied
         self._publish()
         self._loaded = True
 
     def snapshot_metadata(self) -> dict[str, str]:
         """As ShardState: where each group's flat state lies in the flat space."""
-        return {f"ranges.{g}": json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
+        return {names.group_ranges(g): json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
 
     # ---- lifecycle -------------------------------------------------------------------------------
 

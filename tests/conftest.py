@@ -26,10 +26,29 @@ SPILL_DIR = _SESSION_TMP / "spill"
 #: Lines "JOB_ID SHARD PHASE" here make shard snapshot writes fail (see shard_host.fault_from_env).
 FAULT_FILE = _SESSION_TMP / "faults.txt"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Test credentials for the S3 server the tests start (moto accepts any); set before Ray starts,
+# so shard actors inherit them (and the endpoint, set by s3_endpoint).
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP server (moto's server mode) on a free loopback port; AWS_ENDPOINT_URL_S3
+    points at it for this process and the Ray started after it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint: str) -> Iterator[None]:
     """A real local Ray for the whole session."""
     import ray
 

@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from paramserver.snapshot_store import MANIFEST, list_snapshots, verify
+from paramserver import snapshot_names as names
+from paramserver.snapshot_store import DirectoryStore, verify
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client import JobClient, Reason, ServiceError, Worker
 from tests.cluster.test_parity import SHAPES, TOTAL, worker_grads
@@ -183,10 +184,12 @@ def test_a_failed_save_leaves_the_previous_snapshot_loadable(address: str, jobs:
         finally:
             FAULT_FILE.write_text("")
         assert err.value.reason == Reason.SNAPSHOT_FAILED and phase in err.value.message
-        committed = list_snapshots(SNAPSHOT_DIR, jid)
-        assert [str(p) for p in committed] == [good.path]
-        assert not [p for p in (SNAPSHOT_DIR / jid).iterdir() if p.is_dir() and not (p / MANIFEST).exists()]
-        verify(Path(good.path))
+        store = DirectoryStore(SNAPSHOT_DIR)
+        assert [store.path(r) for r in store.snapshots(jid)] == [good.path]
+        assert not [p for p in (SNAPSHOT_DIR / jid).iterdir() if p.is_dir() and not (p / names.MANIFEST).exists()]
+        ref = store.parse(good.path)
+        assert ref is not None
+        verify(store, ref)
         restored = jc.restore_job(good.path, job_id=new_id(jobs))
         assert restored.version == 2
         again = jc.create_snapshot(jid)  # and the service keeps working
@@ -266,3 +269,55 @@ def test_resume_is_bitwise_for_every_optimizer(
         a, b = flat_state(service, jc.get_job(base)), flat_state(service, jc.get_job(other))
         assert a.keys() == b.keys()
         assert [k for k in a if not np.array_equal(a[k], b[k], equal_nan=True)] == []  # NaN: not in that group
+
+
+@pytest.fixture
+def s3_service(ray_session: None, s3_endpoint: str) -> Iterator[tuple[object, str]]:
+    """A second front door on the session's Ray whose snapshots go to a fresh bucket of the
+    session's S3 server (serve --snapshot-dir s3://BUCKET/prefix)."""
+    import boto3
+
+    from paramserver.server import BackgroundService, ServiceConfig
+    from tests.conftest import SPILL_DIR
+
+    bucket = f"snaps-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    svc = BackgroundService(ServiceConfig(port=0, snapshot_dir=f"s3://{bucket}/runs", spill_dir=str(SPILL_DIR)), own_ray=False)
+    yield svc, bucket
+    svc.stop()
+
+
+def test_snapshots_on_an_object_store_restore_bitwise_on_another_shard_count(s3_service: tuple[object, str]) -> None:
+    svc, bucket = s3_service
+    address = svc.address  # type: ignore[attr-defined]
+    p0 = np.random.default_rng(9).standard_normal(TOTAL).astype(np.float32)
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id="base", num_workers=2, num_shards=3, **SETTINGS)
+        train(address, "base", 0, 6, p0)
+        snap = jc.create_snapshot("base")
+        assert snap.path.startswith(f"s3://{bucket}/runs/base/") and snap.version == 6
+        assert [s.path for s in jc.list_snapshots("base")] == [snap.path]
+        train(address, "base", 6, 12)
+        reference = flat_state(svc, jc.get_job("base"))
+        jc.restore_job("base:latest", job_id="again", num_shards=2)
+        train(address, "again", 6, 12)
+        resumed = flat_state(svc, jc.get_job("again"))
+        assert resumed.keys() == reference.keys()
+        assert [k for k in reference if not np.array_equal(resumed[k], reference[k])] == []
+        # an altered object is DATA_LOSS naming it, and creates nothing
+        from paramserver.snapshot_store import open_store
+
+        store = open_store(f"s3://{bucket}/runs")
+        ref = store.parse(snap.path)
+        assert ref is not None
+        key = store._key(ref, "shard-00001.safetensors")  # type: ignore[attr-defined]
+        body = store.client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+        store.client.put_object(Bucket=bucket, Key=key, Body=body[:-1] + bytes([body[-1] ^ 1]))  # type: ignore[attr-defined]
+        with pytest.raises(ServiceError) as err:
+            jc.restore_job(snap.path, job_id="broken")
+        assert err.value.code == grpc.StatusCode.DATA_LOSS and err.value.metadata["file"].endswith("shard-00001.safetensors")
+        with pytest.raises(ServiceError) as nf:
+            jc.get_job("broken")
+        assert nf.value.code == grpc.StatusCode.NOT_FOUND
+        for j in ("base", "again"):
+            jc.delete_job(j)

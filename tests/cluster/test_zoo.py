@@ -227,8 +227,13 @@ def test_schedule_free_is_bitwise_schedulefree_for_y_and_x(address: str, job_id:
     with JobClient(address) as jc:
         snap = jc.create_snapshot(job_id)
     exported = {}
+    from paramserver.snapshot_store import DirectoryStore
+
+    store = DirectoryStore(Path(snap.path).parent.parent)
+    ref = store.parse(snap.path)
+    assert ref is not None
     for point in ("eval", "train"):
-        export(Path(snap.path), tmp_path / f"{point}.safetensors", point=point)
+        export(store, ref, tmp_path / f"{point}.safetensors", point=point)
         loaded = load_file(str(tmp_path / f"{point}.safetensors"))
         exported[point] = np.concatenate([loaded[n].reshape(-1) for n in NAMES])
     assert np.array_equal(exported["eval"], x) and np.array_equal(exported["train"], ours)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from paramserver.snapshot_store import MANIFEST, list_snapshots
+from paramserver import snapshot_names as names
+from paramserver.snapshot_store import DirectoryStore
 from paramserver_client import JobClient, ServiceError, Worker
 from tests.e2e.test_main_job import ROOT, _cli, _env
 
@@ -67,7 +68,7 @@ def test_sigkill_mid_save_then_restart(tmp_path: Path) -> None:
             deadline = time.time() + 60
             partial: list[Path] = []
             while time.time() < deadline and not partial:
-                partial = [d for d in job_dir.iterdir() if d.is_dir() and not (d / MANIFEST).exists() and any(d.iterdir())]
+                partial = [d for d in job_dir.iterdir() if d.is_dir() and not (d / names.MANIFEST).exists() and any(d.iterdir())]
                 time.sleep(0.05)
             assert partial, "the second save never started"
             os.killpg(proc.pid, signal.SIGKILL)  # the service and its whole Ray, mid-save
@@ -78,7 +79,9 @@ def test_sigkill_mid_save_then_restart(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert partial[0].exists()  # left behind by the crash
-    assert list_snapshots(snapdir, "crash") == [Path(good.path)]
+    store = DirectoryStore(snapdir)
+    assert [store.path(r) for r in store.snapshots("crash")] == [good.path]
+    assert (partial[0] / names.IN_PROGRESS).exists()  # marked: provably a save in progress
 
     faults.write_text("")
     proc, address = start(env, snapdir)

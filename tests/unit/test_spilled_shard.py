@@ -156,8 +156,10 @@ def test_a_budget_below_the_rings_names_the_field(tmp_path: Path) -> None:
 def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
     """A spilled shard's streamed snapshot file is the in-memory format: it restores onto in-memory
     and spilled shards of another shard count, and both continue bit for bit."""
+    from paramserver import snapshot_names as names
+    from paramserver.manifest import Manifest, ShardEntry
     from paramserver.shard import Contribution
-    from paramserver.snapshot_store import SnapshotReader, write_manifest
+    from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef
 
     name, hyper, groups, _ = CASES[-1]  # every per-tensor state kind
     clip = 1.0  # the norm has the same bits on any shard count (paramserver.gradnorm)
@@ -176,15 +178,16 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
                 st.apply(d)
 
     train(shards, range(3))
-    snap = tmp_path / "snap"
-    snap.mkdir()
+    store, ref = DirectoryStore(tmp_path / "snaps"), SnapshotRef("j", "v3")
+    store.begin(ref)
     entries = []
     for st in shards:
-        meta = {"ranges": json.dumps([[s.start, s.length] for s in st.spans]), **st.snapshot_metadata()}
-        e = st.write_snapshot(snap / f"shard-{st.index}.safetensors", meta, lambda phase, path: None)
-        entries.append({"file": e.name, "size": e.size, "sha256": e.sha256, "ranges": [[s.start, s.length] for s in st.spans]})
-    write_manifest(snap, {"shards": entries})
-    reader = SnapshotReader(snap, {"shards": entries})
+        ranges = tuple((s.start, s.length) for s in st.spans)
+        meta = {names.META_SHARD: str(st.index), names.META_RANGES: json.dumps(ranges), **st.snapshot_metadata()}
+        e = store.write_file(ref, names.shard_file(st.index), st.stream_snapshot(), meta)
+        entries.append(ShardEntry(st.index, e.file, e.size, e.sha256, ranges, 3))
+    store.commit(ref, Manifest.build("j", 3, cfg, entries))
+    reader = SnapshotReader(store, ref, store.read_manifest(ref))
     other = config(name, hyper, groups, clip, shards=3)
     mem = [ShardState(other, i, spans) for i, spans in enumerate(other.plan())]
     disk = [budgeted(other, i, spans, tmp_path / f"b{i}") for i, spans in enumerate(other.plan())]
