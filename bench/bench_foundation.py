@@ -151,8 +151,9 @@ def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
     import torch
 
     from paramserver.jobconfig import JobConfig
-    from paramserver.shard import ShardState
+    from paramserver.shard import Contribution, ShardState
     from paramserver.steps import Decision
+    from paramserver.wire import wire_tensor
     from paramserver_client.codec import FLOAT32
 
     rng = np.random.default_rng(1)
@@ -161,10 +162,12 @@ def bench_optimizer(n: int, warmup: int, reps: int) -> dict[str, float]:
 
     config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=1)
     state = ShardState(config, 0, config.plan()[0])
-    staging = state.stage()
-    state.write(staging, 0, n, FLOAT32, init.tobytes())
-    state.load(staging)
-    state.grad = grad.clone()
+    buf = state.grads.acquire()
+    buf.write(0, wire_tensor(init.tobytes(), FLOAT32))
+    state.load(buf)
+    buf = state.grads.acquire()
+    buf.write(0, grad)
+    state.reduce([Contribution(0, 1, buf)])  # the step's gradient (divided by 1: unchanged)
 
     p = torch.nn.Parameter(torch.from_numpy(init.copy()))
     p.grad = grad.clone()

@@ -190,19 +190,20 @@ def bench_inprocess(n: int, nshards: int, directory: Path, reps: int) -> dict[st
     import torch
 
     from paramserver.jobconfig import JobConfig
-    from paramserver.shard import ShardState
+    from paramserver.shard import Contribution, ShardState
     from paramserver.snapshot_store import DirectoryStore, SnapshotRef
     from paramserver.steps import Decision
-    from paramserver_client.codec import FLOAT32
 
     config = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", num_shards=nshards)
     state = ShardState(config, 0, config.plan()[0])
     m = state.numel
     rng = np.random.default_rng(1)
-    staging = state.stage()
-    state.write(staging, 0, m, FLOAT32, rng.standard_normal(m, dtype=np.float32).tobytes())
-    state.load(staging)
-    state.grad = torch.from_numpy(rng.standard_normal(m, dtype=np.float32) * 1e-3)
+    buf = state.grads.acquire()
+    buf.write(0, torch.from_numpy(rng.standard_normal(m, dtype=np.float32)))
+    state.load(buf)
+    buf = state.grads.acquire()
+    buf.write(0, torch.from_numpy(rng.standard_normal(m, dtype=np.float32) * 1e-3))
+    state.reduce([Contribution(0, 1, buf)])
     state.apply(Decision(step=0, apply=True, skip_reason="", grad_norm=1.0, clip_coef=1.0, loss_terms=1))
 
     # The capture under the state lock: the only pause the design intends. One torch thread, as

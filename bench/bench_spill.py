@@ -68,20 +68,21 @@ def disk_rates(directory: Path, total: int, record: int) -> tuple[float, float]:
 
 
 def shard_row(n: int, directory: Path, repeats: int) -> None:
-    """A SpilledShardState step (push to file, reduce, update, publish) against the floor and an
+    """A spilled ShardState step (push to file, reduce, update, publish) against the floor and an
     in-memory ShardState step."""
     from paramserver.jobconfig import JobConfig
     from paramserver.placement import Span
-    from paramserver.shard import Contribution, ShardState
-    from paramserver.spilled_shard import SpilledShardState
+    from paramserver.shard import Contribution, ShardState, Storage
     from paramserver.steps import Decision
+    from paramserver.wire import wire_tensor
     from paramserver_client.codec import FLOAT32, chunk_elements
 
     cfg = JobConfig(parameters=(("w", (n,), ""),), optimizer="adamw", hyperparameters={"lr": 1e-3}, num_workers=1)
     spans = [Span(0, n)]
     budget = n * 12 // 4
     try:
-        spilled = SpilledShardState(cfg, 0, spans, budget, directory / "shard")
+        spilled = ShardState(cfg, 0, spans, storage=Storage(budget, directory / "shard"))
+        assert spilled.spilled
     except Exception as exc:  # noqa: BLE001 - e.g. a budget below the fixed allowance
         print(f"shard row skipped: {exc}")
         return
@@ -92,19 +93,19 @@ def shard_row(n: int, directory: Path, repeats: int) -> None:
     step = chunk_elements(FLOAT32)
 
     def push(state: ShardState, data: bytes) -> Any:
-        """A push (or the upload) as the shard's servicer feeds it: 1 MiB fp32 chunks."""
-        staging = state.stage()
+        """A push (or the upload) as the shard's runtime feeds it: 1 MiB fp32 chunks."""
+        buf = state.grads.acquire()
         for a in range(0, n, step):
             k = min(step, n - a)
-            state.write(staging, a, k, FLOAT32, memoryview(data)[4 * a : 4 * (a + k)])
-        return staging
+            buf.write(a, wire_tensor(memoryview(data)[4 * a : 4 * (a + k)], FLOAT32))
+        return buf
 
     for st in (spilled, memory):
         st.load(push(st, p0))
 
     def one(st: ShardState, k: int) -> float:
         t0 = time.perf_counter()
-        stats = st.reduce([Contribution(0, 1, push(st, grad).buffer)])
+        stats = st.reduce([Contribution(0, 1, push(st, grad))])
         st.apply(Decision(k, True, "", sum_of_squares([stats.norm]) ** 0.5, 1.0, 1))
         return time.perf_counter() - t0
 
@@ -120,13 +121,13 @@ def shard_row(n: int, directory: Path, repeats: int) -> None:
         mems.append(one(memory, k))
     t, m, f = statistics.median(times), statistics.median(mems), statistics.median(floors)
     mem = spilled.memory()
-    print(f"\nshard: {n / 1e6:.1f}M params, AdamW, budget {budget / 1e6:.0f} MB: resident {mem['resident_bytes'] / 1e6:.0f} MB + "
-          f"buffers {mem['buffer_bytes'] / 1e6:.0f} MB, spilled {spilled_bytes / 1e6:.0f} MB")  # fmt: skip
+    print(f"\nshard: {n / 1e6:.1f}M params, AdamW, budget {budget / 1e6:.0f} MB: resident {mem.resident_bytes / 1e6:.0f} MB + "
+          f"buffers {mem.buffer_bytes / 1e6:.0f} MB, spilled {spilled_bytes / 1e6:.0f} MB")  # fmt: skip
     print(f"floor {f * 1e3:.0f} ms; spilled shard step (push to file, reduce, update, publish) {t * 1e3:.0f} ms "
           f"(min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f}); in-memory shard step {m * 1e3:.0f} ms")  # fmt: skip
     print(f"efficiency = floor / step      {f / t:6.2f}   (target >= 0.5, stretch >= 0.8)")
     print(f"step / in-memory step          {t / m:6.1f}")
-    rates = mem["read_bytes_per_second"] / 1e9, mem["write_bytes_per_second"] / 1e9
+    rates = mem.read_bytes_per_second / 1e9, mem.write_bytes_per_second / 1e9
     print(f"spill I/O threads: read {rates[0]:.2f} GB/s, write {rates[1]:.2f} GB/s while busy")
     spilled.close()
 

@@ -23,7 +23,8 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
-from paramserver.shard_host import Restore, ShardHost, ShardStatus
+from paramserver.shard_host import ShardHost
+from paramserver.shard_types import Restore, ShardStatus
 from paramserver.steps import Decision, ShardStats
 
 log = logging.getLogger(__name__)

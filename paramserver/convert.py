@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,8 +119,8 @@ def job_to_pb(v: JobView) -> pb.Job:
     job.total_elements = total
     for s in v.shards:
         info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized)
-        for key, value in s.memory.items():
-            setattr(info.memory, key, value if key.endswith("_per_second") else int(value))
+        for f in dataclasses.fields(s.memory):
+            setattr(info.memory, f.name, getattr(s.memory, f.name))
         for span in s.spans:
             info.ranges.add(start=span.start, length=span.length)
     return job

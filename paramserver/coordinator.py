@@ -20,7 +20,8 @@ from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.placement import Span
-from paramserver.shard_host import Restore, ShardStatus, fault_from_env
+from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
+from paramserver.snapshot_policy import Clock, SnapshotPolicy
 from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, open_store, prune, resolve, snapshot_name, verify
 from paramserver.steps import Decision, ShardStats, SpikeGuard, decide
 
@@ -65,8 +66,8 @@ class ShardView:
     spans: tuple[Span, ...]
     version: int
     initialized: bool
-    memory: Mapping[str, float] = field(default_factory=dict)
-    """Budget, resident and spilled bytes, spill traffic and rates (ShardMemory's fields)."""
+    memory: ShardMemory = field(default_factory=ShardMemory)
+    """Budget, resident and spilled bytes, spill traffic and rates."""
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,12 @@ class _Job:
     config: JobConfig
     plan: list[list[Span]]
     shards: list[ShardHandle]
+    policy: SnapshotPolicy
     workers: dict[int, str] = field(default_factory=dict)  # worker id -> name
     reports: dict[int, dict[int, ShardStats]] = field(default_factory=dict)
     decisions: dict[int, Decision] = field(default_factory=dict)
     decided: dict[int, asyncio.Event] = field(default_factory=dict)
     snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    next_policy_snapshot: int = 0
-    last_snapshot_time: float = field(default_factory=time.monotonic)
     guard: SpikeGuard | None = None
     nan_handled: bool = False
     skips: dict[str, int] = field(default_factory=dict)
@@ -112,8 +112,10 @@ class _Job:
 class Coordinator:
     """Owns every job of one service."""
 
-    def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots") -> None:
+    def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots", *, clock: Clock = time.monotonic) -> None:
+        """`clock` (monotonic seconds) drives the jobs' time-based snapshot policy."""
         self.launcher = launcher
+        self.clock = clock
         self.store = open_store(snapshot_root)
         self.jobs: dict[str, _Job] = {}
         self.ledger: Ledger[object] = Ledger()
@@ -170,13 +172,14 @@ class Coordinator:
             config.validate()
             plan = config.plan()
             shards = await self.launcher.launch(job_id, config, plan, restore)
-            self.jobs[job_id] = _Job(job_id, config, plan, shards)
+            policy = SnapshotPolicy(every_steps=config.snapshot_every_steps, every_seconds=config.snapshot_every_seconds, clock=self.clock)
+            self.jobs[job_id] = _Job(job_id, config, plan, shards, policy)
             if config.spike_window:
                 self.jobs[job_id].guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
             self.jobs[job_id].skips = dict(skips)
             self.jobs[job_id].nan_handled = config.nan_handled_by_optimizers()
             if restore is not None:
-                self.jobs[job_id].next_policy_snapshot = restore.version + max(1, config.snapshot_every_steps)
+                policy.restored(restore.version)
                 log.info(
                     "job %s restored from %s/%s/%s at version %d", job_id, restore.store, restore.job_id, restore.name, restore.version
                 )
@@ -259,12 +262,8 @@ class Coordinator:
             job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
             job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
             job.decisions[step] = decision
-            every, seconds = job.config.snapshot_every_steps, job.config.snapshot_every_seconds
-            due_steps = every > 0 and step + 1 >= max(job.next_policy_snapshot, every)
-            due_time = seconds > 0 and time.monotonic() - job.last_snapshot_time >= seconds
-            if (due_steps or due_time) and not job.snapshot_lock.locked():
-                job.next_policy_snapshot = step + 1 + max(every, 1)
-                job.last_snapshot_time = time.monotonic()
+            if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
+                job.policy.started(step + 1)
                 asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
             for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
                 del job.decisions[old]
@@ -324,7 +323,7 @@ class Coordinator:
                 except (OSError, ParamServerError) as exc:
                     await asyncio.to_thread(store.delete, ref)
                     raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"committing {store.path(ref)}: {exc}") from exc
-                job.last_snapshot_time = time.monotonic()
+                job.policy.committed()
                 await asyncio.to_thread(prune, store, job.job_id, job.config.snapshot_keep_last)
                 log.info("job %s: snapshot %s committed", job.job_id, store.path(ref))
                 return manifest.summary(store.path(ref))

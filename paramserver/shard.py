@@ -1,51 +1,92 @@
-"""A shard's state: fp32 master parameters and optimizer state for its spans (pure torch).
+"""A shard's state: fp32 master parameters and optimizer state for its spans, over tiles that live in
+memory or in spill files (pure torch and files; no Ray, no gRPC, no wire encoding).
 
-No Ray, no gRPC, no asyncio: the runtime (shard_runtime.py) calls these
-methods from worker threads and serialises them with :attr:`ShardState.lock`.
+The runtime (shard_runtime.py) calls these methods from worker threads and serialises them with
+:attr:`ShardState.lock`; it decodes what arrives into gradient buffers and encodes what it
+publishes: the state takes and gives (offset, fp32 tensor) blocks.
 
-Local layout: the shard's spans are concatenated in increasing global
-offset into one flat local buffer, so an element-wise optimizer runs once
-over the whole shard with torch's fused kernels.
+Where things live (:class:`Storage` and the job's ``shard_memory_budget_bytes`` decide, once):
+
+* **Tiles** (:class:`paramserver.spill.TileStore`, one per parameter group): the columns
+  ``params`` and the group's flat optimizer state (``exp_avg``, ...) over tiles, each a run of the
+  group's pieces. When everything fits (no budget, or a budget above what the shard holds in
+  memory) a group is one resident tile on the shard's device, and the rule runs once over all its
+  pieces. Otherwise pieces are cut into tiles of at most :data:`TILE` elements on multiples of
+  ``placement.ALIGN`` from the piece's start (whole pieces for rules that need whole tensors);
+  tiles stay resident, in order, while they fit the budget, the rest live in a preallocated
+  O_DIRECT file streamed with read-ahead and write-behind (ZeRO-Infinity's pipelined swap).
+* **Gradients** (:mod:`paramserver.grad_buffers`): in memory, or in preallocated files.
+* **Publications**: a resident shard publishes views of its tiles (the runtime encodes them once
+  per version, under the lock); a spilled one writes each version's parameters (and evaluation
+  point) to one of two publication files during the update, read by pulls outside the lock (a
+  pull overtaken by two newer versions is ABORTED).
+
+The rule runs once per tile. When a group has several tiles, its 0-d state (step counters) and a
+parameter's own 0-d state are set back before each tile, so every tile sees the counters the
+single-tile update sees: the same bits, whatever the tiling (tests: spilled = in memory).
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import itertools
 import json
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from paramserver import snapshot_names as names
-from paramserver.errors import ParamServerError, Reason
+from paramserver.errors import ConfigError, ParamServerError, Reason
+from paramserver.grad_buffers import GradBuffer, GradPool, file_pool, memory_pool
 from paramserver.gradnorm import NormPart
-from paramserver.gradnorm_kernel import GradReader, norm_part
+from paramserver.gradnorm_kernel import norm_part
 from paramserver.jobconfig import JobConfig
-from paramserver.optim.base import Piece, State, Step, views
+from paramserver.optim.base import Optimizer, Piece, State, Step
 from paramserver.placement import Span
+from paramserver.shard_types import ShardMemory
+from paramserver.spill import SpillFile, TileStore
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver.tensor_file import TensorStream
-from paramserver_client.codec import (
-    BFLOAT16,
-    EVAL,
-    FLOAT16,
-    FLOAT32,
-    ITEMSIZE,
-    MAX_CHUNK_BYTES,
-    TRAIN,
-    chunk_elements,
-    encode_chunk_message,
-)
+from paramserver_client.codec import EVAL, TRAIN
 
-_TORCH_DTYPE = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}
+#: Reads a gradient's local ranges as fp32 tensors (views, or filled block buffers).
+_Reader = Callable[[Sequence[tuple[int, int]]], list[torch.Tensor]]
 
 # torch.frombuffer on an immutable `bytes` warns once per process; we only read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+#: Largest tile of a split-able piece when a shard spills, in elements.
+TILE = 1 << 20
+#: Smallest tile a small budget may force.
+MIN_TILE = 1 << 14
+#: Buffers of a spilled tile store's I/O ring (one read ahead, one being updated, one written behind).
+DEPTH = 3
+#: The part of a spilled shard's budget kept for block buffers (the reduction's and the update's
+#: gradient blocks, a pull's chunk, snapshot blocks) and gRPC's message buffers.
+OVERHEAD_BYTES = 96 << 20
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a shard may keep its state."""
+
+    budget: int = 0
+    """Bytes of memory for parameters and optimizer state (0 = unlimited: everything resident)."""
+    directory: Path | None = None
+    """Where spill files go when the state does not fit the budget."""
+    tile: int = TILE
+    """Largest tile of a split-able piece when spilling."""
+    overhead: int = OVERHEAD_BYTES
+    """The part of the budget kept for block and message buffers when spilling."""
+    spill: bool | None = None
+    """None: spill when the in-memory footprint exceeds the budget; True or False: as told (tests)."""
 
 
 @dataclass(frozen=True)
@@ -56,404 +97,62 @@ class Landed:
     count: int
 
 
-@dataclass
-class Staging:
-    """A scratch fp32 buffer that one incoming stream fills chunk by chunk.
-
-    Nothing of the shard's state changes while it fills: a stream that turns out
-    bad just gives its buffer back.
-    """
-
-    buffer: torch.Tensor
-    pieces: list[Landed]
-
-
 @dataclass(frozen=True)
 class Contribution:
     """One worker's gradient for one step, validated and complete."""
 
     worker_id: int
     loss_terms: int
-    buffer: torch.Tensor
+    buffer: GradBuffer
 
 
-def wire_bytes(values: torch.Tensor, dtype: int) -> memoryview:
-    """The little-endian wire bytes of fp32 host values in `dtype` (a view for fp32)."""
-    if dtype != FLOAT32:
-        values = values.to(_TORCH_DTYPE[dtype]).view(torch.int16)
-    return values.numpy().data.cast("B")
+@dataclass(frozen=True)
+class Published:
+    """What a pull serves: the version and its parameters as (global offset, fp32 values) blocks in
+    flat order. When `under_lock`, the blocks are views of the state, valid only while the caller
+    holds the lock (encode them there, once per version); otherwise they are read as iterated,
+    outside the lock, and raise ABORTED if the version was replaced meanwhile."""
+
+    version: int
+    blocks: Iterable[tuple[int, torch.Tensor]]
+    under_lock: bool
 
 
-def wire_tensor(data: bytes | memoryview, dtype: int) -> torch.Tensor:
-    """A zero-copy, read-only tensor over little-endian wire bytes, in its wire dtype
-    (copying it into an fp32 tensor converts bf16/fp16 exactly)."""
-    return torch.frombuffer(data, dtype=_TORCH_DTYPE[dtype])
+@dataclass
+class _Group:
+    """One parameter group's pieces on a shard (a piece = the part of one parameter here)."""
 
-
-class ShardState:
-    """Parameters, gradient buffer and optimizer state of one shard."""
-
-    def __init__(self, config: JobConfig, index: int, spans: Sequence[Span], device: torch.device | None = None) -> None:
-        self.config = config
-        self.index = index
-        self.spans = list(spans)
-        self.device = device or torch.device("cpu")
-        self.numel = sum(s.length for s in self.spans)
-        self._starts = [s.start for s in self.spans]
-        self._local_starts: list[int] = []
-        pos = 0
-        for s in self.spans:
-            self._local_starts.append(pos)
-            pos += s.length
-        self.optimizers = config.build_optimizers()
-        """One per parameter group (index 0: the default group)."""
-        self.groups = _groups(config, self.spans)
-        """Per group: its parameter pieces on this shard; the optimizer runs once per piece."""
-        self.schedule = config.build_schedule()
-        self.params: torch.Tensor | None = None
-        self.opt_state: dict[int, State] = {}
-        """Per group with pieces here: flat state tensors over the group's pieces, in order."""
-        self.tensor_state: dict[int, State] = {}
-        """Per parameter (by index) with a piece here: the rule's own tensors of any shape."""
-        self.grad = torch.empty(0)
-        self.version = 0
-        self.applied = 0
-        self.last_report: StepReport | None = None
-        self.lock = threading.Lock()
-        self._cache: dict[tuple[int, int], tuple[int, list[tuple[int, int, bytes]]]] = {}
-        self._free: list[torch.Tensor] = []
-        self._capture_buffers: dict[str, torch.Tensor] = {}
-        self._free_lock = threading.Lock()
+    local: list[tuple[int, int]]
+    """(start, length) in the shard's local space."""
+    pieces: list[Piece]
+    """The pieces, with their parameters and their offsets in the group's flat state."""
+    global_pieces: list[tuple[int, int]]
+    """(start, length) in the flat parameter space."""
 
     @property
-    def initialized(self) -> bool:
-        """True once parameters were uploaded."""
-        return self.params is not None
+    def segments(self) -> list[tuple[int, int]]:
+        """(start, length) in the group's flat state (the pieces laid end to end)."""
+        return [(p.segment, p.length) for p in self.pieces]
 
-    # ---- validation -------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        """Elements of the group on this shard."""
+        return sum(n for _, n in self.local)
 
-    def check_chunk(self, offset: int, count: int, dtype: int, nbytes: int, index: int) -> int:
-        """Validate one chunk; return its local offset. Raises ParamServerError naming the field."""
-        if dtype not in ITEMSIZE:
-            raise ParamServerError.invalid("chunk.dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED, chunk_index=index)
-        if nbytes > MAX_CHUNK_BYTES:
-            raise ParamServerError(
-                "RESOURCE_EXHAUSTED",
-                Reason.MESSAGE_TOO_LARGE,
-                f"chunk.data: {nbytes} bytes is over the {MAX_CHUNK_BYTES}-byte limit per chunk",
-                {"field": "chunk.data", "limit": MAX_CHUNK_BYTES, "chunk_index": index},
-            )
-        if count == 0:
-            raise ParamServerError.invalid("chunk.count", "must be > 0", chunk_index=index)
-        if nbytes != count * ITEMSIZE[dtype]:
-            raise ParamServerError.invalid(
-                "chunk.data",
-                f"{nbytes} bytes for {count} elements of {ITEMSIZE[dtype]} bytes",
-                Reason.LENGTH_MISMATCH,
-                chunk_index=index,
-            )
-        k = bisect.bisect_right(self._starts, offset) - 1
-        if k < 0 or offset + count > self.spans[k].end:
-            owned = ", ".join(f"[{s.start}, {s.end})" for s in self.spans)
-            raise ParamServerError.invalid(
-                "chunk.offset",
-                f"elements [{offset}, {offset + count}) are not inside this shard's ranges {owned}",
-                Reason.CHUNK_OUT_OF_RANGE,
-                offset=offset,
-                count=count,
-                chunk_index=index,
-            )
-        return self._local_starts[k] + (offset - self.spans[k].start)
 
-    def check_coverage(self, pieces: Sequence[Landed]) -> None:
-        """The pieces must cover the shard's local buffer exactly once."""
-        pos = 0
-        for p in sorted(pieces, key=lambda p: p.local):
-            if p.local != pos:
-                what = "overlap" if p.local < pos else "gap"
-                raise ParamServerError.invalid(
-                    "chunks",
-                    f"the chunks do not cover this shard's ranges exactly once ({what} at local element {min(pos, p.local)})",
-                    Reason.LAYOUT_MISMATCH,
-                )
-            pos += p.count
-        if pos != self.numel:
-            raise ParamServerError.invalid(
-                "chunks", f"the chunks cover {pos} of this shard's {self.numel} elements", Reason.LAYOUT_MISMATCH
-            )
+@dataclass(frozen=True)
+class _Tile:
+    """A tile: a run of a group's flat state, and the pieces (parts of parameters) in it."""
 
-    # ---- staging (any thread; touches no state) ---------------------------------------------
-
-    def stage(self) -> Staging:
-        """A scratch buffer for one incoming stream (reused across steps)."""
-        with self._free_lock:
-            buf = self._free.pop() if self._free else None
-        return Staging(buf if buf is not None else torch.empty(self.numel, dtype=torch.float32), [])
-
-    def release(self, buffer: torch.Tensor) -> None:
-        """Give a scratch buffer back (at most num_workers + 1 are kept)."""
-        if buffer.numel() != self.numel or buffer.device.type != "cpu":
-            return
-        with self._free_lock:
-            if len(self._free) <= self.config.num_workers:
-                self._free.append(buffer)
-
-    def write(self, staging: Staging, local: int, count: int, dtype: int, data: bytes | memoryview) -> None:
-        """Decode a validated chunk into the staging buffer."""
-        staging.buffer[local : local + count].copy_(wire_tensor(data, dtype))
-        staging.pieces.append(Landed(local, count))
-
-    # ---- mutation (call under self.lock) ----------------------------------------------
-
-    def load(self, staging: Staging) -> None:
-        """Take a complete, validated staging buffer as the initial parameters; version 0."""
-        self.params = staging.buffer if self.device.type == "cpu" else staging.buffer.to(self.device)
-        self.opt_state, self.tensor_state = self._init_states()
-        self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self.version = 0
-        self.applied = 0
-        self._cache.clear()
-
-    def reduce(self, contributions: Sequence[Contribution]) -> ShardStats:
-        """Sum the workers' gradients (in worker-id order, so the result is deterministic),
-        divide by the total loss-term count, and return this shard's scalars."""
-        assert self.params is not None
-        ordered = sorted(contributions, key=lambda c: c.worker_id)
-        n = sum(c.loss_terms for c in ordered)
-        total = ordered[0].buffer  # G_0 + G_1 + ... summed into worker 0's scratch buffer
-        for c in ordered[1:]:
-            total.add_(c.buffer)
-            self.release(c.buffer)
-        if self.device.type == "cpu":
-            self.release(self.grad)
-            self.grad = total
-        else:
-            self.grad.copy_(total)
-            self.release(total)
-        if n == 0:
-            return ShardStats(self.index, NormPart(), 0)
-        self.grad.div_(n)
-        return ShardStats(self.index, self.norm_part(lambda a, count: self.grad[a : a + count]), n)
-
-    def norm_part(self, read: GradReader) -> NormPart:
-        """This shard's share of the global norm of the gradient `read` gives (see gradnorm). The
-        parameters the next update does not train (a rule freezes them, as LISA does) count as
-        zeros: like frozen torch parameters, whose grad is None, they are outside the clip norm
-        and the non-finite check."""
-        spans = [(s.start, s.length) for s in self.spans]
-        return norm_part(read, spans, self.config.total_elements, self.frozen_ranges(), self.device)
-
-    def frozen_ranges(self) -> list[tuple[int, int]]:
-        """[start, end) local ranges of the parameters the next update does not train, in order."""
-        out: list[tuple[int, int]] = []
-        for g, group in self.groups.items():
-            opt = self.optimizers[g]
-            if opt.freezes:
-                out += [(a, a + n) for (a, n), p in zip(group.local, group.pieces, strict=True) if not opt.trains(p.param, self.applied)]
-        return sorted(out)
-
-    def apply(self, decision: Decision) -> StepReport:
-        """Apply (or skip) the decided step and publish the next version."""
-        assert self.params is not None
-        factor = self.schedule(self.applied)
-        lr = self.optimizers[0].lr * factor
-        if decision.apply:
-            if decision.clip_coef != 1.0:
-                self.grad.mul_(decision.clip_coef)
-            for g, group in self.groups.items():
-                opt = self.optimizers[g]
-                step = Step(opt.lr * factor, group.pieces, self.tensor_state, self.applied)
-                opt.update(views(self.params, group.local), views(self.grad, group.local), self.opt_state[g], step)
-            self.applied += 1
-            outcome = Outcome.APPLIED
-        else:
-            outcome = Outcome.SKIPPED
-        report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
-        self.version = decision.step + 1
-        self.last_report = report
-        self._cache.clear()
-        return report
-
-    # ---- reading (call under self.lock) -------------------------------------------------
-
-    #: Whether snapshots are written under the lock from :meth:`stream_snapshot` (a spilled shard)
-    #: instead of captured to host memory and written in the background.
-    streams_snapshots = False
-
-    def publication(self, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> tuple[int, Iterable[tuple[int, int, bytes]]]:
-        """(version, [(global offset, count, message)]) of the current parameters in `dtype`.
-
-        Each message is a serialised ``PullParametersResponse{chunk}``, built with one
-        copy of the data. The whole-shard encoding is cached per dtype and point until the
-        next version, so several workers pulling the same version share one encoding. With
-        `point` EVAL, groups whose rule has an evaluation point (Schedule-Free) serve it.
-        """
-        assert self.params is not None
-        key = (dtype, point)
-        if not ranges:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] == self.version:
-                return cached
-        wanted = list(ranges) or self.spans
-        host = self.params if point != EVAL else self.eval_params()
-        host = host if host.device.type == "cpu" else host.cpu()
-        step = chunk_elements(dtype)
-        out: list[tuple[int, int, bytes]] = []
-        for r in sorted(wanted):
-            local = self._local(r)
-            data = wire_bytes(host[local : local + r.length], dtype)
-            size = ITEMSIZE[dtype]
-            for i in range(0, r.length, step):
-                n = min(step, r.length - i)
-                out.append((r.start + i, n, encode_chunk_message(r.start + i, n, dtype, data[i * size : (i + n) * size])))
-        result = (self.version, out)
-        if not ranges:
-            self._cache[key] = result
-        return result
-
-    def frozen_parameters(self) -> list[int]:
-        """Indices of the parameters with a piece here that the next update does not train."""
-        out = []
-        for g, group in self.groups.items():
-            opt = self.optimizers[g]
-            if opt.freezes:
-                out += [p.param.index for p in group.pieces if not opt.trains(p.param, self.applied)]
-        return sorted(set(out))
-
-    def eval_params(self) -> torch.Tensor:
-        """The parameters at the evaluation point (the parameters themselves unless some group's
-        rule has one, e.g. Schedule-Free's x); a copy when it differs."""
-        assert self.params is not None
-        groups = [(g, group) for g, group in self.groups.items() if self.optimizers[g].eval_keys]
-        if not groups:
-            return self.params
-        out = self.params.clone()
-        for g, group in groups:
-            self.optimizers[g].eval_point(views(out, group.local), self.opt_state[g], group.segments)
-        return out
-
-    def _local(self, r: Span) -> int:
-        k = bisect.bisect_right(self._starts, r.start) - 1
-        if k < 0 or r.end > self.spans[k].end or r.length == 0:
-            owned = ", ".join(f"[{s.start}, {s.end})" for s in self.spans)
-            raise ParamServerError.invalid(
-                "ranges", f"[{r.start}, {r.end}) is not inside this shard's ranges {owned}", Reason.CHUNK_OUT_OF_RANGE
-            )
-        return self._local_starts[k] + (r.start - self.spans[k].start)
-
-    def capture(self) -> dict[str, torch.Tensor]:
-        """Host copies of the parameters and optimizer state: the only pause of a snapshot
-        (call under self.lock). Scalars stay 0-d; flat tensors cover the shard's spans in order.
-
-        The host buffers are kept and reused by the next capture (a copy into memory already
-        faulted in is ~5x faster than into fresh pages), at the price of one host copy of the
-        shard's state kept between snapshots. Do not hold the result across two captures.
-        """
-        assert self.params is not None
-        sources = {names.PARAMS: self.params, **self._state_tensors()}
-        out: dict[str, torch.Tensor] = {}
-        for name, src in sources.items():
-            buf = self._capture_buffers.get(name)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
-                self._capture_buffers[name] = buf
-            buf.copy_(src.detach())
-            out[name] = buf
-        return out
-
-    def restore(self, source: SnapshotSource, version: int, applied: int) -> None:
-        """Load parameters and optimizer state for this shard's spans from a snapshot taken with
-        any shard count (resharding is a range copy of the flat tensors)."""
-
-        def flat(name: str) -> torch.Tensor:
-            out = np.empty(self.numel, dtype=np.float32)
-            pos = 0
-            for s in self.spans:
-                source.read(name, s.start, s.length, out[pos : pos + s.length])
-                pos += s.length
-            return torch.from_numpy(out).to(self.device)
-
-        self.params = flat(names.PARAMS)
-        states, tensors = self._init_states()
-        stored = {n: p for n in source.names() if (p := names.parse(n)) is not None}
-        for g, group in self.groups.items():
-            loaded = set()
-            for name in sorted(n for n, p in stored.items() if p.kind == "group" and p.index == g):
-                key = stored[name].key
-                loaded.add(key)
-                if source.is_scalar(name):
-                    states[g][key] = torch.from_numpy(np.array(source.scalar(name))).to(self.device)
-                    continue
-                out = np.empty(group.numel, dtype=np.float32)
-                for (start, length), (pos, _) in zip(group.global_pieces, group.segments, strict=True):
-                    source.read(name, start, length, out[pos : pos + length])
-                states[g][key] = torch.from_numpy(out).to(self.device)
-            self.optimizers[g].restored(states[g], loaded)
-        for index, st in tensors.items():
-            for name in sorted(n for n, p in stored.items() if p.kind == "param" and p.index == index):
-                key = stored[name].key
-                value = torch.from_numpy(np.array(source.tensor(name))).to(self.device)
-                if key in st and (st[key].shape != value.shape or st[key].dtype != value.dtype):
-                    raise ParamServerError(
-                        "DATA_LOSS",
-                        Reason.SNAPSHOT_CORRUPT,
-                        f"{name}: {tuple(value.shape)} {value.dtype} in the snapshot, {tuple(st[key].shape)} {st[key].dtype} expected",
-                        {"tensor": name},
-                    )
-                st[key] = value
-        self.tensor_state = tensors
-        self.opt_state = states
-        self.grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        self.version = version
-        self.applied = applied
-        self._cache.clear()
-
-    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
-        """Copies of the parameters and optimizer state on the host (for tests and snapshots)."""
-        assert self.params is not None
-        out = {names.PARAMS: self.params.detach().cpu().clone()}
-        for k, v in self._state_tensors().items():
-            out[k] = v.detach().cpu().clone()
-        return out
-
-    def _init_states(self) -> tuple[dict[int, State], dict[int, State]]:
-        """(flat state per group, per-parameter state by parameter index)."""
-        flat = {
-            g: self.optimizers[g].init_state(torch.empty(group.numel, dtype=torch.float32, device=self.device))
-            for g, group in self.groups.items()
-        }
-        tensors = {
-            p.param.index: self.optimizers[g].init_tensor_state(p, self.device) for g, group in self.groups.items() for p in group.pieces
-        }
-        return flat, tensors
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optimizer state by snapshot name: "state.GROUP.KEY" for a group's flat tensors and
-        scalars, "param.INDEX.KEY" for a parameter's own tensors."""
-        out = {names.group_state(g, k): v for g, st in self.opt_state.items() for k, v in st.items()}
-        out.update({names.param_state(i, k): v for i, st in self.tensor_state.items() for k, v in st.items()})
-        return out
-
-    def stream_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
-        """The snapshot file's tensors as streams (only for shards that stream their snapshots)."""
-        raise NotImplementedError("an in-memory shard captures its state; see capture()")
-
-    def memory(self) -> dict[str, float]:
-        """Bytes of the shard's state in memory (all of it: nothing is spilled)."""
-        state = sum(v.numel() * v.element_size() for v in self._state_tensors().values())
-        params = self.params.numel() * 4 if self.params is not None else 0
-        return {"budget_bytes": float(self.config.shard_memory_budget_bytes), "resident_bytes": float(params + state), "buffer_bytes": 0.0,
-                "spilled_bytes": 0.0, "read_bytes": 0.0, "written_bytes": 0.0, "read_bytes_per_second": 0.0,
-                "write_bytes_per_second": 0.0}  # fmt: skip
-
-    def close(self) -> None:
-        """Release what the shard holds outside its memory (nothing here)."""
-        return None
-
-    def snapshot_metadata(self) -> dict[str, str]:
-        """Where each group's flat state tensors lie in the flat space: "ranges.GROUP" is a JSON
-        list of [start, length] pieces, in the order of the tensor's elements."""
-        return {names.group_ranges(g): json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
+    segment: int
+    """Its first element in the group's flat state."""
+    length: int
+    pieces: list[Piece]
+    """Its pieces, their segments relative to the tile's start."""
+    local: list[tuple[int, int]]
+    """(start, length) of each piece in the shard's local space."""
+    glob: list[tuple[int, int]]
+    """(start, length) of each piece in the flat space."""
 
 
 class SnapshotSource(Protocol):
@@ -480,26 +179,577 @@ class SnapshotSource(Protocol):
         ...
 
 
-@dataclass
-class _Group:
-    """One parameter group's pieces on a shard (a piece = the part of one parameter here)."""
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc): a spilled shard's budget counts what the
+    process holds, not what it uses."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    local: list[tuple[int, int]]
-    """(start, length) in the shard's local buffer."""
-    pieces: list[Piece]
-    """The pieces, with their parameters and their offsets in the group's flat state tensors."""
-    global_pieces: list[tuple[int, int]]
-    """(start, length) in the flat parameter space."""
+
+class ShardState:
+    """Parameters, gradient buffers and optimizer state of one shard (see the module docstring)."""
+
+    def __init__(self, config: JobConfig, index: int, spans: Sequence[Span], device: torch.device | None = None,
+                 storage: Storage | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.index = index
+        self.spans = list(spans)
+        self.device = device or torch.device("cpu")
+        self.storage = storage or Storage(budget=config.shard_memory_budget_bytes)
+        self.numel = sum(s.length for s in self.spans)
+        self.total = config.total_elements
+        self._starts = [s.start for s in self.spans]
+        self._local_starts = list(itertools.accumulate((s.length for s in self.spans), initial=0))[:-1]
+        self.optimizers: list[Optimizer] = config.build_optimizers()
+        """One per parameter group (index 0: the default group)."""
+        self.groups = _groups(config, self.spans)
+        """Per group with pieces here: its pieces in local order; the rule runs once per tile."""
+        self.schedule = config.build_schedule()
+        self.version = 0
+        self.applied = 0
+        self.last_report: StepReport | None = None
+        self.lock = threading.Lock()
+        self.opt_state: dict[int, State] = {}
+        """Per group: its 0-d state (counters); the flat state lives in the tiles."""
+        self.tensor_state: dict[int, State] = {}
+        """Per parameter (by index) with a piece here: the rule's own tensors of any shape."""
+        self._loaded = False
+        self._grad: GradBuffer | None = None
+        self._capture_buffers: dict[str, torch.Tensor] = {}
+        self.columns: dict[int, list[str]] = {}
+        self.scalar_keys: dict[int, list[str]] = {}
+        for g in self.groups:
+            template = self.optimizers[g].init_state(torch.zeros(1))
+            self.columns[g] = [names.PARAMS, *(k for k, v in template.items() if v.dim() == 1)]
+            self.scalar_keys[g] = [k for k, v in template.items() if v.dim() == 0]
+        self.tensor_bytes = sum(
+            v.numel() * v.element_size()
+            for g, grp in self.groups.items()
+            for p in grp.pieces
+            for v in self.optimizers[g].init_tensor_state(p, torch.device("cpu")).values()
+        )
+        spill = self.storage.spill
+        self.spilled = spill if spill is not None else bool(self.storage.budget) and in_memory_bytes(self) > self.storage.budget
+        self.stores: dict[int, TileStore] = {}
+        self._pubs: list[_PublicationFiles] = []
+        self._pub = 0
+        try:
+            if self.spilled:
+                self._plan_spilled()
+            else:
+                self._plan_resident()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- storage plans --------------------------------------------------------------------------
+
+    def _plan_resident(self) -> None:
+        """Everything in memory: one resident tile per group, gradients in memory."""
+        self.tiles = {
+            g: [_Tile(0, grp.numel, list(grp.pieces), list(grp.local), list(grp.global_pieces))] for g, grp in self.groups.items()
+        }
+        for g, grp in self.groups.items():
+            self.stores[g] = TileStore(self.columns[g], [(grp.numel, True)], Path("/nonexistent"), DEPTH, device=self.device)
+        self.ring_bytes = 0
+        self.grads: GradPool = memory_pool(self.numel, self.config.num_workers + 1)
+
+    def _plan_spilled(self) -> None:
+        """Tiles within the budget: cut the pieces, keep the first that fit resident, spill the rest."""
+        if self.device.type != "cpu":
+            raise ConfigError("spec.shard_memory_budget_bytes", "spilling state to disk is supported on CPU shards only")
+        if self.storage.directory is None:
+            raise ConfigError("spec.shard_memory_budget_bytes", "this shard has no spill directory")
+        for g in self.groups:
+            template = self.optimizers[g].init_state(torch.zeros(1))
+            if any(v.dim() == 1 and bool(v.any()) for v in template.values()):
+                raise ConfigError("spec.shard_memory_budget_bytes", f"the state of {self.optimizers[g].name!r} cannot be spilled")
+        budget = self.storage.budget
+        ncols = sum(len(c) for c in self.columns.values())
+        tile = self.storage.tile
+        while tile > MIN_TILE and DEPTH * 4 * tile * ncols > budget // 4:
+            tile //= 2
+        self.tile = tile
+        self.tiles = {}
+        for g, group in self.groups.items():
+            size = None if self.optimizers[g].whole_tensors else tile
+            tiles = []
+            for (local, n), piece, (glob, _) in zip(group.local, group.pieces, group.global_pieces, strict=True):
+                step = size or n
+                for off in range(0, n, step):
+                    m = min(step, n - off)
+                    tiles.append(
+                        _Tile(piece.segment + off, m, [Piece(piece.param, piece.start + off, m, 0)], [(local + off, m)], [(glob + off, m)])
+                    )
+            self.tiles[g] = tiles
+        self.ring_bytes = sum(DEPTH * 4 * len(self.columns[g]) * max(t.length for t in tiles) for g, tiles in self.tiles.items())
+        fixed = self.ring_bytes + self.tensor_bytes + self.storage.overhead
+        if fixed > budget:
+            big = max((t for tiles in self.tiles.values() for t in tiles), key=lambda t: t.length)
+            raise ConfigError(
+                "spec.shard_memory_budget_bytes",
+                f"{budget} bytes is below shard {self.index}'s minimum of {fixed}: I/O rings {self.ring_bytes} "
+                f"(largest tile: {big.length} elements of {big.pieces[0].param.name!r}), per-tensor state {self.tensor_bytes}, "
+                f"buffers {self.storage.overhead}",
+            )
+        left = budget - fixed
+        directory = self.storage.directory
+        assert directory is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        for g, tiles in self.tiles.items():  # in order, every tile that still fits stays resident
+            per = 4 * len(self.columns[g])
+            spec = []
+            for t in tiles:
+                fits = t.length * per <= left
+                left -= t.length * per if fits else 0
+                spec.append((t.length, fits))
+            self.stores[g] = TileStore(self.columns[g], spec, directory / f"shard-{self.index}-group-{g}.spill", DEPTH)
+        has_eval = any(self.optimizers[g].eval_keys for g in self.groups)
+        for k in range(2):
+            train = self._file(f"pub-{k}")
+            self._pubs.append(_PublicationFiles(train, self._file(f"pub-{k}-eval") if has_eval else None))
+        self.grads = file_pool(directory, f"shard-{self.index}", self.numel, self.config.num_workers + 1)
+
+    def _file(self, name: str) -> SpillFile:
+        assert self.storage.directory is not None
+        return SpillFile(self.storage.directory / f"shard-{self.index}-{name}.spill", 4 * self.numel, direct=False)
+
+    # ---- status -----------------------------------------------------------------------------------
 
     @property
-    def segments(self) -> list[tuple[int, int]]:
-        """(start, length) in the group's flat state tensors (the pieces laid end to end)."""
-        return [(p.segment, p.length) for p in self.pieces]
+    def initialized(self) -> bool:
+        """True once parameters were uploaded or restored."""
+        return self._loaded
+
+    def memory(self) -> ShardMemory:
+        """Budget, resident and spilled bytes, and the spill files' traffic and I/O rates."""
+        files = [s.file for s in self.stores.values() if s.file is not None]
+        busy_r, busy_w = sum(f.stats.read_seconds for f in files), sum(f.stats.write_seconds for f in files)
+        read, written = sum(f.stats.bytes_read for f in files), sum(f.stats.bytes_written for f in files)
+        return ShardMemory(
+            budget_bytes=self.storage.budget,
+            resident_bytes=sum(s.resident_bytes for s in self.stores.values()) + self.tensor_bytes,
+            buffer_bytes=self.ring_bytes + (self.storage.overhead if self.spilled else 0),
+            spilled_bytes=sum(s.spilled_bytes for s in self.stores.values()),
+            read_bytes=read,
+            written_bytes=written,
+            read_bytes_per_second=read / busy_r if busy_r else 0.0,
+            write_bytes_per_second=written / busy_w if busy_w else 0.0,
+        )
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def local_of(self, offset: int, count: int) -> int | None:
+        """The local offset of flat elements [offset, offset + count), or None if they are not all
+        inside one of this shard's spans."""
+        k = bisect.bisect_right(self._starts, offset) - 1
+        if k < 0 or count <= 0 or offset + count > self.spans[k].end:
+            return None
+        return self._local_starts[k] + (offset - self.spans[k].start)
+
+    def owned(self) -> str:
+        """This shard's spans, for messages."""
+        return ", ".join(f"[{s.start}, {s.end})" for s in self.spans)
+
+    def check_coverage(self, pieces: Sequence[Landed]) -> None:
+        """The pieces must cover the shard's local space exactly once."""
+        pos = 0
+        for p in sorted(pieces, key=lambda p: p.local):
+            if p.local != pos:
+                what = "overlap" if p.local < pos else "gap"
+                raise ParamServerError.invalid(
+                    "chunks",
+                    f"the chunks do not cover this shard's ranges exactly once ({what} at local element {min(pos, p.local)})",
+                    Reason.LAYOUT_MISMATCH,
+                )
+            pos += p.count
+        if pos != self.numel:
+            raise ParamServerError.invalid(
+                "chunks", f"the chunks cover {pos} of this shard's {self.numel} elements", Reason.LAYOUT_MISMATCH
+            )
+
+    # ---- mutation (call under self.lock) -----------------------------------------------------------
+
+    def load(self, buffer: GradBuffer) -> None:
+        """Take a complete, validated buffer as the initial parameters; version 0."""
+        for g, store in self.stores.items():
+            for tile in store.stream():
+                info = self.tiles[g][tile.index]
+                for piece, (local, n) in zip(info.pieces, info.local, strict=True):
+                    tile.columns[names.PARAMS][piece.segment : piece.segment + n].copy_(buffer.read([(local, n)])[0])
+                for c in self.columns[g][1:]:
+                    tile.columns[c].zero_()
+        self.grads.release(buffer)
+        self._init_small_state()
+        self.version, self.applied = 0, 0
+        self._publish()
+        self._loaded = True
+
+    def _init_small_state(self) -> None:
+        """0-d group state and per-parameter state, as the rules create them."""
+        self.opt_state = {}
+        for g in self.groups:
+            template = self.optimizers[g].init_state(torch.zeros(1, device=self.device))
+            self.opt_state[g] = {k: template[k] for k in self.scalar_keys[g]}
+        self.tensor_state = {
+            p.param.index: self.optimizers[g].init_tensor_state(p, self.device) for g, grp in self.groups.items() for p in grp.pieces
+        }
+
+    def reduce(self, contributions: Sequence[Contribution]) -> ShardStats:
+        """Sum the workers' gradients in worker-id order (deterministic), divide by the total
+        loss-term count, and return this shard's scalars. The buffers are consumed."""
+        ordered = sorted(contributions, key=lambda c: c.worker_id)
+        n = sum(c.loss_terms for c in ordered)
+        total = ordered[0].buffer
+        total.reduce([c.buffer for c in ordered[1:]], n)
+        for c in ordered[1:]:
+            self.grads.release(c.buffer)
+        if self._grad is not None:
+            self.grads.release(self._grad)
+        self._grad = total
+        if n == 0:
+            return ShardStats(self.index, NormPart(), 0)
+        stats = ShardStats(self.index, self.norm_part(total), n)
+        if self.spilled:
+            trim_heap()
+        return stats
+
+    def norm_part(self, grad: GradBuffer) -> NormPart:
+        """This shard's share of the global norm of `grad` (see gradnorm). The parameters the next
+        update does not train (a rule freezes them, as LISA does) count as zeros: like frozen torch
+        parameters, whose grad is None, they are outside the clip norm and the non-finite check."""
+        spans = [(s.start, s.length) for s in self.spans]
+        return norm_part(lambda a, count: grad.read([(a, count)])[0], spans, self.total, self.frozen_ranges(), self.device)
+
+    def frozen_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) local ranges of the parameters the next update does not train, in order."""
+        out: list[tuple[int, int]] = []
+        for g, group in self.groups.items():
+            opt = self.optimizers[g]
+            if opt.freezes:
+                out += [(a, a + n) for (a, n), p in zip(group.local, group.pieces, strict=True) if not opt.trains(p.param, self.applied)]
+        return sorted(out)
+
+    def apply(self, decision: Decision) -> StepReport:
+        """Apply (or skip) the decided step and publish the next version."""
+        factor = self.schedule(self.applied)
+        lr = self.optimizers[0].lr * factor
+        if decision.apply:
+            assert self._grad is not None
+            grad = self._grad
+            if self.device.type != "cpu":  # one copy of the whole gradient to the device
+                on_device = grad.read([(0, self.numel)])[0].to(self.device)
+
+                def read(ranges: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+                    return [on_device[a : a + n] for a, n in ranges]
+            else:
+                read = grad.read
+            pub = self._next_publication()
+            for g, store in self.stores.items():
+                self._update_group(g, store, read, decision.clip_coef, self.optimizers[g].lr * factor, pub)
+            self.applied += 1
+            outcome = Outcome.APPLIED
+            self._pub = 1 - self._pub if pub is not None else self._pub
+        else:
+            outcome = Outcome.SKIPPED
+        if self._grad is not None:
+            self.grads.release(self._grad)
+            self._grad = None
+        if self.spilled:
+            trim_heap()
+        report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
+        self.version = decision.step + 1
+        self.last_report = report
+        return report
+
+    def _update_group(self, g: int, store: TileStore, read: _Reader, clip_coef: float, lr: float, pub: _PublicationFiles | None) -> None:
+        opt, scalars = self.optimizers[g], self.opt_state[g]
+        tiles = self.tiles[g]
+        several = len(tiles) > 1
+        if several:  # each tile sees the counters as they were before the update
+            shared = {k: v.clone() for k, v in scalars.items()}
+            own = {
+                i: {k: v.clone() for k, v in self.tensor_state[i].items() if v.dim() == 0}
+                for i in {p.param.index for t in tiles for p in t.pieces}
+            }
+        for tile in store.stream():
+            info = tiles[tile.index]
+            if several:
+                for k, v in shared.items():
+                    scalars[k].copy_(v)
+                for piece in info.pieces:
+                    for k, v in own[piece.param.index].items():
+                        self.tensor_state[piece.param.index][k].copy_(v)
+            grads = read(info.local)
+            if clip_coef != 1.0:
+                for gr in grads:
+                    gr.mul_(clip_coef)
+            params = tile.columns[names.PARAMS]
+            state: State = {**{c: tile.columns[c] for c in self.columns[g][1:]}, **scalars}
+            opt.update(
+                [params[p.segment : p.segment + p.length] for p in info.pieces],
+                grads,
+                state,
+                Step(lr, info.pieces, self.tensor_state, self.applied),
+            )
+            if pub is not None:
+                self._publish_tile(pub, g, info, tile.columns)  # in the same pass: no second read
+
+    # ---- publications --------------------------------------------------------------------------
+
+    def _next_publication(self) -> _PublicationFiles | None:
+        """The publication file the next version goes to (the one not being served), if any."""
+        if not self._pubs:
+            return None
+        pub = self._pubs[1 - self._pub]
+        pub.generation += 1  # a pull still reading it (two versions old) sees this and aborts
+        return pub
+
+    def _eval(self, g: int, info: _Tile, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The evaluation point of a tile's parameters (a copy; the parameters when the rule has none)."""
+        params = columns[names.PARAMS]
+        opt = self.optimizers[g]
+        if not opt.eval_keys:
+            return params
+        x = params.clone()
+        state = {**{c: columns[c] for c in self.columns[g][1:]}, **self.opt_state[g]}
+        opt.eval_point([x[p.segment : p.segment + p.length] for p in info.pieces], state, [(p.segment, p.length) for p in info.pieces])
+        return x
+
+    def _publish_tile(self, pub: _PublicationFiles, g: int, info: _Tile, columns: dict[str, torch.Tensor]) -> None:
+        params = columns[names.PARAMS]
+        x = self._eval(g, info, columns) if pub.files[EVAL] is not pub.files[TRAIN] else params
+        for piece, (local, n) in zip(info.pieces, info.local, strict=True):
+            pub.files[TRAIN].write_from(4 * local, params[piece.segment : piece.segment + n].numpy().view(np.uint8))
+            if x is not params:
+                pub.files[EVAL].write_from(4 * local, x[piece.segment : piece.segment + n].numpy().view(np.uint8))
+
+    def _publish(self) -> None:
+        """After a load or a restore: write the current parameters to the next publication file (if
+        this shard publishes through files; updates publish tile by tile as they go)."""
+        pub = self._next_publication()
+        if pub is None:
+            return
+        for g, store in self.stores.items():
+            for tile in store.stream(write=False):
+                self._publish_tile(pub, g, self.tiles[g][tile.index], tile.columns)
+        self._pub = 1 - self._pub
+
+    def publication(self, ranges: Sequence[Span] = (), point: int = TRAIN) -> Published:
+        """The current version's parameters (at `point`: EVAL serves Schedule-Free's x) in flat
+        order, all of this shard's or the requested `ranges` (see :class:`Published`)."""
+        wanted = []
+        for r in sorted(ranges) if ranges else self.spans:
+            local = self.local_of(r.start, r.length)
+            if local is None:
+                raise ParamServerError.invalid(
+                    "ranges", f"[{r.start}, {r.end}) is not inside this shard's ranges {self.owned()}", Reason.CHUNK_OUT_OF_RANGE
+                )
+            wanted.append((r.start, local, r.length))
+        if self._pubs:
+            return Published(self.version, self._read_publication(wanted, point), False)
+        return Published(self.version, self._resident_blocks(wanted, point), True)
+
+    def _resident_blocks(self, wanted: list[tuple[int, int, int]], point: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Views of the resident parameters (or evaluation point) over the wanted local ranges, in order."""
+        runs: list[tuple[int, int, torch.Tensor]] = []  # (local start, length, values) of every piece
+        for g, store in self.stores.items():
+            for tile in store.stream(write=False):
+                info = self.tiles[g][tile.index]
+                values = self._eval(g, info, tile.columns) if point == EVAL else tile.columns[names.PARAMS]
+                runs += [(local, n, values[p.segment : p.segment + n]) for p, (local, n) in zip(info.pieces, info.local, strict=True)]
+        runs.sort(key=lambda r: r[0])
+        starts = [r[0] for r in runs]
+        for glob, local, length in wanted:
+            k = bisect.bisect_right(starts, local) - 1
+            pos = local
+            while pos < local + length:
+                a, n, values = runs[k]
+                m = min(a + n, local + length) - pos
+                yield glob + pos - local, values[pos - a : pos - a + m]
+                pos += m
+                k += 1
+
+    def _read_publication(self, wanted: list[tuple[int, int, int]], point: int) -> Iterator[tuple[int, torch.Tensor]]:
+        pub = self._pubs[self._pub]
+        generation, version = pub.generation, self.version
+        f = pub.files[EVAL if point == EVAL else TRAIN]
+        block = 1 << 18
+        buf = torch.empty(block)
+        for glob, local, length in wanted:
+            for i in range(0, length, block):
+                n = min(block, length - i)
+                f.read_into(4 * (local + i), buf[:n].numpy().view(np.uint8))
+                if pub.generation != generation:
+                    raise ParamServerError(
+                        "ABORTED",
+                        Reason.STEP_ALREADY_APPLIED,
+                        f"version {version} was replaced while it was being read; pull again (now {self.version})",
+                        {"current_version": self.version},
+                    )
+                yield glob + i, buf[:n]
+
+    def frozen_parameters(self) -> list[int]:
+        """Indices of the parameters with a piece here that the next update does not train."""
+        out = []
+        for g, group in self.groups.items():
+            opt = self.optimizers[g]
+            if opt.freezes:
+                out += [p.param.index for p in group.pieces if not opt.trains(p.param, self.applied)]
+        return sorted(set(out))
+
+    # ---- snapshots ---------------------------------------------------------------------------------
 
     @property
-    def numel(self) -> int:
-        """Elements of the group on this shard."""
-        return sum(n for _, n in self.local)
+    def streams_snapshots(self) -> bool:
+        """Whether a snapshot is written under the lock from :meth:`stream_snapshot` (spilled
+        tiles) instead of captured to host memory and written in the background."""
+        return self.spilled
+
+    def capture(self) -> dict[str, torch.Tensor]:
+        """Host copies of the parameters and optimizer state, by snapshot name: the only pause of a
+        snapshot (call under self.lock). "params" covers the shard's spans in order, a group's flat
+        state its pieces in order; scalars stay 0-d.
+
+        The host buffers are kept and reused by the next capture (a copy into memory already
+        faulted in is ~5x faster than into fresh pages), at the price of one host copy of the
+        shard's state kept between snapshots. Do not hold the result across two captures.
+        """
+        out: dict[str, torch.Tensor] = {}
+
+        def buffer(name: str, like: torch.Tensor) -> torch.Tensor:
+            buf = self._capture_buffers.get(name)
+            if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+                buf = torch.empty(like.shape, dtype=like.dtype, device="cpu")
+                self._capture_buffers[name] = buf
+            out[name] = buf
+            return buf
+
+        params = buffer(names.PARAMS, torch.empty(self.numel))
+        for g, store in self.stores.items():
+            flats = {c: buffer(names.group_state(g, c), torch.empty(self.groups[g].numel)) for c in self.columns[g][1:]}
+            for tile in store.stream(write=False):
+                info = self.tiles[g][tile.index]
+                for p, (local, n) in zip(info.pieces, info.local, strict=True):
+                    params[local : local + n].copy_(tile.columns[names.PARAMS][p.segment : p.segment + n])
+                for c, flat in flats.items():
+                    flat[info.segment : info.segment + info.length].copy_(tile.columns[c])
+            for k, v in self.opt_state[g].items():
+                buffer(names.group_state(g, k), v).copy_(v)
+        for i, st in self.tensor_state.items():
+            for k, v in st.items():
+                buffer(names.param_state(i, k), v).copy_(v)
+        return out
+
+    def stream_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
+        """The snapshot's tensors streamed from the tiles (no host copy of the spilled state; call
+        and consume under self.lock): the same names and layout as :meth:`capture`."""
+        order = sorted((t.local[0][0], g, k) for g, tiles in self.tiles.items() for k, t in enumerate(tiles))
+
+        def params() -> Iterator[memoryview]:
+            for _, g, k in order:
+                cols = self.stores[g].read_tile(k)
+                for p in self.tiles[g][k].pieces:
+                    yield cols[names.PARAMS][p.segment : p.segment + p.length].numpy().data.cast("B")
+
+        def column(g: int, c: str) -> TensorStream:
+            def blocks() -> Iterator[memoryview]:
+                for tile in self.stores[g].stream(write=False):
+                    yield tile.columns[c].numpy().data.cast("B")
+
+            return TensorStream("F32", (self.groups[g].numel,), blocks)
+
+        tensors: dict[str, np.ndarray | TensorStream] = {names.PARAMS: TensorStream("F32", (self.numel,), params)}
+        for g in self.groups:
+            for c in self.columns[g][1:]:
+                tensors[names.group_state(g, c)] = column(g, c)
+            for k, v in self.opt_state[g].items():
+                tensors[names.group_state(g, k)] = v.cpu().numpy()
+        for i, st in self.tensor_state.items():
+            for k, v in st.items():
+                tensors[names.param_state(i, k)] = v.cpu().numpy()
+        return tensors
+
+    def snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters and optimizer state on the host, by snapshot name (tests, inspection)."""
+        return {k: v.clone() for k, v in self.capture().items()}
+
+    def restore(self, source: SnapshotSource, version: int, applied: int) -> None:
+        """Load parameters and optimizer state for this shard's tiles from a snapshot taken with
+        any shard count and any memory budget (resharding is a range copy)."""
+        stored = {n: p for n in source.names() if (p := names.parse(n)) is not None}
+        self._init_small_state()
+        for g, store in self.stores.items():
+            keys = {p.key for n, p in stored.items() if p.kind == "group" and p.index == g}
+            loaded = keys & set(self.columns[g][1:] + self.scalar_keys[g])
+            for tile in store.stream():
+                info = self.tiles[g][tile.index]
+                for piece, (glob, n) in zip(info.pieces, info.glob, strict=True):
+                    dst = tile.columns[names.PARAMS][piece.segment : piece.segment + n]
+                    dst.copy_(torch.from_numpy(source.read(names.PARAMS, glob, n)))
+                for c in self.columns[g][1:]:
+                    col = tile.columns[c]
+                    if c not in loaded:
+                        col.zero_()
+                        continue
+                    for piece, (glob, n) in zip(info.pieces, info.glob, strict=True):
+                        col[piece.segment : piece.segment + n].copy_(torch.from_numpy(source.read(names.group_state(g, c), glob, n)))
+            for k in self.scalar_keys[g]:
+                if k in loaded:
+                    self.opt_state[g][k] = torch.from_numpy(np.array(source.scalar(names.group_state(g, k)))).to(self.device)
+            state = {**self.opt_state[g]}
+            self.optimizers[g].restored(state, loaded)
+            self.opt_state[g] = {k: state[k] for k in self.scalar_keys[g]}
+        for index, st in self.tensor_state.items():
+            for name in sorted(n for n, p in stored.items() if p.kind == "param" and p.index == index):
+                key = stored[name].key
+                value = torch.from_numpy(np.array(source.tensor(name))).to(self.device)
+                if key in st and (st[key].shape != value.shape or st[key].dtype != value.dtype):
+                    raise ParamServerError(
+                        "DATA_LOSS",
+                        Reason.SNAPSHOT_CORRUPT,
+                        f"{name}: {tuple(value.shape)} {value.dtype} in the snapshot, {tuple(st[key].shape)} {st[key].dtype} expected",
+                        {"tensor": name},
+                    )
+                st[key] = value
+        self.version, self.applied = version, applied
+        self._publish()
+        self._loaded = True
+
+    def snapshot_metadata(self) -> dict[str, str]:
+        """Where each group's flat state lies in the flat space: "ranges.GROUP" is a JSON list of
+        [start, length] pieces, in the order of the tensor's elements."""
+        return {names.group_ranges(g): json.dumps([list(p) for p in group.global_pieces]) for g, group in self.groups.items()}
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every file of this shard (spill files are deleted)."""
+        for store in self.stores.values():
+            store.close()
+        for pub in self._pubs:
+            for f in {id(v): v for v in pub.files.values()}.values():
+                f.close()
+        grads = getattr(self, "grads", None)
+        if grads is not None:
+            grads.close()
+
+
+class _PublicationFiles:
+    """One of the two files holding a published version's parameters (and evaluation point)."""
+
+    def __init__(self, train: SpillFile, evaluation: SpillFile | None) -> None:
+        self.files = {TRAIN: train, EVAL: evaluation if evaluation is not None else train}
+        self.generation = 0
+
+
+def in_memory_bytes(state: ShardState) -> int:
+    """What the shard holds when nothing is spilled: parameters, flat state, the gradient, the
+    workers' scratch buffers and the cached fp32 encoding of a version."""
+    flat = sum(4 * grp.numel * (len(state.columns[g]) - 1) for g, grp in state.groups.items())
+    return 4 * state.numel * (state.config.num_workers + 3) + flat
 
 
 def _groups(config: JobConfig, spans: Sequence[Span]) -> dict[int, _Group]:

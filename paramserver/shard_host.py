@@ -10,10 +10,7 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import socket
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +22,11 @@ from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
-from paramserver.shard import ShardState
+from paramserver.shard import ShardState, Storage
 from paramserver.shard_runtime import ShardRuntime, StepReducer
 from paramserver.shard_service import ShardServicer, add_shard_service
-from paramserver.snapshot_store import FaultHook, SnapshotReader, SnapshotRef, SnapshotStore, open_store
-from paramserver.spilled_shard import SpilledShardState, in_memory_bytes
+from paramserver.shard_types import Restore, ShardStatus, fault_from_env
+from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -50,60 +47,6 @@ def tune_malloc() -> bool:
         return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1)
     except (OSError, AttributeError):
         return False
-
-
-@dataclass(frozen=True)
-class Restore:
-    """Where a shard loads its initial state from (a verified snapshot)."""
-
-    store: str
-    """The snapshot store's URL (a directory or s3://bucket/prefix)."""
-    job_id: str
-    name: str
-    version: int
-    applied: int
-
-
-#: Fault injection for tests: the path of a file whose lines "JOB_ID SHARD PHASE" make that
-#: shard's snapshot writes fail at PHASE ("write", "fsync" or "rename"; shard -1 and "manifest"
-#: for the coordinator's commit) with an OSError, or, as "PHASE:hang", stall there for a minute
-#: (to kill a service in the middle of a save).
-FAULT_FILE_ENV = "PARAMSERVER_SNAPSHOT_FAULT_FILE"
-
-
-def fault_from_env(job_id: str, index: int) -> FaultHook | None:
-    """The fault hook configured through PARAMSERVER_SNAPSHOT_FAULT_FILE for this shard, if any."""
-    path = os.environ.get(FAULT_FILE_ENV, "")
-    try:
-        lines = Path(path).read_text().splitlines() if path else []
-    except OSError:
-        return None
-    phases = [p[2] for p in (line.split() for line in lines) if len(p) == 3 and p[0] == job_id and p[1] == str(index)]
-    if not phases:
-        return None
-    phase = phases[0]
-
-    def hook(at: str, name: str) -> None:
-        if phase == f"{at}:hang":
-            time.sleep(60)
-        elif at == phase:
-            raise OSError(f"injected failure at {phase} of {name}")
-
-    return hook
-
-
-@dataclass(frozen=True)
-class ShardStatus:
-    """What the coordinator learns from a shard."""
-
-    index: int
-    address: str
-    version: int
-    initialized: bool
-    applied: int
-    device: str
-    memory: dict[str, float] = field(default_factory=dict)
-    """Budget, resident and spilled bytes, spill traffic and rates."""
 
 
 class ShardHost:
@@ -153,8 +96,12 @@ class ShardHost:
 
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
-        state = self.make_state()
-        if not isinstance(state, SpilledShardState):  # a spilled shard keeps glibc's trimming: its budget counts
+        state = ShardState(
+            self.config, self.index, self.spans, self.device(), Storage(self.config.shard_memory_budget_bytes, self.spill_dir)
+        )
+        if state.spilled:
+            log.info("job %s shard %d: state over its budget, spilling under %s", self.job_id, self.index, self.spill_dir)
+        else:  # a spilled shard keeps glibc's trimming: its budget counts what the process holds
             tune_malloc()
         ledger = "[]"
         if self.restore is not None:
@@ -177,14 +124,6 @@ class ShardHost:
         self.address = f"{self.advertise_host()}:{port}"
         log.info("job %s shard %d serving %s on %s", self.job_id, self.index, self.address, state.device)
         return self.address
-
-    def make_state(self) -> ShardState:
-        """In memory, or over spill files when the state does not fit the job's memory budget."""
-        budget = self.config.shard_memory_budget_bytes
-        if budget and in_memory_bytes(self.config, self.index, self.spans) > budget:
-            log.info("job %s shard %d: state over its %d-byte budget, spilling under %s", self.job_id, self.index, budget, self.spill_dir)
-            return SpilledShardState(self.config, self.index, self.spans, budget, self.spill_dir, self.device())
-        return ShardState(self.config, self.index, self.spans, self.device())
 
     async def status(self) -> ShardStatus:
         """Version, initialisation state and memory."""

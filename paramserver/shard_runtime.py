@@ -1,9 +1,12 @@
-"""A shard's step machinery on asyncio: uploads, pushes, step completion, pulls.
+"""A shard's step machinery on asyncio: uploads, pushes, step completion, pulls, snapshots; and the
+wire encoding of what goes in and out.
 
-No gRPC and no Ray: the servicer (shard_service.py) calls it with plain
-values, and the cross-shard reduction goes through an injected
-:class:`StepReducer`. CPU-heavy work (decoding, the optimizer update,
-encoding) runs in a worker thread so the event loop keeps serving streams.
+No gRPC and no Ray: the servicer (shard_service.py) parses messages and calls it with plain values;
+the cross-shard reduction goes through an injected :class:`StepReducer`. The runtime validates
+each stream's header once, decodes its chunks into a gradient buffer of the state, and encodes
+publications (cached per version and dtype when the state serves views of its memory). CPU-heavy
+work (the reduction, the update, encoding) runs in a worker thread so the event loop keeps serving
+streams.
 """
 
 from __future__ import annotations
@@ -16,20 +19,22 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from paramserver import snapshot_names as names
 from paramserver.errors import ParamServerError, Reason
+from paramserver.grad_buffers import GradBuffer
 from paramserver.ledger import Ledger
 from paramserver.manifest import ShardEntry
 from paramserver.placement import Span
-from paramserver.shard import Contribution, ShardState, Staging
+from paramserver.shard import Contribution, Landed, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
-from paramserver_client.codec import TRAIN
+from paramserver.wire import encode_blocks, wire_tensor
+from paramserver_client.codec import EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,28 @@ class StepReducer(Protocol):
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One parsed chunk of a stream: `count` elements of wire `dtype` at flat `offset`."""
+
+    offset: int
+    count: int
+    dtype: int
+    data: memoryview
+    index: int
+    """Its position in the stream (for errors)."""
+
+
+@dataclass(frozen=True)
+class PushHeader:
+    """The header of a push, as plain values."""
+
+    worker_id: int
+    step: int
+    request_id: str
+    loss_terms: int
+
+
+@dataclass(frozen=True)
 class PushResult:
     """The answer to a push."""
 
@@ -63,26 +90,16 @@ class PushResult:
 
 
 @dataclass(frozen=True)
-class Publication:
-    """What a pull serves: the version, the step report that produced it, the encoded chunks
-    [(offset, count, message)], and the parameters the next update will not train."""
+class Pull:
+    """What a pull serves: the version, the step report that produced it, the encoded chunk
+    messages (a list when cached, else an iterator that reads as it goes), the element count and
+    the parameters the next update will not train."""
 
     version: int
     report: StepReport | None
-    chunks: Iterable[tuple[int, int, bytes]]
-    """A list (in memory, cached) or an iterator that reads as it goes (a spilled shard)."""
+    messages: Iterable[bytes]
     elements: int
     frozen: list[int]
-
-
-@dataclass(frozen=True)
-class PushHeader:
-    """The header of a push, as plain values."""
-
-    worker_id: int
-    step: int
-    request_id: str
-    loss_terms: int
 
 
 class ShardRuntime:
@@ -100,53 +117,105 @@ class ShardRuntime:
         self._closed = False
         self._snapshot_busy = False
         self._upload_lock = asyncio.Lock()
+        self._cache: dict[tuple[int, int], tuple[int, list[bytes]]] = {}
         # Snapshot files are written on their own low-priority thread, so that the step's
         # reduce/apply (on the default pool) keep the CPU while a write runs in the background.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer", initializer=_lower_priority)
 
+    # ---- incoming streams -------------------------------------------------------------------
+
+    async def _receive(self, chunks: AsyncIterator[Chunk]) -> GradBuffer:
+        """Validate each chunk as it arrives and decode it into a fresh buffer that covers the
+        shard exactly once; the buffer is the caller's to hand over (or given back on error)."""
+        state = self.state
+        buffer = state.grads.acquire()
+        landed: list[Landed] = []
+        try:
+            async for c in chunks:
+                local = self._check_chunk(c)
+                buffer.write(local, wire_tensor(c.data, c.dtype))
+                landed.append(Landed(local, c.count))
+            state.check_coverage(landed)
+        except BaseException:
+            state.grads.release(buffer)
+            raise
+        return buffer
+
+    def _check_chunk(self, c: Chunk) -> int:
+        """Validate one chunk; its local offset. Raises ParamServerError naming the field."""
+        if c.dtype not in ITEMSIZE:
+            raise ParamServerError.invalid(
+                "chunk.dtype", f"unsupported wire dtype {c.dtype}", Reason.DTYPE_UNSUPPORTED, chunk_index=c.index
+            )
+        nbytes = len(c.data)
+        if nbytes > MAX_CHUNK_BYTES:
+            raise ParamServerError(
+                "RESOURCE_EXHAUSTED",
+                Reason.MESSAGE_TOO_LARGE,
+                f"chunk.data: {nbytes} bytes is over the {MAX_CHUNK_BYTES}-byte limit per chunk",
+                {"field": "chunk.data", "limit": MAX_CHUNK_BYTES, "chunk_index": c.index},
+            )
+        if c.count == 0:
+            raise ParamServerError.invalid("chunk.count", "must be > 0", chunk_index=c.index)
+        if nbytes != c.count * ITEMSIZE[c.dtype]:
+            raise ParamServerError.invalid(
+                "chunk.data",
+                f"{nbytes} bytes for {c.count} elements of {ITEMSIZE[c.dtype]} bytes",
+                Reason.LENGTH_MISMATCH,
+                chunk_index=c.index,
+            )
+        local = self.state.local_of(c.offset, c.count)
+        if local is None:
+            raise ParamServerError.invalid(
+                "chunk.offset",
+                f"elements [{c.offset}, {c.offset + c.count}) are not inside this shard's ranges {self.state.owned()}",
+                Reason.CHUNK_OUT_OF_RANGE,
+                offset=c.offset,
+                count=c.count,
+                chunk_index=c.index,
+            )
+        return local
+
     # ---- uploads --------------------------------------------------------------------------
 
-    def check_upload_header(self, request_id: str) -> int | None:
-        """Validate an upload's header; return the first answer if it is a retry."""
+    def _upload_answer(self, request_id: str) -> int | None:
+        """The first answer of a retried upload; FAILED_PRECONDITION once parameters exist."""
         _require_request_id(request_id)
         done = self._upload_ledger.lookup(request_id, "upload")
+        if done is None and self.state.initialized:
+            raise ParamServerError.precondition(Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded")
+        return done
+
+    async def upload(self, request_id: str, chunks: AsyncIterator[Chunk]) -> int:
+        """Store the initial parameters (a complete, validated stream) and publish version 0."""
+        done = self._upload_answer(request_id)
         if done is not None:
             return done
-        if self.state.initialized:
-            raise ParamServerError.precondition(Reason.PARAMETERS_ALREADY_INITIALIZED, "this shard's parameters were already uploaded")
-        return None
-
-    async def upload(self, request_id: str, staging: Staging) -> int:
-        """Store the initial parameters (a complete, validated stream) and publish version 0."""
+        buffer = await self._receive(chunks)
         async with self._upload_lock:  # two uploads racing: the second sees the first's result
             try:
-                done = self.check_upload_header(request_id)
-                if done is None:
-                    self.state.check_coverage(staging.pieces)
+                done = self._upload_answer(request_id)
             except ParamServerError:
-                self.state.release(staging.buffer)
+                self.state.grads.release(buffer)
                 raise
             if done is not None:
-                self.state.release(staging.buffer)
+                self.state.grads.release(buffer)
                 return done
-            await asyncio.to_thread(self._locked, self.state.load, staging)
+            await asyncio.to_thread(self._locked, self.state.load, buffer)
             self._upload_ledger.record(request_id, "upload", self.state.numel)
         await self._notify()
         return self.state.numel
 
     # ---- pushes ---------------------------------------------------------------------------
 
-    def check_push_header(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
-        """Validate a push header before its chunks are read; return the first answer's
-        future if this is a retry of a known request id."""
-        _require_request_id(h.request_id)
+    def _push_answer(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
+        """Check a push against the step machine: the first answer's future for a retried request
+        id; otherwise None if it may contribute, or the error that says why not."""
         first = self._push_ledger.lookup(h.request_id, (h.worker_id, h.step))
         if first is not None:
             return first
         if not self.state.initialized:
             raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet")
-        if h.worker_id >= self.expected:
-            raise ParamServerError.invalid("header.worker_id", f"must be < num_workers ({self.expected})", worker_id=h.worker_id)
         version = self.state.version
         if h.step < version:
             raise ParamServerError(
@@ -171,21 +240,28 @@ class ShardRuntime:
             )
         return None
 
-    async def push(self, h: PushHeader, staging: Staging) -> PushResult:
-        """Record a complete, validated push; complete the step when all workers are in."""
+    async def push(self, h: PushHeader, chunks: AsyncIterator[Chunk]) -> PushResult:
+        """One worker's gradient for one step: the header is validated before any chunk is read;
+        the step's state is checked again when the stream is complete (it may have moved while
+        the chunks arrived); the step completes when every worker is in."""
+        _require_request_id(h.request_id)
+        if h.worker_id >= self.expected:
+            raise ParamServerError.invalid("header.worker_id", f"must be < num_workers ({self.expected})", worker_id=h.worker_id)
+        first = self._push_answer(h)
+        if first is not None:
+            return await asyncio.shield(first)
+        buffer = await self._receive(chunks)
         try:
-            first = self.check_push_header(h)  # again: the state may have moved while chunks arrived
-            if first is None:
-                self.state.check_coverage(staging.pieces)
+            first = self._push_answer(h)
         except ParamServerError:
-            self.state.release(staging.buffer)
+            self.state.grads.release(buffer)
             raise
         if first is not None:
-            self.state.release(staging.buffer)
+            self.state.grads.release(buffer)
             return await asyncio.shield(first)
         fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         self._push_ledger.record(h.request_id, (h.worker_id, h.step), fut)
-        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, staging.buffer)
+        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer)
         count = len(self._pending)
         if count < self.expected:
             fut.set_result(PushResult(Outcome.PENDING, self.state.version, count, self.expected, None))
@@ -208,7 +284,7 @@ class ShardRuntime:
                         raise
                     log.warning("shard %d: step %d reduction failed (%s); retrying", self.state.index, step, exc)
                     await asyncio.sleep(REDUCE_RETRY_S)
-            report = await asyncio.to_thread(self._locked, self.state.apply, decision)
+            report = await asyncio.to_thread(self._locked, self._apply, decision)
             self._pending.clear()
             self._completing = None
             fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
@@ -223,6 +299,11 @@ class ShardRuntime:
             if not isinstance(exc, Exception):
                 raise
 
+    def _apply(self, decision: Decision) -> StepReport:
+        report = self.state.apply(decision)
+        self._cache.clear()  # a new version
+        return report
+
     # ---- pulls ----------------------------------------------------------------------------
 
     async def wait_version(self, min_version: int) -> None:
@@ -232,20 +313,37 @@ class ShardRuntime:
         if self._closed:
             raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "the shard is shutting down")
 
-    async def publication(self, dtype: int, ranges: Sequence[Span], point: int = TRAIN) -> Publication:
-        """The current version's parameters (at `point`) encoded in `dtype` (optionally a subset)."""
+    async def pull(self, min_version: int, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> Pull:
+        """The parameters (at `point`) of version >= min_version, encoded in `dtype` (optionally a
+        subset of ranges). The whole-shard encoding is cached per dtype and point until the next
+        version, so several workers pulling one version share one encoding."""
+        if dtype not in ITEMSIZE:
+            raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
+        if point not in (TRAIN, EVAL):
+            raise ParamServerError.invalid("point", f"unknown parameter point {point}")
+        await self.wait_version(min_version)
 
-        def read() -> Publication:
-            version, chunks = self.state.publication(dtype, ranges, point)
-            elements = sum(r.length for r in ranges) or self.state.numel
-            return Publication(version, self.state.last_report, chunks, elements, self.state.frozen_parameters())
+        def read() -> Pull:
+            state = self.state
+            elements = sum(r.length for r in ranges) or state.numel
+            key = (dtype, point)
+            cached = self._cache.get(key)
+            if not ranges and cached is not None and cached[0] == state.version:
+                return Pull(state.version, state.last_report, cached[1], elements, state.frozen_parameters())
+            pub = state.publication(ranges, point)
+            messages: Iterable[bytes] = (m for _, _, m in encode_blocks(pub.blocks, dtype))
+            if pub.under_lock:  # views of the state: encode now, and keep it for the version
+                messages = list(messages)
+                if not ranges:
+                    self._cache[key] = (pub.version, messages)
+            return Pull(pub.version, state.last_report, messages, elements, state.frozen_parameters())
 
         return await asyncio.to_thread(self._locked, read)
 
     # ---- snapshots ------------------------------------------------------------------------
 
     async def snapshot(self, store: SnapshotStore, ref: SnapshotRef, version: int, fault: FaultHook | None = None) -> ShardEntry:
-        """Write this shard's part of snapshot `ref` at `version` into `store`; return its file entry.
+        """Write this shard's part of snapshot `ref` at `version` into `store`; its file entry.
 
         Waits until `version` is published, then copies the state to host memory under the lock
         (the only pause); the file is written on a worker thread while training goes on. ABORTED
@@ -258,7 +356,6 @@ class ShardRuntime:
         self._snapshot_busy = True
         try:
             await self.wait_version(version)
-
             ranges = [[s.start, s.length] for s in self.state.spans]
             ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
             name = names.shard_file(self.state.index)
@@ -347,6 +444,21 @@ class ShardRuntime:
     def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         with self.state.lock:
             return fn(*args, **kwargs)
+
+
+def iterate_in_thread(messages: Iterable[bytes], batch: int = 2) -> AsyncIterator[bytes]:
+    """Yield messages produced by a blocking iterator (a spilled shard's reads) from a thread."""
+    it: Iterator[bytes] = iter(messages)
+
+    async def gen() -> AsyncIterator[bytes]:
+        while True:
+            got = await asyncio.to_thread(lambda: [m for _, m in zip(range(batch), it, strict=False)])
+            if not got:
+                return
+            for m in got:
+                yield m
+
+    return gen()
 
 
 def _lower_priority() -> None:

@@ -1,9 +1,7 @@
-"""The data-plane gRPC servicer of one shard: decode requests, call the runtime, encode answers."""
+"""The data-plane gRPC servicer of one shard: parse requests, call the runtime, encode answers."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +11,10 @@ from grpc import aio
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
 from paramserver.rpc import streaming, unary
-from paramserver.shard import Staging
-from paramserver.shard_runtime import PushHeader, PushResult, ShardRuntime
+from paramserver.shard_runtime import Chunk, PushHeader, PushResult, ShardRuntime, iterate_in_thread
 from paramserver.steps import StepReport
 from paramserver.v1 import shard_service_pb2 as pb
-from paramserver_client.codec import EVAL, FLOAT32, ITEMSIZE, TRAIN, parse_chunk_message
+from paramserver_client.codec import FLOAT32, TRAIN, parse_chunk_message
 
 Ctx = aio.ServicerContext[Any, Any]
 
@@ -58,79 +55,65 @@ class ShardServicer:
         if job_id != self.job_id:
             raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"no job {job_id!r} on this shard", job_id=job_id)
 
-    async def _first(self, it: AsyncIterator[bytes], message: Any, what: str) -> Any:
+    async def _header(self, it: AsyncIterator[bytes], message: Any, what: str) -> Any:
+        """The stream's first message, which must be its header (parsed once, here)."""
         async for raw in it:
-            msg = None if _chunk_of(raw) is not None else message.FromString(raw)
+            msg = None if _chunk_of(raw) is not None else _parse(message, raw, what)
             if msg is None or msg.WhichOneof("kind") != "header":
                 raise ParamServerError.invalid("header", f"the first message of a {what} must be its header")
+            self._check_job(msg.header.job_id)
             return msg.header
         raise ParamServerError.invalid("header", f"empty {what} stream")
 
-    async def _stage(self, it: AsyncIterator[bytes]) -> Staging:
-        """Check each chunk as it arrives and decode it into a scratch buffer."""
-        state = self.runtime.state
-        staging = state.stage()
-        try:
-            async for raw in it:
-                index = len(staging.pieces)
-                chunk = _chunk_of(raw)
-                if chunk is None:
-                    raise ParamServerError.invalid("chunk", f"message {index + 1} must be a chunk (one header per stream)")
-                offset, count, dtype, start, length = chunk
-                local = state.check_chunk(offset, count, dtype, length, index)
-                state.write(staging, local, count, dtype, memoryview(raw)[start : start + length])
-        except BaseException:
-            state.release(staging.buffer)
-            raise
-        return staging
+    @staticmethod
+    async def _chunks(it: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
+        """The rest of the stream as parsed chunks (their data a view of the message)."""
+        index = 0
+        async for raw in it:
+            chunk = _chunk_of(raw)
+            if chunk is None:
+                raise ParamServerError.invalid("chunk", f"message {index + 1} must be a chunk (one header per stream)")
+            offset, count, dtype, start, length = chunk
+            yield Chunk(offset, count, dtype, memoryview(raw)[start : start + length], index)
+            index += 1
 
     @unary
     async def UploadParameters(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.UploadParametersResponse:
         """Initial parameters of this shard's ranges."""
-        header = await self._first(request_iterator, pb.UploadParametersRequest, "upload")
-        self._check_job(header.job_id)
-        done = self.runtime.check_upload_header(header.request_id)
-        if done is not None:
-            return pb.UploadParametersResponse(elements=done)
-        staging = await self._stage(request_iterator)
-        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, staging))
+        header = await self._header(request_iterator, pb.UploadParametersRequest, "upload")
+        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, self._chunks(request_iterator)))
 
     @unary
     async def PushGradients(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.PushGradientsResponse:
         """One worker's gradient for one step."""
-        h = await self._first(request_iterator, pb.PushGradientsRequest, "push")
-        self._check_job(h.job_id)
+        h = await self._header(request_iterator, pb.PushGradientsRequest, "push")
         header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms)
-        first = self.runtime.check_push_header(header)
-        if first is not None:
-            return _push_pb(await first)
-        staging = await self._stage(request_iterator)
-        return _push_pb(await self.runtime.push(header, staging))
+        return _push_pb(await self.runtime.push(header, self._chunks(request_iterator)))
 
     @streaming
     async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
         """This shard's parameters once min_version is published."""
         self._check_job(request.job_id)
-        dtype = request.dtype or FLOAT32
-        if dtype not in ITEMSIZE:
-            raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
-        point = request.point or TRAIN
-        if point not in (TRAIN, EVAL):
-            raise ParamServerError.invalid("point", f"unknown parameter point {point}")
         ranges = [Span(r.start, r.length) for r in request.ranges]
-        await self.runtime.wait_version(request.min_version)
-        pub = await self.runtime.publication(dtype, ranges, point)
+        pull = await self.runtime.pull(request.min_version, request.dtype or FLOAT32, ranges, request.point or TRAIN)
         yield pb.PullParametersResponse(
-            header=pb.PullHeader(version=pub.version, elements=pub.elements, last_step=report_pb(pub.report), frozen_parameters=pub.frozen)
+            header=pb.PullHeader(
+                version=pull.version, elements=pull.elements, last_step=report_pb(pull.report), frozen_parameters=pull.frozen
+            )
         )
-        if isinstance(pub.chunks, list):  # in memory: encoded once per version
-            for _, _, message in pub.chunks:
+        if isinstance(pull.messages, list):  # encoded once per version
+            for message in pull.messages:
                 yield message  # already a serialised PullParametersResponse (see add_shard_service)
             return
-        chunks = iter(pub.chunks)  # a spilled shard reads its publication file as it goes
-        while batch := await asyncio.to_thread(lambda: list(itertools.islice(chunks, 2))):
-            for _, _, message in batch:
-                yield message
+        async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
+            yield message
+
+
+def _parse(message: Any, raw: bytes, what: str) -> Any:
+    try:
+        return message.FromString(raw)
+    except Exception:  # noqa: BLE001 - any decode failure is the client's
+        raise ParamServerError.invalid("header", f"the first message of the {what} does not decode") from None
 
 
 def _chunk_of(raw: bytes) -> tuple[int, int, int, int, int] | None:
@@ -146,11 +129,12 @@ def _serialize(message: Any) -> bytes:
 
 def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
     """Register ShardService like the generated ``add_ShardServiceServicer_to_server``, except
-    that PullParameters may yield pre-serialised messages (bytes pass straight through)."""
+    that the streams' messages arrive raw (chunks are parsed without a copy) and PullParameters
+    may yield pre-serialised messages (bytes pass straight through)."""
     handlers = {
         "UploadParameters": grpc.stream_unary_rpc_method_handler(
             servicer.UploadParameters,
-            request_deserializer=None,  # raw: chunks are parsed by _stage without a copy
+            request_deserializer=None,
             response_serializer=_serialize,
         ),
         "PushGradients": grpc.stream_unary_rpc_method_handler(

@@ -218,7 +218,15 @@ class TileStore:
         direct: try O_DIRECT.
     """
 
-    def __init__(self, columns: Sequence[str], tiles: Sequence[tuple[int, bool]], path: Path, depth: int = 3, direct: bool = True) -> None:
+    def __init__(
+        self,
+        columns: Sequence[str],
+        tiles: Sequence[tuple[int, bool]],
+        path: Path,
+        depth: int = 3,
+        direct: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
         if not columns:
             raise ValueError("a tile store needs at least one column")
         self.columns = list(columns)
@@ -229,12 +237,12 @@ class TileStore:
             self.tiles.append(TileSpec(pos, length, resident))
             pos += length
         self.numel = pos
-        self._memory: dict[int, np.ndarray] = {}
+        self._memory: dict[int, torch.Tensor] = {}
         self._offsets: dict[int, int] = {}
         offset = 0
         for i, t in enumerate(self.tiles):
             if t.resident:
-                self._memory[i] = np.zeros(t.length * len(self.columns), dtype=np.float32)
+                self._memory[i] = torch.zeros(t.length * len(self.columns), dtype=torch.float32, device=device)
             else:
                 self._offsets[i] = offset
                 offset += self.record_bytes(t.length)
@@ -253,17 +261,19 @@ class TileStore:
     @property
     def resident_bytes(self) -> int:
         """Bytes of the resident tiles' columns."""
-        return sum(a.nbytes for a in self._memory.values())
+        return sum(4 * a.numel() for a in self._memory.values())
 
     @property
     def spilled_bytes(self) -> int:
         """Bytes of the spill file."""
         return self.file.size if self.file is not None else 0
 
-    def _views(self, index: int, flat: np.ndarray) -> dict[str, torch.Tensor]:
+    def _views(self, index: int, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         n = self.tiles[index].length
-        raw = flat if flat.dtype == np.float32 else flat[: n * len(self.columns) * ITEM].view(np.float32)
-        data = torch.from_numpy(raw)
+        if isinstance(flat, torch.Tensor):
+            data = flat
+        else:
+            data = torch.from_numpy(flat[: n * len(self.columns) * ITEM].view(np.float32))
         return {c: data[k * n : (k + 1) * n] for k, c in enumerate(self.columns)}
 
     def _buffer(self, slot: int) -> np.ndarray:
@@ -329,7 +339,7 @@ class TileStore:
         """A whole column in element order (tests, snapshots of small stores)."""
         out = np.empty(self.numel, dtype=np.float32) if out is None else out
         for tile in self.stream(write=False):
-            out[tile.start : tile.start + tile.length] = tile.columns[column].numpy()
+            out[tile.start : tile.start + tile.length] = tile.columns[column].cpu().numpy()
         return out
 
     def write_column(self, column: str, values: np.ndarray) -> None:

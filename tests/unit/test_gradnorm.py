@@ -101,7 +101,7 @@ def _train(cfg: JobConfig, shards: int, steps: int, spike: bool) -> dict[str, np
     decisions = []
     for step in range(steps):
         g = wide(total, seed=100 + step) * (50.0 if step == 4 else 1.0)
-        stats = [st.reduce([Contribution(w, 3, feed(st, g * (w + 1), seed=w).buffer) for w in (0, 1)]) for st in states]
+        stats = [st.reduce([Contribution(w, 3, feed(st, g * (w + 1), seed=w)) for w in (0, 1)]) for st in states]
         d = decide(step, stats, cfg.max_grad_norm, guard)
         decisions.append(d)
         for st in states:

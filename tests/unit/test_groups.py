@@ -9,6 +9,7 @@ from paramserver.errors import ConfigError
 from paramserver.jobconfig import GroupRule, JobConfig
 from paramserver.shard import ShardState
 from paramserver.steps import Decision
+from tests.helpers import flat_params, load, set_gradient
 
 PARAMS = (("emb", (11, 5), ""), ("blk.w", (5, 7), ""), ("blk.b", (7,), ""), ("norm.g", (7,), ""), ("head", (7, 3), "head"))
 GROUPS = (
@@ -56,10 +57,7 @@ def test_shards_with_groups_match_torch_bitwise(shards: int) -> None:
     states = []
     for i, spans in enumerate(cfg.plan()):
         st = ShardState(cfg, i, spans)
-        staging = st.stage()
-        for s in spans:
-            st.write(staging, st.check_chunk(s.start, s.length, 1, 4 * s.length, 0), s.length, 1, flat0[s.start : s.end].numpy().tobytes())
-        st.load(staging)
+        load(st, flat0.numpy())
         states.append(st)
     ref = [t.clone().requires_grad_(True) for t in tensors]
     adamw = torch.optim.AdamW(
@@ -75,7 +73,7 @@ def test_shards_with_groups_match_torch_bitwise(shards: int) -> None:
             grad = torch.randn(flat0.numel(), generator=gen)
             for st in states:
                 pieces = [grad[s.start : s.end] for s in st.spans]
-                st.grad = torch.cat(pieces).clone()
+                set_gradient(st, torch.cat(pieces))
                 st.apply(Decision(step, True, "", 1.0, 1.0, 1))
             off = 0
             for r in ref:
@@ -85,5 +83,5 @@ def test_shards_with_groups_match_torch_bitwise(shards: int) -> None:
             sgd.step()
     finally:
         torch.set_num_threads(threads)
-    ours = torch.cat([st.params for st in states if st.params is not None])
+    ours = torch.from_numpy(flat_params(states))
     assert torch.equal(ours, torch.cat([r.detach().reshape(-1) for r in ref]))

@@ -26,6 +26,7 @@ from paramserver.manifest import Manifest
 from paramserver.shard import ShardState
 from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef, SnapshotStore, open_store, prune, resolve, verify
 from paramserver.steps import Decision
+from tests.helpers import load, local_params, set_gradient
 
 CONFIG = JobConfig(parameters=(("w", (30, 7), ""), ("b", (7,), ""), ("s", (), "")), optimizer="adamw", num_shards=2)
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "snapshot-v1"
@@ -52,13 +53,9 @@ def states(version: int = 3, shards: int = 2) -> list[ShardState]:
     p0 = np.linspace(-1, 1, config.total_elements, dtype=np.float32)
     for i, spans in enumerate(config.plan()):
         st = ShardState(config, i, spans)
-        staging = st.stage()
-        for s in spans:
-            local = st.check_chunk(s.start, s.length, 1, 4 * s.length, 0)
-            st.write(staging, local, s.length, 1, p0[s.start : s.end].tobytes())
-        st.load(staging)
+        load(st, p0)
         for step in range(version):
-            st.grad = torch.full((st.numel,), 0.1 * (step + 1))
+            set_gradient(st, torch.full((st.numel,), 0.1 * (step + 1)))
             st.apply(Decision(step, True, "", 1.0, 1.0, 1))
         out.append(st)
     return out
@@ -113,9 +110,9 @@ def test_round_trip_and_reshard_reads(store: SnapshotStore) -> None:
     config2 = JobConfig(**{**CONFIG.__dict__, "num_shards": 2})  # another shard count restores exactly its ranges
     st = ShardState(config2, 1, config2.plan()[1])
     st.restore(reader, 3, 3)
-    assert st.params is not None and st.version == 3 and st.applied == 3
+    assert st.initialized and st.version == 3 and st.applied == 3
     span = config2.plan()[1][0]
-    np.testing.assert_array_equal(st.params.numpy(), params[span.start : span.end])
+    np.testing.assert_array_equal(local_params(st), params[span.start : span.end])
     reader.close()
 
 

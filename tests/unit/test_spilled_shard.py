@@ -13,10 +13,10 @@ import torch
 
 from paramserver.errors import ConfigError
 from paramserver.jobconfig import GroupRule, JobConfig
-from paramserver.shard import ShardState
-from paramserver.spilled_shard import OVERHEAD_BYTES, SpilledShardState
+from paramserver.shard import ShardState, Storage
 from paramserver.steps import decide
-from paramserver_client.codec import BFLOAT16, EVAL, FLOAT32, TRAIN, chunk_elements, encode, parse_chunk_message
+from paramserver_client.codec import BFLOAT16, EVAL, FLOAT32, TRAIN, parse_chunk_message
+from tests.helpers import pulled, stage
 
 PARAMS = (("embed.weight", (300, 40), ""), ("blocks.0.attn.w", (40, 40), ""), ("blocks.0.ln.weight", (40,), ""),
           ("blocks.1.mlp.w", (40, 160), ""), ("blocks.1.mlp.bias", (160,), ""), ("head.weight", (40, 7), ""))  # fmt: skip
@@ -48,33 +48,17 @@ def config(name: str, hyper: dict[str, Any], groups: tuple[GroupRule, ...], clip
 
 def feed(state: ShardState, values: np.ndarray, dtype: int = FLOAT32, seed: int = 0) -> Any:
     """Stage a stream of this shard's elements (chunks in a shuffled order) as a push would."""
-    staging = state.stage()
-    chunks = []
-    for s in state.spans:
-        step = chunk_elements(dtype, 1 << 14)
-        for a in range(s.start, s.end, step):
-            n = min(step, s.end - a)
-            chunks.append((a, n))
-    np.random.default_rng(seed).shuffle(chunks)
-    for a, n in chunks:
-        data = encode(values[a : a + n], dtype)
-        state.write(staging, state.check_chunk(a, n, dtype, len(data), 0), n, dtype, data)
-    state.check_coverage(staging.pieces)
-    return staging
+    return stage(state, values, dtype, seed)
 
 
-def budgeted(cfg: JobConfig, index: int, spans: Any, directory: Path) -> SpilledShardState:
-    """A spilled shard whose budget holds the rings, the allowance and about a third of the state."""
-    probe = SpilledShardState(cfg, index, spans, 1 << 40, directory, tile=1024)
-    fixed = probe.ring_bytes + probe.tensor_bytes + OVERHEAD_BYTES
-    state = sum(t.piece.length * 4 * len(probe._columns[g]) for g, tiles in probe.tiles.items() for t in tiles)
+def budgeted(cfg: JobConfig, index: int, spans: Any, directory: Path) -> ShardState:
+    """A spilled shard whose budget holds the rings and about a third of the state (no allowance
+    for message buffers, so that a small model spills)."""
+    probe = ShardState(cfg, index, spans, storage=Storage(1 << 40, directory, tile=1024, overhead=0, spill=True))
+    fixed = probe.ring_bytes + probe.tensor_bytes
+    state = sum(t.length * 4 * len(probe.columns[g]) for g, tiles in probe.tiles.items() for t in tiles)
     probe.close()
-    return SpilledShardState(cfg, index, spans, fixed + state // 3, directory, tile=1024)
-
-
-def pulled(state: ShardState, dtype: int = FLOAT32, point: int = TRAIN) -> list[tuple[int, int, bytes]]:
-    _, chunks = state.publication(dtype, (), point)
-    return [(o, n, m) for o, n, m in chunks]
+    return ShardState(cfg, index, spans, storage=Storage(fixed + state // 3, directory, tile=1024, overhead=0, spill=True))
 
 
 @pytest.mark.parametrize(("name", "hyper", "groups", "clip"), CASES, ids=IDS)
@@ -92,9 +76,10 @@ def test_spilled_shards_hold_the_same_bits_as_in_memory_ones(tmp_path: Path, nam
         spilled = budgeted(cfg, i, spans, tmp_path / f"s{i}")
         assert sum(s.spilled_bytes for s in spilled.stores.values()) > 0
         if not any(o.whole_tensors for o in spilled.optimizers):  # (a whole matrix may not fit the third)
-            assert spilled.memory()["resident_bytes"] > 0
+            assert spilled.memory().resident_bytes > 0
         for st in (mem, spilled):
             st.load(feed(st, p0))
+        assert not mem.spilled
         pairs.append((mem, spilled))
     for step in range(6):
         grads = [(rng.standard_normal(total) * (1 + step % 3) * 10).astype(np.float32) for _ in range(2)]
@@ -104,7 +89,7 @@ def test_spilled_shards_hold_the_same_bits_as_in_memory_ones(tmp_path: Path, nam
             stats = []
             for pair in pairs:
                 st = pair[which]
-                contributions = [Contribution(w, terms[w], feed(st, grads[w], BFLOAT16 if w else FLOAT32, seed=w).buffer) for w in (1, 0)]
+                contributions = [Contribution(w, terms[w], feed(st, grads[w], BFLOAT16 if w else FLOAT32, seed=w)) for w in (1, 0)]
                 stats.append(st.reduce(contributions))
             decision = decide(step, stats, cfg.max_grad_norm)
             results.append(decision)
@@ -120,7 +105,8 @@ def test_spilled_shards_hold_the_same_bits_as_in_memory_ones(tmp_path: Path, nam
             assert pulled(mem, dtype, point) == pulled(spilled, dtype, point)
         assert mem.frozen_parameters() == spilled.frozen_parameters()
         spilled.close()
-        assert not any(p.suffix == ".spill" for p in spilled.directory.iterdir())
+        assert spilled.storage.directory is not None
+        assert not any(p.suffix == ".spill" for p in spilled.storage.directory.iterdir())
 
 
 def test_a_pull_overtaken_by_two_versions_is_aborted(tmp_path: Path) -> None:
@@ -131,12 +117,15 @@ def test_a_pull_overtaken_by_two_versions_is_aborted(tmp_path: Path) -> None:
     (spans,) = cfg.plan()  # 600K elements: three 1 MiB chunks
     st = budgeted(cfg, 0, spans, tmp_path)
     st.load(feed(st, np.zeros(cfg.total_elements, dtype=np.float32)))
-    _, chunks = st.publication(FLOAT32)
-    first = next(chunks)
+    from paramserver.wire import encode_blocks
+
+    with st.lock:
+        chunks = encode_blocks(st.publication().blocks, FLOAT32)
+        first = next(chunks)
     assert parse_chunk_message(first[2]) is not None
     for step in range(2):
         g = np.ones(cfg.total_elements, dtype=np.float32)
-        stats = st.reduce([Contribution(w, 1, feed(st, g).buffer) for w in (0, 1)])
+        stats = st.reduce([Contribution(w, 1, feed(st, g)) for w in (0, 1)])
         st.apply(decide(step, [stats], 0.0))
     with pytest.raises(ParamServerError) as err:
         next(chunks)
@@ -148,7 +137,7 @@ def test_a_budget_below_the_rings_names_the_field(tmp_path: Path) -> None:
     cfg = config("adamw", {}, (), 0.0, shards=1)
     (spans,) = cfg.plan()
     with pytest.raises(ConfigError) as err:
-        SpilledShardState(cfg, 0, spans, 1 << 20, tmp_path)
+        ShardState(cfg, 0, spans, storage=Storage(1 << 20, tmp_path, overhead=96 << 20, spill=True))
     assert err.value.field == "spec.shard_memory_budget_bytes"
     assert not list(tmp_path.glob("*.spill"))
 
@@ -172,7 +161,7 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
     def train(states: list[ShardState], steps: range) -> None:
         for step in steps:
             g = np.random.default_rng(step).standard_normal(total).astype(np.float32)
-            stats = [st.reduce([Contribution(w, 2, feed(st, g * (w + 1)).buffer) for w in (0, 1)]) for st in states]
+            stats = [st.reduce([Contribution(w, 2, feed(st, g * (w + 1))) for w in (0, 1)]) for st in states]
             d = decide(step, stats, cfg.max_grad_norm)
             for st in states:
                 st.apply(d)
