@@ -463,6 +463,61 @@ def bench_service(n: int, reps: int, base_steps: int, warmup: int, snap_dir: Pat
     return res
 
 
+def bench_spilled(n: int, reps: int, base_steps: int, snap_dir: Path, compute_s: float) -> dict[str, Any]:
+    """(3) The pause of a snapshot of a spilled shard while training goes on: one shard whose
+    memory budget is below its in-memory footprint (tiles resident up to the budget, the rest in
+    its spill file), 1 worker; the same window measure as (1)."""
+    import numpy as np
+
+    from paramserver.server import BackgroundService, ServiceConfig
+    from paramserver_client import JobClient, Worker
+
+    # In memory the shard would hold 24 bytes per parameter (params, 2 moments, gradient and
+    # buffers); the budget must also cover the 96 MiB allowance and the I/O rings.
+    budget = max(150 << 20, 24 * n // 2)
+    n = max(n, budget // 24 * 3 // 2)
+    rng = np.random.default_rng(4)
+    params = rng.standard_normal(n, dtype=np.float32)
+    grad = (rng.standard_normal(n, dtype=np.float32) * 1e-3).astype(np.float32)
+    out = np.empty(n, dtype=np.float32)
+    res: dict[str, Any] = {"n": n, "budget": budget}
+    log(f"(3) spilled shard: {n:,} params, budget {budget / 1e6:.0f} MB")
+    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(snap_dir), spill_dir=str(snap_dir.parent / "spill")))
+    try:
+        with JobClient(svc.address) as jobs:
+            job = jobs.create_job([("w", (n,))], optimizer="adamw", num_workers=1, num_shards=1, shard_memory_budget_bytes=budget)
+            mem = jobs.get_job(job.job_id).shards[0].memory
+            res["spilled_bytes"] = int(mem.spilled_bytes)
+            try:
+                with Worker(svc.address, job.job_id) as w:
+                    w.upload(params)
+                    w.pull(0, out)
+                    tr = Trainer(w, grad, out, compute_s)
+                    for _ in range(2):
+                        tr.one()
+                    snap = jobs.create_snapshot(job.job_id)  # untimed: first-use costs
+                    shutil.rmtree(snap.path, ignore_errors=True)
+                    durs = []
+                    for _ in range(base_steps):
+                        t0, _t1, t2 = tr.one()
+                        durs.append(t2 - t0)
+                    res["base"] = med(durs)
+                    wins = []
+                    for r in range(reps):
+                        log(f"(3) repeat {r + 1}/{reps}: snapshot of the spilled shard while training")
+                        settle()
+                        win = tr.window(lambda: jobs.create_snapshot(job.job_id), pre=2, post=2)
+                        res["bytes"] = int(win["result"].bytes)
+                        shutil.rmtree(win["result"].path, ignore_errors=True)
+                        wins.append(excess(win, res["base"]))
+                    res["wins"] = wins
+            finally:
+                jobs.delete_job(job.job_id)
+    finally:
+        svc.stop()
+    return res
+
+
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
@@ -518,6 +573,8 @@ def main() -> int:
             raise RuntimeError("the control writer did not start")
 
         s = bench_service(n, reps, base_steps, warmup, snap_dir, parent, args.compute_ms / 1e3)
+        gc.collect()
+        sp = bench_spilled(n, reps, base_steps, snap_dir, args.compute_ms / 1e3)
     finally:
         if proc is not None:
             parent.send("stop")
@@ -567,6 +624,13 @@ def main() -> int:
             f"{plain_rate / GB:.3f} GB/s (same, training idle)",
             nb / wall_train / plain_rate,
             "",
+        ),
+        (
+            "(3) spilled shard's pause",
+            f"{med([e['sum'] for e in sp['wins']]) * 1e3:.0f} ms excess over {med([e['n'] for e in sp['wins']]):.0f} steps",
+            f"{sp['base'] * 1e3:.1f} ms median spilled step",
+            med([e["sum"] for e in sp["wins"]]) / sp["base"],
+            "<= 0.1",
         ),
         (
             "(2) write_tensors 1 shard",
@@ -619,6 +683,14 @@ def main() -> int:
         f"push {s['base_push'] * 1e3 - args.compute_ms:.1f} + pull {s['base_pull'] * 1e3:.1f}; "
         f"min/max {min(s['base_all']) * 1e3:.0f}/{max(s['base_all']) * 1e3:.0f} ms; noise floor of the pause metric "
         f"{s['noise_per_step'] * 1e3:.1f} ms per overlapping step with no snapshot"
+    )
+    print(
+        f"  (3) spilled shard: {sp['n']:,} params, budget {sp['budget'] / 1e6:.0f} MB, spill file {sp['spilled_bytes'] / 1e6:.0f} MB, "
+        f"snapshot {sp.get('bytes', 0) / 1e6:.0f} MB; per repeat: "
+        + "; ".join(
+            f"{e['wall'] * 1e3:.0f} ms request..durable over {e['n']} steps [{', '.join(f'{d * 1e3:.0f}' for d in e['durs'])}] ms"
+            for e in sp["wins"]
+        )
     )
     for i, e in enumerate(snaps):
         print(

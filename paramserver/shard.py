@@ -16,6 +16,8 @@ Where things live (:class:`Storage` and the job's ``shard_memory_budget_bytes`` 
   tiles stay resident, in order, while they fit the budget, the rest live in a preallocated
   O_DIRECT file streamed with read-ahead and write-behind (ZeRO-Infinity's pipelined swap).
 * **Gradients** (:mod:`paramserver.grad_buffers`): in memory, or in preallocated files.
+* **Snapshots**: a resident shard copies its state to host buffers under the lock (the pause);
+  a spilled one freezes its tiles (copy-on-write to a side file) and is read while training goes on.
 * **Publications**: a resident shard publishes views of its tiles (the runtime encodes them once
   per version, under the lock); a spilled one writes each version's parameters (and evaluation
   point) to one of two publication files during the update, read by pulls outside the lock (a
@@ -51,7 +53,7 @@ from paramserver.jobconfig import JobConfig
 from paramserver.optim.base import Optimizer, Piece, State, Step
 from paramserver.placement import Span
 from paramserver.shard_types import ShardMemory
-from paramserver.spill import SpillFile, TileStore
+from paramserver.spill import FrozenTiles, SpillFile, TileStore
 from paramserver.steps import Decision, Outcome, ShardStats, StepReport
 from paramserver.tensor_file import TensorStream
 from paramserver_client.codec import EVAL, TRAIN
@@ -66,6 +68,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 TILE = 1 << 20
 #: Smallest tile a small budget may force.
 MIN_TILE = 1 << 14
+#: Elements per block a spilled shard's snapshot reads at a time.
+SNAPSHOT_BLOCK = 1 << 18
 #: Buffers of a spilled tile store's I/O ring (one read ahead, one being updated, one written behind).
 DEPTH = 3
 #: The part of a spilled shard's budget kept for block buffers (the reduction's and the update's
@@ -218,6 +222,7 @@ class ShardState:
         self._loaded = False
         self._grad: GradBuffer | None = None
         self._capture_buffers: dict[str, torch.Tensor] = {}
+        self._frozen: dict[int, FrozenTiles] = {}
         self.columns: dict[int, list[str]] = {}
         self.scalar_keys: dict[int, list[str]] = {}
         for g in self.groups:
@@ -474,8 +479,11 @@ class ShardState:
                 i: {k: v.clone() for k, v in self.tensor_state[i].items() if v.dim() == 0}
                 for i in {p.param.index for t in tiles for p in t.pieces}
             }
+        frozen = self._frozen.get(g)
         for tile in store.stream():
             info = tiles[tile.index]
+            if frozen is not None:  # a snapshot is reading this version: keep a copy of the tile first
+                frozen.before_update(tile.index, tile.record)
             if several:
                 for k, v in shared.items():
                     scalars[k].copy_(v)
@@ -602,11 +610,71 @@ class ShardState:
 
     # ---- snapshots ---------------------------------------------------------------------------------
 
-    @property
-    def streams_snapshots(self) -> bool:
-        """Whether a snapshot is written under the lock from :meth:`stream_snapshot` (spilled
-        tiles) instead of captured to host memory and written in the background."""
-        return self.spilled
+    def open_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
+        """The snapshot's tensors at the current version (call under self.lock; write them without
+        it; then call :meth:`close_snapshot`). A resident shard copies its state to host buffers
+        now (the pause). A spilled one freezes its tiles instead: the tensors stream from the tiles
+        as they were, while the next steps update them (a tile is copied to a side file just before
+        its first update, unless the snapshot already read it for the last time); the pause is the
+        copy of the 0-d and per-parameter state."""
+        if not self.spilled:
+            return {k: v.numpy() for k, v in self.capture().items()}
+        assert self.storage.directory is not None
+        block = SNAPSHOT_BLOCK
+        reads = {
+            g: {
+                k: sum(-(-p.length // block) for p in t.pieces) + (len(self.columns[g]) - 1) * -(-t.length // block)
+                for k, t in enumerate(tiles)
+            }
+            for g, tiles in self.tiles.items()
+        }
+        frozen = {
+            g: FrozenTiles(store, self.storage.directory / f"shard-{self.index}-group-{g}.frozen", reads[g])
+            for g, store in self.stores.items()
+        }
+        self._frozen = frozen
+        order = sorted(
+            (loc, g, k, p)
+            for g, tiles in self.tiles.items()
+            for k, t in enumerate(tiles)
+            for p, (loc, _) in zip(t.pieces, t.local, strict=True)
+        )
+
+        def params() -> Iterator[memoryview]:
+            buf = np.empty(block, dtype=np.float32)
+            for _, g, k, p in order:
+                for off in range(0, p.length, block):
+                    m = min(block, p.length - off)
+                    yield frozen[g].read(k, names.PARAMS, p.segment + off, m, buf).data.cast("B")
+
+        def column(g: int, c: str) -> TensorStream:
+            def blocks() -> Iterator[memoryview]:
+                buf = np.empty(block, dtype=np.float32)
+                for k, t in enumerate(self.tiles[g]):
+                    for off in range(0, t.length, block):
+                        m = min(block, t.length - off)
+                        yield frozen[g].read(k, c, off, m, buf).data.cast("B")
+
+            return TensorStream("F32", (self.groups[g].numel,), blocks)
+
+        tensors: dict[str, np.ndarray | TensorStream] = {names.PARAMS: TensorStream("F32", (self.numel,), params)}
+        for g in self.groups:
+            for c in self.columns[g][1:]:
+                tensors[names.group_state(g, c)] = column(g, c)
+            for k, v in self.opt_state[g].items():
+                tensors[names.group_state(g, k)] = v.detach().cpu().numpy().copy()
+        for i, st in self.tensor_state.items():
+            for k, v in st.items():
+                tensors[names.param_state(i, k)] = v.detach().cpu().numpy().copy()
+        return tensors
+
+    def close_snapshot(self) -> int:
+        """End the snapshot opened last (any thread): stop copying tiles aside, delete the side
+        files; the bytes that were copied aside."""
+        frozen, self._frozen = self._frozen, {}
+        for f in frozen.values():
+            f.close()
+        return sum(f.copied_bytes for f in frozen.values())
 
     def capture(self) -> dict[str, torch.Tensor]:
         """Host copies of the parameters and optimizer state, by snapshot name: the only pause of a
@@ -642,35 +710,6 @@ class ShardState:
             for k, v in st.items():
                 buffer(names.param_state(i, k), v).copy_(v)
         return out
-
-    def stream_snapshot(self) -> dict[str, np.ndarray | TensorStream]:
-        """The snapshot's tensors streamed from the tiles (no host copy of the spilled state; call
-        and consume under self.lock): the same names and layout as :meth:`capture`."""
-        order = sorted((t.local[0][0], g, k) for g, tiles in self.tiles.items() for k, t in enumerate(tiles))
-
-        def params() -> Iterator[memoryview]:
-            for _, g, k in order:
-                cols = self.stores[g].read_tile(k)
-                for p in self.tiles[g][k].pieces:
-                    yield cols[names.PARAMS][p.segment : p.segment + p.length].numpy().data.cast("B")
-
-        def column(g: int, c: str) -> TensorStream:
-            def blocks() -> Iterator[memoryview]:
-                for tile in self.stores[g].stream(write=False):
-                    yield tile.columns[c].numpy().data.cast("B")
-
-            return TensorStream("F32", (self.groups[g].numel,), blocks)
-
-        tensors: dict[str, np.ndarray | TensorStream] = {names.PARAMS: TensorStream("F32", (self.numel,), params)}
-        for g in self.groups:
-            for c in self.columns[g][1:]:
-                tensors[names.group_state(g, c)] = column(g, c)
-            for k, v in self.opt_state[g].items():
-                tensors[names.group_state(g, k)] = v.cpu().numpy()
-        for i, st in self.tensor_state.items():
-            for k, v in st.items():
-                tensors[names.param_state(i, k)] = v.cpu().numpy()
-        return tensors
 
     def snapshot_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the parameters and optimizer state on the host, by snapshot name (tests, inspection)."""

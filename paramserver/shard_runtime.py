@@ -277,8 +277,11 @@ class ShardRuntime:
                 try:
                     decision = await self.reducer.reduce(stats, step)
                     break
-                except ParamServerError:
-                    raise
+                except ParamServerError as exc:
+                    if exc.code != "UNAVAILABLE" or self._closed:
+                        raise
+                    log.warning("shard %d: step %d reduction unavailable (%s); retrying", self.state.index, step, exc)
+                    await asyncio.sleep(REDUCE_RETRY_S)
                 except Exception as exc:  # the coordinator is unreachable: retry, the answer is idempotent
                     if self._closed:
                         raise
@@ -345,8 +348,9 @@ class ShardRuntime:
     async def snapshot(self, store: SnapshotStore, ref: SnapshotRef, version: int, fault: FaultHook | None = None) -> ShardEntry:
         """Write this shard's part of snapshot `ref` at `version` into `store`; its file entry.
 
-        Waits until `version` is published, then copies the state to host memory under the lock
-        (the only pause); the file is written on a worker thread while training goes on. ABORTED
+        Waits until `version` is published, then opens the state's snapshot under the lock (the
+        only pause: a copy to host memory, or freezing a spilled shard's tiles); the file is
+        written on a worker thread while training goes on. ABORTED
         (SNAPSHOT_IN_PROGRESS) if another snapshot is being written; ABORTED with reason
         STEP_ALREADY_APPLIED if this shard has already moved past `version` (the coordinator
         then retries at a later version).
@@ -359,24 +363,20 @@ class ShardRuntime:
             ranges = [[s.start, s.length] for s in self.state.spans]
             ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
             name = names.shard_file(self.state.index)
-            hook = fault or no_fault
-            if self.state.streams_snapshots:  # a spilled shard writes under the lock, from its tiles
-
-                def streamed() -> ShardEntry:
-                    self._check_version(version)
-                    meta = self._snapshot_meta(version, self.state.applied, ranges, ledger)
-                    return self._entry(store.write_file(ref, name, self.state.stream_snapshot(), meta, hook), ranges, self.state.applied)
-
-                return await asyncio.get_running_loop().run_in_executor(self._writer, self._locked, streamed)
 
             def take() -> tuple[dict[str, Any], int]:
                 self._check_version(version)
-                return {k: v.numpy() for k, v in self.state.capture().items()}, self.state.applied
+                return self.state.open_snapshot(), self.state.applied
 
-            tensors, applied = await asyncio.to_thread(self._locked, take)
-            meta = self._snapshot_meta(version, applied, ranges, ledger)
-            write = functools.partial(store.write_file, ref, name, tensors, meta, hook)
-            entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
+            tensors, applied = await asyncio.to_thread(self._locked, take)  # the pause
+            try:
+                meta = self._snapshot_meta(version, applied, ranges, ledger)
+                write = functools.partial(store.write_file, ref, name, tensors, meta, fault or no_fault)
+                entry = await asyncio.get_running_loop().run_in_executor(self._writer, write)
+            finally:
+                copied = self.state.close_snapshot()
+                if copied:
+                    log.info("shard %d: snapshot at %d copied %d bytes of tiles aside while training", self.state.index, version, copied)
             return self._entry(entry, ranges, applied)
         finally:
             self._snapshot_busy = False

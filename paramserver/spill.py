@@ -205,6 +205,8 @@ class Tile:
     start: int
     length: int
     columns: dict[str, torch.Tensor]
+    record: torch.Tensor
+    """All its columns, back to back (one contiguous tensor)."""
 
 
 class TileStore:
@@ -253,6 +255,7 @@ class TileStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spill-write")
         self._ring: list[np.ndarray] = []
         self._scratch: np.ndarray | None = None
+        self._live_fd = -1
 
     def record_bytes(self, length: int) -> int:
         """Bytes of one spilled tile's record (its columns, padded to 4 KiB)."""
@@ -268,13 +271,40 @@ class TileStore:
         """Bytes of the spill file."""
         return self.file.size if self.file is not None else 0
 
-    def _views(self, index: int, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    def _record(self, index: int, flat: np.ndarray | torch.Tensor) -> torch.Tensor:
         n = self.tiles[index].length
         if isinstance(flat, torch.Tensor):
-            data = flat
-        else:
-            data = torch.from_numpy(flat[: n * len(self.columns) * ITEM].view(np.float32))
+            return flat
+        return torch.from_numpy(flat[: n * len(self.columns) * ITEM].view(np.float32))
+
+    def _views(self, index: int, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        n = self.tiles[index].length
+        data = self._record(index, flat)
         return {c: data[k * n : (k + 1) * n] for k, c in enumerate(self.columns)}
+
+    def _tile(self, index: int, flat: np.ndarray | torch.Tensor) -> Tile:
+        t = self.tiles[index]
+        return Tile(index, t.start, t.length, self._views(index, flat), self._record(index, flat))
+
+    def read_live(self, index: int, column: str, start: int, count: int, out: np.ndarray) -> None:
+        """Elements [start, start + count) of one tile's column, from where the tile lives (memory,
+        or its record in the spill file through the page cache), into `out`."""
+        n = self.tiles[index].length
+        col = self.columns.index(column)
+        if index in self._memory:
+            out[:count] = self._memory[index][col * n + start : col * n + start + count].cpu().numpy()
+            return
+        assert self.file is not None
+        if self._live_fd < 0:
+            self._live_fd = os.open(self.file.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        view = out[:count].view(np.uint8).data.cast("B")
+        offset = self._offsets[index] + ITEM * (col * n + start)
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._live_fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{self.file.path}: short read at {offset + done}")
+            done += got
 
     def _buffer(self, slot: int) -> np.ndarray:
         while len(self._ring) <= slot:
@@ -304,11 +334,11 @@ class TileStore:
         try:
             for i in order:
                 if i in self._memory:
-                    yield Tile(i, self.tiles[i].start, self.tiles[i].length, self._views(i, self._memory[i]))
+                    yield self._tile(i, self._memory[i])
                     continue
                 reads.pop(i).result()
                 buf = self._buffer(slot_of[i])[: self.record_bytes(self.tiles[i].length)]
-                yield Tile(i, self.tiles[i].start, self.tiles[i].length, self._views(i, buf))
+                yield self._tile(i, buf)
                 if write:
                     assert file is not None
                     writes[i] = self._writer.submit(file.write_from, self._offsets[i], buf)
@@ -351,9 +381,85 @@ class TileStore:
         """Stop the I/O threads and delete the spill file."""
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        if self._live_fd >= 0:
+            os.close(self._live_fd)
+            self._live_fd = -1
         if self.file is not None:
             self.file.close(unlink=True)
             self.file = None
         self._ring.clear()
         self._memory.clear()
         self._scratch = None
+
+
+class FrozenTiles:
+    """A tile store as it was at one version, readable while updates go on (a snapshot being
+    written outside the step lock): a tile is copied to a side file just before its first update
+    (copy-on-write), unless the snapshot already read it for the last time; reads of a tile not
+    copied come from where it lives. The updater calls :meth:`before_update` under the step lock;
+    the writer reads from another thread. A failed copy (e.g. a full disk) fails the snapshot,
+    never the update."""
+
+    def __init__(self, store: TileStore, side: Path, reads: dict[int, int]) -> None:
+        self.store = store
+        self.side_path = Path(side)
+        self._reads = dict(reads)
+        """Reads the snapshot still makes of each tile (a tile read for the last time needs no copy)."""
+        self._saved: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._end = 0
+        self.copied_bytes = 0
+        self.failed: BaseException | None = None
+
+    def before_update(self, index: int, record: torch.Tensor) -> None:
+        """Copy a tile's columns aside before the updater changes them (once, if still needed)."""
+        with self._lock:
+            if self.failed is not None or index in self._saved or self._reads.get(index, 0) <= 0:
+                return
+            try:
+                if self._fd < 0:
+                    self._fd = os.open(self.side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+                data = record.contiguous().numpy().data.cast("B")
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self._fd, data[done:], self._end + done)
+            except OSError as exc:
+                self.failed = exc
+                return
+            self._saved[index] = self._end
+            self._end += len(data)
+            self.copied_bytes += len(data)
+
+    def read(self, index: int, column: str, start: int, count: int, out: np.ndarray) -> np.ndarray:
+        """Elements [start, start + count) of a tile's column as of the frozen version (into `out`)."""
+        with self._lock:
+            if self.failed is not None:
+                raise ParamServerError("INTERNAL", Reason.SNAPSHOT_FAILED, f"copy-on-write of spilled tiles failed: {self.failed}")
+            n = self.store.tiles[index].length
+            col = self.store.columns.index(column)
+            view = out[:count].view(np.uint8).data.cast("B")
+            if index in self._saved:
+                _pread_exact(self._fd, view, self._saved[index] + ITEM * (col * n + start), self.side_path)
+            else:
+                self.store.read_live(index, column, start, count, out)
+            self._reads[index] = self._reads.get(index, 1) - 1
+        return out[:count]
+
+    def close(self) -> None:
+        """Stop copying and delete the side file."""
+        with self._lock:
+            self._reads.clear()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self.side_path.unlink(missing_ok=True)
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{path}: short read at {offset + done}")
+        done += n

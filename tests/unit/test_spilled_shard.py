@@ -173,7 +173,12 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
     for st in shards:
         ranges = tuple((s.start, s.length) for s in st.spans)
         meta = {names.META_SHARD: str(st.index), names.META_RANGES: json.dumps(ranges), **st.snapshot_metadata()}
-        e = store.write_file(ref, names.shard_file(st.index), st.stream_snapshot(), meta)
+        with st.lock:
+            tensors = st.open_snapshot()
+        try:
+            e = store.write_file(ref, names.shard_file(st.index), tensors, meta)
+        finally:
+            st.close_snapshot()
         entries.append(ShardEntry(st.index, e.file, e.size, e.sha256, ranges, 3))
     store.commit(ref, Manifest.build("j", 3, cfg, entries))
     reader = SnapshotReader(store, ref, store.read_manifest(ref))
@@ -200,3 +205,50 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     for st in shards + disk:
         st.close()
+
+
+@pytest.mark.parametrize("when", ["steps-before-the-write", "steps-after-the-write"])
+def test_a_spilled_snapshot_holds_its_version_while_training_goes_on(tmp_path: Path, when: str) -> None:
+    """The snapshot is opened at version 2 (the only pause); two more steps run before (or after)
+    the file is written: it holds version 2's bits, and the tiles were copied aside only when the
+    steps came first."""
+    from paramserver import snapshot_names as names
+    from paramserver.manifest import Manifest, ShardEntry
+    from paramserver.shard import Contribution
+    from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef
+
+    name, hyper, groups, clip = CASES[0]
+    cfg = config(name, hyper, groups, clip, shards=1)
+    (spans,) = cfg.plan()
+    st = budgeted(cfg, 0, spans, tmp_path / "spill")
+    total = cfg.total_elements
+    st.load(feed(st, np.linspace(-1, 1, total, dtype=np.float32)))
+
+    def step(k: int) -> None:
+        g = np.random.default_rng(k).standard_normal(total).astype(np.float32)
+        st.apply(decide(k, [st.reduce([Contribution(w, 1, feed(st, g)) for w in (0, 1)])], cfg.max_grad_norm))
+
+    for k in range(2):
+        step(k)
+    expect = st.snapshot_tensors()
+    store, ref = DirectoryStore(tmp_path / "snaps"), SnapshotRef("j", "v2")
+    store.begin(ref)
+    with st.lock:
+        tensors = st.open_snapshot()
+    if when == "steps-before-the-write":
+        step(2)
+        step(3)
+    ranges = tuple((s.start, s.length) for s in st.spans)
+    e = store.write_file(ref, names.shard_file(0), tensors, {names.META_RANGES: json.dumps(ranges), **st.snapshot_metadata()})
+    copied = st.close_snapshot()
+    assert (copied > 0) == (when == "steps-before-the-write")
+    assert not list((tmp_path / "spill").glob("*.frozen"))
+    if when == "steps-after-the-write":
+        step(2)
+    store.commit(ref, Manifest.build("j", 2, cfg, [ShardEntry(0, e.file, e.size, e.sha256, ranges, 2)]))
+    fresh = ShardState(cfg, 0, spans)
+    fresh.restore(SnapshotReader(store, ref, store.read_manifest(ref)), 2, 2)
+    got = fresh.snapshot_tensors()
+    assert got.keys() == expect.keys()
+    assert [k for k in expect if not torch.equal(got[k], expect[k])] == []
+    st.close()
