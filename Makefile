@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := clients/node/node_modules/.installed
 
-.PHONY: setup demo test lint protos check-protos bench clean
+.PHONY: setup demo test lint protos check-protos bench bench-quick clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -44,6 +44,13 @@ bench: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py
 	$(PY) bench/bench_optimizers.py
 	$(PY) bench/bench_spill.py
+
+## Every benchmark in its quick mode (no thresholds: CI runs this so that none of them rots).
+bench-quick: setup
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_foundation.py --quick
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py --quick
+	$(PY) bench/bench_optimizers.py --quick
+	$(PY) bench/bench_spill.py --quick
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache
