@@ -83,7 +83,7 @@ def snapshot_list(job_id: Annotated[str, typer.Argument(help="The job.")], root:
     from rich.console import Console
     from rich.table import Table
 
-    from paramserver.snapshot_store import open_store
+    from paramserver.snapshot_stores import open_store
 
     store = open_store(root)
     table = Table("version", "applied", "shards", "bytes", "created (UTC)", "path")
@@ -104,7 +104,8 @@ def snapshot_show(
     snapshot: Annotated[str, typer.Argument(help="A snapshot directory or URL, or JOB_ID[:latest].")], root: RootOpt = "snapshots"
 ) -> None:
     """Print a snapshot's manifest (job config, layout, files)."""
-    from paramserver.snapshot_store import open_store, resolve
+    from paramserver.snapshot_store import resolve
+    from paramserver.snapshot_stores import open_store
 
     try:
         store = open_store(root)
@@ -119,7 +120,8 @@ def snapshot_verify(
 ) -> None:
     """Check every file's size, sha256 and format against the manifest, as a restore reads it
     (exit 2 on DATA_LOSS)."""
-    from paramserver.snapshot_store import open_store, resolve, verify
+    from paramserver.snapshot_store import resolve, verify
+    from paramserver.snapshot_stores import open_store
 
     try:
         store = open_store(root)
@@ -164,7 +166,8 @@ def export_cmd(
     from rich.progress import Progress
 
     from paramserver.export import export
-    from paramserver.snapshot_store import open_store, resolve
+    from paramserver.snapshot_store import resolve
+    from paramserver.snapshot_stores import open_store
 
     try:
         store = open_store(root)

@@ -22,7 +22,8 @@ from paramserver.manifest import Manifest, ShardEntry
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
 from paramserver.snapshot_policy import Clock, SnapshotPolicy
-from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, open_store, prune, resolve, snapshot_name, verify
+from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, prune, resolve, snapshot_name, verify
+from paramserver.snapshot_stores import open_store
 from paramserver.steps import Decision, ShardStats, SpikeGuard, decide
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.job_service import JobServicer
 from paramserver.rpc import GRPC_OPTIONS
-from paramserver.snapshot_store import open_store
+from paramserver.snapshot_stores import open_store
 from paramserver.spill import clean_spill
 from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
 

@@ -26,7 +26,8 @@ from paramserver.shard import ShardState, Storage
 from paramserver.shard_runtime import ShardRuntime, StepReducer
 from paramserver.shard_service import ShardServicer, add_shard_service
 from paramserver.shard_types import Restore, ShardStatus, fault_from_env
-from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore, open_store
+from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore
+from paramserver.snapshot_stores import open_store
 
 log = logging.getLogger(__name__)
 

@@ -312,17 +312,6 @@ class DirectoryStore:
 # ---- what every store shares --------------------------------------------------------------------
 
 
-def open_store(url: str) -> SnapshotStore:
-    """The store for ``serve --snapshot-dir``: ``s3://bucket/prefix`` or a directory."""
-    if url.startswith("s3://"):
-        from paramserver.s3_store import S3Store
-
-        return S3Store(url)
-    if "://" in url:
-        raise ParamServerError.invalid("snapshot_dir", f"unsupported snapshot store {url!r} (a directory or s3://bucket/prefix)")
-    return DirectoryStore(url)
-
-
 def resolve(store: SnapshotStore, ref: str) -> SnapshotRef:
     """A snapshot from a path or URL, "JOB_ID:latest" or "JOB_ID" (the newest of that job)."""
     parsed = store.parse(ref)

@@ -308,7 +308,7 @@ def test_snapshots_on_an_object_store_restore_bitwise_on_another_shard_count(s3_
         assert resumed.keys() == reference.keys()
         assert [k for k in reference if not np.array_equal(resumed[k], reference[k])] == []
         # an altered object is DATA_LOSS naming it, and creates nothing
-        from paramserver.snapshot_store import open_store
+        from paramserver.snapshot_stores import open_store
 
         store = open_store(f"s3://{bucket}/runs")
         ref = store.parse(snap.path)

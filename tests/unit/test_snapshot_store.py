@@ -24,7 +24,8 @@ from paramserver.export import export
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest
 from paramserver.shard import ShardState
-from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef, SnapshotStore, open_store, prune, resolve, verify
+from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef, SnapshotStore, prune, resolve, verify
+from paramserver.snapshot_stores import open_store
 from paramserver.steps import Decision
 from tests.helpers import load, local_params, set_gradient
 
