@@ -130,13 +130,8 @@ class SpillFile:
         """Fill buf (aligned, a multiple of 4 KiB) from the file at offset."""
         t0 = time.perf_counter()
         view = buf.data.cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{self.path}: short read at {offset + done}")
-            done += n
-        self.stats.add(done, 0, time.perf_counter() - t0)
+        _pread_exact(self.fd, view, offset, self.path)
+        self.stats.add(len(view), 0, time.perf_counter() - t0)
 
     def write_from(self, offset: int, buf: np.ndarray) -> None:
         """Write buf (aligned, a multiple of 4 KiB) to the file at offset."""
@@ -297,14 +292,9 @@ class TileStore:
         assert self.file is not None
         if self._live_fd < 0:
             self._live_fd = os.open(self.file.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        view = out[:count].view(np.uint8).data.cast("B")
-        offset = self._offsets[index] + ITEM * (col * n + start)
-        done = 0
-        while done < len(view):
-            got = os.preadv(self._live_fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{self.file.path}: short read at {offset + done}")
-            done += got
+        _pread_exact(
+            self._live_fd, out[:count].view(np.uint8).data.cast("B"), self._offsets[index] + ITEM * (col * n + start), self.file.path
+        )
 
     def _buffer(self, slot: int) -> np.ndarray:
         while len(self._ring) <= slot:
@@ -457,6 +447,7 @@ class FrozenTiles:
 
 
 def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    """Fill `buf` from `fd` at `offset` (INTERNAL if the file is shorter: a spill file never is)."""
     done = 0
     while done < len(buf):
         n = os.preadv(fd, [buf[done:]], offset + done)

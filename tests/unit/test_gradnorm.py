@@ -17,6 +17,7 @@ from paramserver.jobconfig import GroupRule, JobConfig
 from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState
 from paramserver.steps import SpikeGuard, decide
+from tests.helpers import flat_params
 from tests.unit.test_spilled_shard import CASES, IDS, feed
 
 
@@ -106,15 +107,7 @@ def _train(cfg: JobConfig, shards: int, steps: int, spike: bool) -> dict[str, np
         decisions.append(d)
         for st in states:
             st.apply(d)
-    out: dict[str, Any] = {"decisions": decisions}
-    params = np.full(total, np.nan, dtype=np.float32)
-    for st in states:
-        local, pos = st.snapshot_tensors()["params"].numpy(), 0
-        for span in st.spans:
-            params[span.start : span.end] = local[pos : pos + span.length]
-            pos += span.length
-    out["params"] = params
-    return out
+    return {"decisions": decisions, "params": flat_params(states)}
 
 
 @pytest.mark.parametrize(

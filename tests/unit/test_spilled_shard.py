@@ -16,7 +16,7 @@ from paramserver.jobconfig import GroupRule, JobConfig
 from paramserver.shard import ShardState, Storage
 from paramserver.steps import decide
 from paramserver_client.codec import BFLOAT16, EVAL, FLOAT32, TRAIN, parse_chunk_message
-from tests.helpers import pulled, stage
+from tests.helpers import flat_params, pulled, stage
 
 PARAMS = (("embed.weight", (300, 40), ""), ("blocks.0.attn.w", (40, 40), ""), ("blocks.0.ln.weight", (40,), ""),
           ("blocks.1.mlp.w", (40, 160), ""), ("blocks.1.mlp.bias", (160,), ""), ("head.weight", (40, 7), ""))  # fmt: skip
@@ -190,16 +190,7 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
     for states in (shards, mem, disk):
         train(states, range(3, 5))
 
-    def flat(states: list[ShardState]) -> np.ndarray:
-        out = np.full(total, np.nan, dtype=np.float32)
-        for st in states:
-            local, pos = st.snapshot_tensors()["params"].numpy(), 0
-            for span in st.spans:
-                out[span.start : span.end] = local[pos : pos + span.length]
-                pos += span.length
-        return out
-
-    assert np.array_equal(flat(mem), flat(disk)) and np.array_equal(flat(mem), flat(shards))
+    assert np.array_equal(flat_params(mem), flat_params(disk)) and np.array_equal(flat_params(mem), flat_params(shards))
     for a, b in zip(mem, disk, strict=True):
         ta, tb = a.snapshot_tensors(), b.snapshot_tensors()
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
