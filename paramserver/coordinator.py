@@ -120,6 +120,7 @@ class Coordinator:
         self.store = open_store(snapshot_root)
         self.jobs: dict[str, _Job] = {}
         self.ledger: Ledger[object] = Ledger()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     def _job(self, job_id: str) -> _Job:
@@ -265,7 +266,9 @@ class Coordinator:
             job.decisions[step] = decision
             if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
                 job.policy.started(step + 1)
-                asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
+                task = asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
+                self._tasks.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._tasks.discard)
             for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
                 del job.decisions[old]
                 job.decided.pop(old, None)
