@@ -159,9 +159,9 @@ def shard_of(case: Case, params: Sequence[tuple[str, tuple[int, ...]]], flat0: t
                     groups=case.groups)  # fmt: skip
     cfg.validate()
     st = ShardState(cfg, 0, [Span(0, flat0.numel())])
-    staging = st.stage()
-    staging.buffer.copy_(flat0)  # a complete upload: load takes the buffer as is
-    st.load(staging)
+    buf = st.grads.acquire()
+    buf.write(0, flat0)  # a complete upload
+    st.load(buf)
     return st
 
 
@@ -190,7 +190,7 @@ def run_case(case: Case, params: Sequence[tuple[str, tuple[int, ...]]], warmup: 
     step = [0]
 
     def ours() -> None:
-        st.grad.copy_(grad)
+        st.set_gradient(grad)
         st.apply(Decision(step[0], True, "", 1.0, 1.0, 1))
         step[0] += 1
 

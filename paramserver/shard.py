@@ -421,6 +421,13 @@ class ShardState:
             trim_heap()
         return stats
 
+    def set_gradient(self, local: torch.Tensor) -> None:
+        """Make `local` (this shard's elements, local order) the step's reduced gradient, without
+        a reduction (benchmarks of the update alone)."""
+        if self._grad is None:
+            self._grad = self.grads.acquire()
+        self._grad.write(0, local)
+
     def norm_part(self, grad: GradBuffer) -> NormPart:
         """This shard's share of the global norm of `grad` (see gradnorm). The parameters the next
         update does not train (a rule freezes them, as LISA does) count as zeros: like frozen torch
