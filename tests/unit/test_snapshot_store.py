@@ -268,6 +268,8 @@ def test_a_committed_snapshot_that_lost_its_manifest_is_quarantined_never_delete
     assert store.quarantined("j") == [ref] and store.snapshots("j") == [old]
     assert len(read(store, ref, names.shard_file(0))) > 0  # the data is still there
     assert store.clean("j").quarantined == [store.path(ref)]  # reported again, still kept
+    r = CliRunner().invoke(app, ["snapshot", "list", "j", "--root", store.url], env={"COLUMNS": "400"})
+    assert r.exit_code == 0 and "QUARANTINED" in r.output and store.path(ref) in r.output
     with pytest.raises(ParamServerError) as err:
         verify(store, ref)
     assert err.value.code == "DATA_LOSS"

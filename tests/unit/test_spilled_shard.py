@@ -243,3 +243,32 @@ def test_a_spilled_snapshot_holds_its_version_while_training_goes_on(tmp_path: P
     assert got.keys() == expect.keys()
     assert [k for k in expect if not torch.equal(got[k], expect[k])] == []
     st.close()
+
+
+def test_a_failed_copy_aside_fails_the_snapshot_never_the_step(tmp_path: Path) -> None:
+    """The side file cannot be written (here: its directory is gone): the step that needed the
+    copy still applies, and the snapshot's write fails with SNAPSHOT_FAILED."""
+    from paramserver.errors import ParamServerError, Reason
+    from paramserver.shard import Contribution
+    from paramserver.snapshot_store import DirectoryStore, SnapshotRef
+
+    name, hyper, groups, clip = CASES[0]
+    cfg = config(name, hyper, groups, clip, shards=1)
+    (spans,) = cfg.plan()
+    st = budgeted(cfg, 0, spans, tmp_path / "spill")
+    total = cfg.total_elements
+    st.load(feed(st, np.linspace(-1, 1, total, dtype=np.float32)))
+    with st.lock:
+        tensors = st.open_snapshot()
+    for frozen in st._frozen.values():
+        frozen.side_path = tmp_path / "gone" / "side.frozen"
+    g = np.ones(total, dtype=np.float32)
+    report = st.apply(decide(0, [st.reduce([Contribution(w, 1, feed(st, g)) for w in (0, 1)])], 0.0))
+    assert report.outcome.name == "APPLIED" and st.version == 1
+    store, ref = DirectoryStore(tmp_path / "snaps"), SnapshotRef("j", "v0")
+    store.begin(ref)
+    with pytest.raises(ParamServerError) as err:
+        store.write_file(ref, "shard-00000.safetensors", tensors, {})
+    assert err.value.reason == Reason.SNAPSHOT_FAILED
+    st.close_snapshot()
+    st.close()
