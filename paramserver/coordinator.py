@@ -165,6 +165,13 @@ class Coordinator:
             check_job_id(job_id)
             existing = self.jobs.get(job_id)
             if existing is not None:
+                if restore is not None:  # a restore never returns a running job: its state is not the snapshot's
+                    raise ParamServerError(
+                        "ALREADY_EXISTS",
+                        Reason.JOB_ALREADY_EXISTS,
+                        f"job {job_id!r} is running; restore into another job_id (or delete it first)",
+                        {"job_id": job_id},
+                    )
                 if existing.config != config:
                     raise ParamServerError(
                         "ALREADY_EXISTS", Reason.JOB_ALREADY_EXISTS, f"job {job_id!r} exists with another description", {"job_id": job_id}

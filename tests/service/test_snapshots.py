@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from paramserver import snapshot_names as names
 from paramserver.snapshot_store import SnapshotRef, verify
 from paramserver.v1 import shard_service_pb2 as spb
+from paramserver_client import Reason, ServiceError
 from paramserver_client.aio import AsyncWorker, StepResult
 from tests.service.harness import InProcessService
 
@@ -90,3 +92,22 @@ async def test_snapshot_commits_and_a_restore_on_another_shard_count_continues_b
     assert restored_state.keys() == state.keys() and "state.0.exp_avg" in state
     for key, value in state.items():
         assert np.array_equal(restored_state[key], value), key
+
+
+@pytest.mark.asyncio
+async def test_a_restore_into_a_running_job_is_already_exists(svc: InProcessService) -> None:
+    """Restoring a snapshot under the id of its own job while that job runs (here: by default, the
+    snapshot's job id) must not return the running job as if it were restored."""
+    jobs = svc.jobs()
+    await svc.create(SHAPES, "live", optimizer="adamw", num_workers=2, num_shards=2)
+    ws = await svc.join("live", 2, "live")
+    await ws[0].upload(np.zeros(TOTAL, dtype=np.float32))
+    await train(ws, range(1))
+    snap = await jobs.create_snapshot("live")
+    await train(ws, range(1, 2))
+    for target in ({}, {"job_id": "live"}):
+        with pytest.raises(ServiceError) as err:
+            await jobs.restore_job(snap.path, **target)
+        assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and err.value.reason == Reason.JOB_ALREADY_EXISTS
+    assert (await jobs.get_job("live")).version == 2  # untouched
+    assert (await jobs.restore_job(snap.path, job_id="elsewhere")).version == 1
