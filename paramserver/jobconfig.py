@@ -84,6 +84,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spike_warmup", "spike_guard.warmup", 64, only_with="spike_window"),
     Setting("spike_threshold_std", "spike_guard.threshold_std", 6.0, only_with="spike_window"),
     Setting("shard_memory_budget_bytes", "shard_memory_budget_bytes", 0, restorable=True),
+    Setting("shard_device_memory_budget_bytes", "shard_device_memory_budget_bytes", 0, restorable=True),
 )
 #: The settings by name.
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
@@ -129,7 +130,9 @@ class JobConfig:
     shard_num_gpus: float = _default("shard_num_gpus", float)
     """Ray GPUs per shard actor."""
     shard_memory_budget_bytes: int = _default("shard_memory_budget_bytes", int)
-    """Memory a shard may use for its state (0 = unlimited); the rest is spilled to disk."""
+    """Host memory a shard may use for its state (0 = unlimited); the rest is spilled to disk."""
+    shard_device_memory_budget_bytes: int = _default("shard_device_memory_budget_bytes", int)
+    """GPU memory a GPU shard may use for its state (0 = unlimited); the rest lives in host memory."""
     param_dtypes: tuple[int, ...] = ()
     """The wire DType value each parameter has in the model (informational)."""
     snapshot_every_steps: int = _default("snapshot_every_steps", int)
@@ -266,10 +269,10 @@ class JobConfig:
             raise ConfigError(_spec_field("shard_num_gpus"), "must be >= 0")
         if self.shard_memory_budget_bytes < 0:
             raise ConfigError(_spec_field("shard_memory_budget_bytes"), "must be >= 0 (0 = unlimited)")
-        if self.shard_memory_budget_bytes and self.shard_num_gpus > 0:
-            raise ConfigError(
-                _spec_field("shard_memory_budget_bytes"), "spilling state to disk is supported on CPU shards only (shard_num_gpus 0)"
-            )
+        if self.shard_device_memory_budget_bytes < 0:
+            raise ConfigError(_spec_field("shard_device_memory_budget_bytes"), "must be >= 0 (0 = unlimited)")
+        if self.shard_device_memory_budget_bytes and not self.shard_num_gpus > 0:
+            raise ConfigError(_spec_field("shard_device_memory_budget_bytes"), "needs GPU shards (shard_num_gpus > 0)")
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
             raise ConfigError(_spec_field("spike_window"), "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:

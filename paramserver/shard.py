@@ -91,6 +91,11 @@ class Storage:
     """The part of the budget kept for block and message buffers when spilling."""
     spill: bool | None = None
     """None: spill when the in-memory footprint exceeds the budget; True or False: as told (tests)."""
+    device_budget: int = 0
+    """Bytes of GPU memory for tiles on a GPU shard (0 = unlimited); the rest live in host memory."""
+    stage: bool = False
+    """Plan device and host tiers on a CPU shard too, staging host tiles through a copy (tests of
+    the GPU tiers on machines without one)."""
 
 
 @dataclass(frozen=True)
@@ -237,12 +242,16 @@ class ShardState:
         )
         spill = self.storage.spill
         self.spilled = spill if spill is not None else bool(self.storage.budget) and in_memory_bytes(self) > self.storage.budget
+        """Whether tiles, gradients and publications use spill files (the host budget is exceeded)."""
+        self.device_tiers = self.storage.device_budget > 0 and (self.device.type != "cpu" or self.storage.stage)
+        """Whether tiles are placed on the device within its budget, the rest in host memory."""
+        over_device = self.device_tiers and device_bytes(self) > self.storage.device_budget
         self.stores: dict[int, TileStore] = {}
         self._pubs: list[_PublicationFiles] = []
         self._pub = 0
         try:
-            if self.spilled:
-                self._plan_spilled()
+            if self.spilled or over_device:
+                self._plan_tiles()
             else:
                 self._plan_resident()
         except BaseException:
@@ -261,11 +270,11 @@ class ShardState:
         self.ring_bytes = 0
         self.grads: GradPool = memory_pool(self.numel, self.config.num_workers + 1)
 
-    def _plan_spilled(self) -> None:
-        """Tiles within the budget: cut the pieces, keep the first that fit resident, spill the rest."""
-        if self.device.type != "cpu":
-            raise ConfigError("spec.shard_memory_budget_bytes", "spilling state to disk is supported on CPU shards only")
-        if self.storage.directory is None:
+    def _plan_tiles(self) -> None:
+        """Tiles within the budgets: cut the pieces; in order, each tile goes to the device while it
+        fits the device budget (GPU tiers), else to host memory while it fits the host budget, else
+        to the spill file."""
+        if self.spilled and self.storage.directory is None:
             raise ConfigError("spec.shard_memory_budget_bytes", "this shard has no spill directory")
         for g in self.groups:
             template = self.optimizers[g].init_state(torch.zeros(1))
@@ -274,7 +283,7 @@ class ShardState:
         budget = self.storage.budget
         ncols = sum(len(c) for c in self.columns.values())
         tile = self.storage.tile
-        while tile > MIN_TILE and DEPTH * 4 * tile * ncols > budget // 4:
+        while self.spilled and tile > MIN_TILE and DEPTH * 4 * tile * ncols > budget // 4:
             tile //= 2
         self.tile = tile
         self.tiles = {}
@@ -291,6 +300,8 @@ class ShardState:
             self.tiles[g] = tiles
         self.ring_bytes = sum(DEPTH * 4 * len(self.columns[g]) * max(t.length for t in tiles) for g, tiles in self.tiles.items())
         fixed = self.ring_bytes + self.tensor_bytes + self.storage.overhead
+        if not self.spilled:
+            self.ring_bytes, fixed, budget = 0, 0, 0
         if fixed > budget:
             big = max((t for tiles in self.tiles.values() for t in tiles), key=lambda t: t.length)
             raise ConfigError(
@@ -299,18 +310,38 @@ class ShardState:
                 f"(largest tile: {big.length} elements of {big.pieces[0].param.name!r}), per-tensor state {self.tensor_bytes}, "
                 f"buffers {self.storage.overhead}",
             )
-        left = budget - fixed
-        directory = self.storage.directory
-        assert directory is not None
-        directory.mkdir(parents=True, exist_ok=True)
-        for g, tiles in self.tiles.items():  # in order, every tile that still fits stays resident
+        host_left = budget - fixed if self.spilled else None  # None: host memory is not budgeted
+        largest = max(t.length for tiles in self.tiles.values() for t in tiles)
+        # the device holds its tiles, one staged record and one staged gradient block, per-tensor state
+        device_left = self.storage.device_budget - 4 * largest * (ncols + 1) - self.tensor_bytes if self.device_tiers else 0
+        if self.device_tiers and device_left < 0:
+            raise ConfigError(
+                "spec.shard_device_memory_budget_bytes",
+                f"{self.storage.device_budget} bytes is below shard {self.index}'s minimum of "
+                f"{self.storage.device_budget - device_left} (one staged tile of {largest} elements, per-tensor state)",
+            )
+        directory = self.storage.directory or Path("/nonexistent")
+        if self.spilled:
+            directory.mkdir(parents=True, exist_ok=True)
+        for g, tiles in self.tiles.items():  # in order: the device while a tile fits, then host memory, then the file
             per = 4 * len(self.columns[g])
-            spec = []
+            spec, host = [], []
             for t in tiles:
-                fits = t.length * per <= left
-                left -= t.length * per if fits else 0
-                spec.append((t.length, fits))
-            self.stores[g] = TileStore(self.columns[g], spec, directory / f"shard-{self.index}-group-{g}.spill", DEPTH)
+                size = t.length * per
+                on_device = self.device_tiers and size <= device_left
+                device_left -= size if on_device else 0
+                in_host = not on_device and (host_left is None or size <= host_left)
+                if in_host and host_left is not None:
+                    host_left -= size
+                spec.append((t.length, on_device or in_host))
+                host.append(in_host and self.device_tiers)
+            self.stores[g] = TileStore(
+                self.columns[g], spec, directory / f"shard-{self.index}-group-{g}.spill", DEPTH, device=self.device, host=host,
+                stage=self.device_tiers or self.device.type != "cpu",
+            )  # fmt: skip
+        if not self.spilled:
+            self.grads = memory_pool(self.numel, self.config.num_workers + 1)
+            return
         has_eval = any(self.optimizers[g].eval_keys for g in self.groups)
         for k in range(2):
             train = self._file(f"pub-{k}")
@@ -452,7 +483,11 @@ class ShardState:
         if decision.apply:
             assert self._grad is not None
             grad = self._grad
-            if self.device.type != "cpu":  # one copy of the whole gradient to the device
+            if self.device_tiers or (self.device.type != "cpu" and self.spilled):  # the gradient tile by tile
+
+                def read(ranges: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+                    return [t.to(self.device) for t in grad.read(ranges)]
+            elif self.device.type != "cpu":  # one copy of the whole gradient to the device
                 on_device = grad.read([(0, self.numel)])[0].to(self.device)
 
                 def read(ranges: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
@@ -535,9 +570,9 @@ class ShardState:
         params = columns[names.PARAMS]
         x = self._eval(g, info, columns) if pub.files[EVAL] is not pub.files[TRAIN] else params
         for piece, (local, n) in zip(info.pieces, info.local, strict=True):
-            pub.files[TRAIN].write_from(4 * local, params[piece.segment : piece.segment + n].numpy().view(np.uint8))
+            pub.files[TRAIN].write_from(4 * local, params[piece.segment : piece.segment + n].cpu().numpy().view(np.uint8))
             if x is not params:
-                pub.files[EVAL].write_from(4 * local, x[piece.segment : piece.segment + n].numpy().view(np.uint8))
+                pub.files[EVAL].write_from(4 * local, x[piece.segment : piece.segment + n].cpu().numpy().view(np.uint8))
 
     def _publish(self) -> None:
         """After a load or a restore: write the current parameters to the next publication file (if
@@ -572,6 +607,8 @@ class ShardState:
             for tile in store.stream(write=False):
                 info = self.tiles[g][tile.index]
                 values = self._eval(g, info, tile.columns) if point == EVAL else tile.columns[names.PARAMS]
+                if store.stage:  # a staged tile's views are reused by the next one: keep a host copy
+                    values = values.to("cpu", copy=True)
                 runs += [(local, n, values[p.segment : p.segment + n]) for p, (local, n) in zip(info.pieces, info.local, strict=True)]
         runs.sort(key=lambda r: r[0])
         starts = [r[0] for r in runs]
@@ -787,6 +824,13 @@ class _PublicationFiles:
     def __init__(self, train: SpillFile, evaluation: SpillFile | None) -> None:
         self.files = {TRAIN: train, EVAL: evaluation if evaluation is not None else train}
         self.generation = 0
+
+
+def device_bytes(state: ShardState) -> int:
+    """What a GPU shard holds on its device when every tile is there: parameters, flat state, a copy
+    of the gradient and per-tensor state."""
+    flat = sum(4 * grp.numel * len(state.columns[g]) for g, grp in state.groups.items())
+    return flat + 4 * state.numel + state.tensor_bytes
 
 
 def in_memory_bytes(state: ShardState) -> int:

@@ -98,7 +98,11 @@ class ShardHost:
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
         state = ShardState(
-            self.config, self.index, self.spans, self.device(), Storage(self.config.shard_memory_budget_bytes, self.spill_dir)
+            self.config,
+            self.index,
+            self.spans,
+            self.device(),
+            Storage(self.config.shard_memory_budget_bytes, self.spill_dir, device_budget=self.config.shard_device_memory_budget_bytes),
         )
         if state.spilled:
             log.info("job %s shard %d: state over its budget, spilling under %s", self.job_id, self.index, self.spill_dir)

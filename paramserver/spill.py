@@ -223,6 +223,8 @@ class TileStore:
         depth: int = 3,
         direct: bool = True,
         device: torch.device | None = None,
+        host: Sequence[bool] = (),
+        stage: bool | None = None,
     ) -> None:
         if not columns:
             raise ValueError("a tile store needs at least one column")
@@ -234,12 +236,19 @@ class TileStore:
             self.tiles.append(TileSpec(pos, length, resident))
             pos += length
         self.numel = pos
+        self.device = device or torch.device("cpu")
+        self.stage = stage if stage is not None else self.device.type != "cpu"
+        """Whether tiles kept in host memory or on disk are copied to the device for each use."""
         self._memory: dict[int, torch.Tensor] = {}
+        self._host: set[int] = {i for i, h in enumerate(host) if h and self.tiles[i].resident}
         self._offsets: dict[int, int] = {}
         offset = 0
         for i, t in enumerate(self.tiles):
-            if t.resident:
-                self._memory[i] = torch.zeros(t.length * len(self.columns), dtype=torch.float32, device=device)
+            if i in self._host:  # host memory (pinned for fast copies when the device is a GPU)
+                pin = self.device.type == "cuda"
+                self._memory[i] = torch.zeros(t.length * len(self.columns), dtype=torch.float32, pin_memory=pin)
+            elif t.resident:
+                self._memory[i] = torch.zeros(t.length * len(self.columns), dtype=torch.float32, device=self.device)
             else:
                 self._offsets[i] = offset
                 offset += self.record_bytes(t.length)
@@ -251,6 +260,8 @@ class TileStore:
         self._ring: list[np.ndarray] = []
         self._scratch: np.ndarray | None = None
         self._live_fd = -1
+        staged = [t.length for i, t in enumerate(self.tiles) if self.stage and (i in self._host or not t.resident)]
+        self._staging = torch.empty(max(staged, default=0) * len(self.columns), dtype=torch.float32, device=self.device)
 
     def record_bytes(self, length: int) -> int:
         """Bytes of one spilled tile's record (its columns, padded to 4 KiB)."""
@@ -258,8 +269,13 @@ class TileStore:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of the resident tiles' columns."""
+        """Bytes of the resident tiles' columns (on the device and in host memory)."""
         return sum(4 * a.numel() for a in self._memory.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the tiles kept in host memory (a GPU shard's second tier)."""
+        return sum(4 * self._memory[i].numel() for i in self._host)
 
     @property
     def spilled_bytes(self) -> int:
@@ -269,7 +285,7 @@ class TileStore:
     def _record(self, index: int, flat: np.ndarray | torch.Tensor) -> torch.Tensor:
         n = self.tiles[index].length
         if isinstance(flat, torch.Tensor):
-            return flat
+            return flat[: n * len(self.columns)]
         return torch.from_numpy(flat[: n * len(self.columns) * ITEM].view(np.float32))
 
     def _views(self, index: int, flat: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -280,6 +296,14 @@ class TileStore:
     def _tile(self, index: int, flat: np.ndarray | torch.Tensor) -> Tile:
         t = self.tiles[index]
         return Tile(index, t.start, t.length, self._views(index, flat), self._record(index, flat))
+
+    def _staged(self, index: int, record: torch.Tensor, write: bool) -> Iterator[Tile]:
+        """Lend a host-side record through the device's staging buffer (copied back unless write=False)."""
+        staging = self._staging[: record.numel()]
+        staging.copy_(record, non_blocking=True)
+        yield self._tile(index, staging)
+        if write:
+            record.copy_(staging)
 
     def read_live(self, index: int, column: str, start: int, count: int, out: np.ndarray) -> None:
         """Elements [start, start + count) of one tile's column, from where the tile lives (memory,
@@ -324,11 +348,17 @@ class TileStore:
         try:
             for i in order:
                 if i in self._memory:
-                    yield self._tile(i, self._memory[i])
+                    if i in self._host and self.stage:
+                        yield from self._staged(i, self._memory[i], write)
+                    else:
+                        yield self._tile(i, self._memory[i])
                     continue
                 reads.pop(i).result()
                 buf = self._buffer(slot_of[i])[: self.record_bytes(self.tiles[i].length)]
-                yield self._tile(i, buf)
+                if self.stage:
+                    yield from self._staged(i, self._record(i, buf), write)
+                else:
+                    yield self._tile(i, buf)
                 if write:
                     assert file is not None
                     writes[i] = self._writer.submit(file.write_from, self._offsets[i], buf)
@@ -410,7 +440,7 @@ class FrozenTiles:
             try:
                 if self._fd < 0:
                     self._fd = os.open(self.side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-                data = record.contiguous().numpy().data.cast("B")
+                data = record.detach().cpu().contiguous().numpy().data.cast("B")
                 done = 0
                 while done < len(data):
                     done += os.pwrite(self._fd, data[done:], self._end + done)

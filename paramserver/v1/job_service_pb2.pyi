@@ -440,6 +440,7 @@ class JobSpec(_message.Message):
     SPIKE_GUARD_FIELD_NUMBER: _builtins.int
     PARAM_GROUPS_FIELD_NUMBER: _builtins.int
     SHARD_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    SHARD_DEVICE_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -459,7 +460,7 @@ class JobSpec(_message.Message):
     snapshot_every_steps: _builtins.int
     """Snapshot policy: snapshot at the first step boundary at or after every
     this many steps (0 = only on demand). A snapshot still being written when
-    the next is due makes the next one be skipped.
+    the next is due defers the next one to the first boundary after it.
     """
     snapshot_keep_last: _builtins.int
     """Keep this many newest snapshots of the job (0 = keep all)."""
@@ -468,13 +469,20 @@ class JobSpec(_message.Message):
     seconds since the last snapshot (or the job's start); 0 = off.
     """
     shard_memory_budget_bytes: _builtins.int
-    """Memory each shard may use for its parameters and optimizer state, in
+    """Host memory each shard may use for its parameters and optimizer state, in
     bytes (0 = unlimited). A shard whose state does not fit keeps what fits
     resident and streams the rest through the update from files under the
-    service's spill directory (CPU shards only). The budget includes the
-    I/O buffers and a 96 MiB allowance for gRPC and block buffers; one too
-    small for them is INVALID_ARGUMENT naming this field. A spill directory
-    that cannot hold the files is RESOURCE_EXHAUSTED (SPILL_DISK_FULL).
+    service's spill directory. The budget includes the I/O buffers and a
+    96 MiB allowance for gRPC and block buffers; one too small for them is
+    INVALID_ARGUMENT naming this field. A spill directory that cannot hold
+    the files is RESOURCE_EXHAUSTED (SPILL_DISK_FULL).
+    """
+    shard_device_memory_budget_bytes: _builtins.int
+    """GPU memory each shard may use for its parameters and optimizer state, in
+    bytes (0 = unlimited; only with shard_num_gpus > 0). Tiles that do not fit
+    on the device live in (pinned) host memory, within
+    shard_memory_budget_bytes, or in spill files beyond it, and are staged
+    to the device for each update.
     """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
@@ -516,10 +524,11 @@ class JobSpec(_message.Message):
         spike_guard: Global___SpikeGuardConfig | None = ...,
         param_groups: _abc.Iterable[Global___ParamGroup] | None = ...,
         shard_memory_budget_bytes: _builtins.int = ...,
+        shard_device_memory_budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -847,7 +856,8 @@ class CreateJobRequest(_message.Message):
     def spec(self) -> Global___JobSpec:
         """The job's description. With restore_from, only num_workers, num_shards,
         shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes,
-        snapshot_every_steps and snapshot_keep_last are read (when non-zero);
+        shard_device_memory_budget_bytes, snapshot_every_steps,
+        snapshot_every_seconds and snapshot_keep_last are read (when non-zero);
         the rest comes from the snapshot.
         """
 

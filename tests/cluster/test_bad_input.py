@@ -177,6 +177,7 @@ def test_non_finite_gradient_skips_the_step_on_every_shard(setup: Setup, bad: fl
         ({"num_workers": 0}, "spec.num_workers"),
         ({"schedule": "warmup_cosine"}, "spec.schedule.parameters.total_steps"),
         ({"spike_window": 1}, "spec.spike_guard.window"),
+        ({"shard_device_memory_budget_bytes": 1 << 30}, "spec.shard_device_memory_budget_bytes"),  # needs GPU shards
         # the optimizer zoo: rules that do not apply to a parameter, bad options
         ({"optimizer": "muon"}, "spec.parameters[1].shape"),
         ({"param_groups": [param_group("g", patterns=["b"], optimizer="galore")]}, "spec.parameters[1].shape"),

@@ -27,6 +27,7 @@ RESTORABLE = {
     "shard_num_cpus",
     "shard_num_gpus",
     "shard_memory_budget_bytes",
+    "shard_device_memory_budget_bytes",
     "snapshot_every_steps",
     "snapshot_keep_last",
     "snapshot_every_seconds",
@@ -83,7 +84,7 @@ def test_settings_match_jobconfig_and_the_proto_types() -> None:
         assert not s.only_with or s.only_with in SETTINGS_BY_NAME, s.name
 
 
-@pytest.mark.parametrize("skip", ["shard_num_gpus", "shard_memory_budget_bytes"])  # a budget needs CPU shards
+@pytest.mark.parametrize("skip", ["", "shard_device_memory_budget_bytes"])
 def test_config_to_spec_to_config_round_trips_every_setting(skip: str) -> None:
     config = _config(skip)
     config.validate()
@@ -98,6 +99,8 @@ def test_each_setting_alone_round_trips_and_lands_on_its_proto_field(setting: Se
     kw: dict[str, Any] = {setting.name: value}
     if setting.only_with:
         kw[setting.only_with] = 8
+    if setting.name == "shard_device_memory_budget_bytes":  # a device budget needs GPU shards
+        kw["shard_num_gpus"] = 1.0
     config = JobConfig(parameters=PARAMS, optimizer="adamw", param_dtypes=(1, 1), **kw)
     spec = config_to_spec(config)
     message: Any = spec
@@ -133,7 +136,7 @@ def test_make_spec_defaults_are_the_jobconfig_defaults() -> None:
 
 def test_make_spec_keywords_are_the_settings() -> None:
     assert dict(SPEC_SETTINGS) == {s.name: s.path for s in SETTINGS}
-    config = _config("shard_num_gpus")
+    config = _config()
     spec = make_spec(SHAPES, **_settings_of(config))
     assert _settings_of(spec_to_config(spec)) == _settings_of(config)
 

@@ -272,3 +272,55 @@ def test_a_failed_copy_aside_fails_the_snapshot_never_the_step(tmp_path: Path) -
     assert err.value.reason == Reason.SNAPSHOT_FAILED
     st.close_snapshot()
     st.close()
+
+
+def tiered(cfg: JobConfig, index: int, spans: Any, directory: Path, disk: bool) -> ShardState:
+    """A shard with the GPU tiers, simulated on the CPU (host tiles staged through a copy): a third
+    of the state on the "device", the rest in host memory, or (disk=True) partly in spill files."""
+    probe = ShardState(cfg, index, spans, storage=Storage(1 << 40, directory, tile=1024, overhead=0, spill=True))
+    state = sum(t.length * 4 * len(probe.columns[g]) for g, tiles in probe.tiles.items() for t in tiles)
+    largest = max(t.length for tiles in probe.tiles.values() for t in tiles)
+    ncols = max(len(c) for c in probe.columns.values())
+    fixed = probe.ring_bytes + probe.tensor_bytes
+    probe.close()
+    device = state // 3 + 4 * largest * (ncols + 1) + probe.tensor_bytes
+    host = fixed + state // 3 if disk else 0
+    storage = Storage(host, directory, tile=1024, overhead=0, spill=disk, device_budget=device, stage=True)
+    return ShardState(cfg, index, spans, storage=storage)
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["device-and-host", "device-host-and-disk"])
+@pytest.mark.parametrize(("name", "hyper", "groups", "clip"), CASES[:5], ids=IDS[:5])  # split rules: several tiles per tensor
+def test_tiles_across_device_host_and_disk_hold_the_same_bits(tmp_path: Path, name: str, hyper: dict[str, Any],
+                                                              groups: tuple[GroupRule, ...], clip: float, disk: bool) -> None:  # fmt: skip
+    """The GPU tiers' logic (tiles on the device within its budget, the rest in host memory or spill
+    files, staged to the device for each use) gives the bits of a resident shard."""
+    from paramserver.shard import Contribution
+
+    cfg = config(name, hyper, groups, clip)
+    total = cfg.total_elements
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(total).astype(np.float32)
+    pairs = []
+    for i, spans in enumerate(cfg.plan()):
+        mem, tier = ShardState(cfg, i, spans), tiered(cfg, i, spans, tmp_path / f"t{i}", disk)
+        assert tier.device_tiers and sum(s.host_bytes for s in tier.stores.values()) > 0
+        assert (sum(s.spilled_bytes for s in tier.stores.values()) > 0) == disk
+        for st in (mem, tier):
+            st.load(feed(st, p0))
+        pairs.append((mem, tier))
+    for step in range(5):
+        grads = [(rng.standard_normal(total) * (1 + step % 3) * 10).astype(np.float32) for _ in range(2)]
+        decisions = []
+        for which in (0, 1):
+            stats = [pair[which].reduce([Contribution(w, 2, feed(pair[which], grads[w], seed=w)) for w in (0, 1)]) for pair in pairs]
+            decisions.append(decide(step, stats, cfg.max_grad_norm))
+            for pair in pairs:
+                pair[which].apply(decisions[-1])
+        assert decisions[0] == decisions[1]
+    for mem, tier in pairs:
+        a, b = mem.snapshot_tensors(), tier.snapshot_tensors()
+        assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+        for dtype, point in ((FLOAT32, TRAIN), (FLOAT32, EVAL)):
+            assert pulled(mem, dtype, point) == pulled(tier, dtype, point)
+        tier.close()
