@@ -324,3 +324,11 @@ def test_tiles_across_device_host_and_disk_hold_the_same_bits(tmp_path: Path, na
         for dtype, point in ((FLOAT32, TRAIN), (FLOAT32, EVAL)):
             assert pulled(mem, dtype, point) == pulled(tier, dtype, point)
         tier.close()
+
+
+def test_a_device_budget_below_one_staged_tile_names_the_field(tmp_path: Path) -> None:
+    cfg = config("adamw", {}, (), 0.0, shards=1)
+    (spans,) = cfg.plan()
+    with pytest.raises(ConfigError) as err:
+        ShardState(cfg, 0, spans, storage=Storage(0, tmp_path, tile=1024, device_budget=1024, stage=True))
+    assert err.value.field == "spec.shard_device_memory_budget_bytes"
