@@ -198,6 +198,16 @@ def test_snapshots_of_spilled_shards_restore_anywhere(tmp_path: Path) -> None:
         st.close()
 
 
+def loaded_spilled(directory: Path) -> tuple[JobConfig, Any, ShardState]:
+    """A one-shard spilled AdamW (AMSGrad, clipped) job with its parameters loaded."""
+    name, hyper, groups, clip = CASES[0]
+    cfg = config(name, hyper, groups, clip, shards=1)
+    (spans,) = cfg.plan()
+    st = budgeted(cfg, 0, spans, directory)
+    st.load(feed(st, np.linspace(-1, 1, cfg.total_elements, dtype=np.float32)))
+    return cfg, spans, st
+
+
 @pytest.mark.parametrize("when", ["steps-before-the-write", "steps-after-the-write"])
 def test_a_spilled_snapshot_holds_its_version_while_training_goes_on(tmp_path: Path, when: str) -> None:
     """The snapshot is opened at version 2 (the only pause); two more steps run before (or after)
@@ -208,12 +218,8 @@ def test_a_spilled_snapshot_holds_its_version_while_training_goes_on(tmp_path: P
     from paramserver.shard import Contribution
     from paramserver.snapshot_store import DirectoryStore, SnapshotReader, SnapshotRef
 
-    name, hyper, groups, clip = CASES[0]
-    cfg = config(name, hyper, groups, clip, shards=1)
-    (spans,) = cfg.plan()
-    st = budgeted(cfg, 0, spans, tmp_path / "spill")
+    cfg, spans, st = loaded_spilled(tmp_path / "spill")
     total = cfg.total_elements
-    st.load(feed(st, np.linspace(-1, 1, total, dtype=np.float32)))
 
     def step(k: int) -> None:
         g = np.random.default_rng(k).standard_normal(total).astype(np.float32)
@@ -252,12 +258,8 @@ def test_a_failed_copy_aside_fails_the_snapshot_never_the_step(tmp_path: Path) -
     from paramserver.shard import Contribution
     from paramserver.snapshot_store import DirectoryStore, SnapshotRef
 
-    name, hyper, groups, clip = CASES[0]
-    cfg = config(name, hyper, groups, clip, shards=1)
-    (spans,) = cfg.plan()
-    st = budgeted(cfg, 0, spans, tmp_path / "spill")
+    cfg, _spans, st = loaded_spilled(tmp_path / "spill")
     total = cfg.total_elements
-    st.load(feed(st, np.linspace(-1, 1, total, dtype=np.float32)))
     with st.lock:
         tensors = st.open_snapshot()
     for frozen in st._frozen.values():
