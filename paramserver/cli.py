@@ -22,6 +22,9 @@ def serve(
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get at shutdown.")] = 5.0,
     snapshot_dir: Annotated[str, typer.Option(help="Where snapshots are written (shared by all nodes).")] = "snapshots",
     spill_dir: Annotated[str, typer.Option(help="Where shards over their memory budget spill state (local NVMe).")] = "spill",
+    shard_start_timeout: Annotated[
+        float, typer.Option(help="Seconds a CreateJob waits for the cluster to place its shards before RESOURCE_EXHAUSTED.")
+    ] = 120.0,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Start the service; stop it with SIGTERM or Ctrl-C."""
@@ -41,6 +44,7 @@ def serve(
             grace_s=grace,
             snapshot_dir=snapshot_dir,
             spill_dir=spill_dir,
+            shard_start_timeout_s=shard_start_timeout,
         )
     )
 

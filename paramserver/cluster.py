@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -22,10 +24,11 @@ from paramserver.coordinator import Coordinator, JobView
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
+from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus
-from paramserver.steps import Decision, ShardStats
+from paramserver.steps import Decision, Redo, ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ T = TypeVar("T")
 RAY_ADDRESS_ENV = "PARAMSERVER_RAY_ADDRESS"
 #: Name of the coordinator actor in the Ray namespace of the service.
 COORDINATOR_NAME = "paramserver-coordinator"
+#: Default bound on starting a job's shards (they wait for cluster resources meanwhile), seconds.
+SHARD_START_TIMEOUT_S = 120.0
 
 
 class _RayShardHost(ShardHost):
@@ -57,8 +62,10 @@ async def _call(ref: Awaitable[T], what: str) -> T:
         if isinstance(cause, ParamServerError):
             raise cause from None
         raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"{what}: {cause!r}") from exc
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+    except ray.exceptions.ActorUnavailableError as exc:  # restarting, or a network blip: it may come back
         raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, f"{what}: actor unavailable ({exc})") from exc
+    except ray.exceptions.RayActorError as exc:  # dead for good (killed, or its node is gone)
+        raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, f"{what}: actor died ({exc})", {"actor": "dead"}) from exc
 
 
 class RayStepReducer:
@@ -68,9 +75,9 @@ class RayStepReducer:
         self.coordinator = coordinator
         self.job_id = job_id
 
-    async def reduce(self, stats: ShardStats, step: int) -> Decision:
+    async def reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
         """Report stats, wait for the decision."""
-        result: Decision = await _call(self.coordinator.reduce_step.remote(self.job_id, step, stats), "reduce_step")
+        result: Decision | Redo = await _call(self.coordinator.reduce_step.remote(self.job_id, step, stats), "reduce_step")
         return result
 
 
@@ -85,6 +92,10 @@ class RayShardHandle:
         """The shard's status."""
         result: ShardStatus = await _call(self.actor.status.remote(), "shard status")
         return result
+
+    async def set_roster(self, roster: Roster) -> None:
+        """Make the shard adopt the job's membership."""
+        await _call(self.actor.set_roster.remote(roster), "shard set_roster")
 
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the shard's parameters and state."""
@@ -113,14 +124,24 @@ class RayShardHandle:
 class RayShardLauncher:
     """Starts shard actors (runs inside the coordinator actor)."""
 
-    def __init__(self, bind_host: str = "127.0.0.1", spill_dir: str = "spill") -> None:
+    def __init__(self, bind_host: str = "127.0.0.1", spill_dir: str = "spill", start_timeout_s: float = SHARD_START_TIMEOUT_S) -> None:
         self.bind_host = bind_host
         self.spill_dir = spill_dir
+        self.start_timeout_s = start_timeout_s
 
     async def launch(
-        self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None
+        self,
+        job_id: str,
+        config: JobConfig,
+        plan: Sequence[list[Span]],
+        restore: Restore | None = None,
+        roster: Roster | None = None,
+        generation: int = 0,
     ) -> list[RayShardHandle]:
-        """One actor per shard, each serving its own port."""
+        """One actor per shard, each serving its own port. RESOURCE_EXHAUSTED
+        (SHARDS_UNSCHEDULABLE) at once when no node of the cluster could ever hold them, or
+        when they are not all placed within the start timeout (the cluster is busy)."""
+        await asyncio.to_thread(check_fits, config, len(plan))
         me = ray.get_runtime_context().current_actor
         reducer = RayStepReducer(me, job_id)
         actors = [
@@ -129,19 +150,58 @@ class RayShardLauncher:
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
                 name=f"paramserver-{job_id}-shard-{i}-{uuid.uuid4().hex[:6]}",
-            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore, self.spill_dir)
+            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore, self.spill_dir, roster, generation)
             for i, spans in enumerate(plan)
         ]
-        handles: list[RayShardHandle] = []
         try:
+            async with asyncio.timeout(self.start_timeout_s):
+                addresses = await asyncio.gather(*(_call(a.start.remote(), "shard start") for a in actors))
+        except TimeoutError:
             for actor in actors:
-                address: str = await _call(actor.start.remote(), "shard start")
-                handles.append(RayShardHandle(actor, address))
+                ray.kill(actor, no_restart=True)
+            free = await asyncio.to_thread(ray.available_resources)
+            raise ParamServerError(
+                "RESOURCE_EXHAUSTED",
+                Reason.SHARDS_UNSCHEDULABLE,
+                f"the {len(plan)} shards of job {job_id!r} ({config.shard_num_cpus:g} CPU and {config.shard_num_gpus:g} GPU each) "
+                f"were not all placed within {self.start_timeout_s:g} s; available now: {free.get('CPU', 0.0):g} CPU, "
+                f"{free.get('GPU', 0.0):g} GPU. Free resources (delete jobs) or ask for fewer.",
+                {"field": "spec.shard_num_gpus" if config.shard_num_gpus else "spec.shard_num_cpus"},
+            ) from None
         except BaseException:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise
-        return handles
+        return [RayShardHandle(a, addr) for a, addr in zip(actors, addresses, strict=True)]
+
+
+def check_fits(config: JobConfig, count: int) -> None:
+    """RESOURCE_EXHAUSTED (SHARDS_UNSCHEDULABLE) naming the setting when the cluster's live nodes
+    could not hold `count` shards even if idle."""
+    cpu, gpu = config.shard_num_cpus, config.shard_num_gpus
+    if not cpu and not gpu:
+        return
+    totals = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+
+    def slots(have: float, need: float) -> float:
+        return math.floor(have / need + 1e-9) if need else math.inf
+
+    fits = sum(min(slots(r.get("CPU", 0.0), cpu), slots(r.get("GPU", 0.0), gpu)) for r in totals)
+    if fits >= count:
+        return
+    short_gpu = gpu > 0 and sum(slots(r.get("GPU", 0.0), gpu) for r in totals) < count
+    field, need, have = (
+        ("shard_num_gpus", gpu, max((r.get("GPU", 0.0) for r in totals), default=0.0))
+        if short_gpu
+        else ("shard_num_cpus", cpu, max((r.get("CPU", 0.0) for r in totals), default=0.0))
+    )
+    raise ParamServerError(
+        "RESOURCE_EXHAUSTED",
+        Reason.SHARDS_UNSCHEDULABLE,
+        f"spec.{field}: {count} shards of {need:g} {field[10:13].upper()} each do not fit on this cluster's {len(totals)} "
+        f"node(s) (the largest has {have:g}); lower spec.{field} or spec.num_shards, or add nodes",
+        {"field": f"spec.{field}", "needed": need * count, "available": have},
+    )
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -165,11 +225,17 @@ def stop_ray() -> None:
 class Cluster:
     """The front door's facade over the coordinator actor."""
 
-    def __init__(self, bind_host: str = "127.0.0.1", snapshot_root: str = "snapshots", spill_root: str = "spill") -> None:
+    def __init__(
+        self,
+        bind_host: str = "127.0.0.1",
+        snapshot_root: str = "snapshots",
+        spill_root: str = "spill",
+        shard_start_timeout_s: float = SHARD_START_TIMEOUT_S,
+    ) -> None:
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
         ).remote(
-            RayShardLauncher(bind_host, os.path.abspath(spill_root)),
+            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s),
             snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
         )
 
@@ -201,14 +267,20 @@ class Cluster:
         result: list[JobView] = await _call(self.coordinator.list_jobs.remote(), "list_jobs")
         return result
 
-    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool]:
+    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool, int, float]:
         """See Coordinator.join_job."""
-        result: tuple[int, JobView, bool] = await _call(self.coordinator.join_job.remote(request_id, job_id, worker_name), "join_job")
+        ref = self.coordinator.join_job.remote(request_id, job_id, worker_name)
+        result: tuple[int, JobView, bool, int, float] = await _call(ref, "join_job")
         return result
 
-    async def leave_job(self, request_id: str, job_id: str, worker_id: int) -> None:
+    async def leave_job(self, request_id: str, job_id: str, worker_id: int, lease: int = 0) -> None:
         """See Coordinator.leave_job."""
-        await _call(self.coordinator.leave_job.remote(request_id, job_id, worker_id), "leave_job")
+        await _call(self.coordinator.leave_job.remote(request_id, job_id, worker_id, lease), "leave_job")
+
+    async def heartbeat(self, job_id: str, worker_id: int, lease: int) -> tuple[int, str, int]:
+        """See Coordinator.heartbeat."""
+        result: tuple[int, str, int] = await _call(self.coordinator.heartbeat.remote(job_id, worker_id, lease), "heartbeat")
+        return result
 
     async def delete_job(self, request_id: str, job_id: str) -> None:
         """See Coordinator.delete_job."""

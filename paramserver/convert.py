@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from paramserver.coordinator import JobView
+from paramserver.coordinator import CREATING, FAILED, RECOVERING, JobView
 from paramserver.errors import ConfigError
 from paramserver.jobconfig import DEFAULT_SCHEDULE, SETTINGS, GroupRule, JobConfig, Setting
 from paramserver.v1 import job_service_pb2 as pb
@@ -102,23 +102,42 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
     return spec
 
 
+_STATES: Mapping[str, pb.JobState.ValueType] = {
+    CREATING: pb.JOB_STATE_CREATING,
+    RECOVERING: pb.JOB_STATE_RECOVERING,
+    FAILED: pb.JOB_STATE_FAILED,
+}
+
+
+def job_state_pb(state: str, initialized: bool) -> pb.JobState.ValueType:
+    """The JobState of a coordinator state (RUNNING is AWAITING_PARAMETERS until every shard has them)."""
+    if state in _STATES:
+        return _STATES[state]
+    return pb.JOB_STATE_RUNNING if initialized else pb.JOB_STATE_AWAITING_PARAMETERS
+
+
 def job_to_pb(v: JobView) -> pb.Job:
     """A JobView as a Job message."""
     job = pb.Job(
         job_id=v.job_id,
         spec=config_to_spec(v.config),
-        state=pb.JOB_STATE_RUNNING if v.initialized else pb.JOB_STATE_AWAITING_PARAMETERS,
+        state=job_state_pb(v.state, v.initialized),
         version=v.version,
         workers=list(v.workers),
         skipped_steps=dict(v.skips),
+        state_reason=v.state_reason,
+        generation=v.generation,
+        recoveries=v.recoveries,
     )
+    for m in v.members:
+        job.members.add(worker_id=m.worker_id, name=m.name, lease=m.lease, idle_s=m.idle_s, lost=m.lost)
     total = 0
     for p in v.config.layout():
         job.layout.add(name=p.name, offset=p.offset, numel=p.numel)
         total += p.numel
     job.total_elements = total
     for s in v.shards:
-        info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized)
+        info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized, unreachable=not s.reachable)
         for f in dataclasses.fields(s.memory):
             setattr(info.memory, f.name, getattr(s.memory, f.name))
         for span in s.spans:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,17 +19,28 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
+from paramserver.membership import Membership, Roster
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
 from paramserver.snapshot_policy import Clock, SnapshotPolicy
 from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, prune, resolve, snapshot_name, verify
 from paramserver.snapshot_stores import open_store
-from paramserver.steps import Decision, ShardStats, SpikeGuard, decide
+from paramserver.steps import Decision, Redo, ShardStats, SpikeGuard, decide
 
 log = logging.getLogger(__name__)
 
 #: Decisions kept per job (a shard retrying an old step gets the same answer).
 DECISIONS_KEPT = 64
+
+
+#: Seconds a shard's status may take before the shard counts as unreachable in a job's view.
+STATUS_TIMEOUT_S = 5.0
+#: Seconds every shard gets to adopt a new roster.
+ROSTER_TIMEOUT_S = 10.0
+#: Seconds between two checks of every running job's shards and leases.
+WATCH_INTERVAL_S = 0.5
+#: Attempts at relaunching a job's shards during a recovery (the cluster may be short of nodes).
+RECOVERY_ATTEMPTS = 10
 
 
 class ShardHandle(Protocol):
@@ -39,6 +50,10 @@ class ShardHandle(Protocol):
 
     async def status(self) -> ShardStatus:
         """The shard's version and state."""
+        ...
+
+    async def set_roster(self, roster: Roster) -> None:
+        """Make the shard adopt `roster` (ignored if it holds a newer one)."""
         ...
 
     async def stop(self) -> None:
@@ -53,8 +68,18 @@ class ShardHandle(Protocol):
 class ShardLauncher(Protocol):
     """Starts the shards of a job."""
 
-    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None) -> list[ShardHandle]:
-        """Start one shard per plan entry (optionally restored) and return their handles once they serve."""
+    async def launch(
+        self,
+        job_id: str,
+        config: JobConfig,
+        plan: Sequence[list[Span]],
+        restore: Restore | None = None,
+        roster: Roster | None = None,
+        generation: int = 0,
+    ) -> list[ShardHandle]:
+        """Start one shard per plan entry (optionally restored, with the job's roster and
+        generation) and return their handles once they serve. Bounded: RESOURCE_EXHAUSTED
+        (SHARDS_UNSCHEDULABLE) when the cluster cannot place them."""
         ...
 
 
@@ -69,6 +94,23 @@ class ShardView:
     initialized: bool
     memory: ShardMemory = field(default_factory=ShardMemory)
     """Budget, resident and spilled bytes, spill traffic and rates."""
+    reachable: bool = True
+    """False when the shard did not answer (its actor or node is gone)."""
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """A member of a job as GetJob shows it."""
+
+    worker_id: int
+    name: str
+    lease: int
+    idle_s: float
+    lost: bool
+
+
+#: Job states (names of paramserver.v1.JobState without the prefix; RUNNING covers AWAITING_PARAMETERS).
+CREATING, RUNNING, RECOVERING, FAILED = "CREATING", "RUNNING", "RECOVERING", "FAILED"
 
 
 @dataclass(frozen=True)
@@ -80,16 +122,22 @@ class JobView:
     shards: tuple[ShardView, ...]
     workers: tuple[int, ...]
     skips: Mapping[str, int] = field(default_factory=dict)
+    state: str = RUNNING
+    state_reason: str = ""
+    members: tuple[MemberView, ...] = ()
+    generation: int = 0
+    recoveries: int = 0
 
     @property
     def initialized(self) -> bool:
-        """Every shard holds parameters."""
-        return all(s.initialized for s in self.shards)
+        """Every shard that answered holds parameters."""
+        live = [s for s in self.shards if s.reachable]
+        return bool(live) and all(s.initialized for s in live)
 
     @property
     def version(self) -> int:
-        """The version every shard has published."""
-        return min(s.version for s in self.shards) if self.initialized else 0
+        """The version every shard that answered has published."""
+        return min(s.version for s in self.shards if s.reachable) if self.initialized else 0
 
 
 @dataclass
@@ -99,22 +147,41 @@ class _Job:
     plan: list[list[Span]]
     shards: list[ShardHandle]
     policy: SnapshotPolicy
-    workers: dict[int, str] = field(default_factory=dict)  # worker id -> name
+    membership: Membership
+    state: str = RUNNING
+    state_reason: str = ""
+    generation: int = 0
+    recoveries: int = 0
+    created: asyncio.Event = field(default_factory=asyncio.Event)
+    create_error: BaseException | None = None
+    launching: asyncio.Task[None] | None = None
+    deleted: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises this job's membership changes (never held across another job's calls)."""
     reports: dict[int, dict[int, ShardStats]] = field(default_factory=dict)
+    waiters: dict[int, dict[int, asyncio.Future[Decision | Redo]]] = field(default_factory=dict)
     decisions: dict[int, Decision] = field(default_factory=dict)
-    decided: dict[int, asyncio.Event] = field(default_factory=dict)
     snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     guard: SpikeGuard | None = None
     nan_handled: bool = False
     skips: dict[str, int] = field(default_factory=dict)
     history_at: dict[int, tuple[tuple[float, ...], dict[str, int]]] = field(default_factory=dict)
+    decided_version: int = 0
+    """The version the latest decision publishes (Heartbeat's answer)."""
+    last_recovery: dict[str, float] = field(default_factory=dict)
+    """Timings of the latest recovery (seconds): detected_at, restored_at, version."""
+
+    @property
+    def workers(self) -> dict[int, str]:
+        """Member worker ids and their names."""
+        return {w: m.name for w, m in self.membership.members.items()}
 
 
 class Coordinator:
     """Owns every job of one service."""
 
     def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots", *, clock: Clock = time.monotonic) -> None:
-        """`clock` (monotonic seconds) drives the jobs' time-based snapshot policy."""
+        """`clock` (monotonic seconds) drives the jobs' time-based snapshot policy and the workers' leases."""
         self.launcher = launcher
         self.clock = clock
         self.store = open_store(snapshot_root)
@@ -122,6 +189,12 @@ class Coordinator:
         self.ledger: Ledger[object] = Ledger()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
 
     def _job(self, job_id: str) -> _Job:
         job = self.jobs.get(job_id)
@@ -129,10 +202,46 @@ class Coordinator:
             raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"no job {job_id!r}", job_id=job_id)
         return job
 
+    def _running(self, job: _Job) -> None:
+        """Raise unless the job can take workers' calls."""
+        if job.state == FAILED:
+            raise ParamServerError.precondition(Reason.JOB_FAILED, f"job {job.job_id!r} failed: {job.state_reason}", job_id=job.job_id)
+        if job.state in (RECOVERING, CREATING):
+            raise ParamServerError(
+                "UNAVAILABLE", Reason.JOB_RECOVERING, f"job {job.job_id!r} is {job.state.lower()}; retry shortly", {"job_id": job.job_id}
+            )
+
+    async def _status(self, shard: ShardHandle) -> ShardStatus | None:
+        try:
+            return await asyncio.wait_for(shard.status(), STATUS_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a lost or hung shard is shown as unreachable
+            return None
+
     async def _view(self, job: _Job) -> JobView:
-        statuses = await asyncio.gather(*(s.status() for s in job.shards))
-        shards = tuple(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory) for i, st in enumerate(statuses))
-        return JobView(job.job_id, job.config, shards, tuple(sorted(job.workers)), dict(job.skips))
+        statuses = await asyncio.gather(*(self._status(s) for s in job.shards))
+        shards = []
+        for i, st in enumerate(statuses):
+            if st is None:
+                shards.append(ShardView(i, job.shards[i].address, tuple(job.plan[i]), 0, False, reachable=False))
+            else:
+                shards.append(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory))
+        now = self.clock()
+        members = tuple(
+            MemberView(m.worker_id, m.name, m.lease, max(0.0, now - m.renewed_at), m.lost)
+            for m in sorted(job.membership.members.values(), key=lambda m: m.worker_id)
+        )
+        return JobView(
+            job.job_id,
+            job.config,
+            tuple(shards),
+            tuple(sorted(job.workers)),
+            dict(job.skips),
+            job.state,
+            job.state_reason,
+            members,
+            job.generation,
+            job.recoveries,
+        )
 
     async def create_job(
         self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: Mapping[str, Any] | None = None
@@ -141,7 +250,8 @@ class Coordinator:
 
         With `restore_from`, the configuration comes from that snapshot (after every file is
         verified), with `overrides` (num_shards, num_workers, ...) applied; the shards load
-        their ranges from it and the job starts at its version."""
+        their ranges from it and the job starts at its version. The shards start outside the
+        coordinator's lock: other calls go on meanwhile, and the launcher bounds the wait."""
         _require(request_id)
         restore: Restore | None = None
         history: list[float] = []
@@ -160,7 +270,7 @@ class Coordinator:
         async with self._lock:
             first = self.ledger.lookup(request_id, ("create", job_id, config.key()))
             if isinstance(first, str):
-                return await self._view(self._job(first))
+                return await self._created(self._job(first))
             job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
             check_job_id(job_id)
             existing = self.jobs.get(job_id)
@@ -177,114 +287,336 @@ class Coordinator:
                         "ALREADY_EXISTS", Reason.JOB_ALREADY_EXISTS, f"job {job_id!r} exists with another description", {"job_id": job_id}
                     )
                 self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
-                return await self._view(existing)
-            config.validate()
-            plan = config.plan()
-            shards = await self.launcher.launch(job_id, config, plan, restore)
-            policy = SnapshotPolicy(every_steps=config.snapshot_every_steps, every_seconds=config.snapshot_every_seconds, clock=self.clock)
-            self.jobs[job_id] = _Job(job_id, config, plan, shards, policy)
-            if config.spike_window:
-                self.jobs[job_id].guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
-            self.jobs[job_id].skips = dict(skips)
-            self.jobs[job_id].nan_handled = config.nan_handled_by_optimizers()
-            if restore is not None:
-                policy.restored(restore.version)
-                log.info(
-                    "job %s restored from %s/%s/%s at version %d", job_id, restore.store, restore.job_id, restore.name, restore.version
+            else:
+                config.validate()
+                plan = config.plan()
+                policy = SnapshotPolicy(
+                    every_steps=config.snapshot_every_steps, every_seconds=config.snapshot_every_seconds, clock=self.clock
                 )
-            self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
-            log.info("created job %s: %d shards, %d workers", job_id, len(shards), config.num_workers)
-            return await self._view(self.jobs[job_id])
+                membership = Membership(config.min_members, config.max_members, config.worker_timeout_s, config.on_worker_lost, self.clock)
+                job = _Job(job_id, config, plan, [], policy, membership, state=CREATING)
+                if config.spike_window:
+                    job.guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
+                job.skips = dict(skips)
+                job.nan_handled = config.nan_handled_by_optimizers()
+                job.decided_version = restore.version if restore is not None else 0
+                self.jobs[job_id] = job
+                self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
+                job.launching = asyncio.get_running_loop().create_task(self._launch(job, request_id, restore))
+            job = self.jobs[job_id]
+        return await self._created(job)
+
+    async def _launch(self, job: _Job, request_id: str, restore: Restore | None) -> None:
+        """Start a new job's shards (a task of its own: a caller that gives up does not cancel it)."""
+        try:
+            shards = await self.launcher.launch(job.job_id, job.config, job.plan, restore, job.membership.roster(), job.generation)
+        except BaseException as exc:
+            job.create_error = exc
+            self.ledger.forget(request_id)
+            if self.jobs.get(job.job_id) is job:
+                del self.jobs[job.job_id]
+            job.created.set()
+            if not isinstance(exc, Exception) and not job.deleted:
+                raise
+            return
+        job.shards = list(shards)
+        if job.deleted:  # deleted while its shards started
+            await asyncio.gather(*(s.stop() for s in shards), return_exceptions=True)
+        else:
+            job.state = RUNNING
+            if restore is not None:
+                job.policy.restored(restore.version)
+                log.info(
+                    "job %s restored from %s/%s/%s at version %d", job.job_id, restore.store, restore.job_id, restore.name, restore.version
+                )
+            log.info("created job %s: %d shards, %d workers", job.job_id, len(shards), job.config.num_workers)
+            self._watch()
+        job.created.set()
+
+    async def _created(self, job: _Job) -> JobView:
+        """The job's view once its creation finished (its error if it failed)."""
+        await job.created.wait()
+        if job.deleted:
+            raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"job {job.job_id!r} was deleted", job_id=job.job_id)
+        if job.create_error is not None:
+            raise job.create_error
+        return await self._view(job)
 
     async def get_job(self, job_id: str) -> JobView:
         """A job with its shard map."""
         return await self._view(self._job(job_id))
 
     async def list_jobs(self) -> list[JobView]:
-        """Every job."""
-        return [await self._view(j) for j in list(self.jobs.values())]
+        """Every job (each shown in whatever state it is: one job's lost shard does not fail the list)."""
+        return list(await asyncio.gather(*(self._view(j) for j in list(self.jobs.values()))))
 
-    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool]:
-        """Assign a worker id: (worker_id, job, whether this worker must upload the parameters)."""
+    async def _push_roster(self, job: _Job) -> None:
+        """Send the job's roster to every shard (bounded; a shard that misses it gets the next)."""
+        roster = job.membership.roster()
+        results = await asyncio.gather(
+            *(asyncio.wait_for(s.set_roster(roster), ROSTER_TIMEOUT_S) for s in job.shards), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise ParamServerError(
+                "UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, f"job {job.job_id!r}: {len(errors)} shard(s) did not take the new membership"
+            )
+        self._recheck(job)
+
+    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool, int, float]:
+        """Admit a worker: (worker_id, job, whether it must upload the parameters, lease, lease timeout)."""
         _require(request_id)
-        async with self._lock:
-            job = self._job(job_id)
+        job = self._job(job_id)
+        async with job.lock:
             first = self.ledger.lookup(request_id, ("join", job_id, worker_name))
-            if isinstance(first, int):
-                wid = first
+            if isinstance(first, tuple):
+                wid, lease = first
             else:
-                named = [w for w, n in job.workers.items() if worker_name and n == worker_name]
-                if named:
-                    wid = named[0]
-                else:
-                    free = [w for w in range(job.config.num_workers) if w not in job.workers]
-                    if not free:
-                        raise ParamServerError.precondition(
-                            Reason.JOB_FULL, f"job {job_id!r} already has {job.config.num_workers} workers", job_id=job_id
-                        )
-                    wid = free[0]
-                    job.workers[wid] = worker_name
-                self.ledger.record(request_id, ("join", job_id, worker_name), wid)
+                self._running(job)
+                member = job.membership.join(worker_name)
+                wid, lease = member.worker_id, member.lease
+                self.ledger.record(request_id, ("join", job_id, worker_name), (wid, lease))
+                log.info("job %s: worker %d (%s) joined with lease %d", job_id, wid, worker_name or "unnamed", lease)
+                await self._push_roster(job)
         view = await self._view(job)
-        return wid, view, (not view.initialized) and wid == 0
+        return wid, view, (not view.initialized) and wid == 0, lease, job.config.worker_timeout_s
 
-    async def leave_job(self, request_id: str, job_id: str, worker_id: int) -> None:
-        """Free a worker id."""
+    async def leave_job(self, request_id: str, job_id: str, worker_id: int, lease: int = 0) -> None:
+        """Remove a member (what it pushed for the open step is discarded on every shard)."""
         _require(request_id)
-        async with self._lock:
-            job = self._job(job_id)
+        job = self._job(job_id)
+        async with job.lock:
             if self.ledger.lookup(request_id, ("leave", job_id, worker_id)) is not None:
                 return
-            if worker_id not in job.workers:
-                raise ParamServerError.not_found(
-                    Reason.WORKER_NOT_FOUND, f"worker {worker_id} is not in job {job_id!r}", worker_id=worker_id
-                )
-            del job.workers[worker_id]
+            job.membership.leave(worker_id, lease)
             self.ledger.record(request_id, ("leave", job_id, worker_id), True)
+            log.info("job %s: worker %d left", job_id, worker_id)
+            await self._push_roster(job)
+
+    async def heartbeat(self, job_id: str, worker_id: int, lease: int) -> tuple[int, str, int]:
+        """Renew a lease: (the latest decided version, the job's state, its generation)."""
+        job = self._job(job_id)
+        lost = job.membership.members.get(worker_id)
+        was_lost = lost is not None and lost.lost
+        job.membership.renew(worker_id, lease)
+        if was_lost:
+            log.info("job %s: worker %d is back", job_id, worker_id)
+            async with job.lock:
+                await self._push_roster(job)
+        return job.decided_version, job.state, job.generation
 
     async def delete_job(self, request_id: str, job_id: str) -> None:
-        """Stop a job's shards and forget it."""
+        """Stop a job's shards and forget it (in any state: a job still starting is stopped as soon
+        as its shards are up)."""
         _require(request_id)
         async with self._lock:
             if self.ledger.lookup(request_id, ("delete", job_id)) is not None:
                 return
             job = self._job(job_id)
             del self.jobs[job_id]
-            for ev in job.decided.values():
-                ev.set()
-            await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)
+            job.deleted = True
             self.ledger.record(request_id, ("delete", job_id), True)
-            log.info("deleted job %s", job_id)
+        if job.launching is not None and not job.launching.done():
+            job.launching.cancel()  # the launcher stops whatever it had started
+        for waiters in job.waiters.values():
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_exception(ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"job {job_id!r} was deleted", job_id=job_id))
+        await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)
+        log.info("deleted job %s", job_id)
 
-    async def reduce_step(self, job_id: str, step: int, stats: ShardStats) -> Decision:
-        """Record one shard's stats for a step; answer the decision once every shard reported."""
+    # ---- steps ------------------------------------------------------------------------------
+
+    async def reduce_step(self, job_id: str, step: int, stats: ShardStats) -> Decision | Redo:
+        """Record one shard's stats for a step; answer the decision once every shard reported the
+        same contributions, from exactly the job's members; a :class:`Redo` to a shard that
+        reduced another set."""
         job = self._job(job_id)
         if step in job.decisions:
             return job.decisions[step]
         job.reports.setdefault(step, {})[stats.shard] = stats
-        event = job.decided.setdefault(step, asyncio.Event())
-        if len(job.reports[step]) == len(job.shards):
-            decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard, job.nan_handled)
-            if not decision.apply:
-                job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
-            # what a snapshot at version step + 1 must carry (training may move on while it is written)
-            job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
-            job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
-            job.decisions[step] = decision
-            if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
-                job.policy.started(step + 1)
-                task = asyncio.get_running_loop().create_task(self._policy_snapshot(job_id))
-                self._tasks.add(task)  # held until done: the loop keeps only weak references
-                task.add_done_callback(self._tasks.discard)
-            for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
-                del job.decisions[old]
-                job.decided.pop(old, None)
-            event.set()
-            return decision
-        await event.wait()
-        if step not in job.decisions:
-            raise ParamServerError.not_found(Reason.JOB_NOT_FOUND, f"job {job_id!r} was deleted", job_id=job_id)
-        return job.decisions[step]
+        waiters = job.waiters.setdefault(step, {})
+        old = waiters.get(stats.shard)
+        if old is not None and not old.done():
+            old.cancel()  # the same shard asking again (a retry): only the newest call is answered
+        fut: asyncio.Future[Decision | Redo] = asyncio.get_running_loop().create_future()
+        waiters[stats.shard] = fut
+        self._try_decide(job, step)
+        return await fut
+
+    def _recheck(self, job: _Job) -> None:
+        """After a membership change: answer the open step's reports that no longer match."""
+        for step in list(job.reports):
+            self._try_decide(job, step)
+
+    def _try_decide(self, job: _Job, step: int) -> None:
+        reports = job.reports.get(step, {})
+        waiters = job.waiters.get(step, {})
+        roster = job.membership.roster()
+        members = roster.members
+        quorum = len(members) >= max(roster.min_workers, 1) and not roster.failed
+        stale = [k for k, r in reports.items() if not quorum or r.contributors != members]
+        for k in stale:  # reduced another set: redo with the members
+            del reports[k]
+            fut = waiters.pop(k, None)
+            if fut is not None and not fut.done():
+                fut.set_result(Redo(step, roster))
+        if len(reports) < len(job.shards):
+            return
+        decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard, job.nan_handled)
+        workers = tuple(w for w, _ in members)
+        decision = dataclasses.replace(decision, workers=workers, missing=job.membership.take_missing(set(workers)))
+        if decision.missing:
+            log.warning("job %s: step %d closed without workers %s", job.job_id, step, list(decision.missing))
+        if not decision.apply:
+            job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
+        # what a snapshot at version step + 1 must carry (training may move on while it is written)
+        job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
+        job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
+        job.decisions[step] = decision
+        job.decided_version = max(job.decided_version, step + 1)
+        if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
+            job.policy.started(step + 1)
+            self._spawn(self._policy_snapshot(job.job_id))
+        for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
+            del job.decisions[old]
+        for fut in job.waiters.pop(step, {}).values():
+            if not fut.done():
+                fut.set_result(decision)
+
+    # ---- leases -----------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Start the watcher of shards and leases (once)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_jobs())
+
+    async def _watch_jobs(self) -> None:
+        """Recover jobs that lost a shard; expire the leases of members nobody heard from."""
+        while True:
+            jobs = [j for j in self.jobs.values() if j.state == RUNNING]
+            tick = min((j.config.worker_timeout_s / 4 for j in jobs), default=WATCH_INTERVAL_S)
+            await asyncio.sleep(min(max(tick, 0.05), WATCH_INTERVAL_S))
+            for job in [j for j in self.jobs.values() if j.state == RUNNING]:
+                try:
+                    lost = await self._lost_shards(job)
+                    if lost and job.state == RUNNING:
+                        job.state = RECOVERING
+                        job.state_reason = f"{Reason.SHARD_LOST}: shard(s) {lost} lost; restoring"
+                        job.last_recovery = {"detected_at": self.clock()}
+                        self._spawn(self._recover(job, lost))
+                    elif job.membership.overdue():
+                        await self._expire(job)
+                except Exception:
+                    log.exception("job %s: watching", job.job_id)
+
+    async def _lost_shards(self, job: _Job) -> list[int]:
+        """The shards whose actor is gone (a slow answer is not a loss)."""
+
+        async def dead(shard: ShardHandle) -> bool:
+            try:
+                await asyncio.wait_for(shard.status(), STATUS_TIMEOUT_S)
+            except ParamServerError as exc:
+                return exc.metadata.get("actor") == "dead"
+            except Exception:  # noqa: BLE001 - a timeout: slow, not lost
+                return False
+            return False
+
+        flags = await asyncio.gather(*(dead(s) for s in job.shards))
+        return [i for i, d in enumerate(flags) if d]
+
+    # ---- recovery ---------------------------------------------------------------------------
+
+    async def _recover(self, job: _Job, lost: list[int]) -> None:
+        """Bring a job that lost shards back to one consistent version: stop the survivors, start
+        every shard again from the newest snapshot that verifies, under a new generation (workers
+        learn it from ABORTED JOB_ROLLED_BACK). No snapshot: the job fails."""
+        log.warning("job %s: shard(s) %s lost; recovering", job.job_id, lost)
+        try:
+            async with job.lock:
+                gone = ParamServerError("UNAVAILABLE", Reason.JOB_RECOVERING, f"job {job.job_id!r} lost a shard and is being restored")
+                for waiters in job.waiters.values():
+                    for fut in waiters.values():
+                        if not fut.done():
+                            fut.set_exception(gone)
+                job.waiters.clear()
+                job.reports.clear()
+                await asyncio.gather(*(asyncio.wait_for(s.stop(), STATUS_TIMEOUT_S) for s in job.shards), return_exceptions=True)
+                found = await asyncio.to_thread(self._restorable, job.job_id)
+                if found is None:
+                    self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot to restore from "
+                                    "(set snapshot_every_steps)")  # fmt: skip
+                    return
+                ref, manifest = found
+                restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+                job.generation += 1
+                shards = await self._relaunch(job, restore)
+                if shards is None:
+                    return
+                if job.deleted:
+                    await asyncio.gather(*(s.stop() for s in shards), return_exceptions=True)
+                    return
+                job.shards = list(shards)
+                job.decisions = {k: v for k, v in job.decisions.items() if k < manifest.version}
+                job.history_at.clear()
+                job.skips = dict(manifest.skips)
+                if job.guard is not None:
+                    c = job.config
+                    job.guard = SpikeGuard(c.spike_window, c.spike_warmup, c.spike_threshold_std, list(manifest.spike_norms))
+                job.policy.restored(manifest.version)
+                job.decided_version = manifest.version
+                job.recoveries += 1
+                job.state, job.state_reason = RUNNING, ""
+                job.last_recovery.update(restored_at=self.clock(), version=float(manifest.version))
+                took = job.last_recovery["restored_at"] - job.last_recovery.get("detected_at", job.last_recovery["restored_at"])
+                log.warning(
+                    "job %s: restored to version %d from %s in %.2f s (generation %d)",
+                    job.job_id, manifest.version, self.store.path(ref), took, job.generation,
+                )  # fmt: skip
+        except Exception as exc:
+            log.exception("job %s: recovery failed", job.job_id)
+            self._fail(job, f"{Reason.SHARD_LOST}: recovery failed: {exc}")
+
+    def _restorable(self, job_id: str) -> tuple[SnapshotRef, Manifest] | None:
+        """The newest committed snapshot of a job whose files verify."""
+        for ref in reversed(self.store.snapshots(job_id)):
+            try:
+                return ref, verify(self.store, ref)
+            except ParamServerError as exc:
+                log.error("job %s: snapshot %s is not usable for recovery: %s", job_id, self.store.path(ref), exc)
+        return None
+
+    async def _relaunch(self, job: _Job, restore: Restore) -> list[ShardHandle] | None:
+        """Start the job's shards from `restore`, retrying while the cluster lacks room."""
+        for attempt in range(1, RECOVERY_ATTEMPTS + 1):
+            try:
+                return await self.launcher.launch(job.job_id, job.config, job.plan, restore, job.membership.roster(), job.generation)
+            except ParamServerError as exc:
+                log.warning("job %s: relaunching its shards failed (attempt %d): %s", job.job_id, attempt, exc)
+                if attempt == RECOVERY_ATTEMPTS or job.deleted:
+                    self._fail(job, f"{Reason.SHARD_LOST}: its shards could not be started again: {exc.message}")
+                    return None
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
+        return None
+
+    def _fail(self, job: _Job, reason: str) -> None:
+        job.state, job.state_reason = FAILED, reason
+        log.error("job %s failed: %s", job.job_id, reason)
+
+    async def _expire(self, job: _Job) -> None:
+        statuses = await asyncio.gather(*(self._status(s) for s in job.shards))
+        for st in statuses:  # a push or pull on a shard renews the lease too
+            for wid, age in (st.last_seen if st is not None else {}).items():
+                job.membership.seen(wid, age)
+        async with job.lock:
+            overdue = job.membership.overdue()
+            for member in overdue:
+                action = job.membership.expire(member)
+                log.warning("job %s: worker %d (%s) lost its lease: %s", job.job_id, member.worker_id, member.name, action)
+                if action == "failed":
+                    job.state, job.state_reason = FAILED, f"{Reason.WORKER_LOST}: {job.membership.failed}"
+            if overdue:
+                await self._push_roster(job)
 
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
         """Take a consistent snapshot (all shards at one version) and commit it once durable."""

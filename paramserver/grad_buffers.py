@@ -42,9 +42,9 @@ class GradBuffer(Protocol):
         buffer it fills (valid until its next read)."""
         ...
 
-    def reduce(self, others: Sequence[GradBuffer], divisor: int) -> None:
-        """self = (self + others[0] + others[1] + ...) / divisor, element-wise in that order (the
-        same bits whatever the kind); no division when divisor is 0."""
+    def assign_sum(self, parts: Sequence[GradBuffer], divisor: int) -> None:
+        """self = (parts[0] + parts[1] + ...) / divisor, element-wise in that order (the same bits
+        whatever the kind); no division when divisor is 0. The parts are left unchanged."""
         ...
 
     def close(self) -> None:
@@ -67,9 +67,17 @@ class MemoryGrad:
         """Views."""
         return [self.values[a : a + n] for a, n in ranges]
 
-    def reduce(self, others: Sequence[GradBuffer], divisor: int) -> None:
-        """Sum in order, then divide."""
-        for o in others:
+    def assign_sum(self, parts: Sequence[GradBuffer], divisor: int) -> None:
+        """Sum in order into this buffer, then divide (one pass over each part)."""
+        first = parts[0].read([(0, self.numel)])[0]
+        if len(parts) == 1:
+            if divisor:
+                torch.div(first, divisor, out=self.values)
+            else:
+                self.values.copy_(first)
+            return
+        torch.add(first, parts[1].read([(0, self.numel)])[0], out=self.values)
+        for o in parts[2:]:
             (values,) = o.read([(0, self.numel)])
             self.values.add_(values)
         if divisor:
@@ -108,14 +116,14 @@ class FileGrad:
     def _read_into(self, local: int, out: torch.Tensor) -> None:
         self.file.read_into(4 * local, out.numpy().view(np.uint8))
 
-    def reduce(self, others: Sequence[GradBuffer], divisor: int) -> None:
-        """Block by block: read, add the others' blocks in order, divide, write back."""
+    def assign_sum(self, parts: Sequence[GradBuffer], divisor: int) -> None:
+        """Block by block: read the first part, add the others' blocks in order, divide, write."""
         n = min(BLOCK, self.numel)
         acc = torch.empty(n)
         for k in range(0, self.numel, BLOCK):
             m = min(BLOCK, self.numel - k)
-            self._read_into(k, acc[:m])
-            for o in others:
+            acc[:m].copy_(parts[0].read([(k, m)])[0])
+            for o in parts[1:]:
                 (part,) = o.read([(k, m)])
                 acc[:m].add_(part)
             if divisor:

@@ -7,7 +7,7 @@ from typing import Any
 from grpc import aio
 
 from paramserver.cluster import Cluster
-from paramserver.convert import job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
+from paramserver.convert import job_state_pb, job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError
 from paramserver.rpc import unary
 from paramserver.v1 import job_service_pb2 as pb
@@ -67,15 +67,25 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def JoinJob(self, request: pb.JoinJobRequest, context: Ctx) -> pb.JoinJobResponse:
         """Join as a worker."""
         _need(request.request_id, "request_id")
-        wid, view, upload = await self.cluster.join_job(request.request_id, _need(request.job_id, "job_id"), request.worker_name)
-        return pb.JoinJobResponse(worker_id=wid, job=job_to_pb(view), upload_parameters=upload)
+        wid, view, upload, lease, timeout = await self.cluster.join_job(
+            request.request_id, _need(request.job_id, "job_id"), request.worker_name
+        )
+        return pb.JoinJobResponse(worker_id=wid, job=job_to_pb(view), upload_parameters=upload, lease=lease, lease_timeout_s=timeout)
 
     @unary
     async def LeaveJob(self, request: pb.LeaveJobRequest, context: Ctx) -> pb.LeaveJobResponse:
         """Leave a job."""
         _need(request.request_id, "request_id")
-        await self.cluster.leave_job(request.request_id, _need(request.job_id, "job_id"), request.worker_id)
+        await self.cluster.leave_job(request.request_id, _need(request.job_id, "job_id"), request.worker_id, request.lease)
         return pb.LeaveJobResponse()
+
+    @unary
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        """Renew a worker's lease."""
+        if not request.lease:
+            raise ConfigError("lease", "required: the lease JoinJob returned")
+        version, state, generation = await self.cluster.heartbeat(_need(request.job_id, "job_id"), request.worker_id, request.lease)
+        return pb.HeartbeatResponse(version=version, state=job_state_pb(state, True), generation=generation)
 
     @unary
     async def DeleteJob(self, request: pb.DeleteJobRequest, context: Ctx) -> pb.DeleteJobResponse:

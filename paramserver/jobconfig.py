@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from paramserver.errors import ConfigError
+from paramserver.membership import CONTINUE, FAIL, WAIT
 from paramserver.optim import Optimizer, Param, Schedule, build, build_schedule
 from paramserver.placement import ParamLayout, Span, layout, plan
 
@@ -85,11 +86,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spike_threshold_std", "spike_guard.threshold_std", 6.0, only_with="spike_window"),
     Setting("shard_memory_budget_bytes", "shard_memory_budget_bytes", 0, restorable=True),
     Setting("shard_device_memory_budget_bytes", "shard_device_memory_budget_bytes", 0, restorable=True),
+    Setting("min_workers", "min_workers", 0, restorable=True),
+    Setting("max_workers", "max_workers", 0, restorable=True),
+    Setting("worker_timeout_s", "worker_timeout_s", 60.0, restorable=True),
+    Setting("on_worker_lost", "on_worker_lost", 1, restorable=True),
 )
 #: The settings by name.
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 #: The schedule of a job that names none.
 DEFAULT_SCHEDULE = "constant"
+
+#: The longest worker lease a job may ask for, seconds (a day).
+MAX_WORKER_TIMEOUT_S = 86400.0
 
 _T = TypeVar("_T", int, float)
 
@@ -147,9 +155,27 @@ class JobConfig:
     """Spike guard: norms seen before it decides anything."""
     spike_threshold_std: float = _default("spike_threshold_std", float)
     """Spike guard: a norm above mean + this many std of the window is skipped."""
+    min_workers: int = _default("min_workers", int)
+    """Members a step needs at least (0 = num_workers); see :attr:`min_members`."""
+    max_workers: int = _default("max_workers", int)
+    """Most members at once (0 = num_workers); see :attr:`max_members`."""
+    worker_timeout_s: float = _default("worker_timeout_s", float)
+    """Seconds a member's lease lasts without a heartbeat, push or pull."""
+    on_worker_lost: int = _default("on_worker_lost", int)
+    """What a lost member does: WAIT (1), CONTINUE (2) or FAIL (3) (paramserver.v1.WorkerLossPolicy)."""
     groups: tuple[GroupRule, ...] = ()
     """Parameter groups; a parameter goes to the group its ParameterSpec.group names, else to
     the first rule that matches it, else to the default group (index 0: the job's optimizer)."""
+
+    @property
+    def min_members(self) -> int:
+        """Members a step needs at least."""
+        return self.min_workers or self.num_workers
+
+    @property
+    def max_members(self) -> int:
+        """Most members at once (worker ids are below it)."""
+        return self.max_workers or max(self.num_workers, self.min_members)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (for snapshot manifests)."""
@@ -273,6 +299,14 @@ class JobConfig:
             raise ConfigError(_spec_field("shard_device_memory_budget_bytes"), "must be >= 0 (0 = unlimited)")
         if self.shard_device_memory_budget_bytes and not self.shard_num_gpus > 0:
             raise ConfigError(_spec_field("shard_device_memory_budget_bytes"), "needs GPU shards (shard_num_gpus > 0)")
+        if self.min_members > self.max_members:
+            raise ConfigError(_spec_field("min_workers"), f"must be <= max_workers ({self.max_members})")
+        if self.num_workers > self.max_members:
+            raise ConfigError(_spec_field("max_workers"), f"must be 0 or >= num_workers ({self.num_workers})")
+        if not (0 < self.worker_timeout_s <= MAX_WORKER_TIMEOUT_S):
+            raise ConfigError(_spec_field("worker_timeout_s"), f"must be in (0, {MAX_WORKER_TIMEOUT_S:g}] seconds (0 = 60)")
+        if self.on_worker_lost not in (WAIT, CONTINUE, FAIL):
+            raise ConfigError(_spec_field("on_worker_lost"), "must be WAIT (1), CONTINUE (2) or FAIL (3)")
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
             raise ConfigError(_spec_field("spike_window"), "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:

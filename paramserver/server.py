@@ -57,6 +57,8 @@ class ServiceConfig:
     """Where snapshots are written (a local or shared directory every shard can reach)."""
     spill_dir: str = "spill"
     """Where shards over their memory budget keep spill files (local NVMe on each node)."""
+    shard_start_timeout_s: float = 120.0
+    """How long a CreateJob waits for the cluster to place its shards (RESOURCE_EXHAUSTED after)."""
 
 
 class Service:
@@ -84,7 +86,7 @@ class Service:
         removed = clean_spill(Path(self.config.spill_dir))  # files of shards that died with a crash
         if removed:
             log.warning("removed %d spill files left by a previous run under %s", len(removed), self.config.spill_dir)
-        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir, self.config.spill_dir)
+        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir, self.config.spill_dir, self.config.shard_start_timeout_s)
         server = aio.server(options=GRPC_OPTIONS)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -113,6 +113,8 @@ class Contribution:
     worker_id: int
     loss_terms: int
     buffer: GradBuffer
+    lease: int = 0
+    """The worker's lease when it pushed (the shards agree on (worker, lease) pairs)."""
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,7 @@ class ShardState:
         for g, grp in self.groups.items():
             self.stores[g] = TileStore(self.columns[g], [(grp.numel, True)], Path("/nonexistent"), DEPTH, device=self.device)
         self.ring_bytes = 0
-        self.grads: GradPool = memory_pool(self.numel, self.config.num_workers + 1)
+        self.grads: GradPool = memory_pool(self.numel, self.config.max_members + 1)
 
     def _plan_tiles(self) -> None:
         """Tiles within the budgets: cut the pieces; in order, each tile goes to the device while it
@@ -340,13 +342,13 @@ class ShardState:
                 stage=self.device_tiers or self.device.type != "cpu",
             )  # fmt: skip
         if not self.spilled:
-            self.grads = memory_pool(self.numel, self.config.num_workers + 1)
+            self.grads = memory_pool(self.numel, self.config.max_members + 1)
             return
         has_eval = any(self.optimizers[g].eval_keys for g in self.groups)
         for k in range(2):
             train = self._file(f"pub-{k}")
             self._pubs.append(_PublicationFiles(train, self._file(f"pub-{k}-eval") if has_eval else None))
-        self.grads = file_pool(directory, f"shard-{self.index}", self.numel, self.config.num_workers + 1)
+        self.grads = file_pool(directory, f"shard-{self.index}", self.numel, self.config.max_members + 1)
 
     def _file(self, name: str) -> SpillFile:
         assert self.storage.directory is not None
@@ -433,24 +435,31 @@ class ShardState:
             p.param.index: self.optimizers[g].init_tensor_state(p, self.device) for g, grp in self.groups.items() for p in grp.pieces
         }
 
-    def reduce(self, contributions: Sequence[Contribution]) -> ShardStats:
-        """Sum the workers' gradients in worker-id order (deterministic), divide by the total
-        loss-term count, and return this shard's scalars. The buffers are consumed."""
+    def reduce(self, contributions: Sequence[Contribution], *, keep: bool = False) -> ShardStats:
+        """Sum the workers' gradients in worker-id order (deterministic) into the step's gradient
+        buffer, divide by the total loss-term count, and return this shard's scalars. The
+        contributions' buffers are given back, unless `keep` (the runtime keeps them until the
+        coordinator agrees on the set of contributions: see :meth:`settle`)."""
         ordered = sorted(contributions, key=lambda c: c.worker_id)
         n = sum(c.loss_terms for c in ordered)
-        total = ordered[0].buffer
-        total.reduce([c.buffer for c in ordered[1:]], n)
-        for c in ordered[1:]:
-            self.grads.release(c.buffer)
         if self._grad is not None:
             self.grads.release(self._grad)
-        self._grad = total
+        total = self._grad = self.grads.acquire()
+        total.assign_sum([c.buffer for c in ordered], n)
+        if not keep:
+            self.settle(ordered)
+        contributors = tuple((c.worker_id, c.lease) for c in ordered)
         if n == 0:
-            return ShardStats(self.index, NormPart(), 0)
-        stats = ShardStats(self.index, self.norm_part(total), n)
+            return ShardStats(self.index, NormPart(), 0, contributors)
+        stats = ShardStats(self.index, self.norm_part(total), n, contributors)
         if self.spilled:
             trim_heap()
         return stats
+
+    def settle(self, contributions: Sequence[Contribution]) -> None:
+        """Give back the buffers of reduced contributions (their sum is the step's gradient)."""
+        for c in contributions:
+            self.grads.release(c.buffer)
 
     def set_gradient(self, local: torch.Tensor) -> None:
         """Make `local` (this shard's elements, local order) the step's reduced gradient, without
@@ -504,7 +513,10 @@ class ShardState:
             outcome = Outcome.SKIPPED
         if self.spilled:
             trim_heap()
-        report = StepReport(decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms)
+        report = StepReport(
+            decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms,
+            decision.workers, decision.missing,
+        )  # fmt: skip
         self.version = decision.step + 1
         self.last_report = report
         return report
@@ -837,7 +849,7 @@ def in_memory_bytes(state: ShardState) -> int:
     """What the shard holds when nothing is spilled: parameters, flat state, the gradient, the
     workers' scratch buffers and the cached fp32 encoding of a version."""
     flat = sum(4 * grp.numel * (len(state.columns[g]) - 1) for g, grp in state.groups.items())
-    return 4 * state.numel * (state.config.num_workers + 3) + flat
+    return 4 * state.numel * (state.config.max_members + 3) + flat
 
 
 def _groups(config: JobConfig, spans: Sequence[Span]) -> dict[int, _Group]:

@@ -20,6 +20,7 @@ from grpc import aio
 from paramserver import snapshot_names as names
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
+from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
@@ -63,6 +64,8 @@ class ShardHost:
         bind_host: str = "127.0.0.1",
         restore: Restore | None = None,
         spill_dir: str = "spill",
+        roster: Roster | None = None,
+        generation: int = 0,
     ) -> None:
         self.job_id = job_id
         self.config = config
@@ -71,6 +74,8 @@ class ShardHost:
         self.reducer = reducer
         self.bind_host = bind_host
         self.restore = restore
+        self.roster = roster
+        self.generation = generation
         self.spill_dir = Path(spill_dir) / job_id
         self.address = ""
         self._server: aio.Server | None = None
@@ -118,7 +123,7 @@ class ShardHost:
                 ledger = reader.metadata(0).get(names.META_LEDGER, "[]")
             finally:
                 reader.close()
-        self.runtime = ShardRuntime(state, self.reducer)
+        self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation)
         self.runtime.load_ledger(json.loads(ledger))
         server = aio.server(options=GRPC_OPTIONS)
         add_shard_service(ShardServicer(self.job_id, self.runtime), server)
@@ -134,7 +139,14 @@ class ShardHost:
         """Version, initialisation state and memory."""
         assert self.runtime is not None
         s = self.runtime.state
-        return ShardStatus(self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory())
+        return ShardStatus(
+            self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory(), self.runtime.last_seen()
+        )
+
+    async def set_roster(self, roster: Roster) -> None:
+        """Adopt the job's newer membership (see ShardRuntime.set_roster)."""
+        assert self.runtime is not None
+        await self.runtime.set_roster(roster)
 
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the parameters and optimizer state (inspection and tests)."""

@@ -29,10 +29,11 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.grad_buffers import GradBuffer
 from paramserver.ledger import Ledger
 from paramserver.manifest import ShardEntry
+from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.shard import Contribution, Landed, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
-from paramserver.steps import Decision, Outcome, ShardStats, StepReport
+from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.wire import encode_blocks, wire_tensor
 from paramserver_client.codec import EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
 
@@ -47,12 +48,17 @@ LEDGER_STEPS_KEPT = 64
 #: Seconds between attempts when the coordinator cannot be reached during a step.
 REDUCE_RETRY_S = 0.5
 
+#: The longest a pull waits for its version when the call has no deadline, seconds.
+MAX_PULL_WAIT_S = 3600.0
+
 
 class StepReducer(Protocol):
     """Turns this shard's stats for a step into the decision shared by all shards."""
 
-    async def reduce(self, stats: ShardStats, step: int) -> Decision:
-        """Report `stats` for `step` and wait for the decision (idempotent per shard and step)."""
+    async def reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
+        """Report `stats` for `step` and wait for the decision (idempotent per shard and step), or
+        for a :class:`Redo` when this shard reduced another set of contributions than the job's
+        members."""
         ...
 
 
@@ -76,6 +82,8 @@ class PushHeader:
     step: int
     request_id: str
     loss_terms: int
+    lease: int = 0
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,17 @@ class Pull:
 class ShardRuntime:
     """Orchestrates one shard's synchronous steps."""
 
-    def __init__(self, state: ShardState, reducer: StepReducer) -> None:
+    def __init__(self, state: ShardState, reducer: StepReducer, roster: Roster | None = None, generation: int = 0) -> None:
         self.state = state
         self.reducer = reducer
-        self.expected = state.config.num_workers
+        self.max_workers = state.config.max_members
+        self.roster = roster or Roster(0, (), state.config.min_members)
+        self.generation = generation
+        self.resume_version = state.version
+        """The version this generation of the job started from (a rollback's target)."""
         self._pending: dict[int, Contribution] = {}
+        self._requests: dict[int, str] = {}  # worker id -> request id of its pending push
+        self._seen: dict[int, float] = {}  # worker id -> loop time of its last push or pull
         self._push_ledger: Ledger[asyncio.Future[PushResult]] = Ledger()
         self._upload_ledger: Ledger[int] = Ledger(capacity=64)
         self._published = asyncio.Condition()
@@ -206,16 +220,115 @@ class ShardRuntime:
         await self._notify()
         return self.state.numel
 
+    # ---- membership -----------------------------------------------------------------------
+
+    @property
+    def expected(self) -> int:
+        """Contributions the open step waits for: the members (at least min_workers)."""
+        return max(len(self.roster.members), self.roster.min_workers)
+
+    def check_member(self, worker_id: int, lease: int, generation: int, field: str = "header") -> None:
+        """Raise unless `worker_id` holds `lease` in the current roster of this `generation` of
+        the job; records the call (a pushing or pulling worker's lease is alive)."""
+        if generation != self.generation:
+            if generation < self.generation:
+                raise ParamServerError(
+                    "ABORTED",
+                    Reason.JOB_ROLLED_BACK,
+                    f"the job was restored to version {self.resume_version} after losing a shard (generation {self.generation}); "
+                    f"pull version {self.resume_version} and continue from that step",
+                    {"resume_version": self.resume_version, "generation": self.generation},
+                )
+            raise ParamServerError.invalid(f"{field}.generation", f"{generation} is newer than this shard's ({self.generation})")
+        if self.roster.failed:
+            raise ParamServerError.precondition(Reason.JOB_FAILED, f"the job failed: {self.roster.failed}")
+        if worker_id >= self.max_workers:
+            raise ParamServerError.invalid(f"{field}.worker_id", f"must be < max_workers ({self.max_workers})", worker_id=worker_id)
+        if lease == 0:
+            raise ParamServerError.invalid(f"{field}.lease", "required: the lease JoinJob returned", worker_id=worker_id)
+        held = self.roster.lease_of(worker_id)
+        if held != lease:
+            superseded = held is not None and lease < held
+            raise ParamServerError(
+                "ABORTED",
+                Reason.LEASE_SUPERSEDED if superseded else Reason.LEASE_EXPIRED,
+                f"worker {worker_id} rejoined; lease {lease} is an older incarnation"
+                if superseded
+                else f"worker {worker_id} holds no lease {lease} (it left or its lease expired): join again",
+                {"worker_id": worker_id, "current_version": self.state.version},
+            )
+        self._seen[worker_id] = asyncio.get_running_loop().time()
+
+    def last_seen(self) -> dict[int, float]:
+        """Seconds since each worker's last push or pull here."""
+        now = asyncio.get_running_loop().time()
+        return {w: now - t for w, t in self._seen.items()}
+
+    async def set_roster(self, roster: Roster) -> None:
+        """Adopt a newer roster: drop pending contributions of workers that are no longer members
+        with that lease, wake waiting pulls, and close the step if it is now complete."""
+        if roster.epoch <= self.roster.epoch:
+            return
+        self.roster = roster
+        if self._completing is None:
+            self._drop_non_members()
+            self._maybe_complete(None)
+        await self._notify()
+
+    def _drop_non_members(self) -> None:
+        for wid, c in list(self._pending.items()):
+            if self.roster.lease_of(wid) != c.lease:
+                del self._pending[wid]
+                self._push_ledger.forget(self._requests.pop(wid, ""))  # a retry is checked again
+                self.state.grads.release(c.buffer)
+                log.info("shard %d: dropped worker %d's push (lease %d ended)", self.state.index, wid, c.lease)
+
+    def waiting_for(self) -> list[int]:
+        """The members whose push the open step still waits for."""
+        return [w for w, _ in self.roster.members if w not in self._pending]
+
+    def _ready(self) -> bool:
+        members = self.roster.members
+        return (
+            not self.roster.failed
+            and len(members) >= max(self.roster.min_workers, 1)
+            and len(self._pending) == len(members)
+            and all(w in self._pending and self._pending[w].lease == lease for w, lease in members)
+        )
+
+    def _maybe_complete(self, fut: asyncio.Future[PushResult] | None, owner: int = -1) -> None:
+        """Start closing the step when every member's push is in; else answer `fut` (the push of
+        worker `owner`) PENDING, or ABORTED if its contribution was dropped meanwhile."""
+        if fut is not None and owner not in self._pending and not fut.done():
+            fut.set_exception(
+                ParamServerError(
+                    "ABORTED",
+                    Reason.LEASE_EXPIRED,
+                    f"worker {owner}'s push for step {self.state.version} was discarded: its lease ended before the step closed",
+                    {"worker_id": owner, "current_version": self.state.version},
+                )
+            )
+            fut.exception()  # retrieved: a caller that gave up does not leave it unobserved
+            fut = None
+        if self._completing is None and self._ready():
+            contributions = [self._pending[w] for w, _ in self.roster.members]
+            self._completing = asyncio.get_running_loop().create_task(self._complete(self.state.version, contributions, fut, owner))
+        elif fut is not None and not fut.done():
+            fut.set_result(PushResult(Outcome.PENDING, self.state.version, len(self._pending), self.expected, None))
+
     # ---- pushes ---------------------------------------------------------------------------
 
-    def _push_answer(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
+    async def _push_answer(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
         """Check a push against the step machine: the first answer's future for a retried request
         id; otherwise None if it may contribute, or the error that says why not."""
-        first = self._push_ledger.lookup(h.request_id, (h.worker_id, h.step))
+        first = self._push_ledger.lookup(h.request_id, (h.worker_id, h.lease, h.step))
         if first is not None:
             return first
+        self.check_member(h.worker_id, h.lease, h.generation)
         if not self.state.initialized:
             raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet")
+        while self._completing is not None and h.worker_id not in self._pending:  # the step is closing without it
+            await asyncio.shield(self._completing)
         version = self.state.version
         if h.step < version:
             raise ParamServerError(
@@ -243,58 +356,69 @@ class ShardRuntime:
     async def push(self, h: PushHeader, chunks: AsyncIterator[Chunk]) -> PushResult:
         """One worker's gradient for one step: the header is validated before any chunk is read;
         the step's state is checked again when the stream is complete (it may have moved while
-        the chunks arrived); the step completes when every worker is in."""
+        the chunks arrived); the step closes when every member is in."""
         _require_request_id(h.request_id)
-        if h.worker_id >= self.expected:
-            raise ParamServerError.invalid("header.worker_id", f"must be < num_workers ({self.expected})", worker_id=h.worker_id)
-        first = self._push_answer(h)
+        first = await self._push_answer(h)
         if first is not None:
             return await asyncio.shield(first)
         buffer = await self._receive(chunks)
         try:
-            first = self._push_answer(h)
-        except ParamServerError:
+            first = await self._push_answer(h)
+        except BaseException:
             self.state.grads.release(buffer)
             raise
         if first is not None:
             self.state.grads.release(buffer)
             return await asyncio.shield(first)
         fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
-        self._push_ledger.record(h.request_id, (h.worker_id, h.step), fut)
-        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer)
-        count = len(self._pending)
-        if count < self.expected:
-            fut.set_result(PushResult(Outcome.PENDING, self.state.version, count, self.expected, None))
-            return fut.result()
-        contributions = list(self._pending.values())
-        self._completing = asyncio.create_task(self._complete(h.step, contributions, fut))
+        self._push_ledger.record(h.request_id, (h.worker_id, h.lease, h.step), fut)
+        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer, h.lease)
+        self._requests[h.worker_id] = h.request_id
+        self._maybe_complete(fut, h.worker_id)
         return await asyncio.shield(fut)
 
-    async def _complete(self, step: int, contributions: list[Contribution], fut: asyncio.Future[PushResult]) -> None:
+    async def _reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
+        """The coordinator's answer for this shard's stats (retried while it cannot be reached)."""
+        while True:
+            try:
+                return await self.reducer.reduce(stats, step)
+            except ParamServerError as exc:
+                if exc.code != "UNAVAILABLE" or self._closed:
+                    raise
+                log.warning("shard %d: step %d reduction unavailable (%s); retrying", self.state.index, step, exc)
+            except Exception as exc:  # the coordinator is unreachable: retry, the answer is idempotent
+                if self._closed:
+                    raise
+                log.warning("shard %d: step %d reduction failed (%s); retrying", self.state.index, step, exc)
+            await asyncio.sleep(REDUCE_RETRY_S)
+
+    async def _complete(
+        self, step: int, contributions: list[Contribution], fut: asyncio.Future[PushResult] | None, owner: int = -1
+    ) -> None:
+        """Reduce, agree with the other shards through the coordinator, apply, publish. The
+        contributions are kept until the coordinator agrees that every shard reduced the same
+        (worker, lease) pairs; on a :class:`Redo` the step waits for the members again."""
         try:
-            stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions)
-            while True:
-                try:
-                    decision = await self.reducer.reduce(stats, step)
-                    break
-                except ParamServerError as exc:
-                    if exc.code != "UNAVAILABLE" or self._closed:
-                        raise
-                    log.warning("shard %d: step %d reduction unavailable (%s); retrying", self.state.index, step, exc)
-                    await asyncio.sleep(REDUCE_RETRY_S)
-                except Exception as exc:  # the coordinator is unreachable: retry, the answer is idempotent
-                    if self._closed:
-                        raise
-                    log.warning("shard %d: step %d reduction failed (%s); retrying", self.state.index, step, exc)
-                    await asyncio.sleep(REDUCE_RETRY_S)
+            stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions, keep=True)
+            decision = await self._reduce(stats, step)
+            if isinstance(decision, Redo):
+                self._completing = None
+                if decision.roster.epoch > self.roster.epoch:
+                    self.roster = decision.roster
+                self._drop_non_members()
+                self._maybe_complete(fut, owner)
+                return
+            self.state.settle(contributions)
             report = await asyncio.to_thread(self._locked, self._apply, decision)
             self._pending.clear()
+            self._requests.clear()
             self._completing = None
-            fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
+            if fut is not None:
+                fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
             await self._notify()
         except BaseException as exc:
             self._completing = None
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(
                     exc if isinstance(exc, Exception) else ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard stopping")
                 )
@@ -309,22 +433,64 @@ class ShardRuntime:
 
     # ---- pulls ----------------------------------------------------------------------------
 
-    async def wait_version(self, min_version: int) -> None:
-        """Wait until parameters exist and version >= min_version (the caller's deadline bounds it)."""
-        async with self._published:
-            await self._published.wait_for(lambda: self._closed or (self.state.initialized and self.state.version >= min_version))
+    async def wait_version(self, min_version: int, timeout: float | None = None) -> None:
+        """Wait until parameters exist and version >= min_version, at most `timeout` seconds:
+        then DEADLINE_EXCEEDED (STEP_WAITING_FOR_WORKERS) naming the workers the step waits for."""
+
+        def ready() -> bool:
+            return self._closed or bool(self.roster.failed) or (self.state.initialized and self.state.version >= min_version)
+
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else MAX_PULL_WAIT_S), self._published:
+                await self._published.wait_for(ready)
+        except TimeoutError:
+            raise self._waiting_error(min_version) from None
         if self._closed:
             raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "the shard is shutting down")
+        if self.roster.failed:
+            raise ParamServerError.precondition(Reason.JOB_FAILED, f"the job failed: {self.roster.failed}")
 
-    async def pull(self, min_version: int, dtype: int, ranges: Sequence[Span] = (), point: int = TRAIN) -> Pull:
+    def _waiting_error(self, min_version: int) -> ParamServerError:
+        version = self.state.version
+        if not self.state.initialized:
+            what = "the parameters have not been uploaded yet"
+            waiting: list[int] = []
+        else:
+            waiting = self.waiting_for()
+            members = len(self.roster.members)
+            what = f"step {version} waits for workers {waiting}" if waiting else f"step {version} is being applied"
+            if members < self.roster.min_workers:
+                what += f" and for members to join ({members} of at least min_workers={self.roster.min_workers})"
+        return ParamServerError(
+            "DEADLINE_EXCEEDED",
+            Reason.STEP_WAITING_FOR_WORKERS,
+            f"version {min_version} was not published within the call's deadline: {what}",
+            {"waiting_for": ",".join(str(w) for w in waiting), "current_version": version},
+        )
+
+    async def pull(
+        self,
+        min_version: int,
+        dtype: int,
+        ranges: Sequence[Span] = (),
+        point: int = TRAIN,
+        *,
+        worker_id: int = 0,
+        lease: int = 0,
+        generation: int = 0,
+        timeout: float | None = None,
+    ) -> Pull:
         """The parameters (at `point`) of version >= min_version, encoded in `dtype` (optionally a
-        subset of ranges). The whole-shard encoding is cached per dtype and point until the next
-        version, so several workers pulling one version share one encoding."""
+        subset of ranges), for a member holding `lease`; waits at most `timeout` seconds. The
+        whole-shard encoding is cached per dtype and point until the next version, so several
+        workers pulling one version share one encoding."""
         if dtype not in ITEMSIZE:
             raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
         if point not in (TRAIN, EVAL):
             raise ParamServerError.invalid("point", f"unknown parameter point {point}")
-        await self.wait_version(min_version)
+        self.check_member(worker_id, lease, generation, field="request")
+        await self.wait_version(min_version, timeout)
+        self.check_member(worker_id, lease, generation, field="request")  # still a member after the wait
 
         def read() -> Pull:
             state = self.state
@@ -408,12 +574,12 @@ class ShardRuntime:
         """The answered pushes of steps >= since_step, as JSON-able data (for snapshots)."""
         out = []
         for request_id, fingerprint, fut in self._push_ledger.items():
-            worker, step = cast(tuple[int, int], fingerprint)
+            worker, lease, step = cast(tuple[int, int, int], fingerprint)
             if step < since_step or step >= self.state.version or not fut.done() or fut.exception() is not None:
                 continue
             r = fut.result()
             report = None if r.report is None else {**dataclasses.asdict(r.report), "outcome": r.report.outcome.value}
-            out.append({"request_id": request_id, "worker": worker, "step": step, "outcome": r.outcome.value,
+            out.append({"request_id": request_id, "worker": worker, "lease": lease, "step": step, "outcome": r.outcome.value,
                         "version": r.version, "contributions": r.contributions, "expected": r.expected, "report": report})  # fmt: skip
         return out
 
@@ -423,10 +589,12 @@ class ShardRuntime:
         loop = asyncio.get_running_loop()
         for e in entries:
             rep = e.get("report")
-            report = None if rep is None else StepReport(**{**rep, "outcome": Outcome(rep["outcome"])})
+            report = None if rep is None else StepReport(**{**rep, "outcome": Outcome(rep["outcome"]),
+                                                             "workers": tuple(rep.get("workers", ())),
+                                                             "missing_workers": tuple(rep.get("missing_workers", ()))})  # fmt: skip
             fut: asyncio.Future[PushResult] = loop.create_future()
             fut.set_result(PushResult(Outcome(e["outcome"]), e["version"], e["contributions"], e["expected"], report))
-            self._push_ledger.record(e["request_id"], (e["worker"], e["step"]), fut)
+            self._push_ledger.record(e["request_id"], (e["worker"], e.get("lease", 0), e["step"]), fut)
 
     # ---- lifecycle --------------------------------------------------------------------------
 

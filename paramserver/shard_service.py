@@ -31,6 +31,8 @@ def report_pb(r: StepReport | None) -> pb.StepReport | None:
         clip_coef=r.clip_coef,
         lr=r.lr,
         loss_terms=r.loss_terms,
+        workers=list(r.workers),
+        missing_workers=list(r.missing_workers),
     )
 
 
@@ -87,7 +89,7 @@ class ShardServicer:
     async def PushGradients(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.PushGradientsResponse:
         """One worker's gradient for one step."""
         h = await self._header(request_iterator, pb.PushGradientsRequest, "push")
-        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms)
+        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation)
         return _push_pb(await self.runtime.push(header, self._chunks(request_iterator)))
 
     @streaming
@@ -95,7 +97,17 @@ class ShardServicer:
         """This shard's parameters once min_version is published."""
         self._check_job(request.job_id)
         ranges = [Span(r.start, r.length) for r in request.ranges]
-        pull = await self.runtime.pull(request.min_version, request.dtype or FLOAT32, ranges, request.point or TRAIN)
+        remaining = context.time_remaining()
+        pull = await self.runtime.pull(
+            request.min_version,
+            request.dtype or FLOAT32,
+            ranges,
+            request.point or TRAIN,
+            worker_id=request.worker_id,
+            lease=request.lease,
+            generation=request.generation,
+            timeout=None if remaining is None else max(0.0, remaining - deadline_margin(remaining)),
+        )
         yield pb.PullParametersResponse(
             header=pb.PullHeader(
                 version=pull.version, elements=pull.elements, last_step=report_pb(pull.report), frozen_parameters=pull.frozen
@@ -107,6 +119,12 @@ class ShardServicer:
             return
         async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
             yield message
+
+
+def deadline_margin(remaining: float) -> float:
+    """How long before a call's deadline a waiting pull gives up, so that its answer (which
+    names the workers the step waits for) reaches the caller before the caller's own timeout."""
+    return min(1.0, 0.1 * remaining)
 
 
 def _parse(message: Any, raw: bytes, what: str) -> Any:

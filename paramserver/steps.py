@@ -16,6 +16,7 @@ from enum import Enum
 
 from paramserver.errors import Reason
 from paramserver.gradnorm import NormPart, sum_of_squares
+from paramserver.membership import Roster
 
 #: torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 CLIP_EPS = 1e-6
@@ -38,6 +39,8 @@ class ShardStats:
     """This shard's share of the squared norm of G / N (see paramserver.gradnorm)."""
     loss_terms: int
     """Sum of the workers' loss_terms as this shard received them."""
+    contributors: tuple[tuple[int, int], ...] = ()
+    """(worker id, lease) of the contributions reduced, ascending: every shard must reduce the same."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ class Decision:
     grad_norm: float
     clip_coef: float
     loss_terms: int
+    workers: tuple[int, ...] = ()
+    """The workers whose gradients made the step."""
+    missing: tuple[int, ...] = ()
+    """Members removed while the step was open whose gradients are not in it."""
+
+
+@dataclass(frozen=True)
+class Redo:
+    """The coordinator's answer when a shard reduced another set of contributions than the job's
+    members: adopt `roster`, drop what is not in it and reduce again once every member is in."""
+
+    step: int
+    roster: Roster
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,8 @@ class StepReport:
     clip_coef: float
     lr: float
     loss_terms: int
+    workers: tuple[int, ...] = ()
+    missing_workers: tuple[int, ...] = ()
 
 
 class SpikeGuard:

@@ -10,6 +10,8 @@
  * (grad file: {"loss_terms": n, "grad": [...]}), pulls version 1 and writes
  * {"worker_id", "version0", "version1", "version"} to the output file. Then
  * it leaves the job. Exit status 0 on success, 1 with a message otherwise.
+ * The Worker sends its lease and the job's generation with every push and
+ * pull and renews the lease with heartbeats until it leaves.
  */
 
 const fs = require('node:fs');

@@ -8,7 +8,7 @@
  *   if (worker.uploadParameters) await worker.upload(initialParams);   // Float32Array
  *   const { version, params } = await worker.pull(0);
  *   await worker.push(0, grad, lossTerms);                             // Float32Array, integer
- *   await worker.leave();
+ *   await worker.leave();                                              // also stops the heartbeats
  *
  * The contract is protos/paramserver/v1/*.proto, loaded at run time with
  * @grpc/proto-loader. Control-plane calls (JobService) go to the front door;
@@ -16,6 +16,12 @@
  * concurrently. Every call carries a deadline and every mutating call a fresh
  * request_id. Failures are thrown as ParamServerError, which carries the gRPC
  * status code and, when the server sent one, the google.rpc.ErrorInfo reason.
+ *
+ * A joined worker holds a lease (JoinJobResponse.lease) and knows the job's
+ * generation (Job.generation); both go into every push header and pull
+ * request. A Worker created by join() renews its lease with a Heartbeat every
+ * lease_timeout_s / 3 seconds (pushes and pulls renew it too) until leave()
+ * or close().
  */
 
 const crypto = require('node:crypto');
@@ -34,8 +40,8 @@ const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
 const PROTO_FILES = ['paramserver/v1/job_service.proto', 'paramserver/v1/shard_service.proto'];
 
 /**
- * Loader options. uint64 fields (offsets, counts, versions, loss_terms) are
- * decoded as decimal strings so that no value is silently rounded; toInt()
+ * Loader options. uint64 fields (offsets, counts, versions, loss_terms,
+ * leases, generations) are decoded as decimal strings so that no value is silently rounded; toInt()
  * turns them into Numbers after checking that they are exact. Enums are
  * Numbers, unset fields get their defaults and `msg.kind` names the member of
  * a oneof that is set ("header" or "chunk").
@@ -66,7 +72,9 @@ const ParameterPoint = Object.freeze({ UNSPECIFIED: 0, TRAIN: 1, EVAL: 2 });
 const StepOutcome = Object.freeze({ UNSPECIFIED: 0, PENDING: 1, APPLIED: 2, SKIPPED: 3 });
 
 /** JobState enum values. */
-const JobState = Object.freeze({ UNSPECIFIED: 0, AWAITING_PARAMETERS: 1, RUNNING: 2 });
+const JobState = Object.freeze({
+  UNSPECIFIED: 0, AWAITING_PARAMETERS: 1, RUNNING: 2, CREATING: 3, RECOVERING: 4, FAILED: 5,
+});
 
 /** Elements per pushed/uploaded chunk: 1 MiB of fp32, the size the protos recommend. */
 const CHUNK_ELEMENTS = 262144;
@@ -415,15 +423,34 @@ class JobClient {
     return resp.jobs;
   }
 
-  /** Joins a job; resolves with the JoinJobResponse {worker_id, job, upload_parameters}. */
+  /**
+   * Joins a job; resolves with the JoinJobResponse {worker_id, job,
+   * upload_parameters, lease, lease_timeout_s}. The lease (a decimal string)
+   * goes into every push, pull, heartbeat and leave of this membership; renew
+   * it within lease_timeout_s seconds (heartbeat(), or any push or pull).
+   */
   joinJob(jobId, workerName = '') {
     const request = { request_id: newRequestId(), job_id: jobId, worker_name: workerName };
     return unaryCall(this.client, 'JoinJob', request, this.timeoutMs);
   }
 
-  /** Leaves a job, freeing the worker id. */
-  async leaveJob(jobId, workerId) {
-    const request = { request_id: newRequestId(), job_id: jobId, worker_id: workerId };
+  /**
+   * Renews worker `workerId`'s `lease` (a Number or a decimal string).
+   * Resolves with the HeartbeatResponse {version, state, generation}; rejects
+   * with ABORTED (LEASE_EXPIRED or LEASE_SUPERSEDED) when the lease has ended
+   * (join again).
+   */
+  heartbeat(jobId, workerId, lease) {
+    const request = { job_id: jobId, worker_id: workerId, lease };
+    return unaryCall(this.client, 'Heartbeat', request, this.timeoutMs);
+  }
+
+  /**
+   * Leaves a job, freeing the worker id. `lease` is the lease JoinJob gave
+   * (0 = whatever lease the worker id holds).
+   */
+  async leaveJob(jobId, workerId, lease = 0) {
+    const request = { request_id: newRequestId(), job_id: jobId, worker_id: workerId, lease };
     await unaryCall(this.client, 'LeaveJob', request, this.timeoutMs);
   }
 
@@ -442,12 +469,28 @@ class JobClient {
 // Data plane
 // ---------------------------------------------------------------------------
 
+/** The shards of `job`'s shard map, each with its ranges and a ShardService client. */
+function connectShards(job) {
+  return job.shards.map((s) => ({
+    index: s.index,
+    address: s.address,
+    ranges: s.ranges.map((r) => [toInt(r.start, 'range.start'), toInt(r.length, 'range.length')]),
+    client: new pb.ShardService(s.address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS),
+  }));
+}
+
 /**
  * One worker's data plane: uploads, pushes and pulls against every shard of
  * `job` (a Job message, e.g. JoinJobResponse.job) as worker `workerId`.
  * Options: timeoutMs (uploads and pushes, default 60 s), pullTimeoutMs
- * (pulls, default 600 s), address (the front door, needed by leave()),
- * uploadParameters (JoinJobResponse.upload_parameters).
+ * (pulls, default 600 s), address (the front door, needed by leave() and the
+ * heartbeats), uploadParameters (JoinJobResponse.upload_parameters), lease
+ * (JoinJobResponse.lease) and leaseTimeoutS (JoinJobResponse.lease_timeout_s).
+ *
+ * `lease` and `generation` (job.generation) go into every push header and
+ * pull request. With `address`, `lease` and `leaseTimeoutS` the worker sends
+ * a Heartbeat every leaseTimeoutS / 3 seconds until leave() or close(), on an
+ * unref()'d timer (it does not keep the process alive).
  */
 class Worker {
   constructor(job, workerId, {
@@ -455,6 +498,8 @@ class Worker {
     uploadParameters = false,
     timeoutMs = DEFAULT_TIMEOUT_MS,
     pullTimeoutMs = DEFAULT_PULL_TIMEOUT_MS,
+    lease = 0,
+    leaseTimeoutS = 0,
   } = {}) {
     this.job = job;
     this.jobId = job.job_id;
@@ -463,24 +508,102 @@ class Worker {
     this.uploadParameters = uploadParameters;
     this.timeoutMs = timeoutMs;
     this.pullTimeoutMs = pullTimeoutMs;
+    /** This membership's lease (JoinJobResponse.lease). */
+    this.lease = toInt(lease, 'lease');
+    /** The job's generation this worker knows (Job.generation). */
+    this.generation = toInt(job.generation, 'generation');
+    this.leaseTimeoutS = Number(leaseTimeoutS) || 0;
     this.totalElements = toInt(job.total_elements, 'total_elements');
-    this.shards = job.shards.map((s) => ({
-      index: s.index,
-      address: s.address,
-      ranges: s.ranges.map((r) => [toInt(r.start, 'range.start'), toInt(r.length, 'range.length')]),
-      client: new pb.ShardService(s.address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS),
-    }));
+    this.shards = connectShards(job);
+    this.heartbeatTimer = null;
+    this.heartbeatClient = null;
+    this.heartbeatInFlight = false;
+    if (this.address && this.lease && this.leaseTimeoutS > 0) this.startHeartbeat();
   }
 
-  /** Joins `jobId` through the front door at `address` and connects to its shards. */
+  /**
+   * Joins `jobId` through the front door at `address`, connects to its shards
+   * and starts renewing the lease in the background.
+   */
   static async join(address, jobId, workerName = '', options = {}) {
     const jobs = new JobClient(address, options);
     try {
       const resp = await jobs.joinJob(jobId, workerName);
-      return new Worker(resp.job, resp.worker_id, { ...options, address, uploadParameters: resp.upload_parameters });
+      return new Worker(resp.job, resp.worker_id, {
+        ...options,
+        address,
+        uploadParameters: resp.upload_parameters,
+        lease: resp.lease,
+        leaseTimeoutS: resp.lease_timeout_s,
+      });
     } finally {
       jobs.close();
     }
+  }
+
+  /**
+   * Starts the heartbeat timer: a Heartbeat every leaseTimeoutS / 3 seconds
+   * (a tick is skipped while the previous heartbeat is still in flight). A
+   * failed heartbeat is retried at the next tick, except ABORTED (the lease
+   * ended: LEASE_EXPIRED or LEASE_SUPERSEDED), which stops the timer with a
+   * warning; the next push or pull then fails with the same reason.
+   */
+  startHeartbeat() {
+    if (this.heartbeatTimer) return;
+    const everyMs = (this.leaseTimeoutS * 1000) / 3;
+    this.heartbeatClient = new JobClient(this.address, { timeoutMs: Math.max(everyMs, 1000) });
+    this.heartbeatTimer = setInterval(() => this.beat(), everyMs);
+    this.heartbeatTimer.unref();
+  }
+
+  /** One heartbeat tick (see startHeartbeat()). */
+  async beat() {
+    if (this.heartbeatInFlight || !this.heartbeatClient) return;
+    this.heartbeatInFlight = true;
+    const jobs = this.heartbeatClient;
+    try {
+      await jobs.heartbeat(this.jobId, this.workerId, this.lease);
+    } catch (err) {
+      if (jobs !== this.heartbeatClient) return; // stopped meanwhile
+      if (err?.code === grpc.status.ABORTED) {
+        console.warn(`paramserver: worker ${this.workerId} of job ${this.jobId}: heartbeats stopped: ${err.message}`);
+        this.stopHeartbeat();
+      }
+      // Anything else (e.g. UNAVAILABLE, a deadline): retried at the next tick.
+    } finally {
+      this.heartbeatInFlight = false;
+    }
+  }
+
+  /** Stops the heartbeat timer and closes its channel (idempotent). */
+  stopHeartbeat() {
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
+    this.heartbeatTimer = null;
+    if (this.heartbeatClient) this.heartbeatClient.close();
+    this.heartbeatClient = null;
+  }
+
+  /**
+   * Re-reads the job (GetJob through the front door) and adopts its
+   * generation and shard map; resolves with the job's published version.
+   * Call it after a push or pull failed with ABORTED (JOB_ROLLED_BACK), then
+   * pull errorMetadata.resume_version and go on from that step. Do not call
+   * it while pushes or pulls are in flight.
+   */
+  async refresh() {
+    if (!this.address) throw new Error('refresh() needs the front door address (create the Worker with join())');
+    const jobs = new JobClient(this.address, { timeoutMs: this.timeoutMs });
+    let job;
+    try {
+      job = await jobs.getJob(this.jobId);
+    } finally {
+      jobs.close();
+    }
+    for (const s of this.shards) s.client.close();
+    this.job = job;
+    this.generation = toInt(job.generation, 'generation');
+    this.shards = connectShards(job);
+    return toInt(job.version, 'version');
   }
 
   /** Checks that `values` is a Float32Array of the whole flat space. */
@@ -523,7 +646,15 @@ class Worker {
   async push(step, grad, lossTerms, requestId = newRequestId()) {
     this.checkFlat(grad, 'grad');
     if (!Number.isSafeInteger(lossTerms) || lossTerms < 0) throw new RangeError('lossTerms must be an integer >= 0');
-    const header = { job_id: this.jobId, worker_id: this.workerId, step, request_id: requestId, loss_terms: lossTerms };
+    const header = {
+      job_id: this.jobId,
+      worker_id: this.workerId,
+      step,
+      request_id: requestId,
+      loss_terms: lossTerms,
+      lease: this.lease,
+      generation: this.generation,
+    };
     const self = this;
     function* stream(shard) {
       yield { header };
@@ -563,7 +694,15 @@ class Worker {
   async pullShard(shard, minVersion, out, point = 'TRAIN') {
     const method = `PullParameters[${shard.index}]`;
     if (!(point in ParameterPoint)) throw new Error(`unknown point ${point}; use TRAIN or EVAL`);
-    const request = { job_id: this.jobId, min_version: minVersion, dtype: DType.FLOAT32, point: ParameterPoint[point] };
+    const request = {
+      job_id: this.jobId,
+      min_version: minVersion,
+      dtype: DType.FLOAT32,
+      point: ParameterPoint[point],
+      worker_id: this.workerId,
+      lease: this.lease,
+      generation: this.generation,
+    };
     const expected = shard.ranges.reduce((n, [, length]) => n + length, 0);
     let version = -1;
     let lastStep = null;
@@ -594,19 +733,24 @@ class Worker {
     return { version, lastStep };
   }
 
-  /** Leaves the job through the front door (needs the `address` option or join()). */
+  /**
+   * Stops the heartbeats and leaves the job through the front door with this
+   * worker's lease (needs the `address` option or join()).
+   */
   async leave() {
+    this.stopHeartbeat();
     if (!this.address) throw new Error('leave() needs the front door address (create the Worker with join())');
     const jobs = new JobClient(this.address, { timeoutMs: this.timeoutMs });
     try {
-      await jobs.leaveJob(this.jobId, this.workerId);
+      await jobs.leaveJob(this.jobId, this.workerId, this.lease);
     } finally {
       jobs.close();
     }
   }
 
-  /** Closes the shard channels. */
+  /** Stops the heartbeats and closes the shard channels. */
   close() {
+    this.stopHeartbeat();
     for (const s of this.shards) s.client.close();
   }
 }

@@ -53,6 +53,52 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _WorkerLossPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkerLossPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerLossPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKER_LOSS_POLICY_UNSPECIFIED: _WorkerLossPolicy.ValueType  # 0
+    """The same as WAIT."""
+    WORKER_LOSS_POLICY_WAIT: _WorkerLossPolicy.ValueType  # 1
+    """The member keeps its slot: steps wait until it comes back (its lease is
+    renewed), rejoins under its name, or another worker joins in its slot.
+    A pull that times out names the workers the step waits for.
+    """
+    WORKER_LOSS_POLICY_CONTINUE: _WorkerLossPolicy.ValueType  # 2
+    """The member is removed: the open step closes with the members that
+    pushed it (at least min_workers), averaged over their loss_terms;
+    StepReport.missing_workers names it. A part of its push that reached
+    some shards is discarded on every shard.
+    """
+    WORKER_LOSS_POLICY_FAIL: _WorkerLossPolicy.ValueType  # 3
+    """The job fails (JOB_STATE_FAILED, state_reason WORKER_LOST); pushes and
+    pulls answer FAILED_PRECONDITION (JOB_FAILED). Delete or restore it.
+    """
+
+class WorkerLossPolicy(_WorkerLossPolicy, metaclass=_WorkerLossPolicyEnumTypeWrapper):
+    """What happens when a member's lease expires (JobSpec.on_worker_lost)."""
+
+WORKER_LOSS_POLICY_UNSPECIFIED: WorkerLossPolicy.ValueType  # 0
+"""The same as WAIT."""
+WORKER_LOSS_POLICY_WAIT: WorkerLossPolicy.ValueType  # 1
+"""The member keeps its slot: steps wait until it comes back (its lease is
+renewed), rejoins under its name, or another worker joins in its slot.
+A pull that times out names the workers the step waits for.
+"""
+WORKER_LOSS_POLICY_CONTINUE: WorkerLossPolicy.ValueType  # 2
+"""The member is removed: the open step closes with the members that
+pushed it (at least min_workers), averaged over their loss_terms;
+StepReport.missing_workers names it. A part of its push that reached
+some shards is discarded on every shard.
+"""
+WORKER_LOSS_POLICY_FAIL: WorkerLossPolicy.ValueType  # 3
+"""The job fails (JOB_STATE_FAILED, state_reason WORKER_LOST); pushes and
+pulls answer FAILED_PRECONDITION (JOB_FAILED). Delete or restore it.
+"""
+Global___WorkerLossPolicy: _TypeAlias = WorkerLossPolicy  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -65,6 +111,17 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Created; waiting for UploadParameters on some shard."""
     JOB_STATE_RUNNING: _JobState.ValueType  # 2
     """Every shard has parameters; training steps are accepted."""
+    JOB_STATE_CREATING: _JobState.ValueType  # 3
+    """Shards are being started (CreateJob has not returned yet)."""
+    JOB_STATE_RECOVERING: _JobState.ValueType  # 4
+    """A shard or its node was lost; the job is being restored to one
+    consistent version (state_reason says why). Workers' calls answer
+    UNAVAILABLE meanwhile, then ABORTED (JOB_ROLLED_BACK).
+    """
+    JOB_STATE_FAILED: _JobState.ValueType  # 5
+    """The job cannot go on (state_reason says why); only GetJob, ListJobs,
+    CreateSnapshot's listing and DeleteJob work.
+    """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """The state of a job."""
@@ -75,6 +132,17 @@ JOB_STATE_AWAITING_PARAMETERS: JobState.ValueType  # 1
 """Created; waiting for UploadParameters on some shard."""
 JOB_STATE_RUNNING: JobState.ValueType  # 2
 """Every shard has parameters; training steps are accepted."""
+JOB_STATE_CREATING: JobState.ValueType  # 3
+"""Shards are being started (CreateJob has not returned yet)."""
+JOB_STATE_RECOVERING: JobState.ValueType  # 4
+"""A shard or its node was lost; the job is being restored to one
+consistent version (state_reason says why). Workers' calls answer
+UNAVAILABLE meanwhile, then ABORTED (JOB_ROLLED_BACK).
+"""
+JOB_STATE_FAILED: JobState.ValueType  # 5
+"""The job cannot go on (state_reason says why); only GetJob, ListJobs,
+CreateSnapshot's listing and DeleteJob work.
+"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _ErrorReason:
@@ -168,6 +236,42 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: the spill directory cannot hold a shard's spill file.
     metadata: path, bytes_needed, bytes_free.
     """
+    JOURNAL_CORRUPT: _ErrorReason.ValueType  # 30
+    """DATA_LOSS: the journal is corrupt before its tail. metadata: path, offset."""
+    LEASE_EXPIRED: _ErrorReason.ValueType  # 31
+    """ABORTED: the worker's lease ended (it left, or expired and the job removed
+    it). metadata: worker_id, current_version. Join again.
+    """
+    LEASE_SUPERSEDED: _ErrorReason.ValueType  # 32
+    """ABORTED: the worker rejoined under its name; this call carries the lease
+    of an older incarnation. metadata: worker_id.
+    """
+    STEP_WAITING_FOR_WORKERS: _ErrorReason.ValueType  # 33
+    """DEADLINE_EXCEEDED: a pull's version was not published within its
+    deadline. metadata: waiting_for (worker ids the step waits for,
+    comma-separated), current_version.
+    """
+    JOB_FAILED: _ErrorReason.ValueType  # 34
+    """FAILED_PRECONDITION: the job failed (Job.state_reason says why, e.g. a
+    member lost under WORKER_LOSS_POLICY_FAIL). Delete or restore it.
+    """
+    JOB_ROLLED_BACK: _ErrorReason.ValueType  # 35
+    """ABORTED: the job was restored to an earlier version after losing a shard.
+    metadata: resume_version, generation. Pull resume_version (from the
+    shard map GetJob returns) and continue from that step.
+    """
+    JOB_RECOVERING: _ErrorReason.ValueType  # 36
+    """UNAVAILABLE: the job is recovering from a lost shard; retry shortly."""
+    SHARDS_UNSCHEDULABLE: _ErrorReason.ValueType  # 37
+    """RESOURCE_EXHAUSTED: the cluster cannot place the job's shards. metadata:
+    field (the resource setting), needed, available.
+    """
+    WORKER_LOST: _ErrorReason.ValueType  # 38
+    """Job.state_reason: a member's lease expired under
+    WORKER_LOSS_POLICY_FAIL. metadata: worker_id.
+    """
+    SHARD_LOST: _ErrorReason.ValueType  # 39
+    """Job.state_reason: a shard actor or its node died. metadata: shard."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -260,6 +364,42 @@ SPILL_DISK_FULL: ErrorReason.ValueType  # 29
 """RESOURCE_EXHAUSTED: the spill directory cannot hold a shard's spill file.
 metadata: path, bytes_needed, bytes_free.
 """
+JOURNAL_CORRUPT: ErrorReason.ValueType  # 30
+"""DATA_LOSS: the journal is corrupt before its tail. metadata: path, offset."""
+LEASE_EXPIRED: ErrorReason.ValueType  # 31
+"""ABORTED: the worker's lease ended (it left, or expired and the job removed
+it). metadata: worker_id, current_version. Join again.
+"""
+LEASE_SUPERSEDED: ErrorReason.ValueType  # 32
+"""ABORTED: the worker rejoined under its name; this call carries the lease
+of an older incarnation. metadata: worker_id.
+"""
+STEP_WAITING_FOR_WORKERS: ErrorReason.ValueType  # 33
+"""DEADLINE_EXCEEDED: a pull's version was not published within its
+deadline. metadata: waiting_for (worker ids the step waits for,
+comma-separated), current_version.
+"""
+JOB_FAILED: ErrorReason.ValueType  # 34
+"""FAILED_PRECONDITION: the job failed (Job.state_reason says why, e.g. a
+member lost under WORKER_LOSS_POLICY_FAIL). Delete or restore it.
+"""
+JOB_ROLLED_BACK: ErrorReason.ValueType  # 35
+"""ABORTED: the job was restored to an earlier version after losing a shard.
+metadata: resume_version, generation. Pull resume_version (from the
+shard map GetJob returns) and continue from that step.
+"""
+JOB_RECOVERING: ErrorReason.ValueType  # 36
+"""UNAVAILABLE: the job is recovering from a lost shard; retry shortly."""
+SHARDS_UNSCHEDULABLE: ErrorReason.ValueType  # 37
+"""RESOURCE_EXHAUSTED: the cluster cannot place the job's shards. metadata:
+field (the resource setting), needed, available.
+"""
+WORKER_LOST: ErrorReason.ValueType  # 38
+"""Job.state_reason: a member's lease expired under
+WORKER_LOSS_POLICY_FAIL. metadata: worker_id.
+"""
+SHARD_LOST: ErrorReason.ValueType  # 39
+"""Job.state_reason: a shard actor or its node died. metadata: shard."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -441,6 +581,10 @@ class JobSpec(_message.Message):
     PARAM_GROUPS_FIELD_NUMBER: _builtins.int
     SHARD_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     SHARD_DEVICE_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    MIN_WORKERS_FIELD_NUMBER: _builtins.int
+    MAX_WORKERS_FIELD_NUMBER: _builtins.int
+    WORKER_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    ON_WORKER_LOST_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -484,6 +628,21 @@ class JobSpec(_message.Message):
     shard_memory_budget_bytes, or in spill files beyond it, and are staged
     to the device for each update.
     """
+    min_workers: _builtins.int
+    """MEMBERSHIP. A step closes when every member of the job has pushed it and
+    there are at least min_workers of them. Members join (JoinJob) and leave
+    (LeaveJob, or their lease expires). 0 = num_workers.
+    """
+    max_workers: _builtins.int
+    """Most members at once; worker ids are in [0, max_workers). 0 =
+    num_workers.
+    """
+    worker_timeout_s: _builtins.float
+    """A member whose lease no heartbeat, push or pull renewed for this many
+    seconds is lost (0 = 60).
+    """
+    on_worker_lost: Global___WorkerLossPolicy.ValueType
+    """What a lost member does to the job (UNSPECIFIED = WAIT)."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The model description, in flat-space order."""
@@ -525,10 +684,14 @@ class JobSpec(_message.Message):
         param_groups: _abc.Iterable[Global___ParamGroup] | None = ...,
         shard_memory_budget_bytes: _builtins.int = ...,
         shard_device_memory_budget_bytes: _builtins.int = ...,
+        min_workers: _builtins.int = ...,
+        max_workers: _builtins.int = ...,
+        worker_timeout_s: _builtins.float = ...,
+        on_worker_lost: Global___WorkerLossPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "num_shards", b"num_shards", "num_workers", b"num_workers", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,6 +783,44 @@ class SpikeGuardConfig(_message.Message):
 Global___SpikeGuardConfig: _TypeAlias = SpikeGuardConfig  # noqa: Y015
 
 @_typing.final
+class WorkerInfo(_message.Message):
+    """A member of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    IDLE_S_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.int
+    """Its id."""
+    name: _builtins.str
+    """The name it joined with."""
+    lease: _builtins.int
+    """Its current lease (changes when it rejoins)."""
+    idle_s: _builtins.float
+    """Seconds since its lease was last renewed."""
+    lost: _builtins.bool
+    """True when its lease expired and the job keeps its slot (policy WAIT)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        lease: _builtins.int = ...,
+        idle_s: _builtins.float = ...,
+        lost: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_s", b"idle_s", "lease", b"lease", "lost", b"lost", "name", b"name", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
 class ParameterLayout(_message.Message):
     """Where one parameter lies in the flat space."""
 
@@ -661,6 +862,7 @@ class ShardInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     INITIALIZED_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based shard index."""
     address: _builtins.str
@@ -671,6 +873,10 @@ class ShardInfo(_message.Message):
     """
     initialized: _builtins.bool
     """True once the shard holds parameters."""
+    unreachable: _builtins.bool
+    """True when the shard did not answer (its actor or node is gone); the job
+    recovers it (see JobState.JOB_STATE_RECOVERING).
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Range]:
         """The ranges of the flat space this shard owns. Across all shards the
@@ -690,10 +896,11 @@ class ShardInfo(_message.Message):
         version: _builtins.int = ...,
         initialized: _builtins.bool = ...,
         memory: Global___ShardMemory | None = ...,
+        unreachable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "memory", b"memory", "ranges", b"ranges", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "memory", b"memory", "ranges", b"ranges", "unreachable", b"unreachable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -784,6 +991,10 @@ class Job(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     SKIPPED_STEPS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    RECOVERIES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -792,6 +1003,17 @@ class Job(_message.Message):
     """The version published by every shard (the minimum over shards)."""
     total_elements: _builtins.int
     """Total number of elements of the flat space."""
+    state_reason: _builtins.str
+    """Why the job is RECOVERING or FAILED (an ErrorReason name, then a
+    message).
+    """
+    generation: _builtins.int
+    """Incremented each time the job is restored after losing a shard; put it
+    in every PushHeader and PullParametersRequest. A call with an older
+    generation is ABORTED (JOB_ROLLED_BACK, metadata resume_version).
+    """
+    recoveries: _builtins.int
+    """Times the job was restored after losing a shard."""
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """Its description, as created."""
@@ -812,6 +1034,10 @@ class Job(_message.Message):
     def skipped_steps(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Steps skipped so far, by reason (NON_FINITE_GRADIENT, GRADIENT_SPIKE, ...)."""
 
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """The members, by worker id."""
+
     def __init__(
         self,
         *,
@@ -824,10 +1050,14 @@ class Job(_message.Message):
         layout: _abc.Iterable[Global___ParameterLayout] | None = ...,
         workers: _abc.Iterable[_builtins.int] | None = ...,
         skipped_steps: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        members: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        state_reason: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        recoveries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "layout", b"layout", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1073,7 +1303,11 @@ class JoinJobRequest(_message.Message):
     """The job to join."""
     worker_name: _builtins.str
     """A name for this worker (e.g. host:pid). Joining again with the same name
-    returns the same worker id. Empty = a fresh id each time.
+    returns the same worker id with a new lease: pushes of the previous
+    lease that some shards hold for the open step are discarded on every
+    shard, so a step never mixes two incarnations of a worker. Empty = a
+    fresh id each time. FAILED_PRECONDITION (JOB_FULL) when max_workers
+    members hold live leases.
     """
     def __init__(
         self,
@@ -1099,12 +1333,24 @@ class JoinJobResponse(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     UPLOAD_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    LEASE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
-    """This worker's id, in [0, num_workers); put it in every PushHeader."""
+    """This worker's id, in [0, max_workers); put it in every PushHeader and
+    PullParametersRequest.
+    """
     upload_parameters: _builtins.bool
     """True when parameters have not been uploaded and this worker is the one
     chosen to upload them (worker 0). Other workers pull version 0, which
     waits until the upload is done.
+    """
+    lease: _builtins.int
+    """This membership's lease: put it in every PushHeader,
+    PullParametersRequest and HeartbeatRequest.
+    """
+    lease_timeout_s: _builtins.float
+    """Renew the lease (Heartbeat, or any push or pull) within this many
+    seconds, or it expires.
     """
     @_builtins.property
     def job(self) -> Global___Job:
@@ -1116,14 +1362,76 @@ class JoinJobResponse(_message.Message):
         worker_id: _builtins.int = ...,
         job: Global___Job | None = ...,
         upload_parameters: _builtins.bool = ...,
+        lease: _builtins.int = ...,
+        lease_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "upload_parameters", b"upload_parameters", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease", b"lease", "lease_timeout_s", b"lease_timeout_s", "upload_parameters", b"upload_parameters", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JoinJobResponse: _TypeAlias = JoinJobResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    """Heartbeat's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    worker_id: _builtins.int
+    """The worker id JoinJob gave."""
+    lease: _builtins.int
+    """The lease JoinJob gave."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        worker_id: _builtins.int = ...,
+        lease: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease", b"lease", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatResponse(_message.Message):
+    """Heartbeat's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The job's published version."""
+    state: Global___JobState.ValueType
+    """The job's state."""
+    generation: _builtins.int
+    """The job's generation (see Job.generation)."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        state: Global___JobState.ValueType = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
 
 @_typing.final
 class LeaveJobRequest(_message.Message):
@@ -1134,22 +1442,26 @@ class LeaveJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key."""
     job_id: _builtins.str
     """The job."""
     worker_id: _builtins.int
     """The worker id JoinJob gave."""
+    lease: _builtins.int
+    """The lease JoinJob gave (0 = whatever lease the worker id holds)."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         worker_id: _builtins.int = ...,
+        lease: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease", b"lease", "request_id", b"request_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.LeaveJobRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_job__service__pb2.LeaveJobResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/paramserver.v1.JobService/Heartbeat',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.DeleteJob = channel.unary_unary(
                 '/paramserver.v1.JobService/DeleteJob',
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
@@ -119,6 +124,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Renews a worker's lease (workers call it every worker_timeout_s / 3;
+        their pushes and pulls renew it too). ABORTED (LEASE_EXPIRED or
+        LEASE_SUPERSEDED) when the lease has ended: join again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteJob(self, request, context):
         """Deletes a job and stops its shards. Its state is gone (its snapshots stay).
         """
@@ -168,6 +182,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.LeaveJob,
                     request_deserializer=paramserver_dot_v1_dot_job__service__pb2.LeaveJobRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_job__service__pb2.LeaveJobResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.HeartbeatRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.HeartbeatResponse.SerializeToString,
             ),
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteJob,
@@ -321,6 +340,33 @@ class JobService:
             '/paramserver.v1.JobService/LeaveJob',
             paramserver_dot_v1_dot_job__service__pb2.LeaveJobRequest.SerializeToString,
             paramserver_dot_v1_dot_job__service__pb2.LeaveJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.JobService/Heartbeat',
+            paramserver_dot_v1_dot_job__service__pb2.HeartbeatRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

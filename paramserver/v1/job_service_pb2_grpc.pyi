@@ -80,6 +80,11 @@ class JobServiceStub:
     """Joins a job as a worker and returns the worker id to push with."""
     LeaveJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.LeaveJobRequest, _job_service_pb2.LeaveJobResponse]
     """Leaves a job; the worker id becomes free for another worker."""
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.HeartbeatRequest, _job_service_pb2.HeartbeatResponse]
+    """Renews a worker's lease (workers call it every worker_timeout_s / 3;
+    their pushes and pulls renew it too). ABORTED (LEASE_EXPIRED or
+    LEASE_SUPERSEDED) when the lease has ended: join again.
+    """
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
     """Deletes a job and stops its shards. Its state is gone (its snapshots stay)."""
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CreateSnapshotRequest, _job_service_pb2.Snapshot]
@@ -109,6 +114,11 @@ class JobServiceAsyncStub(JobServiceStub):
     """Joins a job as a worker and returns the worker id to push with."""
     LeaveJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.LeaveJobRequest, _job_service_pb2.LeaveJobResponse]  # type: ignore[assignment]
     """Leaves a job; the worker id becomes free for another worker."""
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_job_service_pb2.HeartbeatRequest, _job_service_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """Renews a worker's lease (workers call it every worker_timeout_s / 3;
+    their pushes and pulls renew it too). ABORTED (LEASE_EXPIRED or
+    LEASE_SUPERSEDED) when the lease has ended: join again.
+    """
     DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
     """Deletes a job and stops its shards. Its state is gone (its snapshots stay)."""
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CreateSnapshotRequest, _job_service_pb2.Snapshot]  # type: ignore[assignment]
@@ -165,6 +175,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.LeaveJobResponse, _abc.Awaitable[_job_service_pb2.LeaveJobResponse]]:
         """Leaves a job; the worker id becomes free for another worker."""
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _job_service_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.HeartbeatResponse, _abc.Awaitable[_job_service_pb2.HeartbeatResponse]]:
+        """Renews a worker's lease (workers call it every worker_timeout_s / 3;
+        their pushes and pulls renew it too). ABORTED (LEASE_EXPIRED or
+        LEASE_SUPERSEDED) when the lease has ended: join again.
+        """
 
     @_abc_1.abstractmethod
     def DeleteJob(

@@ -185,6 +185,8 @@ class PushHeader(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LOSS_TERMS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     worker_id: _builtins.int
@@ -204,6 +206,16 @@ class PushHeader(_message.Message):
     of their loss_terms (0 contributes nothing; all 0 skips the step). A
     worker must send the same loss_terms to every shard.
     """
+    lease: _builtins.int
+    """The lease JoinJob gave. A push whose lease has ended is ABORTED
+    (LEASE_EXPIRED: rejoin; LEASE_SUPERSEDED: the worker rejoined under its
+    name, this is an older incarnation).
+    """
+    generation: _builtins.int
+    """The job's generation the worker knows (Job.generation). An older one is
+    ABORTED (JOB_ROLLED_BACK, metadata resume_version): pull
+    resume_version and go on from there.
+    """
     def __init__(
         self,
         *,
@@ -212,10 +224,12 @@ class PushHeader(_message.Message):
         step: _builtins.int = ...,
         request_id: _builtins.str = ...,
         loss_terms: _builtins.int = ...,
+        lease: _builtins.int = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "loss_terms", b"loss_terms", "request_id", b"request_id", "step", b"step", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "lease", b"lease", "loss_terms", b"loss_terms", "request_id", b"request_id", "step", b"step", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +280,8 @@ class StepReport(_message.Message):
     CLIP_COEF_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
     LOSS_TERMS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    MISSING_WORKERS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The step (the version before it)."""
     outcome: Global___StepOutcome.ValueType
@@ -282,6 +298,16 @@ class StepReport(_message.Message):
     """The learning rate used."""
     loss_terms: _builtins.int
     """Sum of loss_terms over the workers."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The workers whose gradients made the step, ascending."""
+
+    @_builtins.property
+    def missing_workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Members lost while the step was open (WORKER_LOSS_POLICY_CONTINUE) whose
+        gradients are not in it.
+        """
+
     def __init__(
         self,
         *,
@@ -292,10 +318,12 @@ class StepReport(_message.Message):
         clip_coef: _builtins.float = ...,
         lr: _builtins.float = ...,
         loss_terms: _builtins.int = ...,
+        workers: _abc.Iterable[_builtins.int] | None = ...,
+        missing_workers: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_coef", b"clip_coef", "grad_norm", b"grad_norm", "loss_terms", b"loss_terms", "lr", b"lr", "outcome", b"outcome", "skip_reason", b"skip_reason", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_coef", b"clip_coef", "grad_norm", b"grad_norm", "loss_terms", b"loss_terms", "lr", b"lr", "missing_workers", b"missing_workers", "outcome", b"outcome", "skip_reason", b"skip_reason", "step", b"step", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,7 +347,9 @@ class PushGradientsResponse(_message.Message):
     contributions: _builtins.int
     """Gradients received for this step so far (including this one)."""
     expected: _builtins.int
-    """Gradients expected per step (num_workers)."""
+    """Gradients this step waits for: the job's members (at least
+    min_workers).
+    """
     @_builtins.property
     def report(self) -> Global___StepReport:
         """The step's report, when outcome is APPLIED or SKIPPED."""
@@ -352,6 +382,9 @@ class PullParametersRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     RANGES_FIELD_NUMBER: _builtins.int
     POINT_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     min_version: _builtins.int
@@ -360,6 +393,14 @@ class PullParametersRequest(_message.Message):
     """Wire dtype of the answer; DTYPE_UNSPECIFIED = fp32."""
     point: Global___ParameterPoint.ValueType
     """Which values to serve (UNSPECIFIED = TRAIN)."""
+    worker_id: _builtins.int
+    """The worker id and lease JoinJob gave: only members may pull (see
+    PushHeader.lease).
+    """
+    lease: _builtins.int
+    """See worker_id."""
+    generation: _builtins.int
+    """See PushHeader.generation."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Range]:
         """Optional subset of this shard's ranges; empty = all of them."""
@@ -372,10 +413,13 @@ class PullParametersRequest(_message.Message):
         dtype: _tensor_pb2.DType.ValueType = ...,
         ranges: _abc.Iterable[_tensor_pb2.Range] | None = ...,
         point: Global___ParameterPoint.ValueType = ...,
+        worker_id: _builtins.int = ...,
+        lease: _builtins.int = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "job_id", b"job_id", "min_version", b"min_version", "point", b"point", "ranges", b"ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "generation", b"generation", "job_id", b"job_id", "lease", b"lease", "min_version", b"min_version", "point", b"point", "ranges", b"ranges", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,7 +75,10 @@ class ShardServiceServicer:
 
     def PullParameters(self, request, context):
         """Streams this shard's parameters once version >= min_version has been
-        published, waiting for it within the call's deadline.
+        published, waiting for it within the call's deadline. When the deadline
+        is near and the version is still missing: DEADLINE_EXCEEDED
+        (STEP_WAITING_FOR_WORKERS, metadata waiting_for: the worker ids the step
+        waits for, comma-separated).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

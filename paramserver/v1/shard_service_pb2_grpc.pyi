@@ -53,7 +53,10 @@ class ShardServiceStub:
     """Pushes one worker's gradient for one step. See PushHeader."""
     PullParameters: _grpc.UnaryStreamMultiCallable[_shard_service_pb2.PullParametersRequest, _shard_service_pb2.PullParametersResponse]
     """Streams this shard's parameters once version >= min_version has been
-    published, waiting for it within the call's deadline.
+    published, waiting for it within the call's deadline. When the deadline
+    is near and the version is still missing: DEADLINE_EXCEEDED
+    (STEP_WAITING_FOR_WORKERS, metadata waiting_for: the worker ids the step
+    waits for, comma-separated).
     """
 
 @_typing.type_check_only
@@ -71,7 +74,10 @@ class ShardServiceAsyncStub(ShardServiceStub):
     """Pushes one worker's gradient for one step. See PushHeader."""
     PullParameters: _aio.UnaryStreamMultiCallable[_shard_service_pb2.PullParametersRequest, _shard_service_pb2.PullParametersResponse]  # type: ignore[assignment]
     """Streams this shard's parameters once version >= min_version has been
-    published, waiting for it within the call's deadline.
+    published, waiting for it within the call's deadline. When the deadline
+    is near and the version is still missing: DEADLINE_EXCEEDED
+    (STEP_WAITING_FOR_WORKERS, metadata waiting_for: the worker ids the step
+    waits for, comma-separated).
     """
 
 class ShardServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -104,7 +110,10 @@ class ShardServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_shard_service_pb2.PullParametersResponse], _abc.AsyncIterator[_shard_service_pb2.PullParametersResponse]]:
         """Streams this shard's parameters once version >= min_version has been
-        published, waiting for it within the call's deadline.
+        published, waiting for it within the call's deadline. When the deadline
+        is near and the version is still missing: DEADLINE_EXCEEDED
+        (STEP_WAITING_FOR_WORKERS, metadata waiting_for: the worker ids the step
+        waits for, comma-separated).
         """
 
 def add_ShardServiceServicer_to_server(servicer: ShardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -59,9 +59,10 @@ def _chunk(offset: int, count: int, dtype: int = 1, data: bytes | None = None) -
     return spb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(offset=offset, count=count, dtype=dtype, data=payload))  # type: ignore[arg-type]
 
 
-def push_raw(addr: str, job_id: str, step: int, chunks: list[spb.PushGradientsRequest], worker: int = 0) -> ServiceError:
+def push_raw(addr: str, job_id: str, step: int, chunks: list[spb.PushGradientsRequest], worker: int = 0, *, lease: int = 0) -> ServiceError:
+    rid = f"bad-{step}-{len(chunks)}-{id(chunks)}"
     header = spb.PushGradientsRequest(
-        header=spb.PushHeader(job_id=job_id, worker_id=worker, step=step, request_id=f"bad-{step}-{len(chunks)}-{id(chunks)}", loss_terms=2)
+        header=spb.PushHeader(job_id=job_id, worker_id=worker, step=step, request_id=rid, loss_terms=2, lease=lease)
     )
     opts = [("grpc.max_send_message_length", 200 << 20)]
     with grpc.insecure_channel(addr, options=opts) as ch:
@@ -113,7 +114,7 @@ def test_bad_chunks_are_invalid_argument(setup: Setup, case: str, reason: str, f
         "zero": [_chunk(start, 0, data=b"")],
     }[case]
     before = setup.state()
-    e = push_raw(addr, setup.job_id, 1, chunks, worker=0)
+    e = push_raw(addr, setup.job_id, 1, chunks, worker=0, lease=setup.workers[0].lease)
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.reason == reason and e.metadata["field"] == field
     assert_unchanged_and_serving(setup, before)
@@ -127,7 +128,7 @@ def test_bad_chunks_are_invalid_argument(setup: Setup, case: str, reason: str, f
 def test_wrong_step_names_the_current_version(setup: Setup, step: int, code: grpc.StatusCode, reason: str) -> None:
     before = setup.state()
     addr, start, length = setup.shards[0]
-    e = push_raw(addr, setup.job_id, step, [_chunk(start, length)])
+    e = push_raw(addr, setup.job_id, step, [_chunk(start, length)], lease=setup.workers[0].lease)
     assert e.code == code and e.reason == reason
     assert e.metadata["current_version"] == "1"
     with pytest.raises(ServiceError) as err:  # the same through the client
@@ -140,10 +141,10 @@ def test_over_limit_chunk_is_resource_exhausted(setup: Setup) -> None:
     before = setup.state()
     addr, start, _ = setup.shards[0]
     big = (5 << 20) // 4  # 5 MiB of fp32: over the 4 MiB chunk limit
-    e = push_raw(addr, setup.job_id, 1, [_chunk(start, big)])
+    e = push_raw(addr, setup.job_id, 1, [_chunk(start, big)], lease=setup.workers[0].lease)
     assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == Reason.MESSAGE_TOO_LARGE
     huge = (65 << 20) // 4  # over gRPC's own 64 MiB receive limit
-    e = push_raw(addr, setup.job_id, 1, [_chunk(start, huge)])
+    e = push_raw(addr, setup.job_id, 1, [_chunk(start, huge)], lease=setup.workers[0].lease)
     assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_unchanged_and_serving(setup, before)
 
@@ -211,7 +212,7 @@ def test_unknown_pull_point_is_invalid_argument(setup: Setup) -> None:
     addr, _, _ = setup.shards[0]
     with grpc.insecure_channel(addr) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            req = spb.PullParametersRequest(job_id=setup.job_id, min_version=1, point=7)  # type: ignore[arg-type]
+            req = spb.PullParametersRequest(job_id=setup.job_id, min_version=1, point=7, worker_id=0, lease=setup.workers[0].lease)  # type: ignore[arg-type]
             list(sgrpc.ShardServiceStub(ch).PullParameters(req, timeout=30))
     e = from_rpc_error(err.value)
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.metadata["field"] == "point"

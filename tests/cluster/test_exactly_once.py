@@ -89,14 +89,15 @@ def test_duplicate_request_id_gets_first_answer(address: str, job_id: str, servi
 def test_lost_answer_is_retried_and_applied_once(address: str, job_id: str, service: object) -> None:
     with JobClient(address) as jc:
         job = jc.create_job(SHAPES, job_id=job_id, optimizer="sgd", hyperparameters={"lr": 1.0}, num_workers=1, num_shards=1)
+        lease = jc.join_job(job_id, "w").lease
 
     async def run() -> tuple[np.ndarray, int]:
         proxy = AnswerDroppingProxy(job.shards[0].address)
         proxied = jpb.Job()
         proxied.CopyFrom(job)
         proxied.shards[0].address = await proxy.start()
-        w = AsyncWorker(proxied, 0)
-        direct = AsyncWorker(job, 0)
+        w = AsyncWorker(proxied, 0, lease=lease)
+        direct = AsyncWorker(job, 0, lease=lease)
         await direct.upload(np.zeros(TOTAL, dtype=np.float32))
         result = await w.push(0, np.ones(TOTAL, dtype=np.float32), 1)  # first answer is dropped -> UNAVAILABLE -> retry
         assert result.version == 1

@@ -24,11 +24,12 @@ from paramserver.coordinator import Coordinator, JobView, ShardHandle
 from paramserver.job_service import JobServicer
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
+from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus
-from paramserver.steps import Decision, ShardStats
+from paramserver.steps import Decision, Redo, ShardStats
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import job_service_pb2_grpc as jgrpc
 from paramserver_client.aio import AsyncJobClient, AsyncWorker
@@ -48,7 +49,7 @@ class DirectReducer:
         self.job_id = job_id
         self.calls: list[int] = []
 
-    async def reduce(self, stats: ShardStats, step: int) -> Decision:
+    async def reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
         """Report this shard's stats; wait for the shared decision."""
         self.calls.append(step)
         return await self.coordinator.reduce_step(self.job_id, step, stats)
@@ -64,6 +65,10 @@ class HostHandle:
     async def status(self) -> ShardStatus:
         """The host's status."""
         return await self.host.status()
+
+    async def set_roster(self, roster: Roster) -> None:
+        """The host adopts the job's membership."""
+        await self.host.set_roster(roster)
 
     async def stop(self) -> None:
         """Stop the host (no grace: nothing outlives a test)."""
@@ -87,14 +92,15 @@ class InProcessLauncher:
         self.hosts: list[ShardHost] = []
         """Every host ever started (teardown checks that each was stopped)."""
 
-    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None) -> list[ShardHandle]:
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
+                     roster: Roster | None = None, generation: int = 0) -> list[ShardHandle]:  # fmt: skip
         """One started host per plan entry; on a failure the ones already started are stopped."""
         assert self.coordinator is not None, "set launcher.coordinator before creating jobs"
         started: list[ShardHost] = []
         try:
             for i, spans in enumerate(plan):
                 host = ShardHost(job_id, config, i, list(spans), DirectReducer(self.coordinator, job_id), "127.0.0.1", restore,
-                                 str(self.spill_dir))  # fmt: skip
+                                 str(self.spill_dir), roster, generation)  # fmt: skip
                 self.hosts.append(host)
                 await host.start()
                 started.append(host)
@@ -127,11 +133,14 @@ class CoordinatorFacade:
     async def list_jobs(self) -> list[JobView]:
         return await self.coordinator.list_jobs()
 
-    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool]:
+    async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool, int, float]:
         return await self.coordinator.join_job(request_id, job_id, worker_name)
 
-    async def leave_job(self, request_id: str, job_id: str, worker_id: int) -> None:
-        await self.coordinator.leave_job(request_id, job_id, worker_id)
+    async def leave_job(self, request_id: str, job_id: str, worker_id: int, lease: int = 0) -> None:
+        await self.coordinator.leave_job(request_id, job_id, worker_id, lease)
+
+    async def heartbeat(self, job_id: str, worker_id: int, lease: int) -> tuple[int, str, int]:
+        return await self.coordinator.heartbeat(job_id, worker_id, lease)
 
     async def delete_job(self, request_id: str, job_id: str) -> None:
         await self.coordinator.delete_job(request_id, job_id)

@@ -79,7 +79,7 @@ async def test_a_bad_chunk_is_refused_naming_its_field_and_changes_nothing(svc: 
 
     shard = job.shards[0]
     start, length = int(shard.ranges[0].start), int(shard.ranges[0].length)
-    header = spb.PushHeader(job_id="bad", worker_id=0, step=1, request_id="r-1", loss_terms=grad(1, 0)[1])
+    header = spb.PushHeader(job_id="bad", worker_id=0, step=1, request_id="r-1", loss_terms=grad(1, 0)[1], lease=w0.lease)
     err = await push_raw(shard.address, header, spoil(start, length))
     assert (err.code, err.reason, err.metadata.get("field")) == (code, reason, field), err
     if field == "chunk.offset":
@@ -96,7 +96,7 @@ async def test_a_bad_chunk_is_refused_naming_its_field_and_changes_nothing(svc: 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("header", "code", "reason", "field"),
+    ("case", "code", "reason", "field"),
     [
         (spb.PushHeader(job_id="other", worker_id=0, step=0, request_id="h", loss_terms=1), grpc.StatusCode.NOT_FOUND,
          Reason.JOB_NOT_FOUND, None),
@@ -104,16 +104,30 @@ async def test_a_bad_chunk_is_refused_naming_its_field_and_changes_nothing(svc: 
          Reason.INVALID_FIELD, "header.worker_id"),
         (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="", loss_terms=1), grpc.StatusCode.INVALID_ARGUMENT,
          Reason.INVALID_FIELD, "header.request_id"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="no-lease", loss_terms=1), grpc.StatusCode.INVALID_ARGUMENT,
+         Reason.INVALID_FIELD, "header.lease"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, lease=99), grpc.StatusCode.ABORTED,
+         Reason.LEASE_EXPIRED, None),
+        (spb.PushHeader(job_id="hdr", worker_id=1, step=0, request_id="h", loss_terms=1), grpc.StatusCode.ABORTED,
+         Reason.LEASE_EXPIRED, None),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, generation=1),
+         grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.generation"),
     ],
-    ids=["job", "worker-id", "request-id"],
+    ids=["job", "worker-id", "request-id", "no-lease", "unknown-lease", "not-a-member", "future-generation"],
 )  # fmt: skip
 async def test_a_bad_push_header_is_refused_before_any_chunk(
-    svc: InProcessService, header: spb.PushHeader, code: grpc.StatusCode, reason: str, field: str | None
+    svc: InProcessService, case: spb.PushHeader, code: grpc.StatusCode, reason: str, field: str | None
 ) -> None:
     job = await svc.create(SHAPES, "hdr", optimizer="sgd", hyperparameters=HYPER, num_workers=2, num_shards=2)
     (w0,) = await svc.join("hdr", 1)
     await w0.upload(np.zeros(TOTAL, dtype=np.float32))
     shard = job.shards[0]
+    header = spb.PushHeader()
+    header.CopyFrom(case)
+    if header.lease == 0 and header.request_id != "no-lease":
+        header.lease = w0.lease
+    if header.lease == 99:  # a lease nobody holds
+        header.lease = w0.lease + 1
     err = await push_raw(shard.address, header, valid(int(shard.ranges[0].start), int(shard.ranges[0].length)))
     assert (err.code, err.reason, err.metadata.get("field")) == (code, reason, field), err
     pushed = await w0.push(0, np.ones(TOTAL, dtype=np.float32), 1, request_id="h")  # nothing was recorded

@@ -108,10 +108,12 @@ async def test_a_pending_step_holds_pulls_of_the_next_version_until_the_last_wor
     waiting = asyncio.create_task(w1.pull(1))
     pending = await w0.push(0, full(1.0), 1)
     assert pending.outcome == spb.STEP_OUTCOME_PENDING and pending.version == 0 and pending.report is None
-    impatient = svc.adopt(AsyncWorker(w0.job, w0.worker_id, pull_timeout=0.3, retry=w0.retry))
+    impatient = svc.adopt(AsyncWorker(w0.job, w0.worker_id, pull_timeout=0.3, retry=w0.retry, lease=w0.lease))
     with pytest.raises(ServiceError) as err:  # the version is not published: a pull waits out its deadline
         await impatient.pull(1)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # ... and says which worker the step waits for, before the caller's own deadline fires
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.value.reason == Reason.STEP_WAITING_FOR_WORKERS, err.value
+    assert err.value.metadata["waiting_for"] == str(w1.worker_id) and f"workers [{w1.worker_id}]" in err.value.message
     assert not waiting.done()
     job = await svc.jobs().get_job("pending")
     assert job.version == 0 and all(s.version == 0 for s in job.shards)

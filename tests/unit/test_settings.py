@@ -31,7 +31,13 @@ RESTORABLE = {
     "snapshot_every_steps",
     "snapshot_keep_last",
     "snapshot_every_seconds",
+    "min_workers",
+    "max_workers",
+    "worker_timeout_s",
+    "on_worker_lost",
 }
+#: Settings whose values are an enum's: a valid non-default value each.
+ENUM_VALUES = {"on_worker_lost": 3}
 
 
 def _scalar_paths(desc: Descriptor, prefix: str = "") -> dict[str, FieldDescriptor]:
@@ -51,6 +57,8 @@ def _scalar_paths(desc: Descriptor, prefix: str = "") -> dict[str, FieldDescript
 
 def _value(s: Setting, k: int) -> int | float:
     """A valid non-default value for a setting, distinct for each setting."""
+    if s.name in ENUM_VALUES:
+        return ENUM_VALUES[s.name]
     return s.default + 2 + k if isinstance(s.default, int) else s.default + 0.5 + k
 
 

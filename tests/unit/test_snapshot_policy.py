@@ -13,10 +13,11 @@ from paramserver.coordinator import Coordinator, ShardHandle
 from paramserver.gradnorm import NormPart
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
+from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardStatus
 from paramserver.snapshot_policy import SnapshotPolicy
-from paramserver.steps import ShardStats
+from paramserver.steps import Decision, ShardStats
 
 
 class FakeClock:
@@ -138,6 +139,9 @@ class FakeShard:
     async def stop(self) -> None:
         return None
 
+    async def set_roster(self, roster: Roster) -> None:
+        return None
+
     async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
         self.snapshots.append(version)
         self.started.set()
@@ -151,15 +155,19 @@ class FakeLauncher:
         self.gate = gate
         self.shards: list[FakeShard] = []
 
-    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None) -> list[ShardHandle]:
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
+                     roster: Roster | None = None, generation: int = 0) -> list[ShardHandle]:  # fmt: skip
         self.shards = [FakeShard(i, spans, self.gate) for i, spans in enumerate(plan)]
         return list(self.shards)
 
 
 async def step(coordinator: Coordinator, shards: list[FakeShard], s: int) -> None:
     """Every shard reports step s; then they publish s + 1 (as real shards do after the decision)."""
-    decisions = await asyncio.gather(*(coordinator.reduce_step("j", s, ShardStats(sh.index, NormPart.of(1.0), 1)) for sh in shards))
-    assert all(d.apply for d in decisions)
+    members = coordinator.jobs["j"].membership.roster().members
+    decisions = await asyncio.gather(
+        *(coordinator.reduce_step("j", s, ShardStats(sh.index, NormPart.of(1.0), 1, members)) for sh in shards)
+    )
+    assert all(isinstance(d, Decision) and d.apply for d in decisions)
     for sh in shards:
         sh.version = s + 1
     for _ in range(5):
@@ -182,6 +190,7 @@ async def test_the_coordinator_launches_time_policy_snapshots_and_skips_one_whil
     coordinator = Coordinator(launcher, str(tmp_path), clock=clock)
     config = JobConfig(parameters=(("w", (40,), ""),), optimizer="adamw", num_workers=1, num_shards=2, snapshot_every_seconds=10.0)
     await coordinator.create_job("r1", "j", config)
+    await coordinator.join_job("r2", "j", "w0")
     shards = launcher.shards
 
     clock.advance(5.0)

@@ -20,7 +20,7 @@ from paramserver_client.aio import (
 )
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import BFLOAT16, EVAL, FLOAT16, FLOAT32, TRAIN
-from paramserver_client.errors import ServiceError
+from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy
 
@@ -33,6 +33,7 @@ __all__ = [
     "AsyncJobClient",
     "AsyncWorker",
     "JobClient",
+    "JobRolledBack",
     "Reason",
     "RetryPolicy",
     "ServiceError",

@@ -15,6 +15,8 @@ so a retried push is never applied twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,8 @@ from paramserver_client.codec import (
     split,
     to_wire,
 )
-from paramserver_client.errors import ServiceError
+from paramserver_client.errors import JobRolledBack, ServiceError
+from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy, call_with_retry
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -52,8 +55,12 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 DEFAULT_TIMEOUT_S = 60.0
 #: Default deadline of a pull (it may wait for the slowest worker), seconds.
 DEFAULT_PULL_TIMEOUT_S = 600.0
+#: How long a worker waits for a job that lost a shard to be restored, seconds.
+DEFAULT_RECOVERY_TIMEOUT_S = 300.0
 
 ParamLike = tuple[str, Sequence[int]] | jpb.ParameterSpec
+
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -262,10 +269,16 @@ class AsyncJobClient:
         resp: jpb.JoinJobResponse = await self._unary(self._stub.JoinJob, req, "JoinJob")
         return resp
 
-    async def leave_job(self, job_id: str, worker_id: int) -> None:
-        """Leave a job."""
-        req = jpb.LeaveJobRequest(request_id=new_request_id(), job_id=job_id, worker_id=worker_id)
+    async def leave_job(self, job_id: str, worker_id: int, lease: int = 0) -> None:
+        """Leave a job (what the worker pushed for the open step is discarded)."""
+        req = jpb.LeaveJobRequest(request_id=new_request_id(), job_id=job_id, worker_id=worker_id, lease=lease)
         await self._unary(self._stub.LeaveJob, req, "LeaveJob")
+
+    async def heartbeat(self, job_id: str, worker_id: int, lease: int) -> jpb.HeartbeatResponse:
+        """Renew a worker's lease (AsyncWorker does it on its own)."""
+        req = jpb.HeartbeatRequest(job_id=job_id, worker_id=worker_id, lease=lease)
+        resp: jpb.HeartbeatResponse = await self._unary(self._stub.Heartbeat, req, "Heartbeat")
+        return resp
 
     async def delete_job(self, job_id: str) -> None:
         """Delete a job."""
@@ -301,17 +314,32 @@ class AsyncWorker:
         timeout: float = DEFAULT_TIMEOUT_S,
         pull_timeout: float = DEFAULT_PULL_TIMEOUT_S,
         retry: RetryPolicy | None = None,
+        lease: int = 0,
+        lease_timeout_s: float = 0.0,
+        address: str = "",
+        recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT_S,
     ) -> None:
+        """`lease` is JoinJob's; with the front door's `address` and `lease_timeout_s` the worker
+        renews its lease in the background (every third of the timeout) until close(). With the
+        `address`, a push or pull that finds the job restored after a lost shard reconnects to the
+        new shards (waiting up to `recovery_timeout` seconds for the restore) and raises
+        :class:`JobRolledBack` with the version to resume from."""
+        self.recovery_timeout = recovery_timeout
         self.job = job
         self.job_id = job.job_id
         self.worker_id = worker_id
+        self.lease = lease
+        self.generation = int(job.generation)
+        self.address = address
+        self._heartbeat: asyncio.Task[None] | None = None
+        if address and lease and lease_timeout_s > 0:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._renew(lease_timeout_s / 3))
         self.upload_parameters = upload_parameters
         self.timeout = timeout
         self.pull_timeout = pull_timeout
         self.retry = retry or RetryPolicy()
         self.total = int(job.total_elements)
-        self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
-        self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
+        self._connect(job)
         self.frozen: frozenset[int] = frozenset()
         """Parameters (indices into the model description) the update after the last pulled
         version does not train (e.g. LISA's frozen layers): their gradients may be skipped and
@@ -322,10 +350,81 @@ class AsyncWorker:
         """Join `job_id` through the front door at `address` and connect to its shards."""
         async with AsyncJobClient(address, timeout=kwargs.get("timeout", DEFAULT_TIMEOUT_S)) as jobs:
             resp = await jobs.join_job(job_id, worker_name)
-        return cls(resp.job, resp.worker_id, upload_parameters=resp.upload_parameters, **kwargs)
+        return cls(
+            resp.job,
+            resp.worker_id,
+            upload_parameters=resp.upload_parameters,
+            lease=resp.lease,
+            lease_timeout_s=resp.lease_timeout_s,
+            address=address,
+            **kwargs,
+        )
+
+    def _connect(self, job: jpb.Job) -> None:
+        """Channels to the job's shards."""
+        self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
+        self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
+
+    async def _recovered(self, exc: ServiceError) -> None:
+        """After a shard call failed with `exc`: if the job was restored after losing a shard (or is
+        being restored: wait for it), reconnect and raise JobRolledBack; otherwise re-raise `exc`."""
+        if not self.address or not (exc.code == grpc.StatusCode.UNAVAILABLE or exc.reason == Reason.JOB_ROLLED_BACK):
+            raise exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.recovery_timeout
+        async with AsyncJobClient(self.address, timeout=self.timeout) as jobs:
+            while True:
+                try:
+                    job = await jobs.get_job(self.job_id)
+                except ServiceError:
+                    raise exc from None
+                if job.state == jpb.JOB_STATE_FAILED:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION, Reason.JOB_FAILED, f"the job failed: {job.state_reason}"
+                    ) from exc
+                if job.state != jpb.JOB_STATE_RECOVERING and int(job.generation) != self.generation:
+                    break
+                if job.state != jpb.JOB_STATE_RECOVERING or loop.time() > deadline:
+                    raise exc
+                await asyncio.sleep(0.2)
+        old = self._channels
+        self.job, self.generation = job, int(job.generation)
+        self._connect(job)
+        await asyncio.gather(*(c.close(None) for c in old))
+        log.warning(
+            "worker %d: job %s was restored to version %d (generation %d)", self.worker_id, self.job_id, job.version, self.generation
+        )
+        raise JobRolledBack(int(job.version), self.generation) from exc
+
+    async def _renew(self, every_s: float) -> None:
+        """Heartbeats until the lease ends or the worker closes."""
+        async with AsyncJobClient(self.address, timeout=max(every_s, 1.0)) as jobs:
+            while True:
+                await asyncio.sleep(every_s)
+                try:
+                    await jobs.heartbeat(self.job_id, self.worker_id, self.lease)
+                except ServiceError as exc:
+                    if exc.code == grpc.StatusCode.ABORTED:  # the lease ended: the next push or pull says so
+                        log.warning("worker %d: %s", self.worker_id, exc.message)
+                        return
+                    log.info("worker %d: heartbeat failed (%s); retrying", self.worker_id, exc.message)
+
+    async def leave(self) -> None:
+        """Leave the job (stops the heartbeats; frees the worker id)."""
+        await self._stop_heartbeat()
+        async with AsyncJobClient(self.address) as jobs:
+            await jobs.leave_job(self.job_id, self.worker_id, self.lease)
+
+    async def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
 
     async def close(self) -> None:
-        """Close the shard channels."""
+        """Stop the heartbeats and close the shard channels."""
+        await self._stop_heartbeat()
         await asyncio.gather(*(c.close(None) for c in self._channels))
 
     def _check_flat(self, values: F32Array, what: str) -> F32Array:
@@ -375,7 +474,15 @@ class AsyncWorker:
 
         def stream(i: int) -> Iterator[spb.PushGradientsRequest | bytes]:
             yield spb.PushGradientsRequest(
-                header=spb.PushHeader(job_id=self.job_id, worker_id=self.worker_id, step=step, request_id=rid, loss_terms=loss_terms)
+                header=spb.PushHeader(
+                    job_id=self.job_id,
+                    worker_id=self.worker_id,
+                    step=step,
+                    request_id=rid,
+                    loss_terms=loss_terms,
+                    lease=self.lease,
+                    generation=self.generation,
+                )
             )
             yield from self._chunks(i, wire, dtype)
 
@@ -387,7 +494,11 @@ class AsyncWorker:
             )
             return answer
 
-        answers = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+        try:
+            answers = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+        except ServiceError as exc:
+            await self._recovered(exc)
+            raise
         done = [a for a in answers if a.outcome != spb.STEP_OUTCOME_PENDING]
         outcome = done[0].outcome if done else spb.STEP_OUTCOME_PENDING
         return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)
@@ -408,7 +519,15 @@ class AsyncWorker:
         frozen: set[int] = set()
 
         async def one(i: int) -> tuple[int, spb.StepReport | None]:
-            req = spb.PullParametersRequest(job_id=self.job_id, min_version=min_version, dtype=dtype, point=point)  # type: ignore[arg-type]
+            req = spb.PullParametersRequest(
+                job_id=self.job_id,
+                min_version=min_version,
+                dtype=dtype,  # type: ignore[arg-type]
+                point=point,  # type: ignore[arg-type]
+                worker_id=self.worker_id,
+                lease=self.lease,
+                generation=self.generation,
+            )
 
             async def attempt() -> tuple[int, spb.StepReport | None]:
                 version = -1
@@ -437,7 +556,11 @@ class AsyncWorker:
 
             return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]")
 
-        results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+        try:
+            results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+        except ServiceError as exc:
+            await self._recovered(exc)
+            raise
         version = min(v for v, _ in results)
         report = next((r for _, r in results if r is not None), None)
         if point == TRAIN:

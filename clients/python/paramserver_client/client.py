@@ -82,9 +82,13 @@ class JobClient:
         """Join a job (prefer Worker.join, which also connects to the shards)."""
         return self._loop.run(self._c.join_job(job_id, worker_name))
 
-    def leave_job(self, job_id: str, worker_id: int) -> None:
+    def leave_job(self, job_id: str, worker_id: int, lease: int = 0) -> None:
         """Leave a job."""
-        self._loop.run(self._c.leave_job(job_id, worker_id))
+        self._loop.run(self._c.leave_job(job_id, worker_id, lease))
+
+    def heartbeat(self, job_id: str, worker_id: int, lease: int) -> jpb.HeartbeatResponse:
+        """Renew a worker's lease (Worker does it on its own)."""
+        return self._loop.run(self._c.heartbeat(job_id, worker_id, lease))
 
     def delete_job(self, job_id: str) -> None:
         """Delete a job and its shards."""
@@ -134,14 +138,14 @@ class Worker:
         (``point=EVAL``: the evaluation point, e.g. Schedule-Free's x)."""
         return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point))
 
+    @property
+    def lease(self) -> int:
+        """This worker's lease (renewed in the background)."""
+        return self._w.lease
+
     def leave(self) -> None:
-        """Leave the job (frees the worker id)."""
-
-        async def go() -> None:
-            async with AsyncJobClient(self.address) as jobs:
-                await jobs.leave_job(self._w.job_id, self._w.worker_id)
-
-        self._loop.run(go())
+        """Leave the job (frees the worker id; what it pushed for the open step is discarded)."""
+        self._loop.run(self._w.leave())
 
     def close(self) -> None:
         """Close the shard channels and the loop."""

@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from paramserver_client.reasons import DOMAIN, Reason
 
-__all__ = ["DOMAIN", "Reason", "ServiceError", "from_rpc_error", "status_proto"]
+__all__ = ["DOMAIN", "JobRolledBack", "Reason", "ServiceError", "from_rpc_error", "status_proto"]
 
 
 class ServiceError(Exception):
@@ -42,6 +42,24 @@ class ServiceError(Exception):
         self.reason = reason
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class JobRolledBack(ServiceError):
+    """The job lost a shard and was restored to an earlier version (ABORTED, JOB_ROLLED_BACK).
+
+    The worker has already reconnected to the new shards; pull `resume_version` and continue the
+    training loop from that step (rewind the data to it, if the loop can).
+    """
+
+    def __init__(self, resume_version: int, generation: int, message: str = "") -> None:
+        super().__init__(
+            grpc.StatusCode.ABORTED,
+            Reason.JOB_ROLLED_BACK,
+            message or f"the job was restored to version {resume_version} after losing a shard; resume from that step",
+            {"resume_version": str(resume_version), "generation": str(generation)},
+        )
+        self.resume_version = resume_version
+        self.generation = generation
 
 
 def status_proto(code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> grpc.Status:

@@ -20,9 +20,10 @@ into the model (Schedule-Free's x; the same values for every other rule) and
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,9 @@ from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client.aio import make_spec
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import EVAL, TRAIN, dtype_from_name
+from paramserver_client.errors import JobRolledBack
+
+log = logging.getLogger(__name__)
 
 
 class RemoteOptimizer:
@@ -54,6 +58,10 @@ class RemoteOptimizer:
         skip_frozen: before each step, turn ``requires_grad`` off for the parameters the next
             update does not train (LISA's frozen layers), so backward skips them (default True;
             ``close()`` turns it back on).
+        on_rollback: called with the version to resume from when the job lost a shard and was
+            restored to an earlier version (the model already holds that version's parameters;
+            rewind the data loader to that step). Without it, a warning is logged and training
+            goes on from the restored parameters. ``rolled_back_to`` keeps the latest such version.
     """
 
     def __init__(
@@ -68,8 +76,11 @@ class RemoteOptimizer:
         timeout: float = 60.0,
         pull_timeout: float = 600.0,
         skip_frozen: bool = True,
+        on_rollback: Callable[[int], None] | None = None,
         **settings: Any,
     ) -> None:
+        self.on_rollback = on_rollback
+        self.rolled_back_to: int | None = None
         self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not self.named:
             raise ValueError("no trainable parameters")
@@ -145,10 +156,24 @@ class RemoteOptimizer:
         grad = self._gather(lambda p: p.grad)
         if loss_is_mean:
             grad *= np.float32(loss_terms)
-        self.worker.push(self.version, grad, loss_terms, dtype=self.wire_dtype)
-        self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
+        try:
+            self.worker.push(self.version, grad, loss_terms, dtype=self.wire_dtype)
+            self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
+        except JobRolledBack as rolled:
+            self._roll_back(rolled.resume_version)
+            return None
         self._scatter()
         return self.last_report
+
+    def _roll_back(self, version: int) -> None:
+        """Load the restored version into the model and tell the training loop."""
+        self.version, _, self.last_report = self.worker.pull(version, self._flat, dtype=self.wire_dtype)
+        self._scatter()
+        self.rolled_back_to = self.version
+        if self.on_rollback is not None:
+            self.on_rollback(self.version)
+        else:
+            log.warning("the job lost a shard and was restored to version %d: training goes on from there", self.version)
 
     def eval(self) -> None:
         """Load the evaluation point of the current version into the model (schedulefree's eval())."""

@@ -1,0 +1,229 @@
+"""Real faults on a real Ray: a shard actor killed mid-training is recovered from the latest
+snapshot and the run ends bit-identical to a fault-free one; without a snapshot the job fails with
+its reason; jobs that cannot be scheduled fail fast without blocking anyone."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from paramserver.v1 import job_service_pb2 as jpb
+from paramserver_client import JobClient, JobRolledBack, Reason, ServiceError, Worker
+from tests.cluster.test_parity import SHAPES, TOTAL, worker_grads
+from tests.cluster.test_snapshots import SETTINGS, flat_state
+
+END = 9
+KILL_AT = 5
+P0 = np.linspace(-1, 1, TOTAL, dtype=np.float32)
+
+
+def kill_shard(service: Any, job_id: str, index: int) -> None:
+    """SIGKILL-equivalent of one shard actor (ray.kill: no restart, no cleanup)."""
+    import ray
+
+    handles = ray.get(service.service.cluster.coordinator.shard_handles.remote(job_id))
+    ray.kill(handles[index].actor, no_restart=True)
+
+
+@pytest.fixture
+def jobs(address: str) -> Iterator[list[str]]:
+    created: list[str] = []
+    yield created
+    with JobClient(address) as jc:
+        for j in created:
+            try:
+                jc.delete_job(j)
+            except ServiceError:
+                pass
+
+
+def create(address: str, jobs: list[str], tag: str, **settings: Any) -> str:
+    job_id = f"rec-{tag}-{uuid.uuid4().hex[:6]}"
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=job_id, num_workers=2, num_shards=2, **{**SETTINGS, **settings})
+    jobs.append(job_id)
+    return job_id
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} never happened")
+
+
+def run(address: str, job_id: str, kill: Any = None) -> list[int]:
+    """Train steps 0..END with two workers; `kill()` before step KILL_AT. On a rollback every worker
+    reconnects and the loop rewinds to the step the job resumes from. Returns the resume versions."""
+    resumes: list[int] = []
+    with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
+        ws = sorted([wa, wb], key=lambda w: w.worker_id)
+        ws[0].upload(P0)
+        s = 0
+        while s < END:
+            if s == KILL_AT and kill is not None:
+                kill()
+                kill = None
+            try:
+                for w in ws:
+                    w.push(s, *worker_grads(s, w.worker_id))
+                assert ws[1].pull(s + 1)[0] == s + 1
+                s += 1
+            except JobRolledBack as rolled:
+                resumes.append(rolled.resume_version)
+                s = rolled.resume_version
+                for w in ws:  # the other worker learns it on its next call
+                    try:
+                        w.pull(s)
+                    except JobRolledBack:
+                        assert w.pull(s)[0] == s
+    return resumes
+
+
+def test_a_killed_shard_is_restored_from_the_latest_snapshot_and_the_run_ends_bit_identical(
+    service: Any, address: str, jobs: list[str]
+) -> None:
+    faulty = create(address, jobs, "kill", snapshot_every_steps=2)
+    clean = create(address, jobs, "clean", snapshot_every_steps=2)
+    seen: list[jpb.Job] = []
+    listed_ok = threading.Event()
+
+    def kill() -> None:
+        with JobClient(address) as jc:
+            wait_for(lambda: jc.list_snapshots(faulty), "a snapshot")
+            kill_shard(service, faulty, 1)
+
+            def watch() -> None:  # GetJob and ListJobs answer while the job recovers
+                with JobClient(address) as watcher:
+                    for _ in range(400):
+                        job = watcher.get_job(faulty)
+                        seen.append(job)
+                        assert any(j.job_id == faulty for j in watcher.list_jobs())
+                        if job.generation == 1 and job.state == jpb.JOB_STATE_RUNNING:
+                            listed_ok.set()
+                            return
+                        time.sleep(0.02)
+
+            threading.Thread(target=watch, daemon=True).start()
+
+    resumes = run(address, faulty, kill)
+    run(address, clean)
+    with JobClient(address) as jc:  # rolled back once, to a committed snapshot (the newest when the shard died)
+        assert len(resumes) == 1 and resumes[0] in {s.version for s in jc.list_snapshots(faulty)}, resumes
+    assert listed_ok.wait(30)
+    states = {j.state for j in seen}
+    assert jpb.JOB_STATE_RECOVERING in states, states
+    recovering = next(j for j in seen if j.state == jpb.JOB_STATE_RECOVERING)
+    assert recovering.state_reason.startswith(Reason.SHARD_LOST)
+    with JobClient(address) as jc:
+        job = jc.get_job(faulty)
+        ref = jc.get_job(clean)
+    assert (job.state, job.generation, job.recoveries, job.version) == (jpb.JOB_STATE_RUNNING, 1, 1, END)
+    got, want = flat_state(service, job), flat_state(service, ref)
+    assert got.keys() == want.keys()
+    for k in want:  # parameters and every moment: nothing applied twice, nothing half-applied
+        assert np.array_equal(got[k], want[k]), k
+
+
+def test_a_lost_shard_without_a_snapshot_fails_the_job_with_its_reason(service: Any, address: str, jobs: list[str]) -> None:
+    job_id = create(address, jobs, "nosnap")
+    with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
+        ws = sorted([wa, wb], key=lambda w: w.worker_id)
+        ws[0].upload(P0)
+        for w in ws:
+            w.push(0, *worker_grads(0, w.worker_id))
+        kill_shard(service, job_id, 0)
+        with JobClient(address) as jc:
+            wait_for(lambda: jc.get_job(job_id).state == jpb.JOB_STATE_FAILED, "the job failing")
+            job = jc.get_job(job_id)
+        assert job.state_reason.startswith(Reason.SHARD_LOST) and "no snapshot" in job.state_reason
+        with pytest.raises(ServiceError) as failed:
+            ws[0].push(1, *worker_grads(1, ws[0].worker_id))
+        assert (failed.value.code, failed.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, Reason.JOB_FAILED)
+
+
+@pytest.mark.parametrize(("setting", "field"), [({"shard_num_cpus": 64.0}, "spec.shard_num_cpus"),
+                                               ({"shard_num_gpus": 1.0}, "spec.shard_num_gpus")])  # fmt: skip
+def test_a_job_no_node_can_hold_fails_fast_naming_the_setting(address: str, job_id: str, setting: dict[str, float], field: str) -> None:
+    with JobClient(address) as jc:
+        with pytest.raises(ServiceError) as err:
+            jc.create_job(SHAPES, job_id=job_id, optimizer="sgd", num_shards=2, **setting)
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SHARDS_UNSCHEDULABLE)
+        assert err.value.metadata["field"] == field
+        with pytest.raises(ServiceError) as nf:  # nothing was created
+            jc.get_job(job_id)
+        assert nf.value.code == grpc.StatusCode.NOT_FOUND
+        jc.create_job(SHAPES, job_id=job_id, optimizer="sgd", num_shards=2)  # the id is free, the service serves
+
+
+def test_a_job_waiting_for_resources_blocks_nobody_and_can_be_deleted(address: str, jobs: list[str]) -> None:
+    hog = f"rec-hog-{uuid.uuid4().hex[:6]}"
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=hog, optimizer="sgd", shard_num_cpus=2.0)  # takes both CPUs of the test Ray
+        jobs.append(hog)
+        waiting = f"rec-wait-{uuid.uuid4().hex[:6]}"
+        outcome: list[BaseException] = []
+
+        def create_waiting() -> None:
+            try:
+                with JobClient(address) as other:
+                    other.create_job(SHAPES, job_id=waiting, optimizer="sgd", shard_num_cpus=1.0)
+            except ServiceError as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=create_waiting)
+        t.start()
+        wait_for(lambda: any(j.job_id == waiting and j.state == jpb.JOB_STATE_CREATING for j in jc.list_jobs()), "CREATING")
+        quick = create(address, jobs, "quick")  # other CreateJobs go on meanwhile
+        assert jc.get_job(quick).state == jpb.JOB_STATE_AWAITING_PARAMETERS
+        jc.delete_job(waiting)  # a job still waiting for its shards can be deleted
+        t.join(60)
+        assert not t.is_alive()
+        (err,) = outcome
+        assert isinstance(err, ServiceError) and err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        with pytest.raises(ServiceError) as gone:
+            jc.get_job(waiting)
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, address: str, jobs: list[str]) -> None:
+    import torch
+
+    from paramserver_client.torch_optim import RemoteOptimizer
+
+    def train(job_id: str, kill_at: int | None) -> tuple[list[torch.Tensor], list[int]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        rollbacks: list[int] = []
+        opt = RemoteOptimizer(model.named_parameters(), address, job_id, optimizer="adamw", hyperparameters={"lr": 0.05},
+                              snapshot_every_steps=2, on_rollback=rollbacks.append)  # fmt: skip
+        jobs.append(job_id)
+        try:
+            while opt.version < END:
+                if opt.version == kill_at and not rollbacks:
+                    with JobClient(address) as jc:
+                        wait_for(lambda: jc.list_snapshots(job_id), "a snapshot")
+                    kill_shard(service, job_id, 0)
+                gen = torch.Generator().manual_seed(opt.version)  # the data of step `version`: rewinds with it
+                x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+                opt.step(loss_terms=8)
+        finally:
+            opt.close()
+        return [p.detach().clone() for p in model.parameters()], rollbacks
+
+    got, rollbacks = train(f"rec-opt-{uuid.uuid4().hex[:6]}", KILL_AT)
+    want, none = train(f"rec-opt-ref-{uuid.uuid4().hex[:6]}", None)
+    assert len(rollbacks) == 1 and 0 < rollbacks[0] <= KILL_AT and none == []
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
