@@ -44,6 +44,7 @@ bench: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py
 	$(PY) bench/bench_optimizers.py
 	$(PY) bench/bench_spill.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py
 
 ## Every benchmark in its quick mode (no thresholds: CI runs this so that none of them rots).
 bench-quick: setup
@@ -51,6 +52,7 @@ bench-quick: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_snapshots.py --quick
 	$(PY) bench/bench_optimizers.py --quick
 	$(PY) bench/bench_spill.py --quick
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py --quick
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

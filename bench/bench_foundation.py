@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -371,7 +372,7 @@ def main() -> int:
     from paramserver.server import BackgroundService, ServiceConfig
 
     log("starting the service (Ray, 2 CPUs)")
-    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2))
+    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2, state_dir=tempfile.mkdtemp(prefix="ps-bench-state-")))
     try:
         s = asyncio.run(bench_service(n, warmup, reps, raw_address, svc.address))
     finally:

@@ -358,7 +358,7 @@ def bench_service(n: int, reps: int, base_steps: int, warmup: int, snap_dir: Pat
     res: dict[str, Any] = {}
 
     log("starting the service (Ray, 2 CPUs)")
-    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(snap_dir)))
+    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(snap_dir), state_dir=str(snap_dir.parent / "state")))
     try:
         jobs = JobClient(svc.address)
         try:
@@ -482,7 +482,15 @@ def bench_spilled(n: int, reps: int, base_steps: int, snap_dir: Path, compute_s:
     out = np.empty(n, dtype=np.float32)
     res: dict[str, Any] = {"n": n, "budget": budget}
     log(f"(3) spilled shard: {n:,} params, budget {budget / 1e6:.0f} MB")
-    svc = BackgroundService(ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(snap_dir), spill_dir=str(snap_dir.parent / "spill")))
+    svc = BackgroundService(
+        ServiceConfig(
+            port=0,
+            num_cpus=2,
+            snapshot_dir=str(snap_dir),
+            spill_dir=str(snap_dir.parent / "spill"),
+            state_dir=str(snap_dir.parent / "state"),
+        )
+    )
     try:
         with JobClient(svc.address) as jobs:
             job = jobs.create_job([("w", (n,))], optimizer="adamw", num_workers=1, num_shards=1, shard_memory_budget_bytes=budget)

@@ -25,6 +25,23 @@ def serve(
     shard_start_timeout: Annotated[
         float, typer.Option(help="Seconds a CreateJob waits for the cluster to place its shards before RESOURCE_EXHAUSTED.")
     ] = 120.0,
+    name: Annotated[
+        str, typer.Option(help="The service's name on its Ray cluster: a front door started again with it reattaches to the running jobs.")
+    ] = "default",
+    state_dir: Annotated[
+        str, typer.Option(help="Where the coordinator keeps its journal (shared by the nodes that may run it).")
+    ] = "state",
+    keep_jobs: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-jobs/--stop-jobs",
+            help="On exit, leave the coordinator and jobs running for the next front door (default: keep when joined to a cluster).",
+        ),
+    ] = None,
+    coordinator_resource: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=AMOUNT: a Ray resource the coordinator asks for, to pin it to the nodes that have it (repeatable)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Start the service; stop it with SIGTERM or Ctrl-C."""
@@ -45,8 +62,26 @@ def serve(
             snapshot_dir=snapshot_dir,
             spill_dir=spill_dir,
             shard_start_timeout_s=shard_start_timeout,
+            name=name,
+            state_dir=state_dir,
+            keep_jobs_on_exit=keep_jobs,
+            coordinator_resources=_resources(coordinator_resource or []),
         )
     )
+
+
+def _resources(items: list[str]) -> dict[str, float]:
+    """NAME=AMOUNT pairs as a dict (a bad one is a usage error naming it)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError(item)
+            out[name] = float(amount)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: expected NAME=AMOUNT, e.g. head=0.01", param_hint="--coordinator-resource") from None
+    return out
 
 
 @app.command()

@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,6 +27,7 @@ from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
 from paramserver.placement import Span
+from paramserver.reaper import start_reaper
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus
 from paramserver.steps import Decision, Redo, ShardStats
@@ -43,15 +45,24 @@ SHARD_START_TIMEOUT_S = 120.0
 
 
 class _RayShardHost(ShardHost):
+    def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
     def advertise_host(self) -> str:
         if self.bind_host in ("0.0.0.0", "::", "[::]"):
             return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         return self.bind_host
 
 
+class _RayCoordinator(Coordinator):
+    async def node(self) -> str:
+        """The cluster node the coordinator runs on (tests and tools)."""
+        return str(ray.get_runtime_context().get_node_id())
+
+
 # Typed as Any: actor handles are dynamic proxies.
 ShardActor: Any = ray.remote(_RayShardHost)
-CoordinatorActor: Any = ray.remote(Coordinator)
+CoordinatorActor: Any = ray.remote(_RayCoordinator)
 
 
 async def _call(ref: Awaitable[T], what: str) -> T:
@@ -69,24 +80,34 @@ async def _call(ref: Awaitable[T], what: str) -> T:
 
 
 class RayStepReducer:
-    """A shard's link to the coordinator's per-step reduction (picklable)."""
+    """A shard's link to the coordinator's per-step reduction (picklable). When the coordinator
+    actor is gone for good, it looks it up again by name: a coordinator started anew (a restarted
+    front door) takes over the job."""
 
-    def __init__(self, coordinator: Any, job_id: str) -> None:
+    def __init__(self, coordinator: Any, job_id: str, coordinator_name: str = "") -> None:
         self.coordinator = coordinator
         self.job_id = job_id
+        self.coordinator_name = coordinator_name
 
     async def reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
         """Report stats, wait for the decision."""
-        result: Decision | Redo = await _call(self.coordinator.reduce_step.remote(self.job_id, step, stats), "reduce_step")
+        try:
+            result: Decision | Redo = await _call(self.coordinator.reduce_step.remote(self.job_id, step, stats), "reduce_step")
+        except ParamServerError as exc:
+            if exc.metadata.get("actor") == "dead" and self.coordinator_name:
+                with contextlib.suppress(ValueError):  # not there (yet): the caller retries
+                    self.coordinator = ray.get_actor(self.coordinator_name)
+            raise
         return result
 
 
 class RayShardHandle:
     """The coordinator's handle on one shard actor."""
 
-    def __init__(self, actor: Any, address: str) -> None:
+    def __init__(self, actor: Any, address: str, name: str = "") -> None:
         self.actor = actor
         self.address = address
+        self.name = name
 
     async def status(self) -> ShardStatus:
         """The shard's status."""
@@ -124,10 +145,17 @@ class RayShardHandle:
 class RayShardLauncher:
     """Starts shard actors (runs inside the coordinator actor)."""
 
-    def __init__(self, bind_host: str = "127.0.0.1", spill_dir: str = "spill", start_timeout_s: float = SHARD_START_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        bind_host: str = "127.0.0.1",
+        spill_dir: str = "spill",
+        start_timeout_s: float = SHARD_START_TIMEOUT_S,
+        coordinator_name: str = "",
+    ) -> None:
         self.bind_host = bind_host
         self.spill_dir = spill_dir
         self.start_timeout_s = start_timeout_s
+        self.coordinator_name = coordinator_name
 
     async def launch(
         self,
@@ -143,15 +171,17 @@ class RayShardLauncher:
         when they are not all placed within the start timeout (the cluster is busy)."""
         await asyncio.to_thread(check_fits, config, len(plan))
         me = ray.get_runtime_context().current_actor
-        reducer = RayStepReducer(me, job_id)
+        reducer = RayStepReducer(me, job_id, self.coordinator_name)
+        names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in range(len(plan))]
         actors = [
             ShardActor.options(
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
-                name=f"paramserver-{job_id}-shard-{i}-{uuid.uuid4().hex[:6]}",
+                name=name,
+                lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
             ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore, self.spill_dir, roster, generation)
-            for i, spans in enumerate(plan)
+            for i, (spans, name) in enumerate(zip(plan, names, strict=True))
         ]
         try:
             async with asyncio.timeout(self.start_timeout_s):
@@ -172,7 +202,36 @@ class RayShardLauncher:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise
-        return [RayShardHandle(a, addr) for a, addr in zip(actors, addresses, strict=True)]
+        return [RayShardHandle(a, addr, n) for a, addr, n in zip(actors, addresses, names, strict=True)]
+
+    async def reattach(self, job_id: str, names: Sequence[str]) -> list[RayShardHandle | None]:
+        """Handles on the job's running shards by name (None for one that is gone)."""
+
+        async def one(name: str) -> RayShardHandle | None:
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name)
+                handle = RayShardHandle(actor, "", name)
+                handle.address = (await asyncio.wait_for(handle.status(), 10.0)).address
+                return handle
+            except Exception:  # noqa: BLE001 - gone, dead or not answering: recovered from a snapshot
+                return None
+
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
+        """Kill the job's shard actors that are not in `keep` (an interrupted start's)."""
+        prefix = shard_prefix(job_id)
+        listed = await asyncio.to_thread(ray.util.list_named_actors)
+        stray = [n for n in listed if isinstance(n, str) and n.startswith(prefix) and n not in keep]
+        for name in stray:
+            with contextlib.suppress(Exception):
+                ray.kill(await asyncio.to_thread(ray.get_actor, name), no_restart=True)
+        return len(stray)
+
+
+def shard_prefix(job_id: str) -> str:
+    """The start of the names of a job's shard actors."""
+    return f"paramserver-{job_id}-shard-"
 
 
 def check_fits(config: JobConfig, count: int) -> None:
@@ -213,6 +272,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, namespace="paramserver", logging_level=logging.WARNING, log_to_driver=True)
         return False
     ray.init(num_cpus=num_cpus, namespace="paramserver", include_dashboard=False, logging_level=logging.WARNING)
+    start_reaper()  # if this process is killed, Ray's processes go with it
     return True
 
 
@@ -231,13 +291,38 @@ class Cluster:
         snapshot_root: str = "snapshots",
         spill_root: str = "spill",
         shard_start_timeout_s: float = SHARD_START_TIMEOUT_S,
+        *,
+        name: str = "default",
+        state_dir: str = "state",
+        coordinator_resources: Mapping[str, float] | None = None,
     ) -> None:
+        """Attach to the service's coordinator actor `name` if it runs (a restarted front door),
+        else start it: detached (it outlives this process) and restarted by Ray if it dies (it
+        replays its journal under `state_dir` and reattaches to the jobs' shards)."""
+        self.coordinator_name = f"{COORDINATOR_NAME}-{name}"
+        journal = os.path.join(os.path.abspath(state_dir), f"coordinator-{name}.journal")
         self.coordinator: Any = CoordinatorActor.options(
-            num_cpus=0, max_concurrency=1000, name=f"{COORDINATOR_NAME}-{uuid.uuid4().hex[:8]}"
+            num_cpus=0,
+            max_concurrency=1000,
+            name=self.coordinator_name,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            resources=dict(coordinator_resources or {}),
         ).remote(
-            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s),
+            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name),
             snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
+            journal=journal,
         )
+
+    async def start(self) -> None:
+        """Wait until the coordinator serves (it replays its journal first)."""
+        await _call(self.coordinator.start.remote(), "coordinator start")
+
+    async def ping(self) -> bool:
+        """Whether the coordinator answers."""
+        result: bool = await _call(self.coordinator.ping.remote(), "coordinator ping")
+        return result
 
     async def create_job(
         self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: dict[str, Any] | None = None
@@ -296,8 +381,11 @@ class Cluster:
         handles = await _call(self.coordinator.shard_handles.remote(job_id), "shard_handles")
         return [await h.tensors() for h in handles]
 
-    async def close(self) -> None:
-        """Stop every job and the coordinator."""
+    async def close(self, stop_jobs: bool = True) -> None:
+        """Stop every job and the coordinator; or, without `stop_jobs`, leave both running for the
+        next front door (a restart of the front door alone)."""
+        if not stop_jobs:
+            return
         try:
             await _call(self.coordinator.shutdown.remote(), "shutdown")
         finally:

@@ -137,7 +137,9 @@ def job_to_pb(v: JobView) -> pb.Job:
         total += p.numel
     job.total_elements = total
     for s in v.shards:
-        info = job.shards.add(index=s.index, address=s.address, version=s.version, initialized=s.initialized, unreachable=not s.reachable)
+        info = job.shards.add(
+            index=s.index, address=s.address, version=s.version, initialized=s.initialized, unreachable=not s.reachable, node=s.node
+        )
         for f in dataclasses.fields(s.memory):
             setattr(info.memory, f.name, getattr(s.memory, f.name))
         for span in s.spans:

@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from paramserver.control_state import ControlJournal, JobRecord
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
-from paramserver.membership import Membership, Roster
+from paramserver.membership import Member, Membership, Roster
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
 from paramserver.snapshot_policy import Clock, SnapshotPolicy
@@ -47,6 +49,8 @@ class ShardHandle(Protocol):
     """The coordinator's view of a running shard."""
 
     address: str
+    name: str
+    """The shard's name in the cluster (a restarted coordinator finds it by it)."""
 
     async def status(self) -> ShardStatus:
         """The shard's version and state."""
@@ -82,6 +86,14 @@ class ShardLauncher(Protocol):
         (SHARDS_UNSCHEDULABLE) when the cluster cannot place them."""
         ...
 
+    async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
+        """Handles on running shards by name (None for one that is gone)."""
+        ...
+
+    async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
+        """Stop the job's shards that are not in `keep` (left by an interrupted start); how many."""
+        ...
+
 
 @dataclass(frozen=True)
 class ShardView:
@@ -96,6 +108,8 @@ class ShardView:
     """Budget, resident and spilled bytes, spill traffic and rates."""
     reachable: bool = True
     """False when the shard did not answer (its actor or node is gone)."""
+    node: str = ""
+    """The cluster node it runs on."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,8 @@ class MemberView:
     lost: bool
 
 
-#: Job states (names of paramserver.v1.JobState without the prefix; RUNNING covers AWAITING_PARAMETERS).
+#: Job states (names of paramserver.v1.JobState without the prefix; RUNNING covers AWAITING_PARAMETERS;
+#: a restarted coordinator shows a job it is reattaching to as RECOVERING).
 CREATING, RUNNING, RECOVERING, FAILED = "CREATING", "RUNNING", "RECOVERING", "FAILED"
 
 
@@ -180,8 +195,12 @@ class _Job:
 class Coordinator:
     """Owns every job of one service."""
 
-    def __init__(self, launcher: ShardLauncher, snapshot_root: str = "snapshots", *, clock: Clock = time.monotonic) -> None:
-        """`clock` (monotonic seconds) drives the jobs' time-based snapshot policy and the workers' leases."""
+    def __init__(
+        self, launcher: ShardLauncher, snapshot_root: str = "snapshots", *, clock: Clock = time.monotonic, journal: str = ""
+    ) -> None:
+        """`clock` (monotonic seconds) drives the jobs' time-based snapshot policy and the workers'
+        leases. With a `journal` path, every change is made durable there first, and a coordinator
+        started on an existing journal (a restart) replays it and reattaches to the jobs' shards."""
         self.launcher = launcher
         self.clock = clock
         self.store = open_store(snapshot_root)
@@ -190,6 +209,86 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._control = ControlJournal(Path(journal)) if journal else None
+        self._started = False
+        self.instance = uuid.uuid4().hex
+        """Changes with every (re)start of the coordinator."""
+
+    # ---- durability ---------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Make a change durable (before anybody learns of it)."""
+        if self._control is not None:
+            self._control.append(record)
+
+    def _remember(self, request_id: str, fingerprint: tuple[Any, ...], answer: object) -> None:
+        """Record a request's first answer (durably: a retry after a restart gets it too)."""
+        self.ledger.record(request_id, fingerprint, answer)
+        self._log({"t": "ledger", "id": request_id, "fp": list(fingerprint), "answer": answer})
+
+    async def start(self) -> None:
+        """Replay the journal (once) and reattach to the jobs' shards: jobs whose shards are all
+        alive go on where they were; a job that lost a shard meanwhile is recovered; one whose
+        start was interrupted is started again."""
+        if self._started:
+            return
+        self._started = True
+        if self._control is not None:
+            for rid, (fp, answer) in self._control.state.ledger.items():
+                self.ledger.record(rid, fp, answer)
+            for rec in list(self._control.state.jobs.values()):
+                try:
+                    self._revive(rec)
+                except Exception:
+                    log.exception("job %s: cannot rebuild it from the journal; leaving it out", rec.job_id)
+        self._watch()
+
+    def _revive(self, rec: JobRecord) -> None:
+        config = JobConfig.from_dict(rec.config)
+        policy = SnapshotPolicy(every_steps=config.snapshot_every_steps, every_seconds=config.snapshot_every_seconds, clock=self.clock)
+        membership = Membership(
+            config.min_members, config.max_members, config.worker_timeout_s, config.on_worker_lost, self.clock, rec.next_lease
+        )
+        now = self.clock()
+        membership.members = {int(w): Member(int(w), str(n), int(lease), now, bool(lost)) for w, (n, lease, lost) in rec.members.items()}
+        membership.removed = set(rec.removed)
+        job = _Job(rec.job_id, config, config.plan(), [], policy, membership, state=RECOVERING, generation=rec.generation)
+        job.recoveries = rec.recoveries
+        job.state_reason = "reattaching after a coordinator restart"
+        job.skips = dict(rec.skips)
+        job.decided_version = rec.decided_version
+        job.decisions = {int(s): _decision(d) for s, d in rec.decisions.items()}
+        if config.spike_window:
+            job.guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, rec.norms)
+        job.nan_handled = config.nan_handled_by_optimizers()
+        self.jobs[rec.job_id] = job
+        if rec.state == FAILED:
+            job.state, job.state_reason = FAILED, rec.state_reason
+            job.created.set()
+            return
+        restore = Restore(**rec.restore) if rec.restore else None
+        if rec.state == CREATING or not rec.shard_names:
+            job.state = CREATING
+            job.launching = asyncio.get_running_loop().create_task(self._launch(job, "", restore))
+            return
+        job.created.set()
+        self._spawn(self._reattach(job, rec.shard_names))
+
+    async def _reattach(self, job: _Job, names: list[str]) -> None:
+        handles = await self.launcher.reattach(job.job_id, names)
+        await self.launcher.cleanup(job.job_id, names)
+        lost = [i for i, h in enumerate(handles) if h is None]
+        if lost:
+            job.shards = [h for h in handles if h is not None]
+            job.last_recovery = {"detected_at": self.clock()}
+            job.state_reason = f"{Reason.SHARD_LOST}: shard(s) {lost} lost while the coordinator was away; restoring"
+            await self._recover(job, lost)
+            return
+        job.shards = [h for h in handles if h is not None]
+        job.state, job.state_reason = RUNNING, ""
+        log.info("job %s: reattached to its %d shards (generation %d)", job.job_id, len(job.shards), job.generation)
+        async with job.lock:
+            await self._push_roster(job)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -224,7 +323,7 @@ class Coordinator:
             if st is None:
                 shards.append(ShardView(i, job.shards[i].address, tuple(job.plan[i]), 0, False, reachable=False))
             else:
-                shards.append(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory))
+                shards.append(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory, node=st.node))
         now = self.clock()
         members = tuple(
             MemberView(m.worker_id, m.name, m.lease, max(0.0, now - m.renewed_at), m.lost)
@@ -252,6 +351,7 @@ class Coordinator:
         verified), with `overrides` (num_shards, num_workers, ...) applied; the shards load
         their ranges from it and the job starts at its version. The shards start outside the
         coordinator's lock: other calls go on meanwhile, and the launcher bounds the wait."""
+        await self.start()
         _require(request_id)
         restore: Restore | None = None
         history: list[float] = []
@@ -286,7 +386,7 @@ class Coordinator:
                     raise ParamServerError(
                         "ALREADY_EXISTS", Reason.JOB_ALREADY_EXISTS, f"job {job_id!r} exists with another description", {"job_id": job_id}
                     )
-                self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
+                self._remember(request_id, ("create", job_id, config.key()), job_id)
             else:
                 config.validate()
                 plan = config.plan()
@@ -301,7 +401,10 @@ class Coordinator:
                 job.nan_handled = config.nan_handled_by_optimizers()
                 job.decided_version = restore.version if restore is not None else 0
                 self.jobs[job_id] = job
-                self.ledger.record(request_id, ("create", job_id, config.key()), job_id)
+                self._log({"t": "job", "job_id": job_id, "config": config.to_dict(),
+                           "restore": dataclasses.asdict(restore) if restore is not None else None,
+                           "decided_version": job.decided_version, "skips": dict(skips), "norms": list(history)})  # fmt: skip
+                self._remember(request_id, ("create", job_id, config.key()), job_id)
                 job.launching = asyncio.get_running_loop().create_task(self._launch(job, request_id, restore))
             job = self.jobs[job_id]
         return await self._created(job)
@@ -315,6 +418,7 @@ class Coordinator:
             self.ledger.forget(request_id)
             if self.jobs.get(job.job_id) is job:
                 del self.jobs[job.job_id]
+                self._log({"t": "delete", "job_id": job.job_id})
             job.created.set()
             if not isinstance(exc, Exception) and not job.deleted:
                 raise
@@ -323,6 +427,8 @@ class Coordinator:
         if job.deleted:  # deleted while its shards started
             await asyncio.gather(*(s.stop() for s in shards), return_exceptions=True)
         else:
+            self._log({"t": "shards", "job_id": job.job_id, "generation": job.generation, "names": [s.name for s in shards]})
+            self._log({"t": "state", "job_id": job.job_id, "state": RUNNING})
             job.state = RUNNING
             if restore is not None:
                 job.policy.restored(restore.version)
@@ -344,10 +450,12 @@ class Coordinator:
 
     async def get_job(self, job_id: str) -> JobView:
         """A job with its shard map."""
+        await self.start()
         return await self._view(self._job(job_id))
 
     async def list_jobs(self) -> list[JobView]:
         """Every job (each shown in whatever state it is: one job's lost shard does not fail the list)."""
+        await self.start()
         return list(await asyncio.gather(*(self._view(j) for j in list(self.jobs.values()))))
 
     async def _push_roster(self, job: _Job) -> None:
@@ -365,6 +473,7 @@ class Coordinator:
 
     async def join_job(self, request_id: str, job_id: str, worker_name: str) -> tuple[int, JobView, bool, int, float]:
         """Admit a worker: (worker_id, job, whether it must upload the parameters, lease, lease timeout)."""
+        await self.start()
         _require(request_id)
         job = self._job(job_id)
         async with job.lock:
@@ -375,7 +484,8 @@ class Coordinator:
                 self._running(job)
                 member = job.membership.join(worker_name)
                 wid, lease = member.worker_id, member.lease
-                self.ledger.record(request_id, ("join", job_id, worker_name), (wid, lease))
+                self._log({"t": "join", "job_id": job_id, "worker_id": wid, "name": worker_name, "lease": lease})
+                self._remember(request_id, ("join", job_id, worker_name), (wid, lease))
                 log.info("job %s: worker %d (%s) joined with lease %d", job_id, wid, worker_name or "unnamed", lease)
                 await self._push_roster(job)
         view = await self._view(job)
@@ -383,24 +493,28 @@ class Coordinator:
 
     async def leave_job(self, request_id: str, job_id: str, worker_id: int, lease: int = 0) -> None:
         """Remove a member (what it pushed for the open step is discarded on every shard)."""
+        await self.start()
         _require(request_id)
         job = self._job(job_id)
         async with job.lock:
             if self.ledger.lookup(request_id, ("leave", job_id, worker_id)) is not None:
                 return
             job.membership.leave(worker_id, lease)
-            self.ledger.record(request_id, ("leave", job_id, worker_id), True)
+            self._log({"t": "leave", "job_id": job_id, "worker_id": worker_id})
+            self._remember(request_id, ("leave", job_id, worker_id), True)
             log.info("job %s: worker %d left", job_id, worker_id)
             await self._push_roster(job)
 
     async def heartbeat(self, job_id: str, worker_id: int, lease: int) -> tuple[int, str, int]:
         """Renew a lease: (the latest decided version, the job's state, its generation)."""
+        await self.start()
         job = self._job(job_id)
         lost = job.membership.members.get(worker_id)
         was_lost = lost is not None and lost.lost
         job.membership.renew(worker_id, lease)
         if was_lost:
             log.info("job %s: worker %d is back", job_id, worker_id)
+            self._log({"t": "lost", "job_id": job_id, "worker_id": worker_id, "lost": False})
             async with job.lock:
                 await self._push_roster(job)
         return job.decided_version, job.state, job.generation
@@ -408,6 +522,7 @@ class Coordinator:
     async def delete_job(self, request_id: str, job_id: str) -> None:
         """Stop a job's shards and forget it (in any state: a job still starting is stopped as soon
         as its shards are up)."""
+        await self.start()
         _require(request_id)
         async with self._lock:
             if self.ledger.lookup(request_id, ("delete", job_id)) is not None:
@@ -415,7 +530,8 @@ class Coordinator:
             job = self._job(job_id)
             del self.jobs[job_id]
             job.deleted = True
-            self.ledger.record(request_id, ("delete", job_id), True)
+            self._log({"t": "delete", "job_id": job_id})
+            self._remember(request_id, ("delete", job_id), True)
         if job.launching is not None and not job.launching.done():
             job.launching.cancel()  # the launcher stops whatever it had started
         for waiters in job.waiters.values():
@@ -431,6 +547,7 @@ class Coordinator:
         """Record one shard's stats for a step; answer the decision once every shard reported the
         same contributions, from exactly the job's members; a :class:`Redo` to a shard that
         reduced another set."""
+        await self.start()
         job = self._job(job_id)
         if step in job.decisions:
             return job.decisions[step]
@@ -461,7 +578,7 @@ class Coordinator:
             fut = waiters.pop(k, None)
             if fut is not None and not fut.done():
                 fut.set_result(Redo(step, roster))
-        if len(reports) < len(job.shards):
+        if len(reports) < len(job.plan) or job.state != RUNNING:
             return
         decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard, job.nan_handled)
         workers = tuple(w for w, _ in members)
@@ -473,6 +590,8 @@ class Coordinator:
         # what a snapshot at version step + 1 must carry (training may move on while it is written)
         job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
         job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
+        self._log({"t": "decision", "job_id": job.job_id, "step": step, "decision": dataclasses.asdict(decision),
+                   "skips": dict(job.skips), "norms": list(job.guard.norms) if job.guard is not None else []})  # fmt: skip
         job.decisions[step] = decision
         job.decided_version = max(job.decided_version, step + 1)
         if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
@@ -549,6 +668,7 @@ class Coordinator:
                     return
                 ref, manifest = found
                 restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+                self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
                 job.generation += 1
                 shards = await self._relaunch(job, restore)
                 if shards is None:
@@ -566,6 +686,10 @@ class Coordinator:
                 job.policy.restored(manifest.version)
                 job.decided_version = manifest.version
                 job.recoveries += 1
+                self._log({"t": "shards", "job_id": job.job_id, "generation": job.generation, "names": [s.name for s in shards]})
+                self._log({"t": "restored", "job_id": job.job_id, "version": manifest.version, "skips": dict(manifest.skips),
+                           "norms": list(manifest.spike_norms)})  # fmt: skip
+                self._log({"t": "state", "job_id": job.job_id, "state": RUNNING, "recoveries": job.recoveries})
                 job.state, job.state_reason = RUNNING, ""
                 job.last_recovery.update(restored_at=self.clock(), version=float(manifest.version))
                 took = job.last_recovery["restored_at"] - job.last_recovery.get("detected_at", job.last_recovery["restored_at"])
@@ -601,6 +725,7 @@ class Coordinator:
 
     def _fail(self, job: _Job, reason: str) -> None:
         job.state, job.state_reason = FAILED, reason
+        self._log({"t": "state", "job_id": job.job_id, "state": FAILED, "reason": reason})
         log.error("job %s failed: %s", job.job_id, reason)
 
     async def _expire(self, job: _Job) -> None:
@@ -613,13 +738,18 @@ class Coordinator:
             for member in overdue:
                 action = job.membership.expire(member)
                 log.warning("job %s: worker %d (%s) lost its lease: %s", job.job_id, member.worker_id, member.name, action)
-                if action == "failed":
-                    job.state, job.state_reason = FAILED, f"{Reason.WORKER_LOST}: {job.membership.failed}"
+                if action == "removed":
+                    self._log({"t": "leave", "job_id": job.job_id, "worker_id": member.worker_id})
+                elif action == "lost":
+                    self._log({"t": "lost", "job_id": job.job_id, "worker_id": member.worker_id, "lost": True})
+                else:
+                    self._fail(job, f"{Reason.WORKER_LOST}: {job.membership.failed}")
             if overdue:
                 await self._push_roster(job)
 
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
         """Take a consistent snapshot (all shards at one version) and commit it once durable."""
+        await self.start()
         _require(request_id)
         first = self.ledger.lookup(request_id, ("snapshot", job_id))
         if isinstance(first, dict):
@@ -629,7 +759,7 @@ class Coordinator:
             raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, f"a snapshot of job {job_id!r} is being written")
         async with job.snapshot_lock:
             result = await self._snapshot(job)
-        self.ledger.record(request_id, ("snapshot", job_id), result)
+        self._remember(request_id, ("snapshot", job_id), result)
         return result
 
     async def _policy_snapshot(self, job_id: str) -> None:
@@ -682,18 +812,34 @@ class Coordinator:
 
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
         """Committed snapshots of a job, oldest first."""
+        await self.start()
         found = await asyncio.to_thread(lambda: list(iter_snapshots(self.store, job_id)))
         # a snapshot with an unreadable manifest is left out here and reported by verify
         return [m.summary(self.store.path(ref)) for ref, m in found if m is not None]
 
     async def shard_handles(self, job_id: str) -> list[ShardHandle]:
         """The handles of a job's shards (inspection and tests)."""
+        await self.start()
         return list(self._job(job_id).shards)
+
+    async def ping(self) -> bool:
+        """True once the coordinator serves (after replaying its journal)."""
+        await self.start()
+        return True
+
+    async def incarnation(self) -> str:
+        """An id of this (re)start of the coordinator (tests and tools)."""
+        return self.instance
 
     async def shutdown(self) -> None:
         """Stop every job's shards."""
         for job_id in list(self.jobs):
             await self.delete_job(f"shutdown-{job_id}-{uuid.uuid4().hex}", job_id)
+
+
+def _decision(d: Mapping[str, Any]) -> Decision:
+    """A Decision from its journaled fields."""
+    return Decision(**{**d, "workers": tuple(d.get("workers", ())), "missing": tuple(d.get("missing", ()))})
 
 
 def _require(request_id: str) -> None:

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: The service name grpc.health.v1 reports for the control plane.
 HEALTH_SERVICE = "paramserver.v1.JobService"
+#: Seconds between two checks that the coordinator answers, and how long one may take.
+HEALTH_INTERVAL_S, HEALTH_TIMEOUT_S = 1.0, 3.0
 
 T = TypeVar("T")
 
@@ -59,17 +61,31 @@ class ServiceConfig:
     """Where shards over their memory budget keep spill files (local NVMe on each node)."""
     shard_start_timeout_s: float = 120.0
     """How long a CreateJob waits for the cluster to place its shards (RESOURCE_EXHAUSTED after)."""
+    name: str = "default"
+    """The service's name in its Ray namespace: a front door started with the same name on the same
+    cluster reattaches to the running coordinator and its jobs."""
+    state_dir: str = "state"
+    """Where the coordinator's journal lives (a directory every node that may run it shares)."""
+    coordinator_resources: Mapping[str, float] = field(default_factory=dict)
+    """Ray resources the coordinator actor asks for, to pin it to nodes that have them (e.g. a custom
+    resource only the head or a control node carries); empty = anywhere."""
+    keep_jobs_on_exit: bool | None = None
+    """Leave the coordinator and the jobs running when the front door stops (None: yes when joined
+    to an existing cluster, no when the service started its own local Ray, which stops with it)."""
 
 
 class Service:
     """The control-plane server bound to a Cluster."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, owns_ray: bool = False) -> None:
+        """`owns_ray`: this process started the local Ray (which stops with it)."""
         self.config = config
+        self.owns_ray = owns_ray
         self.cluster: Cluster | None = None
         self.server: aio.Server | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -86,7 +102,16 @@ class Service:
         removed = clean_spill(Path(self.config.spill_dir))  # files of shards that died with a crash
         if removed:
             log.warning("removed %d spill files left by a previous run under %s", len(removed), self.config.spill_dir)
-        self.cluster = Cluster(self.config.shard_host, self.config.snapshot_dir, self.config.spill_dir, self.config.shard_start_timeout_s)
+        self.cluster = Cluster(
+            self.config.shard_host,
+            self.config.snapshot_dir,
+            self.config.spill_dir,
+            self.config.shard_start_timeout_s,
+            name=self.config.name,
+            state_dir=self.config.state_dir,
+            coordinator_resources=self.config.coordinator_resources,
+        )
+        await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)
         job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -102,21 +127,50 @@ class Service:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self.server = server
-        await self.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_coordinator())
         log.info("paramserver serving on %s", self.address)
         return self.port
 
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in (HEALTH_SERVICE, ""):
+            await self.health.set(name, status)
+
+    async def _watch_coordinator(self) -> None:
+        """Health follows the control plane: NOT_SERVING while the coordinator does not answer
+        (it is being restarted, or its node is gone), SERVING again once it does."""
+        assert self.cluster is not None
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                ok = await asyncio.wait_for(self.cluster.ping(), HEALTH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - any failure to answer is "not serving"
+                ok = False
+            if ok != serving:
+                serving = ok
+                log.warning("control plane %s", "serving again" if ok else "not answering: health NOT_SERVING")
+                await self._set_health(ok)
+
     async def stop(self) -> None:
-        """NOT_SERVING, stop with a grace period, stop every job's shards."""
+        """NOT_SERVING, stop with a grace period, stop every job's shards (unless the jobs are kept
+        for the next front door: see ServiceConfig.keep_jobs_on_exit)."""
+        if self._watch is not None:
+            self._watch.cancel()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.config.grace_s)
+        keep = self.config.keep_jobs_on_exit
+        if keep is None:
+            keep = not self.owns_ray
         if self.cluster is not None:
             try:
-                await self.cluster.close()
+                await self.cluster.close(stop_jobs=not keep)
             except Exception:
                 log.exception("while stopping jobs")
+            if keep:
+                log.info("jobs left running: a front door started with --name %s on this cluster reattaches", self.config.name)
         log.info("paramserver stopped")
 
 
@@ -125,7 +179,7 @@ def serve(config: ServiceConfig) -> None:
     owned = start_ray(config.ray_address, config.num_cpus)
 
     async def main() -> None:
-        service = Service(config)
+        service = Service(config, owns_ray=owned)
         await service.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -152,7 +206,7 @@ class BackgroundService:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="paramserver", daemon=True)
         self._thread.start()
-        self.service = Service(config)
+        self.service = Service(config, owns_ray=self._owned_ray)
         self.run(self.service.start())
 
     @property

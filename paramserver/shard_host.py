@@ -140,8 +140,12 @@ class ShardHost:
         assert self.runtime is not None
         s = self.runtime.state
         return ShardStatus(
-            self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory(), self.runtime.last_seen()
+            self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory(), self.runtime.last_seen(), self.node()
         )
+
+    def node(self) -> str:
+        """The cluster node this shard runs on ("" outside a cluster)."""
+        return ""
 
     async def set_roster(self, roster: Roster) -> None:
         """Adopt the job's newer membership (see ShardRuntime.set_roster)."""

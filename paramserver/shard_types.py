@@ -59,6 +59,8 @@ class ShardStatus:
     memory: ShardMemory = field(default_factory=ShardMemory)
     last_seen: dict[int, float] = field(default_factory=dict)
     """Seconds since each worker's last push or pull on this shard (renews its lease)."""
+    node: str = ""
+    """The cluster node the shard runs on ("" outside Ray)."""
 
 
 #: Fault injection for tests: the path of a file whose lines "JOB_ID SHARD PHASE" make that

@@ -17,12 +17,18 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray turns "127.0.0.1" in an address into this machine's interface IP unless its cluster mode is
+# off: with this, every Ray address (the session's, a joined `serve --address`, cluster_utils'
+# nodes) stays on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ps-tests-"))
 #: The test service's snapshot directory.
 SNAPSHOT_DIR = _SESSION_TMP / "snapshots"
 #: The test service's spill directory.
 SPILL_DIR = _SESSION_TMP / "spill"
+#: The test service's control-plane journal directory.
+STATE_DIR = _SESSION_TMP / "state"
 #: Lines "JOB_ID SHARD PHASE" here make shard snapshot writes fail (see shard_host.fault_from_env).
 FAULT_FILE = _SESSION_TMP / "faults.txt"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -68,7 +74,8 @@ def service(ray_session: None) -> Iterator[object]:
     from paramserver.server import BackgroundService, ServiceConfig
 
     svc = BackgroundService(
-        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR)), own_ray=False
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR)),
+        own_ray=False,
     )
     yield svc
     svc.stop()

@@ -96,7 +96,7 @@ def run_demo(steps: int = 400, workers: int = 2, shards: int = 2, *, quiet: bool
     svc = None
     if address is None:
         say("starting paramserver with a local Ray ...")
-        svc = BackgroundService(ServiceConfig(port=0))
+        svc = BackgroundService(ServiceConfig(port=0, state_dir=tempfile.mkdtemp(prefix="paramserver-demo-state-")))
         address = svc.address
     try:
         job_id = f"demo-{uuid.uuid4().hex[:8]}"

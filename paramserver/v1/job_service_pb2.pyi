@@ -863,6 +863,7 @@ class ShardInfo(_message.Message):
     INITIALIZED_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     UNREACHABLE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based shard index."""
     address: _builtins.str
@@ -877,6 +878,8 @@ class ShardInfo(_message.Message):
     """True when the shard did not answer (its actor or node is gone); the job
     recovers it (see JobState.JOB_STATE_RECOVERING).
     """
+    node: _builtins.str
+    """The id of the cluster node the shard runs on (Ray's node id)."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Range]:
         """The ranges of the flat space this shard owns. Across all shards the
@@ -897,10 +900,11 @@ class ShardInfo(_message.Message):
         initialized: _builtins.bool = ...,
         memory: Global___ShardMemory | None = ...,
         unreachable: _builtins.bool = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "memory", b"memory", "ranges", b"ranges", "unreachable", b"unreachable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "index", b"index", "initialized", b"initialized", "memory", b"memory", "node", b"node", "ranges", b"ranges", "unreachable", b"unreachable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

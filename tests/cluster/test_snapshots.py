@@ -281,11 +281,13 @@ def s3_service(ray_session: None, s3_endpoint: str) -> Iterator[tuple[object, st
     import boto3
 
     from paramserver.server import BackgroundService, ServiceConfig
-    from tests.conftest import SPILL_DIR
+    from tests.conftest import SPILL_DIR, STATE_DIR
 
     bucket = f"snaps-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    svc = BackgroundService(ServiceConfig(port=0, snapshot_dir=f"s3://{bucket}/runs", spill_dir=str(SPILL_DIR)), own_ray=False)
+    config = ServiceConfig(port=0, snapshot_dir=f"s3://{bucket}/runs", spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
+                           name=bucket, keep_jobs_on_exit=False)  # fmt: skip
+    svc = BackgroundService(config, own_ray=False)  # a second service on the session's Ray: its own coordinator
     yield svc, bucket
     svc.stop()
 

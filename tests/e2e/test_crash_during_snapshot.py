@@ -1,5 +1,6 @@
 """A service killed (SIGKILL, with its Ray) in the middle of a save; the restarted one ignores and
-removes the half-written snapshot and resumes from the previous one."""
+removes the half-written snapshot, and brings the job back by itself (its journal remembers it)
+from the previous snapshot."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import numpy as np
 
 from paramserver import snapshot_names as names
 from paramserver.snapshot_store import DirectoryStore
+from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client import JobClient, ServiceError, Worker
 from tests.e2e.test_main_job import ROOT, _cli, _env
 
 
 def start(env: dict[str, str], snapdir: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [*_cli(), "serve", "--port", "0", "--num-cpus", "2", "--snapshot-dir", str(snapdir)]
+    cmd = [*_cli(), "serve", "--port", "0", "--num-cpus", "2", "--snapshot-dir", str(snapdir), "--state-dir", str(snapdir.parent / "state")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True)
     assert proc.stdout is not None
     deadline = time.time() + 120
@@ -46,7 +48,7 @@ def test_sigkill_mid_save_then_restart(tmp_path: Path) -> None:
     try:
         with JobClient(address) as jc:
             jc.create_job([("w", (1000, 37))], job_id="crash", optimizer="adam", num_workers=1, num_shards=2)
-            with Worker(address, "crash") as w:
+            with Worker(address, "crash", "w") as w:
                 w.upload(np.ones(37000, dtype=np.float32))
                 w.push(0, np.full(37000, 0.5, dtype=np.float32), 1)
                 w.pull(1)
@@ -90,11 +92,15 @@ def test_sigkill_mid_save_then_restart(tmp_path: Path) -> None:
         with JobClient(address) as jc:
             snaps = jc.list_snapshots("crash")
             assert [s.path for s in snaps] == [good.path]
-            job = jc.restore_job("crash:latest")
-            assert job.version == 1
-            with Worker(address, "crash") as w:
+            deadline = time.time() + 120  # the journal remembers the job: it is restored from the good snapshot
+            while (job := jc.get_job("crash")).state != jpb.JOB_STATE_RUNNING and time.time() < deadline:
+                time.sleep(0.2)
+            assert (job.state, job.version, job.recoveries) == (jpb.JOB_STATE_RUNNING, 1, 1), job
+            with Worker(address, "crash", "w") as w:
                 _, params, _ = w.pull(1)
             assert np.allclose(params, 1.0 - 1e-3)  # one Adam step of lr 1e-3 from ones
+            copy = jc.restore_job("crash:latest", job_id="crash-copy")  # and it can still be restored by hand
+            assert copy.version == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:

@@ -48,7 +48,19 @@ def test_demo_quick_mode(tmp_path: Path) -> None:
 
 
 def test_serve_shuts_down_on_sigterm_leaving_no_processes(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*_cli(), "serve", "--port", "0", "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [
+        *_cli(),
+        "serve",
+        "--port",
+        "0",
+        "--num-cpus",
+        "2",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--snapshot-dir",
+        str(tmp_path / "snaps"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_env(tmp_path), cwd=ROOT)  # fmt: skip
     try:
         assert proc.stdout is not None

@@ -58,9 +58,10 @@ class DirectReducer:
 class HostHandle:
     """The coordinator's handle on an in-process ShardHost."""
 
-    def __init__(self, host: ShardHost) -> None:
+    def __init__(self, host: ShardHost, name: str = "") -> None:
         self.host = host
         self.address = host.address
+        self.name = name
 
     async def status(self) -> ShardStatus:
         """The host's status."""
@@ -108,7 +109,15 @@ class InProcessLauncher:
             for host in started:
                 await host.stop(grace=0)
             raise
-        return [HostHandle(h) for h in started]
+        return [HostHandle(h, f"{job_id}-{generation}-{i}") for i, h in enumerate(started)]
+
+    async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
+        """In-process hosts never outlive their coordinator: nothing to reattach to."""
+        return [None for _ in names]
+
+    async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
+        """Nothing is left behind in-process."""
+        return 0
 
 
 class CoordinatorFacade:

@@ -128,6 +128,7 @@ class FakeShard:
         self.index = index
         self.spans = spans
         self.address = f"fake:{index}"
+        self.name = f"fake-{index}"
         self.version = 0
         self.gate = gate
         self.snapshots: list[int] = []
@@ -159,6 +160,12 @@ class FakeLauncher:
                      roster: Roster | None = None, generation: int = 0) -> list[ShardHandle]:  # fmt: skip
         self.shards = [FakeShard(i, spans, self.gate) for i, spans in enumerate(plan)]
         return list(self.shards)
+
+    async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
+        return [None for _ in names]
+
+    async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
+        return 0
 
 
 async def step(coordinator: Coordinator, shards: list[FakeShard], s: int) -> None:
