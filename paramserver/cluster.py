@@ -42,6 +42,8 @@ RAY_ADDRESS_ENV = "PARAMSERVER_RAY_ADDRESS"
 COORDINATOR_NAME = "paramserver-coordinator"
 #: Default bound on starting a job's shards (they wait for cluster resources meanwhile), seconds.
 SHARD_START_TIMEOUT_S = 120.0
+#: How long a shard gets to stop cleanly before it is killed, seconds.
+STOP_TIMEOUT_S = 10.0
 
 
 class _RayShardHost(ShardHost):
@@ -134,12 +136,13 @@ class RayShardHandle:
         return result
 
     async def stop(self) -> None:
-        """Stop serving and kill the actor."""
+        """Stop serving (at most STOP_TIMEOUT_S: a hung actor is not waited for) and kill the actor."""
         try:
-            await self.actor.stop.remote()
-        except Exception:  # noqa: BLE001 - already gone is fine
+            await asyncio.wait_for(self.actor.stop.remote(), STOP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - already gone, or hung: it is killed anyway
             pass
-        ray.kill(self.actor, no_restart=True)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
 
 
 class RayShardLauncher:

@@ -61,7 +61,7 @@ class ShardHandle(Protocol):
         ...
 
     async def stop(self) -> None:
-        """Stop the shard and release its resources."""
+        """Stop the shard and release its resources (bounded: a hung shard is killed)."""
         ...
 
     async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
@@ -660,7 +660,7 @@ class Coordinator:
                             fut.set_exception(gone)
                 job.waiters.clear()
                 job.reports.clear()
-                await asyncio.gather(*(asyncio.wait_for(s.stop(), STATUS_TIMEOUT_S) for s in job.shards), return_exceptions=True)
+                await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)  # bounded by the handles
                 found = await asyncio.to_thread(self._restorable, job.job_id)
                 if found is None:
                     self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot to restore from "

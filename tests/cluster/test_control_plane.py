@@ -154,7 +154,13 @@ def test_a_front_door_killed_with_sigkill_is_started_again_and_finds_the_running
                 job = jc.get_job(job_id)  # the new front door knows the job, its version and its members
                 assert (job.state, job.version) == (jpb.JOB_STATE_RUNNING, STEPS)
                 assert sorted(m.name for m in job.members) == ["a", "b"]
+        assert second is not None
+        second.send_signal(signal.SIGTERM)  # a clean exit of a front door joined to a cluster keeps the jobs
+        assert second.wait(60) == 0
+        second = serve(gcs, port, name)
+        wait_for(lambda: health(address) == health_pb2.HealthCheckResponse.SERVING, "the third front door", 120)
         with JobClient(address) as jc:
+            assert jc.get_job(job_id).version == STEPS
             jc.delete_job(job_id)
     finally:
         for p in (first, second):

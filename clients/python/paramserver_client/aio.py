@@ -368,7 +368,8 @@ class AsyncWorker:
     async def _recovered(self, exc: ServiceError) -> None:
         """After a shard call failed with `exc`: if the job was restored after losing a shard (or is
         being restored: wait for it), reconnect and raise JobRolledBack; otherwise re-raise `exc`."""
-        if not self.address or not (exc.code == grpc.StatusCode.UNAVAILABLE or exc.reason == Reason.JOB_ROLLED_BACK):
+        transport = exc.code == grpc.StatusCode.UNAVAILABLE or (exc.code == grpc.StatusCode.INTERNAL and not exc.reason)
+        if not self.address or not (transport or exc.reason == Reason.JOB_ROLLED_BACK):
             raise exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.recovery_timeout
@@ -384,7 +385,9 @@ class AsyncWorker:
                     ) from exc
                 if job.state != jpb.JOB_STATE_RECOVERING and int(job.generation) != self.generation:
                     break
-                if job.state != jpb.JOB_STATE_RECOVERING or loop.time() > deadline:
+                # a shard gone but not noticed yet is shown unreachable: wait for the recovery it starts
+                troubled = job.state == jpb.JOB_STATE_RECOVERING or any(s.unreachable for s in job.shards)
+                if not troubled or loop.time() > deadline:
                     raise exc
                 await asyncio.sleep(0.2)
         old = self._channels
