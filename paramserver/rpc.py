@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
@@ -53,6 +55,39 @@ def unary(fn: F) -> F:
             await abort(context, _internal(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def decode(message_class: Any, raw: bytes, field: str = "request") -> Any:
+    """Parse a request; bytes that do not decode are INVALID_ARGUMENT naming `field`."""
+    try:
+        return message_class.FromString(raw)
+    except Exception:  # noqa: BLE001 - any decode failure is the caller's
+        raise ParamServerError.invalid(field, f"{len(raw)} bytes that do not decode as {message_class.DESCRIPTOR.full_name}") from None
+
+
+def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Server) -> None:
+    """Register a service of unary methods like the generated ``add_*Servicer_to_server``, except
+    that requests arrive as bytes and are parsed here: undecodable bytes are INVALID_ARGUMENT
+    (gRPC's own deserialization would answer UNKNOWN)."""
+
+    def handler(method: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        call = getattr(servicer, method.name)
+
+        async def parse_then_call(raw: bytes, context: aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                request = decode(request_class, raw)
+            except ParamServerError as err:
+                await abort(context, err)
+            return await call(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            parse_then_call, request_deserializer=None, response_serializer=response_class.SerializeToString
+        )
+
+    handlers = {m.name: handler(m) for m in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def streaming(fn: G) -> G:

@@ -24,10 +24,10 @@ from grpc_reflection.v1alpha import reflection
 
 from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.job_service import JobServicer
-from paramserver.rpc import GRPC_OPTIONS
+from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.snapshot_stores import open_store
 from paramserver.spill import clean_spill
-from paramserver.v1 import job_service_pb2, job_service_pb2_grpc, shard_service_pb2
+from paramserver.v1 import job_service_pb2, shard_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Service:
         )
         await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.cluster), server)
+        add_unary_service(JobServicer(self.cluster), job_service_pb2.DESCRIPTOR.services_by_name["JobService"], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,

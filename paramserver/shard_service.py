@@ -10,7 +10,7 @@ from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
-from paramserver.rpc import streaming, unary
+from paramserver.rpc import decode, streaming, unary
 from paramserver.shard_runtime import Chunk, PushHeader, PushResult, ShardRuntime, iterate_in_thread
 from paramserver.steps import StepReport
 from paramserver.v1 import shard_service_pb2 as pb
@@ -93,8 +93,9 @@ class ShardServicer:
         return _push_pb(await self.runtime.push(header, self._chunks(request_iterator)))
 
     @streaming
-    async def PullParameters(self, request: pb.PullParametersRequest, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
+    async def PullParameters(self, raw: bytes, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
         """This shard's parameters once min_version is published."""
+        request: pb.PullParametersRequest = decode(pb.PullParametersRequest, raw)
         self._check_job(request.job_id)
         ranges = [Span(r.start, r.length) for r in request.ranges]
         remaining = context.time_remaining()
@@ -162,7 +163,7 @@ def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
         ),
         "PullParameters": grpc.unary_stream_rpc_method_handler(
             servicer.PullParameters,
-            request_deserializer=pb.PullParametersRequest.FromString,
+            request_deserializer=None,  # parsed in the servicer: undecodable bytes are INVALID_ARGUMENT
             response_serializer=_serialize,
         ),
     }

@@ -5,6 +5,10 @@ joins it, uploads the initial parameters, pulls version 0, pushes one SGD
 step's gradient and pulls version 1. The test checks both versions against
 numpy float32 arithmetic and that the service published version 1.
 
+A second test drives a Node worker (an inline script) through worker leases:
+heartbeats keep it a member while it idles, and a rejoin under its name
+supersedes its lease (LEASE_SUPERSEDED).
+
 Skipped when `node` is not on PATH or `npm ci` has not been run in
 clients/node (no node_modules).
 """
@@ -12,8 +16,10 @@ clients/node (no node_modules).
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +96,166 @@ def test_node_client_one_sgd_step(address: str, job_id: str, tmp_path: Path) -> 
         after = jc.get_job(job_id)
     assert after.version == 1
     assert list(after.workers) == []
+
+
+# A Node worker that idles on its heartbeats, then is superseded by a rejoin under its name. It
+# prints one JSON object per line and, after the idle spell, waits for a line on stdin (the test
+# checks the job's members meanwhile).
+LEASE_SCRIPT = r"""
+'use strict';
+const readline = require('node:readline');
+const { once } = require('node:events');
+const [clientPath, address, jobId, workerName, idleMs] = process.argv.slice(2);
+const { Worker, StepOutcome } = require(clientPath);
+
+const say = (obj) => console.log(JSON.stringify(obj));
+const outcomeName = (o) => Object.keys(StepOutcome).find((k) => StepOutcome[k] === o) || String(o);
+
+async function main() {
+  const lines = readline.createInterface({ input: process.stdin });
+  const w1 = await Worker.join(address, jobId, workerName);
+  say({ event: 'joined', worker_id: w1.workerId, lease: String(w1.lease), lease_timeout_s: w1.leaseTimeoutS,
+        upload: w1.uploadParameters, heartbeating: w1.heartbeatTimer !== null });
+  const total = w1.totalElements;
+  if (w1.uploadParameters) await w1.upload(new Float32Array(total).fill(1));
+  await new Promise((resolve) => setTimeout(resolve, Number(idleMs)));  // no push, no pull
+  say({ event: 'idle_done' });
+  await once(lines, 'line');                                              // the test checked the members
+  lines.close();
+
+  const pushed = await w1.push(0, new Float32Array(total).fill(0.5), 1);
+  say({ event: 'pushed', outcome: outcomeName(pushed.outcome), version: pushed.version });
+
+  const w2 = await Worker.join(address, jobId, workerName);
+  say({ event: 'rejoined', worker_id: w2.workerId, lease: String(w2.lease) });
+
+  let err = null;
+  try {
+    await w1.pull(1);
+  } catch (e) {
+    err = e;
+  }
+  say({ event: 'old_pull', ok: err === null, reason: err?.reason ?? '', code: err?.codeName ?? '',
+        message: err ? String(err.message) : '' });
+  const { version } = await w2.pull(1);                                   // the new lease works
+  say({ event: 'new_pull', version });
+  await w2.leave();
+  w1.close();
+  w2.close();
+  say({ event: 'done' });
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exitCode = 1;
+});
+"""
+
+IDLE_S = 5.0
+WORKER_TIMEOUT_S = 1.5
+
+
+def test_node_worker_heartbeats_keep_lease_and_rejoin_supersedes(address: str, job_id: str, tmp_path: Path) -> None:
+    """Heartbeats alone keep an idle Node worker a member (policy CONTINUE would remove it after
+    worker_timeout_s); a rejoin under its name takes its id with a larger lease, and the old
+    incarnation's next pull is ABORTED with LEASE_SUPERSEDED."""
+    node = _node()
+    from paramserver_client import JobClient
+
+    with JobClient(address) as jc:
+        job = jc.create_job(
+            [("w", (4, 3))],
+            job_id=job_id,
+            optimizer="sgd",
+            hyperparameters={"lr": 0.1},
+            num_workers=1,
+            num_shards=1,
+            worker_timeout_s=WORKER_TIMEOUT_S,
+            on_worker_lost=2,  # WORKER_LOSS_POLICY_CONTINUE: an expired member is removed
+        )
+    assert job.spec.worker_timeout_s == WORKER_TIMEOUT_S
+    assert job.spec.on_worker_lost == 2
+
+    script = tmp_path / "lease.js"
+    script.write_text(LEASE_SCRIPT)
+    name = "node-lease"
+    stderr_path = tmp_path / "lease.stderr"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            [node, str(script), str(NODE_CLIENT / "paramserver.js"), address, job_id, name, str(int(IDLE_S * 1000))],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def event(expected: str) -> dict:
+        try:
+            line = lines.get(timeout=60)
+        except queue.Empty:
+            line = None
+        if line is None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"node gave no {expected!r} event (rc {proc.returncode}):\n{stderr_path.read_text()}")
+        got = json.loads(line)
+        assert got["event"] == expected, got
+        return got
+
+    try:
+        joined = event("joined")
+        assert joined["worker_id"] == 0
+        assert joined["upload"] is True
+        assert joined["lease_timeout_s"] == WORKER_TIMEOUT_S
+        assert joined["heartbeating"] is True
+        first_lease = int(joined["lease"])
+        assert first_lease > 0
+
+        # 5 s without a push or pull, more than three worker_timeout_s: only heartbeats renewed it.
+        event("idle_done")
+        with JobClient(address) as jc:
+            members = {m.worker_id: m for m in jc.get_job(job_id).members}
+        assert 0 in members, f"the idle worker was removed: {members}"
+        assert members[0].name == name
+        assert members[0].lease == first_lease
+        assert not members[0].lost
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+
+        pushed = event("pushed")
+        assert pushed["outcome"] == "APPLIED"
+        assert pushed["version"] == 1
+
+        rejoined = event("rejoined")
+        assert rejoined["worker_id"] == 0
+        assert int(rejoined["lease"]) > first_lease
+
+        old = event("old_pull")
+        assert old["ok"] is False
+        assert old["code"] == "ABORTED", old
+        assert old["reason"] == "LEASE_SUPERSEDED", old
+
+        assert event("new_pull")["version"] == 1
+        event("done")
+        assert proc.wait(timeout=30) == 0, f"lease.js failed ({proc.returncode}):\n{stderr_path.read_text()}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # The new incarnation left: no member holds worker 0 any more.
+    with JobClient(address) as jc:
+        after = jc.get_job(job_id)
+    assert after.version == 1
+    assert [m.worker_id for m in after.members] == []

@@ -26,12 +26,11 @@ from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
 from paramserver.placement import Span
-from paramserver.rpc import GRPC_OPTIONS
+from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus
 from paramserver.steps import Decision, Redo, ShardStats
 from paramserver.v1 import job_service_pb2 as jpb
-from paramserver.v1 import job_service_pb2_grpc as jgrpc
 from paramserver_client.aio import AsyncJobClient, AsyncWorker
 from paramserver_client.retry import RetryPolicy
 
@@ -171,7 +170,9 @@ class InProcessService:
     async def start(self) -> str:
         """Serve JobService on a free loopback port; its "host:port"."""
         server = aio.server(options=GRPC_OPTIONS)
-        jgrpc.add_JobServiceServicer_to_server(JobServicer(cast(Cluster, CoordinatorFacade(self.coordinator))), server)
+        add_unary_service(
+            JobServicer(cast(Cluster, CoordinatorFacade(self.coordinator))), jpb.DESCRIPTOR.services_by_name["JobService"], server
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._server = server

@@ -189,3 +189,29 @@ async def test_workers_join_between_steps_and_leave_with_the_step_reporting_it(s
         for name in ("d", "e"):
             await svc.worker("elastic", name)
     assert (full.value.code, full.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, Reason.JOB_FULL)
+
+
+@pytest.mark.asyncio
+async def test_bad_heartbeats_and_leaves_get_a_clear_status_and_change_nothing(svc: InProcessService) -> None:
+    (w0,) = await job(svc, "hb", ["a"])
+    jobs = svc.jobs()
+    cases = [
+        (jobs.heartbeat("", 0, w0.lease), grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "job_id"),
+        (jobs.heartbeat("hb", 0, 0), grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "lease"),
+        (jobs.heartbeat("nope", 0, w0.lease), grpc.StatusCode.NOT_FOUND, Reason.JOB_NOT_FOUND, None),
+        (jobs.heartbeat("hb", 0, w0.lease + 7), grpc.StatusCode.ABORTED, Reason.LEASE_EXPIRED, None),
+        (jobs.heartbeat("hb", 3, w0.lease), grpc.StatusCode.ABORTED, Reason.LEASE_EXPIRED, None),
+        (jobs.leave_job("hb", 0, w0.lease + 7), grpc.StatusCode.ABORTED, Reason.LEASE_EXPIRED, None),
+        (jobs.leave_job("hb", 5), grpc.StatusCode.NOT_FOUND, Reason.WORKER_NOT_FOUND, None),
+    ]
+    for call, code, reason, field in cases:
+        with pytest.raises(ServiceError) as err:
+            await call
+        assert (err.value.code, err.value.reason, err.value.metadata.get("field")) == (code, reason, field), err.value
+    j = await jobs.get_job("hb")  # nothing changed: the member and its lease are there
+    assert [(m.worker_id, m.lease, m.lost) for m in j.members] == [(0, w0.lease, False)]
+    raw = svc.jobs()._channel.unary_unary("/paramserver.v1.JobService/Heartbeat")  # undecodable bytes
+    with pytest.raises(grpc.RpcError) as undecodable:
+        await raw(b"\xff\xff\xff", timeout=5)
+    assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await w0.push(0, *grad(0, 0))).outcome == spb.STEP_OUTCOME_APPLIED  # and the job still trains
