@@ -305,9 +305,16 @@ class Coordinator:
         """Raise unless the job can take workers' calls."""
         if job.state == FAILED:
             raise ParamServerError.precondition(Reason.JOB_FAILED, f"job {job.job_id!r} failed: {job.state_reason}", job_id=job.job_id)
-        if job.state in (RECOVERING, CREATING):
+        if job.state == RECOVERING:
             raise ParamServerError(
-                "UNAVAILABLE", Reason.JOB_RECOVERING, f"job {job.job_id!r} is {job.state.lower()}; retry shortly", {"job_id": job.job_id}
+                "UNAVAILABLE", Reason.JOB_RECOVERING, f"job {job.job_id!r} is recovering; retry shortly", {"job_id": job.job_id}
+            )
+        if job.state == CREATING:
+            raise ParamServerError(
+                "UNAVAILABLE",
+                Reason.SERVICE_UNAVAILABLE,
+                f"job {job.job_id!r} is starting its shards; retry shortly",
+                {"job_id": job.job_id},
             )
 
     async def _status(self, shard: ShardHandle) -> ShardStatus | None:
