@@ -38,8 +38,9 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     from paramserver.server import BackgroundService, ServiceConfig
-    from paramserver_client import JobClient, JobRolledBack, Worker
-    from tests.cluster.test_parity import SHAPES, TOTAL, worker_grads
+    from paramserver_client import JobClient, Worker
+    from tests.cluster.test_parity import SHAPES, TOTAL
+    from tests.cluster.test_recovery import train_rewinding
     from tests.cluster.test_snapshots import SETTINGS
 
     tmp = Path(tempfile.mkdtemp(prefix="ps-multinode-"))
@@ -95,24 +96,7 @@ def main() -> int:
             with Worker(address, job_id, "a", timeout=300) as wa, Worker(address, job_id, "b", timeout=300) as wb:
                 ws = sorted([wa, wb], key=lambda w: w.worker_id)
                 ws[0].upload(p0)
-                s = 0
-                while s < STEPS:
-                    fault = plan.pop(s, None)
-                    if fault is not None:
-                        fault()
-                    try:
-                        for w in ws:
-                            w.push(s, *worker_grads(s, w.worker_id))
-                        assert ws[1].pull(s + 1)[0] == s + 1
-                        s += 1
-                    except JobRolledBack as rolled:
-                        resumes.append(rolled.resume_version)
-                        s = rolled.resume_version
-                        for w in ws:
-                            try:
-                                w.pull(s)
-                            except JobRolledBack:
-                                w.pull(s)
+                resumes += train_rewinding(ws, STEPS, plan)
             states[job_id] = [
                 np.concatenate([a.reshape(-1) for _, a in sorted(t.items())]) for t in svc.run(svc.service.cluster.shard_tensors(job_id))
             ]

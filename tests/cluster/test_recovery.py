@@ -64,28 +64,35 @@ def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
 def run(address: str, job_id: str, kill: Any = None) -> list[int]:
     """Train steps 0..END with two workers; `kill()` before step KILL_AT. On a rollback every worker
     reconnects and the loop rewinds to the step the job resumes from. Returns the resume versions."""
-    resumes: list[int] = []
     with Worker(address, job_id, "a") as wa, Worker(address, job_id, "b") as wb:
         ws = sorted([wa, wb], key=lambda w: w.worker_id)
         ws[0].upload(P0)
-        s = 0
-        while s < END:
-            if s == KILL_AT and kill is not None:
-                kill()
-                kill = None
-            try:
-                for w in ws:
-                    w.push(s, *worker_grads(s, w.worker_id))
-                assert ws[1].pull(s + 1)[0] == s + 1
-                s += 1
-            except JobRolledBack as rolled:
-                resumes.append(rolled.resume_version)
-                s = rolled.resume_version
-                for w in ws:  # the other worker learns it on its next call
-                    try:
-                        w.pull(s)
-                    except JobRolledBack:
-                        assert w.pull(s)[0] == s
+        return train_rewinding(ws, END, {KILL_AT: kill} if kill is not None else {})
+
+
+def train_rewinding(ws: list[Worker], end: int, faults: dict[int, Any]) -> list[int]:
+    """Every worker pushes the seeded gradients of steps 0..end-1 (`faults[s]()` runs once before
+    step s); on JobRolledBack every worker reconnects and the loop rewinds to the resume version.
+    Returns the resume versions."""
+    resumes: list[int] = []
+    s = 0
+    while s < end:
+        fault = faults.pop(s, None)
+        if fault is not None:
+            fault()
+        try:
+            for w in ws:
+                w.push(s, *worker_grads(s, w.worker_id))
+            assert ws[-1].pull(s + 1)[0] == s + 1
+            s += 1
+        except JobRolledBack as rolled:
+            resumes.append(rolled.resume_version)
+            s = rolled.resume_version
+            for w in ws:  # the other workers learn it on their next call
+                try:
+                    w.pull(s)
+                except JobRolledBack:
+                    assert w.pull(s)[0] == s
     return resumes
 
 
