@@ -1,25 +1,28 @@
 #!/usr/bin/env python
-"""Recovery benchmark: how long a job that lost a shard takes to train again, next to a plain
-snapshot restore of the same job, measured in the same run (see bench/README.md).
+"""Recovery benchmark: how long a job that lost a shard takes to train again, from its snapshot and
+from its in-memory replica, next to a plain snapshot restore of the same job, and what keeping
+replicas costs per step, measured in the same run (see bench/README.md).
 
     RAY_AUTH_MODE=disabled python bench/bench_recovery.py            # 25M and 100M params
     RAY_AUTH_MODE=disabled python bench/bench_recovery.py --quick    # 1M params (CI smoke test)
-    RAY_AUTH_MODE=disabled python bench/bench_recovery.py --params 25000000
+    RAY_AUTH_MODE=disabled python bench/bench_recovery.py --params 25000000 --replica-every 1
 
-For each size: one AdamW job, 1 worker, 2 shards; a few steps; a snapshot (CreateSnapshot, so the
-recovery has one); one more step; then
+For each size, two AdamW jobs (1 worker, 2 shards each):
 
+snapshot job: a few steps; a snapshot (CreateSnapshot); one more step; then
 (a) recovery: shard 1's actor is killed (ray.kill, as a crash) right after a step; the clock runs
     from the kill to the end of the first step completed after it (the worker's push finds the
     shard gone, reconnects to the restored job, JobRolledBack, pulls the resume version, pushes,
     pulls the next version). Detection, relaunch and loading are all inside.
 (b) plain restore: CreateJob(restore_from=that snapshot) into a new job id; the clock runs from the
     request to the end of its first step (join, pull, push, pull).
-(c) one ordinary step of the same job, for scale.
+(c) one ordinary step of that job (median), for scale.
 
-Printed: seconds of (a), (b), (c), and (a)/(b) and (a)/(c). Aim (issue 10): recovery from a
-replica within a few steps' time; replicas are not built yet, so only the snapshot path is
-measured and the replica rows say so. It reports; it never asserts.
+replica job (replica_every_steps = R, no snapshot): the same steps, timed: (d) its median step
+next to (c) is the per-step cost of keeping replicas; then (e) recovery as in (a), from the replica.
+
+Printed: (a)/(b), (a)/(c), (e)/(c) and (d)/(c). Aims (issue 10): recovery from a replica within a
+few steps' time; replicas costing <= 1.2x a step. It reports; it never asserts.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def log(msg: str) -> None:
     print(f"[bench_recovery] {msg}", file=sys.stderr, flush=True)
 
 
-def one_size(svc: object, n: int, steps: int) -> dict[str, float]:
+def one_size(svc: object, n: int, steps: int, replica_every: int = 0) -> dict[str, float]:
     import ray
 
     from paramserver_client import JobClient, JobRolledBack, Worker
@@ -55,7 +58,7 @@ def one_size(svc: object, n: int, steps: int) -> dict[str, float]:
     grad = rng.standard_normal(n).astype(np.float32)
     out: dict[str, float] = {}
     with JobClient(address, timeout=600) as jc:
-        jc.create_job([("w", (n,))], job_id=job_id, optimizer="adamw", num_workers=1, num_shards=2)
+        jc.create_job([("w", (n,))], job_id=job_id, optimizer="adamw", num_workers=1, num_shards=2, replica_every_steps=replica_every)
         with Worker(address, job_id, "w", timeout=600, pull_timeout=600) as w:
             w.upload(p0)
             times = []
@@ -65,8 +68,11 @@ def one_size(svc: object, n: int, steps: int) -> dict[str, float]:
                 w.pull(s + 1)
                 times.append(time.perf_counter() - t0)
             out["step_s"] = statistics.median(times)
-            snap = jc.create_snapshot(job_id)
-            log(f"{n:,} params: snapshot at version {snap.version} ({snap.bytes / 1e6:.0f} MB)")
+            if not replica_every:
+                snap = jc.create_snapshot(job_id)
+                log(f"{n:,} params: snapshot at version {snap.version} ({snap.bytes / 1e6:.0f} MB)")
+            else:
+                time.sleep(1.0 + n / 25e6)  # the last replica round completes
             version = steps
             w.push(version, grad, 1)
             w.pull(version + 1)
@@ -84,7 +90,10 @@ def one_size(svc: object, n: int, steps: int) -> dict[str, float]:
                     w.pull(version)
             out["recovery_s"] = time.perf_counter() - t0
             out["rolled_back_to"] = float(version)
+            log(f"{n:,} params: recovered from {jc.get_job(job_id).recovered_from} in {out['recovery_s']:.2f} s")
         jc.delete_job(job_id)
+        if replica_every:
+            return out
         t0 = time.perf_counter()
         restored = jc.restore_job(snap.path, job_id=f"{job_id}-restored")
         with Worker(address, restored.job_id, "w", timeout=600, pull_timeout=600) as w:
@@ -101,10 +110,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: 1M params")
     ap.add_argument("--params", type=int, action="append", help="parameter counts (default 25M and 100M; 1M with --quick)")
-    ap.add_argument("--steps", type=int, default=None, help="steps before the snapshot (default 3; 2 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps before the fault (default 5; 3 with --quick)")
+    ap.add_argument("--replica-every", type=int, default=1, help="replica_every_steps of the replica job (default 1)")
     args = ap.parse_args()
     sizes = args.params or ([1_000_000] if args.quick else [25_000_000, 100_000_000])
-    steps = args.steps or (2 if args.quick else 3)
+    steps = args.steps or (3 if args.quick else 5)
 
     from paramserver.server import BackgroundService, ServiceConfig
 
@@ -116,21 +126,23 @@ def main() -> int:
     try:
         for n in sizes:
             log(f"{n:,} params")
-            rows.append((n, one_size(svc, n, steps)))
+            rows.append((n, one_size(svc, n, steps), one_size(svc, n, steps, args.replica_every)))
     finally:
         svc.stop()
     print()
-    print("recovery of a lost shard (1 worker, 2 shards, adamw)")
-    print(f"{'params':>12} {'step s':>8} {'recovery s':>11} {'restore s':>10} {'rec/restore':>12} {'rec/step':>9}  replica")
-    for n, r in rows:
+    print(f"recovery of a lost shard (1 worker, 2 shards, adamw; replica every {args.replica_every} step(s))")
+    head = ("params", "step s", "snap rec s", "restore s", "snap/restore", "snap/step", "repl rec s", "repl/step", "step w/ repl")
+    print(f"{head[0]:>12} {head[1]:>7} {head[2]:>10} {head[3]:>9} {head[4]:>12} {head[5]:>9} {head[6]:>10} {head[7]:>9} {head[8]:>12}")
+    for n, r, q in rows:
         print(
-            f"{n:>12,} {r['step_s']:>8.3f} {r['recovery_s']:>11.2f} {r['restore_s']:>10.2f} "
-            f"{r['recovery_s'] / r['restore_s']:>12.2f} {r['recovery_s'] / r['step_s']:>9.1f}  not built yet"
+            f"{n:>12,} {r['step_s']:>7.3f} {r['recovery_s']:>10.2f} {r['restore_s']:>9.2f} {r['recovery_s'] / r['restore_s']:>12.2f} "
+            f"{r['recovery_s'] / r['step_s']:>9.1f} {q['recovery_s']:>10.2f} {q['recovery_s'] / r['step_s']:>9.1f} "
+            f"{q['step_s'] / r['step_s']:>11.2f}x"
         )
     print()
-    print("recovery = kill -> first completed step (detection + relaunch + load + JobRolledBack + one step);")
-    print("restore  = CreateJob(restore_from) -> first completed step. Replica rows (aim: a few steps; <= 1.2x step cost)")
-    print("are missing: in-memory replicas are not implemented, recovery always reloads the newest snapshot.")
+    print("snap rec = kill -> first completed step, restored from the snapshot (detection + relaunch + load + one step);")
+    print("restore = CreateJob(restore_from) -> first completed step; repl rec = the same kill, restored from the replica in")
+    print("memory; step w/ repl = median step with replicas / without (aims: repl/step a few; step w/ repl <= 1.2x).")
     return 0
 
 

@@ -130,6 +130,11 @@ class RayShardHandle:
         result: ShardEntry = await _call(self.actor.snapshot.remote(store, job_id, name, version), "shard snapshot")
         return result
 
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+        """The shard's state at `version` as one snapshot file in memory."""
+        result: tuple[ShardEntry, bytes] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
+        return result
+
     async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
         """The shard process's resident memory now and at its peak (see ShardHost.memory_probe)."""
         result: dict[str, int] = await _call(self.actor.memory_probe.remote(reset_peak), "shard memory probe")

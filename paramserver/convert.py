@@ -128,6 +128,7 @@ def job_to_pb(v: JobView) -> pb.Job:
         state_reason=v.state_reason,
         generation=v.generation,
         recoveries=v.recoveries,
+        recovered_from=v.recovered_from,
     )
     for m in v.members:
         job.members.add(worker_id=m.worker_id, name=m.name, lease=m.lease, idle_s=m.idle_s, lost=m.lost)

@@ -22,6 +22,7 @@ from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Member, Membership, Roster
+from paramserver.memory_store import MEMORY_URL
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
 from paramserver.snapshot_policy import Clock, SnapshotPolicy
@@ -66,6 +67,10 @@ class ShardHandle(Protocol):
 
     async def snapshot(self, store: str, job_id: str, name: str, version: int) -> ShardEntry:
         """Write the shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
+        ...
+
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+        """The shard's state at `version` as one snapshot file in memory (entry, bytes)."""
         ...
 
 
@@ -142,6 +147,7 @@ class JobView:
     members: tuple[MemberView, ...] = ()
     generation: int = 0
     recoveries: int = 0
+    recovered_from: str = ""
 
     @property
     def initialized(self) -> bool:
@@ -185,6 +191,10 @@ class _Job:
     """The version the latest decision publishes (Heartbeat's answer)."""
     last_recovery: dict[str, float] = field(default_factory=dict)
     """Timings of the latest recovery (seconds): detected_at, restored_at, version."""
+    recovered_from: str = ""
+    replica: tuple[Manifest, dict[str, bytes]] | None = None
+    """The newest complete replica: its manifest and every shard file's bytes (memory only)."""
+    replicating: bool = False
 
     @property
     def workers(self) -> dict[int, str]:
@@ -347,6 +357,7 @@ class Coordinator:
             members,
             job.generation,
             job.recoveries,
+            job.recovered_from,
         )
 
     async def create_job(
@@ -604,6 +615,10 @@ class Coordinator:
         if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
             job.policy.started(step + 1)
             self._spawn(self._policy_snapshot(job.job_id))
+        every = job.config.replica_every_steps
+        if every and (step + 1) % every == 0 and not job.replicating:
+            job.replicating = True
+            self._spawn(self._replicate(job, step + 1))
         for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:
             del job.decisions[old]
         for fut in job.waiters.pop(step, {}).values():
@@ -669,12 +684,20 @@ class Coordinator:
                 job.reports.clear()
                 await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)  # bounded by the handles
                 found = await asyncio.to_thread(self._restorable, job.job_id)
-                if found is None:
-                    self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot to restore from "
-                                    "(set snapshot_every_steps)")  # fmt: skip
+                replica = job.replica
+                if replica is not None and (found is None or replica[0].version >= found[1].version):
+                    manifest, files = replica  # newer than any snapshot, and no disk to read
+                    ref = SnapshotRef(job.job_id, f"replica-{manifest.version:010d}")
+                    restore = Restore(MEMORY_URL, ref.job_id, ref.name, manifest.version, manifest.applied, files, manifest.to_json())
+                    source = f"replica at version {manifest.version}"
+                elif found is not None:
+                    ref, manifest = found
+                    restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+                    source = f"snapshot {self.store.path(ref)}"
+                else:
+                    self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot or replica to restore from "
+                                    "(set snapshot_every_steps or replica_every_steps)")  # fmt: skip
                     return
-                ref, manifest = found
-                restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
                 self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
                 job.generation += 1
                 shards = await self._relaunch(job, restore)
@@ -697,16 +720,38 @@ class Coordinator:
                 self._log({"t": "restored", "job_id": job.job_id, "version": manifest.version, "skips": dict(manifest.skips),
                            "norms": list(manifest.spike_norms)})  # fmt: skip
                 self._log({"t": "state", "job_id": job.job_id, "state": RUNNING, "recoveries": job.recoveries})
-                job.state, job.state_reason = RUNNING, ""
+                job.state, job.state_reason, job.recovered_from = RUNNING, "", source
+                job.replica = None if job.replica is None or job.replica[0].version > manifest.version else job.replica
                 job.last_recovery.update(restored_at=self.clock(), version=float(manifest.version))
                 took = job.last_recovery["restored_at"] - job.last_recovery.get("detected_at", job.last_recovery["restored_at"])
                 log.warning(
                     "job %s: restored to version %d from %s in %.2f s (generation %d)",
-                    job.job_id, manifest.version, self.store.path(ref), took, job.generation,
+                    job.job_id, manifest.version, source, took, job.generation,
                 )  # fmt: skip
         except Exception as exc:
             log.exception("job %s: recovery failed", job.job_id)
             self._fail(job, f"{Reason.SHARD_LOST}: recovery failed: {exc}")
+
+    async def _replicate(self, job: _Job, version: int) -> None:
+        """Copy every shard's state at `version` into memory (one round; skipped, not retried, if a
+        shard moved on or is busy with a snapshot: the next round comes `replica_every_steps` later)."""
+        try:
+            name = f"replica-{version:010d}"
+            results = await asyncio.gather(*(s.replicate(job.job_id, name, version) for s in job.shards), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                log.info("job %s: replica at version %d skipped (%s)", job.job_id, version, errors[0])
+                return
+            done = [r for r in results if isinstance(r, tuple)]
+            current = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
+            norms, skips = job.history_at.get(version, current)
+            manifest = Manifest.build(job.job_id, version, job.config, [e for e, _ in done], norms, skips)
+            if job.replica is None or job.replica[0].version < version:
+                job.replica = (manifest, {e.file: data for e, data in done})
+        except Exception:
+            log.exception("job %s: replica at version %d failed", job.job_id, version)
+        finally:
+            job.replicating = False
 
     def _restorable(self, job_id: str) -> tuple[SnapshotRef, Manifest] | None:
         """The newest committed snapshot of a job whose files verify."""
@@ -779,7 +824,7 @@ class Coordinator:
         except Exception:
             log.exception("job %s: periodic snapshot failed", job_id)
 
-    async def _snapshot(self, job: _Job, attempts: int = 20) -> dict[str, Any]:
+    async def _snapshot(self, job: _Job, attempts: int = 200) -> dict[str, Any]:
         store = self.store
         await asyncio.to_thread(store.clean, job.job_id)
         for _ in range(attempts):
@@ -808,13 +853,15 @@ class Coordinator:
                 log.info("job %s: snapshot %s committed", job.job_id, store.path(ref))
                 return manifest.summary(store.path(ref))
             await asyncio.to_thread(store.delete, ref)
-            moved = [e for e in errors if isinstance(e, ParamServerError) and e.reason == Reason.STEP_ALREADY_APPLIED]
+            retry = (Reason.STEP_ALREADY_APPLIED, Reason.SNAPSHOT_IN_PROGRESS)  # moved on, or a replica being copied
+            moved = [e for e in errors if isinstance(e, ParamServerError) and e.reason in retry]
+            busy = any(isinstance(e, ParamServerError) and e.reason == Reason.SNAPSHOT_IN_PROGRESS for e in errors)
             if len(moved) != len(errors):
                 first_error = errors[0]
                 raise ParamServerError(
                     "INTERNAL", Reason.SNAPSHOT_FAILED, f"snapshot of job {job.job_id!r} failed: {first_error}"
                 ) from first_error
-            await asyncio.sleep(0.01)  # a shard moved on between the version check and its copy: retry
+            await asyncio.sleep(0.1 if busy else 0.01)  # a shard moved on between the version check and its copy: retry
         raise ParamServerError("UNAVAILABLE", Reason.SNAPSHOT_FAILED, f"job {job.job_id!r} never paused at a common version")
 
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:

@@ -90,6 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_workers", "max_workers", 0, restorable=True),
     Setting("worker_timeout_s", "worker_timeout_s", 60.0, restorable=True),
     Setting("on_worker_lost", "on_worker_lost", 1, restorable=True),
+    Setting("replica_every_steps", "replica_every_steps", 0, restorable=True),
 )
 #: The settings by name.
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
@@ -161,6 +162,8 @@ class JobConfig:
     """Most members at once (0 = num_workers); see :attr:`max_members`."""
     worker_timeout_s: float = _default("worker_timeout_s", float)
     """Seconds a member's lease lasts without a heartbeat, push or pull."""
+    replica_every_steps: int = _default("replica_every_steps", int)
+    """Copy every shard's state into the coordinator's memory every this many steps (0 = off)."""
     on_worker_lost: int = _default("on_worker_lost", int)
     """What a lost member does: WAIT (1), CONTINUE (2) or FAIL (3) (paramserver.v1.WorkerLossPolicy)."""
     groups: tuple[GroupRule, ...] = ()
@@ -305,6 +308,8 @@ class JobConfig:
             raise ConfigError(_spec_field("max_workers"), f"must be 0 or >= num_workers ({self.num_workers})")
         if not (0 < self.worker_timeout_s <= MAX_WORKER_TIMEOUT_S):
             raise ConfigError(_spec_field("worker_timeout_s"), f"must be in (0, {MAX_WORKER_TIMEOUT_S:g}] seconds (0 = 60)")
+        if self.replica_every_steps < 0:
+            raise ConfigError(_spec_field("replica_every_steps"), "must be >= 0 (0 = no replicas)")
         if self.on_worker_lost not in (WAIT, CONTINUE, FAIL):
             raise ConfigError(_spec_field("on_worker_lost"), "must be WAIT (1), CONTINUE (2) or FAIL (3)")
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):

@@ -19,8 +19,9 @@ from grpc import aio
 
 from paramserver import snapshot_names as names
 from paramserver.jobconfig import JobConfig
-from paramserver.manifest import ShardEntry
+from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Roster
+from paramserver.memory_store import MemoryStore
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
@@ -116,7 +117,12 @@ class ShardHost:
         ledger = "[]"
         if self.restore is not None:
             r = self.restore
-            store, ref = self.store(r.store), SnapshotRef(r.job_id, r.name)
+            ref = SnapshotRef(r.job_id, r.name)
+            if r.replica:  # a replica held in memory: its bytes came with the restore
+                manifest = Manifest.parse(r.manifest_json, MemoryStore().path(ref))
+                store: SnapshotStore = MemoryStore.holding(ref, manifest, r.replica)
+            else:
+                store = self.store(r.store)
             reader = SnapshotReader(store, ref, store.read_manifest(ref))
             try:
                 state.restore(reader, r.version, r.applied)
@@ -180,6 +186,14 @@ class ShardHost:
         assert self.runtime is not None
         ref = SnapshotRef(job_id, name)
         return await self.runtime.snapshot(self.store(store), ref, version, fault_from_env(self.job_id, self.index))
+
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+        """This shard's state at `version` as one snapshot file in memory: its entry and its bytes
+        (a replica; the same pause and the same checks as a snapshot)."""
+        assert self.runtime is not None
+        store, ref = MemoryStore(), SnapshotRef(job_id, name)
+        entry = await self.runtime.snapshot(store, ref, version)
+        return entry, store.files(ref)[entry.file]
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving; waiters get UNAVAILABLE."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,10 @@ class Restore:
     """The snapshot's name."""
     version: int
     applied: int
+    replica: Mapping[str, bytes] = field(default_factory=dict)
+    """When the source is a replica held in memory: its shard files by name (``store`` is then
+    ``memory:``), with `manifest_json`."""
+    manifest_json: bytes = b""
 
 
 @dataclass(frozen=True)

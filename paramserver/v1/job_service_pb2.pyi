@@ -585,6 +585,7 @@ class JobSpec(_message.Message):
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     WORKER_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     ON_WORKER_LOST_FIELD_NUMBER: _builtins.int
+    REPLICA_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1)."""
     num_shards: _builtins.int
@@ -643,6 +644,13 @@ class JobSpec(_message.Message):
     """
     on_worker_lost: Global___WorkerLossPolicy.ValueType
     """What a lost member does to the job (UNSPECIFIED = WAIT)."""
+    replica_every_steps: _builtins.int
+    """Replicas: every this many steps each shard's state is copied into the
+    coordinator's memory (0 = off). A lost shard is then recovered from the
+    newest complete replica when it is newer than the newest snapshot, so
+    the job rolls back at most this many steps and reads no disk. Costs a
+    pause like a snapshot's and memory for one copy of the job's state.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The model description, in flat-space order."""
@@ -688,10 +696,11 @@ class JobSpec(_message.Message):
         max_workers: _builtins.int = ...,
         worker_timeout_s: _builtins.float = ...,
         on_worker_lost: Global___WorkerLossPolicy.ValueType = ...,
+        replica_every_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "replica_every_steps", b"replica_every_steps", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -999,6 +1008,7 @@ class Job(_message.Message):
     STATE_REASON_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     RECOVERIES_FIELD_NUMBER: _builtins.int
+    RECOVERED_FROM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -1018,6 +1028,10 @@ class Job(_message.Message):
     """
     recoveries: _builtins.int
     """Times the job was restored after losing a shard."""
+    recovered_from: _builtins.str
+    """What the latest recovery restored from: "replica at version V" or
+    "snapshot PATH" (empty before any).
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """Its description, as created."""
@@ -1058,10 +1072,11 @@ class Job(_message.Message):
         state_reason: _builtins.str = ...,
         generation: _builtins.int = ...,
         recoveries: _builtins.int = ...,
+        recovered_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -234,3 +234,28 @@ def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, 
     assert len(rollbacks) == 1 and 0 < rollbacks[0] <= KILL_AT and none == []
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_a_killed_shard_is_restored_from_the_replica_in_memory_without_a_snapshot(service: Any, address: str, jobs: list[str]) -> None:
+    faulty = create(address, jobs, "replica", replica_every_steps=1)  # no snapshot at all
+    clean = create(address, jobs, "replica-clean", replica_every_steps=1)
+
+    def kill() -> None:
+        time.sleep(0.5)  # let the replica round of the version just published complete
+        kill_shard(service, faulty, 0)
+
+    resumes = run(address, faulty, kill)
+    run(address, clean)
+    assert len(resumes) == 1 and KILL_AT - 2 <= resumes[0] <= KILL_AT, resumes  # a step or two back, not to 0
+    with JobClient(address) as jc:
+        job = jc.get_job(faulty)
+        assert jc.list_snapshots(faulty) == []
+    assert job.recovered_from == f"replica at version {resumes[0]}" and (job.recoveries, job.version) == (1, END)
+    got, want = flat_state(service, job), flat_state(service, jc_get(address, clean))
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def jc_get(address: str, job_id: str) -> jpb.Job:
+    with JobClient(address) as jc:
+        return jc.get_job(job_id)

@@ -78,6 +78,10 @@ class HostHandle:
         """The host's part of a snapshot."""
         return await self.host.snapshot(store, job_id, name, version)
 
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+        """The host's state as a file in memory."""
+        return await self.host.replicate(job_id, name, version)
+
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the host's parameters and optimizer state."""
         return await self.host.tensors()

@@ -35,6 +35,7 @@ RESTORABLE = {
     "max_workers",
     "worker_timeout_s",
     "on_worker_lost",
+    "replica_every_steps",
 }
 #: Settings whose values are an enum's: a valid non-default value each.
 ENUM_VALUES = {"on_worker_lost": 3}
