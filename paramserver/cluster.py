@@ -130,6 +130,11 @@ class RayShardHandle:
         result: ShardEntry = await _call(self.actor.snapshot.remote(store, job_id, name, version), "shard snapshot")
         return result
 
+    async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
+        """Restore the shard in place (see ShardHost.reset)."""
+        result: str = await _call(self.actor.reset.remote(restore, roster, generation), "shard reset")
+        return result
+
     async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
         """The shard's state at `version` as one snapshot file in memory."""
         result: tuple[ShardEntry, bytes] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
@@ -173,14 +178,16 @@ class RayShardLauncher:
         restore: Restore | None = None,
         roster: Roster | None = None,
         generation: int = 0,
+        only: Sequence[int] | None = None,
     ) -> list[RayShardHandle]:
-        """One actor per shard, each serving its own port. RESOURCE_EXHAUSTED
-        (SHARDS_UNSCHEDULABLE) at once when no node of the cluster could ever hold them, or
-        when they are not all placed within the start timeout (the cluster is busy)."""
-        await asyncio.to_thread(check_fits, config, len(plan))
+        """One actor per shard (or per index of `only`), each serving its own port.
+        RESOURCE_EXHAUSTED (SHARDS_UNSCHEDULABLE) at once when no node of the cluster could ever
+        hold them, or when they are not all placed within the start timeout (the cluster is busy)."""
+        indices = list(range(len(plan))) if only is None else list(only)
+        await asyncio.to_thread(check_fits, config, len(indices))
         me = ray.get_runtime_context().current_actor
         reducer = RayStepReducer(me, job_id, self.coordinator_name)
-        names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in range(len(plan))]
+        names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in indices]
         actors = [
             ShardActor.options(
                 num_cpus=config.shard_num_cpus,
@@ -188,8 +195,8 @@ class RayShardLauncher:
                 max_concurrency=1000,
                 name=name,
                 lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
-            ).remote(job_id, config, i, list(spans), reducer, self.bind_host, restore, self.spill_dir, roster, generation)
-            for i, (spans, name) in enumerate(zip(plan, names, strict=True))
+            ).remote(job_id, config, i, list(plan[i]), reducer, self.bind_host, restore, self.spill_dir, roster, generation)
+            for i, name in zip(indices, names, strict=True)
         ]
         try:
             async with asyncio.timeout(self.start_timeout_s):
@@ -201,7 +208,7 @@ class RayShardLauncher:
             raise ParamServerError(
                 "RESOURCE_EXHAUSTED",
                 Reason.SHARDS_UNSCHEDULABLE,
-                f"the {len(plan)} shards of job {job_id!r} ({config.shard_num_cpus:g} CPU and {config.shard_num_gpus:g} GPU each) "
+                f"the {len(indices)} shards of job {job_id!r} ({config.shard_num_cpus:g} CPU and {config.shard_num_gpus:g} GPU each) "
                 f"were not all placed within {self.start_timeout_s:g} s; available now: {free.get('CPU', 0.0):g} CPU, "
                 f"{free.get('GPU', 0.0):g} GPU. Free resources (delete jobs) or ask for fewer.",
                 {"field": "spec.shard_num_gpus" if config.shard_num_gpus else "spec.shard_num_cpus"},

@@ -73,6 +73,10 @@ class ShardHandle(Protocol):
         """The shard's state at `version` as one snapshot file in memory (entry, bytes)."""
         ...
 
+    async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
+        """Restore the shard in place from `restore` under `generation` (a recovery that keeps it)."""
+        ...
+
 
 class ShardLauncher(Protocol):
     """Starts the shards of a job."""
@@ -85,10 +89,11 @@ class ShardLauncher(Protocol):
         restore: Restore | None = None,
         roster: Roster | None = None,
         generation: int = 0,
+        only: Sequence[int] | None = None,
     ) -> list[ShardHandle]:
-        """Start one shard per plan entry (optionally restored, with the job's roster and
-        generation) and return their handles once they serve. Bounded: RESOURCE_EXHAUSTED
-        (SHARDS_UNSCHEDULABLE) when the cluster cannot place them."""
+        """Start one shard per plan entry (or the entries `only` names, in that order; optionally
+        restored, with the job's roster and generation) and return their handles once they serve.
+        Bounded: RESOURCE_EXHAUSTED (SHARDS_UNSCHEDULABLE) when the cluster cannot place them."""
         ...
 
     async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
@@ -289,10 +294,9 @@ class Coordinator:
         await self.launcher.cleanup(job.job_id, names)
         lost = [i for i, h in enumerate(handles) if h is None]
         if lost:
-            job.shards = [h for h in handles if h is not None]
             job.last_recovery = {"detected_at": self.clock()}
             job.state_reason = f"{Reason.SHARD_LOST}: shard(s) {lost} lost while the coordinator was away; restoring"
-            await self._recover(job, lost)
+            await self._recover(job, lost, {i: h for i, h in enumerate(handles) if h is not None})
             return
         job.shards = [h for h in handles if h is not None]
         job.state, job.state_reason = RUNNING, ""
@@ -567,6 +571,13 @@ class Coordinator:
         reduced another set."""
         await self.start()
         job = self._job(job_id)
+        if stats.generation != job.generation:  # a shard a recovery replaced, still finishing its step
+            raise ParamServerError(
+                "ABORTED",
+                Reason.JOB_ROLLED_BACK,
+                f"generation {stats.generation} was replaced by {job.generation}",
+                {"generation": job.generation},
+            )
         if step in job.decisions:
             return job.decisions[step]
         job.reports.setdefault(step, {})[stats.shard] = stats
@@ -668,10 +679,13 @@ class Coordinator:
 
     # ---- recovery ---------------------------------------------------------------------------
 
-    async def _recover(self, job: _Job, lost: list[int]) -> None:
-        """Bring a job that lost shards back to one consistent version: stop the survivors, start
-        every shard again from the newest snapshot that verifies, under a new generation (workers
-        learn it from ABORTED JOB_ROLLED_BACK). No snapshot: the job fails."""
+    async def _recover(self, job: _Job, lost: list[int], survivors: Mapping[int, ShardHandle] | None = None) -> None:
+        """Bring a job that lost shards back to one consistent version, under a new generation
+        (workers learn it from ABORTED JOB_ROLLED_BACK): the surviving shards restore in place and
+        the lost ones start again, all from the newest replica or snapshot (whichever is newer).
+        Neither: the job fails."""
+        if survivors is None:
+            survivors = {i: s for i, s in enumerate(job.shards) if i not in lost}
         log.warning("job %s: shard(s) %s lost; recovering", job.job_id, lost)
         try:
             async with job.lock:
@@ -682,7 +696,6 @@ class Coordinator:
                             fut.set_exception(gone)
                 job.waiters.clear()
                 job.reports.clear()
-                await asyncio.gather(*(s.stop() for s in job.shards), return_exceptions=True)  # bounded by the handles
                 found = await asyncio.to_thread(self._restorable, job.job_id)
                 replica = job.replica
                 if replica is not None and (found is None or replica[0].version >= found[1].version):
@@ -695,12 +708,13 @@ class Coordinator:
                     restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
                     source = f"snapshot {self.store.path(ref)}"
                 else:
+                    await asyncio.gather(*(s.stop() for s in survivors.values()), return_exceptions=True)
                     self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot or replica to restore from "
                                     "(set snapshot_every_steps or replica_every_steps)")  # fmt: skip
                     return
                 self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
                 job.generation += 1
-                shards = await self._relaunch(job, restore)
+                shards = await self._restart(job, restore, survivors)
                 if shards is None:
                     return
                 if job.deleted:
@@ -762,11 +776,35 @@ class Coordinator:
                 log.error("job %s: snapshot %s is not usable for recovery: %s", job_id, self.store.path(ref), exc)
         return None
 
-    async def _relaunch(self, job: _Job, restore: Restore) -> list[ShardHandle] | None:
-        """Start the job's shards from `restore`, retrying while the cluster lacks room."""
+    async def _restart(self, job: _Job, restore: Restore, survivors: Mapping[int, ShardHandle]) -> list[ShardHandle] | None:
+        """Every shard of the job at `restore`: the survivors restored in place (one that fails to
+        is stopped and started anew), the others started; in shard order."""
+        roster = job.membership.roster()
+        kept: dict[int, ShardHandle] = {}
+
+        async def reset(i: int, shard: ShardHandle) -> None:
+            try:
+                await shard.reset(restore, roster, job.generation)
+                kept[i] = shard
+            except Exception as exc:  # noqa: BLE001 - started anew instead
+                log.warning("job %s: shard %d could not restore in place (%s); starting it anew", job.job_id, i, exc)
+                await shard.stop()
+
+        await asyncio.gather(*(reset(i, s) for i, s in survivors.items()))
+        missing = [i for i in range(len(job.plan)) if i not in kept]
+        started = await self._relaunch(job, restore, missing) if missing else []
+        if started is None:
+            await asyncio.gather(*(s.stop() for s in kept.values()), return_exceptions=True)
+            return None
+        by_index = {**kept, **dict(zip(missing, started, strict=True))}
+        return [by_index[i] for i in range(len(job.plan))]
+
+    async def _relaunch(self, job: _Job, restore: Restore, only: Sequence[int]) -> list[ShardHandle] | None:
+        """Start the job's shards `only` from `restore`, retrying while the cluster lacks room."""
         for attempt in range(1, RECOVERY_ATTEMPTS + 1):
             try:
-                return await self.launcher.launch(job.job_id, job.config, job.plan, restore, job.membership.roster(), job.generation)
+                roster = job.membership.roster()
+                return await self.launcher.launch(job.job_id, job.config, job.plan, restore, roster, job.generation, only)
             except ParamServerError as exc:
                 log.warning("job %s: relaunching its shards failed (attempt %d): %s", job.job_id, attempt, exc)
                 if attempt == RECOVERY_ATTEMPTS or job.deleted:

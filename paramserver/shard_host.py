@@ -6,6 +6,7 @@ own data-plane gRPC server on a free port.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -80,6 +81,7 @@ class ShardHost:
         self.spill_dir = Path(spill_dir) / job_id
         self.address = ""
         self._server: aio.Server | None = None
+        self._servicer: ShardServicer | None = None
         self.runtime: ShardRuntime | None = None
         self._stores: dict[str, SnapshotStore] = {}
 
@@ -101,8 +103,8 @@ class ShardHost:
             return socket.gethostbyname(socket.gethostname())
         return self.bind_host
 
-    async def start(self) -> str:
-        """Build the state, start the data-plane server; return its "host:port"."""
+    def _load(self) -> tuple[ShardState, str]:
+        """A fresh state, restored if asked to; and the ledger of answered pushes it carried."""
         state = ShardState(
             self.config,
             self.index,
@@ -129,16 +131,39 @@ class ShardHost:
                 ledger = reader.metadata(0).get(names.META_LEDGER, "[]")
             finally:
                 reader.close()
+        return state, ledger
+
+    async def start(self) -> str:
+        """Build the state, start the data-plane server; return its "host:port"."""
+        state, ledger = self._load()
         self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation)
         self.runtime.load_ledger(json.loads(ledger))
         server = aio.server(options=GRPC_OPTIONS)
-        add_shard_service(ShardServicer(self.job_id, self.runtime), server)
+        self._servicer = ShardServicer(self.job_id, self.runtime)
+        add_shard_service(self._servicer, server)
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         self._server = server
         self.address = f"{self.advertise_host()}:{port}"
         log.info("job %s shard %d serving %s on %s", self.job_id, self.index, self.address, state.device)
+        return self.address
+
+    async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
+        """Restore in place (a recovery that keeps this actor and its port): the current state is
+        closed (waiting calls answer UNAVAILABLE), then a new one is loaded from `restore` under
+        `generation`, whose calls an older generation's workers are told about (JOB_ROLLED_BACK)."""
+        old = self.runtime
+        self.restore, self.roster, self.generation = restore, roster, generation
+        if old is not None:
+            await old.close()
+        state, ledger = await asyncio.to_thread(self._load)
+        runtime = ShardRuntime(state, self.reducer, roster, generation)
+        runtime.load_ledger(json.loads(ledger))
+        self.runtime = runtime
+        if self._servicer is not None:
+            self._servicer.runtime = runtime
+        log.info("job %s shard %d restored in place at version %d (generation %d)", self.job_id, self.index, state.version, generation)
         return self.address
 
     async def status(self) -> ShardStatus:

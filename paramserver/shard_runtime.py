@@ -400,7 +400,7 @@ class ShardRuntime:
         (worker, lease) pairs; on a :class:`Redo` the step waits for the members again."""
         try:
             stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions, keep=True)
-            decision = await self._reduce(stats, step)
+            decision = await self._reduce(dataclasses.replace(stats, generation=self.generation), step)
             if isinstance(decision, Redo):
                 self._completing = None
                 if decision.roster.epoch > self.roster.epoch:

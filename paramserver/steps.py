@@ -41,6 +41,8 @@ class ShardStats:
     """Sum of the workers' loss_terms as this shard received them."""
     contributors: tuple[tuple[int, int], ...] = ()
     """(worker id, lease) of the contributions reduced, ascending: every shard must reduce the same."""
+    generation: int = 0
+    """The job's generation the shard serves (a report of a generation a recovery replaced is refused)."""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,10 @@ class HostHandle:
         """The host's part of a snapshot."""
         return await self.host.snapshot(store, job_id, name, version)
 
+    async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
+        """Restore the host in place."""
+        return await self.host.reset(restore, roster, generation)
+
     async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
         """The host's state as a file in memory."""
         return await self.host.replicate(job_id, name, version)
@@ -97,12 +101,14 @@ class InProcessLauncher:
         """Every host ever started (teardown checks that each was stopped)."""
 
     async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
-                     roster: Roster | None = None, generation: int = 0) -> list[ShardHandle]:  # fmt: skip
+                     roster: Roster | None = None, generation: int = 0,
+                     only: Sequence[int] | None = None) -> list[ShardHandle]:  # fmt: skip
         """One started host per plan entry; on a failure the ones already started are stopped."""
         assert self.coordinator is not None, "set launcher.coordinator before creating jobs"
         started: list[ShardHost] = []
         try:
-            for i, spans in enumerate(plan):
+            for i in range(len(plan)) if only is None else only:
+                spans = plan[i]
                 host = ShardHost(job_id, config, i, list(spans), DirectReducer(self.coordinator, job_id), "127.0.0.1", restore,
                                  str(self.spill_dir), roster, generation)  # fmt: skip
                 self.hosts.append(host)
@@ -112,7 +118,7 @@ class InProcessLauncher:
             for host in started:
                 await host.stop(grace=0)
             raise
-        return [HostHandle(h, f"{job_id}-{generation}-{i}") for i, h in enumerate(started)]
+        return [HostHandle(h, f"{job_id}-{generation}-{h.index}") for h in started]
 
     async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
         """In-process hosts never outlive their coordinator: nothing to reattach to."""

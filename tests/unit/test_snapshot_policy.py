@@ -157,7 +157,8 @@ class FakeLauncher:
         self.shards: list[FakeShard] = []
 
     async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
-                     roster: Roster | None = None, generation: int = 0) -> list[ShardHandle]:  # fmt: skip
+                     roster: Roster | None = None, generation: int = 0,
+                     only: Sequence[int] | None = None) -> list[ShardHandle]:  # fmt: skip
         self.shards = [FakeShard(i, spans, self.gate) for i, spans in enumerate(plan)]
         return list(self.shards)
 
