@@ -870,6 +870,9 @@ class Coordinator:
             if not all(st.initialized for st in statuses):
                 raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "no parameters to snapshot yet")
             version = max(st.version for st in statuses)
+            taken = await asyncio.to_thread(self._committed_at, job.job_id, version)
+            if taken is not None:  # this version is already saved (names only tell seconds apart: never reuse one)
+                return taken
             ref = SnapshotRef(job.job_id, snapshot_name(version))
             await asyncio.to_thread(store.begin, ref)
             results = await asyncio.gather(
@@ -901,6 +904,14 @@ class Coordinator:
                 ) from first_error
             await asyncio.sleep(0.1 if busy else 0.01)  # a shard moved on between the version check and its copy: retry
         raise ParamServerError("UNAVAILABLE", Reason.SNAPSHOT_FAILED, f"job {job.job_id!r} never paused at a common version")
+
+    def _committed_at(self, job_id: str, version: int) -> dict[str, Any] | None:
+        """The summary of a committed snapshot of the job at `version`, if there is one."""
+        prefix = snapshot_name(version).split("-", 1)[0] + "-"
+        for ref in reversed(self.store.snapshots(job_id)):
+            if ref.name.startswith(prefix):
+                return self.store.read_manifest(ref).summary(self.store.path(ref))
+        return None
 
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
         """Committed snapshots of a job, oldest first."""

@@ -103,10 +103,12 @@ def test_a_killed_shard_is_restored_from_the_latest_snapshot_and_the_run_ends_bi
     clean = create(address, jobs, "clean", snapshot_every_steps=2)
     seen: list[jpb.Job] = []
     listed_ok = threading.Event()
+    before: list[str] = []
 
     def kill() -> None:
         with JobClient(address) as jc:
             wait_for(lambda: jc.list_snapshots(faulty), "a snapshot")
+            before.extend(s.address for s in jc.get_job(faulty).shards)
             kill_shard(service, faulty, 1)
 
             def watch() -> None:  # GetJob and ListJobs answer while the job recovers
@@ -135,6 +137,8 @@ def test_a_killed_shard_is_restored_from_the_latest_snapshot_and_the_run_ends_bi
         job = jc.get_job(faulty)
         ref = jc.get_job(clean)
     assert (job.state, job.generation, job.recoveries, job.version) == (jpb.JOB_STATE_RUNNING, 1, 1, END)
+    after = [s.address for s in job.shards]
+    assert after[0] == before[0] and after[1] != before[1]  # the survivor restored in place; the lost shard started anew
     got, want = flat_state(service, job), flat_state(service, ref)
     assert got.keys() == want.keys()
     for k in want:  # parameters and every moment: nothing applied twice, nothing half-applied
