@@ -44,6 +44,8 @@ ROSTER_TIMEOUT_S = 10.0
 WATCH_INTERVAL_S = 0.5
 #: Attempts at relaunching a job's shards during a recovery (the cluster may be short of nodes).
 RECOVERY_ATTEMPTS = 10
+#: Seconds a surviving shard gets to restore in place before it is replaced by a new one.
+RESET_TIMEOUT_S = 300.0
 
 
 class ShardHandle(Protocol):
@@ -784,7 +786,7 @@ class Coordinator:
 
         async def reset(i: int, shard: ShardHandle) -> None:
             try:
-                await shard.reset(restore, roster, job.generation)
+                await asyncio.wait_for(shard.reset(restore, roster, job.generation), RESET_TIMEOUT_S)
                 kept[i] = shard
             except Exception as exc:  # noqa: BLE001 - started anew instead
                 log.warning("job %s: shard %d could not restore in place (%s); starting it anew", job.job_id, i, exc)
