@@ -29,7 +29,8 @@ from paramserver.membership import Roster
 from paramserver.placement import Span
 from paramserver.reaper import start_reaper
 from paramserver.shard_host import ShardHost
-from paramserver.shard_types import Restore, ShardStatus
+from paramserver.shard_types import Restore, ShardStatus, restore_for
+from paramserver.snapshot_names import shard_file
 from paramserver.steps import Decision, Redo, ShardStats
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,18 @@ class RayShardLauncher:
                 max_concurrency=1000,
                 name=name,
                 lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
-            ).remote(job_id, config, i, list(plan[i]), reducer, self.bind_host, restore, self.spill_dir, roster, generation)
+            ).remote(
+                job_id,
+                config,
+                i,
+                list(plan[i]),
+                reducer,
+                self.bind_host,
+                restore_for(restore, i, shard_file),
+                self.spill_dir,
+                roster,
+                generation,
+            )
             for i, name in zip(indices, names, strict=True)
         ]
         try:

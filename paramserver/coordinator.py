@@ -24,7 +24,8 @@ from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Member, Membership, Roster
 from paramserver.memory_store import MEMORY_URL
 from paramserver.placement import Span
-from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env
+from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env, restore_for
+from paramserver.snapshot_names import shard_file
 from paramserver.snapshot_policy import Clock, SnapshotPolicy
 from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, prune, resolve, snapshot_name, verify
 from paramserver.snapshot_stores import open_store
@@ -786,7 +787,9 @@ class Coordinator:
 
         async def reset(i: int, shard: ShardHandle) -> None:
             try:
-                await asyncio.wait_for(shard.reset(restore, roster, job.generation), RESET_TIMEOUT_S)
+                mine = restore_for(restore, i, shard_file)
+                assert mine is not None
+                await asyncio.wait_for(shard.reset(mine, roster, job.generation), RESET_TIMEOUT_S)
                 kept[i] = shard
             except Exception as exc:  # noqa: BLE001 - started anew instead
                 log.warning("job %s: shard %d could not restore in place (%s); starting it anew", job.job_id, i, exc)

@@ -125,7 +125,7 @@ class ShardHost:
                 store: SnapshotStore = MemoryStore.holding(ref, manifest, r.replica)
             else:
                 store = self.store(r.store)
-            reader = SnapshotReader(store, ref, store.read_manifest(ref))
+            reader = SnapshotReader(store, ref, store.read_manifest(ref), only=set(r.replica) if r.replica else None)
             try:
                 state.restore(reader, r.version, r.applied)
                 ledger = reader.metadata(0).get(names.META_LEDGER, "[]")

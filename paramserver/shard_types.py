@@ -3,6 +3,7 @@ the control plane knows of shards without importing the data plane."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +49,15 @@ class Restore:
     """When the source is a replica held in memory: its shard files by name (``store`` is then
     ``memory:``), with `manifest_json`."""
     manifest_json: bytes = b""
+
+
+def restore_for(restore: Restore | None, index: int, file_of: Callable[[int], str]) -> Restore | None:
+    """The restore shard `index` needs: from a replica in memory, only its own file (a recovery
+    keeps the plan, so a shard's ranges lie in its own file); anything else unchanged."""
+    if restore is None or not restore.replica:
+        return restore
+    name = file_of(index)
+    return dataclasses.replace(restore, replica={name: restore.replica[name]} if name in restore.replica else {})
 
 
 @dataclass(frozen=True)

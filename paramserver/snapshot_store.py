@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -416,13 +416,17 @@ class SnapshotReader:
     """Reads ranges of the flat tensors of a verified snapshot, whatever its shard count (the
     SnapshotSource a shard restores from)."""
 
-    def __init__(self, store: SnapshotStore, ref: SnapshotRef, manifest: Manifest) -> None:
+    def __init__(self, store: SnapshotStore, ref: SnapshotRef, manifest: Manifest, only: Collection[str] | None = None) -> None:
+        """`only`: open just these files (a restore onto the same plan needs only its own shard's
+        file); reads that need another file are DATA_LOSS naming what is missing."""
         self.store = store
         self.ref = ref
         self.manifest = manifest
         self._files: list[tuple[str, RangeReader, Header, dict[str, list[tuple[int, int]]]]] = []
         base = store.path(ref)
         for entry in manifest.shards:
+            if only is not None and entry.file not in only:
+                continue
             where = f"{base}/{entry.file}"
             reader = store.open(ref, entry.file)
             header = read_header(reader, where)
