@@ -174,3 +174,25 @@ def test_a_front_door_killed_with_sigkill_is_started_again_and_finds_the_running
             ray.kill(ray.get_actor(f"paramserver-coordinator-{name}", namespace="paramserver"), no_restart=True)
         except ValueError:
             pass
+
+
+def test_a_front_door_told_to_stop_jobs_stops_them_and_its_coordinator(ray_session: None, tmp_path: Path) -> None:
+    import ray
+
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    name = f"stop-{uuid.uuid4().hex[:6]}"
+    config = ServiceConfig(port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(tmp_path), name=name,
+                           keep_jobs_on_exit=False)  # fmt: skip
+    svc = BackgroundService(config, own_ray=False)  # joined to a running Ray: would keep its jobs by default
+    try:
+        with JobClient(svc.address) as jc:
+            jc.create_job(SHAPES, job_id="stopped", num_workers=1, num_shards=2, **SETTINGS)
+        handles = ray.get(svc.service.cluster.coordinator.shard_handles.remote("stopped"))
+    finally:
+        svc.stop()
+    with pytest.raises(ValueError):  # the coordinator is gone ...
+        ray.get_actor(f"paramserver-coordinator-{name}")
+    for h in handles:  # ... and so are the job's shards
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(h.actor.status.remote(), timeout=30)
