@@ -365,6 +365,19 @@ class AsyncWorker:
         self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
         self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
 
+    async def _shard_gone(self, exc: ServiceError) -> bool:
+        """Whether a shard that answered UNAVAILABLE is gone for good (the job shows it unreachable,
+        recovers, or was restored already): then retrying its address is pointless."""
+        if not self.address:
+            return False
+        try:
+            async with AsyncJobClient(self.address, timeout=min(self.timeout, 5.0), retry=RetryPolicy(attempts=1)) as jobs:
+                job = await jobs.get_job(self.job_id)
+        except ServiceError:
+            return False
+        moved = job.state == jpb.JOB_STATE_RECOVERING or int(job.generation) != self.generation
+        return moved or any(s.unreachable for s in job.shards)
+
     async def _recovered(self, exc: ServiceError) -> None:
         """After a shard call failed with `exc`: if the job was restored after losing a shard (or is
         being restored: wait for it), reconnect and raise JobRolledBack; otherwise re-raise `exc`."""
@@ -494,6 +507,7 @@ class AsyncWorker:
                 lambda: self._stream_unary(i, "PushGradients", spb.PushGradientsResponse)(stream(i), timeout=self.timeout),
                 self.retry,
                 f"PushGradients[{i}]",
+                self._shard_gone,
             )
             return answer
 
@@ -557,7 +571,7 @@ class AsyncWorker:
                     raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent {got} of {expected} elements")
                 return version, report
 
-            return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]")
+            return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]", self._shard_gone)
 
         try:
             results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))

@@ -31,8 +31,15 @@ class RetryPolicy:
     """Growth of the wait."""
 
 
-async def call_with_retry(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """Run fn, retrying UNAVAILABLE with jittered exponential backoff; raise ServiceError."""
+async def call_with_retry(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    what: str,
+    give_up: Callable[[ServiceError], Awaitable[bool]] | None = None,
+) -> T:
+    """Run fn, retrying UNAVAILABLE with jittered exponential backoff; raise ServiceError.
+    `give_up(err)`, when given, is asked after an UNAVAILABLE whether retrying is pointless (e.g.
+    the job is being restored elsewhere): then the error is raised at once."""
     backoff = policy.initial_backoff_s
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -40,6 +47,8 @@ async def call_with_retry(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, w
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
             if err.code != grpc.StatusCode.UNAVAILABLE or attempt == policy.attempts:
+                raise err from None
+            if give_up is not None and await give_up(err):
                 raise err from None
             log.info("%s: UNAVAILABLE (%s); retry %d in %.2fs", what, err.message, attempt, backoff)
         await asyncio.sleep(backoff * (0.5 + random.random() / 2))
