@@ -101,6 +101,21 @@ def job_id(service: object) -> Iterator[str]:
             pass
 
 
+@pytest.fixture
+def jobs(address: str) -> Iterator[list[str]]:
+    """Job ids a test creates (it appends them); each is deleted after the test."""
+    created: list[str] = []
+    yield created
+    from paramserver_client import JobClient, ServiceError
+
+    with JobClient(address) as jc:
+        for j in created:
+            try:
+                jc.delete_job(j)
+            except ServiceError:
+                pass
+
+
 def shard_tensors(service: object, job_id: str) -> list[dict[str, np.ndarray]]:
     """Every shard's parameters and optimizer state, read straight from the actors."""
     svc = service

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client import JobClient, Worker
 from tests.cluster.test_parity import SHAPES, worker_grads
-from tests.cluster.test_recovery import P0, wait_for
+from tests.cluster.test_recovery import P0, jc_get, wait_for
 from tests.cluster.test_snapshots import SETTINGS, flat_state
 from tests.conftest import SNAPSHOT_DIR, SPILL_DIR, STATE_DIR
 
@@ -76,11 +76,6 @@ def test_a_killed_coordinator_is_restarted_and_the_run_goes_on_bit_identical(ser
     got, want = flat_state(service, job), flat_state(service, jc_get(address, ref_id))
     for k in want:  # the shards kept their state: nothing was restored, nothing replayed twice
         assert np.array_equal(got[k], want[k]), k
-
-
-def jc_get(address: str, job_id: str) -> jpb.Job:
-    with JobClient(address) as jc:
-        return jc.get_job(job_id)
 
 
 def health(address: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -30,18 +29,6 @@ def kill_shard(service: Any, job_id: str, index: int) -> None:
 
     handles = ray.get(service.service.cluster.coordinator.shard_handles.remote(job_id))
     ray.kill(handles[index].actor, no_restart=True)
-
-
-@pytest.fixture
-def jobs(address: str) -> Iterator[list[str]]:
-    created: list[str] = []
-    yield created
-    with JobClient(address) as jc:
-        for j in created:
-            try:
-                jc.delete_job(j)
-            except ServiceError:
-                pass
 
 
 def create(address: str, jobs: list[str], tag: str, **settings: Any) -> str:

@@ -79,18 +79,6 @@ def train(address: str, job_id: str, start: int, end: int, p0: np.ndarray | None
             w.leave()
 
 
-@pytest.fixture
-def jobs(address: str) -> Iterator[list[str]]:
-    created: list[str] = []
-    yield created
-    with JobClient(address) as jc:
-        for j in created:
-            try:
-                jc.delete_job(j)
-            except ServiceError:
-                pass
-
-
 def new_id(jobs: list[str]) -> str:
     jid = f"s-{uuid.uuid4().hex[:8]}"
     jobs.append(jid)
