@@ -214,4 +214,10 @@ async def test_bad_heartbeats_and_leaves_get_a_clear_status_and_change_nothing(s
     with pytest.raises(grpc.RpcError) as undecodable:
         await raw(b"\xff\xff\xff", timeout=5)
     assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for lease, code, reason, field in ((0, grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "request.lease"),
+                                       (w0.lease + 7, grpc.StatusCode.ABORTED, Reason.LEASE_EXPIRED, None)):  # fmt: skip
+        stranger = svc.adopt(AsyncWorker(w0.job, 0, lease=lease, retry=NO_RETRY, timeout=TIMEOUT_S))
+        with pytest.raises(ServiceError) as pulled:  # only members pull
+            await stranger.pull(0)
+        assert (pulled.value.code, pulled.value.reason, pulled.value.metadata.get("field")) == (code, reason, field)
     assert (await w0.push(0, *grad(0, 0))).outcome == spb.STEP_OUTCOME_APPLIED  # and the job still trains
