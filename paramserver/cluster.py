@@ -26,6 +26,7 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
+from paramserver.memory_store import Blob
 from paramserver.placement import Span
 from paramserver.reaper import start_reaper
 from paramserver.shard_host import ShardHost
@@ -136,9 +137,9 @@ class RayShardHandle:
         result: str = await _call(self.actor.reset.remote(restore, roster, generation), "shard reset")
         return result
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
         """The shard's state at `version` as one snapshot file in memory."""
-        result: tuple[ShardEntry, bytes] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
+        result: tuple[ShardEntry, Blob] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
         return result
 
     async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:

@@ -22,7 +22,7 @@ from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Member, Membership, Roster
-from paramserver.memory_store import MEMORY_URL
+from paramserver.memory_store import MEMORY_URL, Blob
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env, restore_for
 from paramserver.snapshot_names import shard_file
@@ -72,7 +72,7 @@ class ShardHandle(Protocol):
         """Write the shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
         ...
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
         """The shard's state at `version` as one snapshot file in memory (entry, bytes)."""
         ...
 
@@ -200,7 +200,7 @@ class _Job:
     last_recovery: dict[str, float] = field(default_factory=dict)
     """Timings of the latest recovery (seconds): detected_at, restored_at, version."""
     recovered_from: str = ""
-    replica: tuple[Manifest, dict[str, bytes]] | None = None
+    replica: tuple[Manifest, dict[str, Blob]] | None = None
     """The newest complete replica: its manifest and every shard file's bytes (memory only)."""
     replicating: bool = False
 
@@ -501,6 +501,8 @@ class Coordinator:
         await self.start()
         _require(request_id)
         job = self._job(job_id)
+        if not isinstance(self.ledger.lookup(request_id, ("join", job_id, worker_name)), tuple):
+            self._running(job)  # a recovering (or starting, or failed) job refuses now, not after its lock
         async with job.lock:
             first = self.ledger.lookup(request_id, ("join", job_id, worker_name))
             if isinstance(first, tuple):

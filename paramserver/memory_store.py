@@ -2,14 +2,17 @@
 (pure: no Ray, no gRPC).
 
 A job's *replica* is a snapshot that never touches a disk: each shard writes its file into a
-MemoryStore of its own and hands the bytes over; the coordinator keeps the newest complete set; a
+MemoryStore of its own (as a :class:`Blob`) and hands it over; the coordinator keeps the newest complete set; a
 recovery passes them to the new shards, which read them through the same SnapshotReader (and so
 the same checks and the same range copy, resharding included) as a snapshot on disk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from paramserver.manifest import Manifest, ShardEntry, data_loss
 from paramserver.snapshot_store import CleanReport, FaultHook, SnapshotRef, Tensors, no_fault
@@ -19,30 +22,56 @@ from paramserver.tensor_file import write_tensors
 MEMORY_URL = "memory:"
 
 
-class _Buffer:
-    def __init__(self) -> None:
-        self.data = bytearray()
+class Blob:
+    """A file held in memory as the uint8 blocks it was written in.
+
+    No joining copy is made, and a block is a numpy array, so Ray moves a Blob between processes
+    without pickling its bytes (one copy into the object store; the receiver reads it in place).
+    It is its own range reader.
+    """
+
+    def __init__(self, blocks: Sequence[np.ndarray] = ()) -> None:
+        self.blocks: list[np.ndarray] = list(blocks)
+        self._starts: list[int] = []
+        self._size = 0
+        for b in self.blocks:
+            self._starts.append(self._size)
+            self._size += b.nbytes
+
+    @classmethod
+    def of(cls, data: bytes | Blob) -> Blob:
+        """`data` as a Blob (bytes are copied once)."""
+        return data if isinstance(data, Blob) else cls([np.frombuffer(data, np.uint8).copy()])
 
     def write(self, data: memoryview) -> None:
-        self.data += data
-
-
-class BytesReader:
-    """Range reads over bytes held in memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+        """Append a copy of `data` (a sink for :func:`~paramserver.tensor_file.write_tensors`)."""
+        self.blocks.append(np.frombuffer(data, np.uint8).copy())
+        self._starts.append(self._size)
+        self._size += len(self.blocks[-1])
 
     @property
     def size(self) -> int:
         """The file's size."""
-        return len(self._data)
+        return self._size
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes from `offset`."""
-        if offset < 0 or offset + length > len(self._data):
-            raise ValueError(f"read of [{offset}, {offset + length}) beyond {len(self._data)} bytes")
-        return self._data[offset : offset + length]
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"read of [{offset}, {offset + length}) beyond {self._size} bytes")
+        out = []
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        end = offset + length
+        while offset < end:
+            lo = offset - self._starts[i]
+            piece = self.blocks[i][lo : lo + end - offset]
+            out.append(piece.tobytes())
+            offset += len(piece)
+            i += 1
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    def to_bytes(self) -> bytes:
+        """The whole file (a copy)."""
+        return self.read(0, self._size)
 
 
 class MemoryStore:
@@ -50,18 +79,18 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.url = MEMORY_URL
-        self._files: dict[SnapshotRef, dict[str, bytes]] = {}
+        self._files: dict[SnapshotRef, dict[str, Blob]] = {}
         self._manifests: dict[SnapshotRef, Manifest] = {}
 
     @classmethod
-    def holding(cls, ref: SnapshotRef, manifest: Manifest, files: Mapping[str, bytes]) -> MemoryStore:
+    def holding(cls, ref: SnapshotRef, manifest: Manifest, files: Mapping[str, Blob | bytes]) -> MemoryStore:
         """A store holding one committed snapshot made of `files`."""
         store = cls()
-        store._files[ref] = dict(files)
+        store._files[ref] = {name: Blob.of(data) for name, data in files.items()}
         store._manifests[ref] = manifest
         return store
 
-    def files(self, ref: SnapshotRef) -> dict[str, bytes]:
+    def files(self, ref: SnapshotRef) -> dict[str, Blob]:
         """The files written for a snapshot, by name."""
         return dict(self._files.get(ref, {}))
 
@@ -73,9 +102,9 @@ class MemoryStore:
         self, ref: SnapshotRef, name: str, tensors: Tensors, metadata: Mapping[str, str], fault: FaultHook = no_fault
     ) -> ShardEntry:
         """Serialise one shard file (safetensors, sha256) into memory."""
-        buf = _Buffer()
+        buf = Blob()
         written = write_tensors(buf, tensors, metadata)
-        self._files.setdefault(ref, {})[name] = bytes(buf.data)
+        self._files.setdefault(ref, {})[name] = buf
         return ShardEntry(-1, name, written.size, written.sha256, (), 0)
 
     def commit(self, ref: SnapshotRef, manifest: Manifest, fault: FaultHook = no_fault) -> None:
@@ -90,12 +119,12 @@ class MemoryStore:
         """Jobs with anything stored."""
         return sorted({r.job_id for r in self._files} | {r.job_id for r in self._manifests})
 
-    def open(self, ref: SnapshotRef, name: str) -> BytesReader:
+    def open(self, ref: SnapshotRef, name: str) -> Blob:
         """A file, for range reads (DATA_LOSS if it is not held)."""
         data = self._files.get(ref, {}).get(name)
         if data is None:
             raise data_loss(f"{self.path(ref)}/{name}", "not held in memory")
-        return BytesReader(data)
+        return data
 
     def read_manifest(self, ref: SnapshotRef) -> Manifest:
         """The manifest (DATA_LOSS if it is not held)."""

@@ -22,7 +22,7 @@ from paramserver import snapshot_names as names
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Roster
-from paramserver.memory_store import MemoryStore
+from paramserver.memory_store import Blob, MemoryStore
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
@@ -212,7 +212,7 @@ class ShardHost:
         ref = SnapshotRef(job_id, name)
         return await self.runtime.snapshot(self.store(store), ref, version, fault_from_env(self.job_id, self.index))
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
         """This shard's state at `version` as one snapshot file in memory: its entry and its bytes
         (a replica; the same pause and the same checks as a snapshot)."""
         assert self.runtime is not None

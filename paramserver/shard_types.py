@@ -9,6 +9,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from paramserver.memory_store import Blob
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Restore:
     """The snapshot's name."""
     version: int
     applied: int
-    replica: Mapping[str, bytes] = field(default_factory=dict)
+    replica: Mapping[str, Blob] = field(default_factory=dict)
     """When the source is a replica held in memory: its shard files by name (``store`` is then
     ``memory:``), with `manifest_json`."""
     manifest_json: bytes = b""

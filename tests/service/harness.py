@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -21,10 +22,12 @@ from grpc import aio
 
 from paramserver.cluster import Cluster
 from paramserver.coordinator import Coordinator, JobView, ShardHandle
+from paramserver.errors import ParamServerError, Reason
 from paramserver.job_service import JobServicer
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
+from paramserver.memory_store import Blob
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.shard_host import ShardHost
@@ -61,9 +64,13 @@ class HostHandle:
         self.host = host
         self.address = host.address
         self.name = name
+        self.dead = False
+        """Set by a test: the host answers as an actor that died (the coordinator recovers it)."""
 
     async def status(self) -> ShardStatus:
-        """The host's status."""
+        """The host's status (as a Ray handle of a dead actor answers, once `dead` is set)."""
+        if self.dead:
+            raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard actor died", {"actor": "dead"})
         return await self.host.status()
 
     async def set_roster(self, roster: Roster) -> None:
@@ -82,7 +89,7 @@ class HostHandle:
         """Restore the host in place."""
         return await self.host.reset(restore, roster, generation)
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, bytes]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
         """The host's state as a file in memory."""
         return await self.host.replicate(job_id, name, version)
 
@@ -99,12 +106,16 @@ class InProcessLauncher:
         self.coordinator: Coordinator | None = None
         self.hosts: list[ShardHost] = []
         """Every host ever started (teardown checks that each was stopped)."""
+        self.hold: asyncio.Event | None = None
+        """Set by a test: a relaunch of lost shards waits for it (the job stays RECOVERING)."""
 
     async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
                      roster: Roster | None = None, generation: int = 0,
                      only: Sequence[int] | None = None) -> list[ShardHandle]:  # fmt: skip
         """One started host per plan entry; on a failure the ones already started are stopped."""
         assert self.coordinator is not None, "set launcher.coordinator before creating jobs"
+        if only is not None and self.hold is not None:
+            await self.hold.wait()
         started: list[ShardHost] = []
         try:
             for i in range(len(plan)) if only is None else only:

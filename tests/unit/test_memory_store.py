@@ -11,7 +11,7 @@ import pytest
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest
-from paramserver.memory_store import MEMORY_URL, MemoryStore
+from paramserver.memory_store import MEMORY_URL, Blob, MemoryStore
 from paramserver.placement import Span
 from paramserver.shard import ShardState
 from paramserver.snapshot_store import SnapshotReader, SnapshotRef, verify
@@ -70,9 +70,23 @@ def test_a_replica_round_trips_through_the_snapshot_reader_and_its_checks() -> N
     with pytest.raises(ParamServerError) as missing:
         MemoryStore().open(ref, "shard-00000.safetensors")
     assert (missing.value.code, missing.value.reason) == ("DATA_LOSS", Reason.SNAPSHOT_CORRUPT)
-    damaged = dict(store.files(ref))
+    damaged: dict[str, Blob | bytes] = {n: b.to_bytes() for n, b in store.files(ref).items()}
     name = next(iter(damaged))
     damaged[name] = damaged[name][:-1] + bytes([damaged[name][-1] ^ 1])
     with pytest.raises(ParamServerError) as corrupt:
         verify(MemoryStore.holding(ref, manifest, damaged), ref)
     assert corrupt.value.code == "DATA_LOSS"
+
+
+def test_a_blob_reads_any_range_across_its_blocks_and_refuses_reads_beyond_it() -> None:
+    data = bytes(range(256)) * 3
+    blob = Blob()
+    for a, b in ((0, 5), (5, 300), (300, 301), (301, 768)):
+        blob.write(memoryview(data[a:b]))
+    assert blob.size == len(data) and blob.to_bytes() == data
+    for offset, length in ((0, 0), (0, 5), (3, 4), (4, 300), (299, 3), (300, 1), (767, 1), (0, 768), (768, 0)):
+        assert blob.read(offset, length) == data[offset : offset + length], (offset, length)
+    assert Blob.of(data).to_bytes() == data and Blob.of(blob) is blob
+    for offset, length in ((-1, 2), (767, 2), (0, 769)):
+        with pytest.raises(ValueError):
+            blob.read(offset, length)
