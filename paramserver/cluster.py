@@ -353,10 +353,16 @@ class Cluster:
         return result
 
     async def create_job(
-        self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: dict[str, Any] | None = None
+        self,
+        request_id: str,
+        job_id: str,
+        config: JobConfig | None,
+        restore_from: str = "",
+        overrides: dict[str, Any] | None = None,
+        resume: bool = False,
     ) -> JobView:
         """See Coordinator.create_job."""
-        ref = self.coordinator.create_job.remote(request_id, job_id, config, restore_from, overrides)
+        ref = self.coordinator.create_job.remote(request_id, job_id, config, restore_from, overrides, resume)
         result: JobView = await _call(ref, "create_job")
         return result
 

@@ -133,10 +133,14 @@ def job_to_pb(v: JobView) -> pb.Job:
     for m in v.members:
         job.members.add(worker_id=m.worker_id, name=m.name, lease=m.lease, idle_s=m.idle_s, lost=m.lost)
     total = 0
-    for p in v.config.layout():
-        job.layout.add(name=p.name, offset=p.offset, numel=p.numel)
+    for p, group in zip(v.config.layout(), v.config.assign(), strict=True):
+        job.layout.add(name=p.name, offset=p.offset, numel=p.numel, group=group)
         total += p.numel
     job.total_elements = total
+    for (name, rule, hyper, _), lr in zip(v.config.group_settings(), v.config.group_lrs(), strict=True):
+        group_info = job.groups.add(name=name, optimizer=rule, lr=lr)
+        group_info.hyperparameters.update(hyper)
+    job.total_steps = int(v.config.schedule_parameters.get("total_steps", 0) or 0)
     for s in v.shards:
         info = job.shards.add(
             index=s.index, address=s.address, version=s.version, initialized=s.initialized, unreachable=not s.reachable, node=s.node

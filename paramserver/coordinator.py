@@ -368,9 +368,16 @@ class Coordinator:
         )
 
     async def create_job(
-        self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "", overrides: Mapping[str, Any] | None = None
+        self,
+        request_id: str,
+        job_id: str,
+        config: JobConfig | None,
+        restore_from: str = "",
+        overrides: Mapping[str, Any] | None = None,
+        resume: bool = False,
     ) -> JobView:
-        """Create (or, for the same description, return) a job and start its shards.
+        """Create a job and start its shards (with `resume`, return the existing job of that id
+        when its description is the same; without, that is ALREADY_EXISTS).
 
         With `restore_from`, the configuration comes from that snapshot (after every file is
         verified), with `overrides` (num_shards, num_workers, ...) applied; the shards load
@@ -410,6 +417,15 @@ class Coordinator:
                 if existing.config != config:
                     raise ParamServerError(
                         "ALREADY_EXISTS", Reason.JOB_ALREADY_EXISTS, f"job {job_id!r} exists with another description", {"job_id": job_id}
+                    )
+                if not resume:
+                    version = existing.decided_version
+                    raise ParamServerError(
+                        "ALREADY_EXISTS",
+                        Reason.JOB_ALREADY_EXISTS,
+                        f"job {job_id!r} already exists (at version {version}): pass resume=True to continue it, "
+                        "or choose another job_id (or delete it first)",
+                        {"job_id": job_id, "version": version},
                     )
                 self._remember(request_id, ("create", job_id, config.key()), job_id)
             else:
@@ -949,7 +965,7 @@ class Coordinator:
 
 def _decision(d: Mapping[str, Any]) -> Decision:
     """A Decision from its journaled fields."""
-    return Decision(**{**d, "workers": tuple(d.get("workers", ())), "missing": tuple(d.get("missing", ()))})
+    return Decision(**{**d, "workers": tuple(d.get("workers", ())), "missing": tuple(d.get("missing", ())), "lrs": tuple(d.get("lrs", ()))})
 
 
 def _require(request_id: str) -> None:

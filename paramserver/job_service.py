@@ -30,7 +30,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary
     async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
-        """Create a job (idempotent), or restore one from a snapshot."""
+        """Create a job (idempotent per request_id; an existing one only with resume), or restore one from a snapshot."""
         _need(request.request_id, "request_id")
         if request.restore_from:
             overrides = restore_overrides(request.spec)  # 0 = keep the snapshot's value
@@ -39,7 +39,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if not request.HasField("spec"):
             raise ConfigError("spec", "required")
         config = spec_to_config(request.spec)
-        return job_to_pb(await self.cluster.create_job(request.request_id, request.job_id, config))
+        return job_to_pb(await self.cluster.create_job(request.request_id, request.job_id, config, resume=request.resume))
 
     @unary
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> pb.Snapshot:

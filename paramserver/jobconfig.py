@@ -226,13 +226,8 @@ class JobConfig:
         """One optimizer per group: index 0 is the default group, i the (i-1)-th rule; each is
         bound to its parameters after checking it applies to them (raises ConfigError naming the
         bad field)."""
-        out = [build(self.optimizer, self.hyperparameters, "spec.optimizer")]
-        fields = ["spec.optimizer"]
-        for i, g in enumerate(self.groups):
-            name = g.optimizer or self.optimizer
-            hyper = {**self.hyperparameters, **g.hyperparameters} if name == self.optimizer else dict(g.hyperparameters)
-            fields.append(f"spec.param_groups[{i}].optimizer")
-            out.append(build(name, hyper, fields[-1]))
+        fields = [f for _, _, _, f in self.group_settings()]
+        out = [build(rule, hyper, f) for _, rule, hyper, f in self.group_settings()]
         members: list[list[Param]] = [[] for _ in out]
         for p, k in zip(self.params(), self.assign(), strict=True):
             out[k].check_param(p, f"spec.parameters[{p.index}]")
@@ -240,6 +235,21 @@ class JobConfig:
         for opt, params, name in zip(out, members, fields, strict=True):
             opt.bind(params, f"{name}.hyperparameters")
         return out
+
+    def group_settings(self) -> list[tuple[str, str, dict[str, Any], str]]:
+        """(name, rule, hyperparameters, spec field) of every group: the default group ("default")
+        first, then the rules in order; a group on the job's rule takes the job's hyperparameters
+        with its own on top."""
+        out = [("default", self.optimizer, dict(self.hyperparameters), "spec.optimizer")]
+        for i, g in enumerate(self.groups):
+            rule = g.optimizer or self.optimizer
+            hyper = {**self.hyperparameters, **g.hyperparameters} if rule == self.optimizer else dict(g.hyperparameters)
+            out.append((g.name, rule, hyper, f"spec.param_groups[{i}].optimizer"))
+        return out
+
+    def group_lrs(self) -> list[float]:
+        """Every group's base lr (what the schedule multiplies), the default group first."""
+        return [build(rule, hyper, f).lr for _, rule, hyper, f in self.group_settings()]
 
     def params(self) -> list[Param]:
         """The model's parameters as the optimizers see them."""

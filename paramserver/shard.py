@@ -115,6 +115,8 @@ class Contribution:
     buffer: GradBuffer
     lease: int = 0
     """The worker's lease when it pushed (the shards agree on (worker, lease) pairs)."""
+    lrs: tuple[float, ...] = ()
+    """The group lrs the worker sent (empty = the job's schedule)."""
 
 
 @dataclass(frozen=True)
@@ -449,9 +451,10 @@ class ShardState:
         if not keep:
             self.settle(ordered)
         contributors = tuple((c.worker_id, c.lease) for c in ordered)
+        lrs = tuple(sorted({c.lrs for c in ordered}))
         if n == 0:
-            return ShardStats(self.index, NormPart(), 0, contributors)
-        stats = ShardStats(self.index, self.norm_part(total), n, contributors)
+            return ShardStats(self.index, NormPart(), 0, contributors, lrs=lrs)
+        stats = ShardStats(self.index, self.norm_part(total), n, contributors, lrs=lrs)
         if self.spilled:
             trim_heap()
         return stats
@@ -488,7 +491,7 @@ class ShardState:
         """Apply (or skip) the decided step and publish the next version. The reduced gradient is
         kept (the next reduction gives it back), so the same step can be timed again (benchmarks)."""
         factor = self.schedule(self.applied)
-        lr = self.optimizers[0].lr * factor
+        lrs = decision.lrs or tuple(opt.lr * factor for opt in self.optimizers)  # the loop's lrs, else the schedule's
         if decision.apply:
             assert self._grad is not None
             grad = self._grad
@@ -505,7 +508,7 @@ class ShardState:
                 read = grad.read
             pub = self._next_publication()
             for g, store in self.stores.items():
-                self._update_group(g, store, read, decision.clip_coef, self.optimizers[g].lr * factor, pub)
+                self._update_group(g, store, read, decision.clip_coef, lrs[g], pub)
             self.applied += 1
             outcome = Outcome.APPLIED
             self._pub = 1 - self._pub if pub is not None else self._pub
@@ -514,7 +517,7 @@ class ShardState:
         if self.spilled:
             trim_heap()
         report = StepReport(
-            decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lr, decision.loss_terms,
+            decision.step, outcome, decision.skip_reason, decision.grad_norm, decision.clip_coef, lrs[0], decision.loss_terms,
             decision.workers, decision.missing,
         )  # fmt: skip
         self.version = decision.step + 1

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -84,6 +85,8 @@ class PushHeader:
     loss_terms: int
     lease: int = 0
     generation: int = 0
+    lrs: tuple[float, ...] = ()
+    """Each group's lr for the step, when the training loop drives it (empty = the job's schedule)."""
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,7 @@ class ShardRuntime:
         the step's state is checked again when the stream is complete (it may have moved while
         the chunks arrived); the step closes when every member is in."""
         _require_request_id(h.request_id)
+        self._check_lrs(h.lrs)
         first = await self._push_answer(h)
         if first is not None:
             return await asyncio.shield(first)
@@ -372,10 +376,19 @@ class ShardRuntime:
             return await asyncio.shield(first)
         fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         self._push_ledger.record(h.request_id, (h.worker_id, h.lease, h.step), fut)
-        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer, h.lease)
+        self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer, h.lease, h.lrs)
         self._requests[h.worker_id] = h.request_id
         self._maybe_complete(fut, h.worker_id)
         return await asyncio.shield(fut)
+
+    def _check_lrs(self, lrs: tuple[float, ...]) -> None:
+        """INVALID_ARGUMENT (field header.group_lrs) unless `lrs` is empty or one finite lr >= 0 per group."""
+        groups = len(self.state.optimizers)
+        if lrs and len(lrs) != groups:
+            raise ParamServerError.invalid("header.group_lrs", f"{len(lrs)} values for {groups} parameter group(s) (or none)")
+        bad = next((i for i, lr in enumerate(lrs) if not (math.isfinite(lr) and lr >= 0)), None)
+        if bad is not None:
+            raise ParamServerError.invalid("header.group_lrs", f"group {bad}'s lr {lrs[bad]!r} is not a finite number >= 0")
 
     async def _reduce(self, stats: ShardStats, step: int) -> Decision | Redo:
         """The coordinator's answer for this shard's stats (retried while it cannot be reached)."""

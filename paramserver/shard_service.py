@@ -89,7 +89,7 @@ class ShardServicer:
     async def PushGradients(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.PushGradientsResponse:
         """One worker's gradient for one step."""
         h = await self._header(request_iterator, pb.PushGradientsRequest, "push")
-        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation)
+        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation, tuple(h.group_lrs))
         return _push_pb(await self.runtime.push(header, self._chunks(request_iterator)))
 
     @streaming

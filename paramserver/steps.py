@@ -8,6 +8,7 @@ one :class:`Decision` (:func:`decide`), which every shard applies alike.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ class ShardStats:
     """(worker id, lease) of the contributions reduced, ascending: every shard must reduce the same."""
     generation: int = 0
     """The job's generation the shard serves (a report of a generation a recovery replaced is refused)."""
+    lrs: tuple[tuple[float, ...], ...] = ()
+    """The distinct group-lr lists its contributors sent (``()`` in it = the job's schedule)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Decision:
     """The workers whose gradients made the step."""
     missing: tuple[int, ...] = ()
     """Members removed while the step was open whose gradients are not in it."""
+    lrs: tuple[float, ...] = ()
+    """Each group's lr for the step, from the training loop (empty = the job's schedule)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,9 @@ def decide(
 
     The global norm is computed from fixed blocks of the flat space (paramserver.gradnorm),
     so the decision does not depend on the shard count. Skips when the shards disagree on the
-    loss-term count, when it is 0, when the global norm is not finite, or when the guard calls it a spike;
+    loss-term count, when it is 0, when the global norm is not finite, when the guard calls it a spike,
+    or when the workers sent different group lrs (LR_MISMATCH; one shared list becomes the
+    decision's `lrs`, overriding the job's schedule for the step);
     otherwise the clip coefficient is min(max_grad_norm / (norm + 1e-6), 1) as
     in torch.nn.utils.clip_grad_norm_. With `nan_handled` (every rule of the
     job guards against NaN itself, as Tiger does per tensor) a NaN norm is
@@ -123,7 +130,17 @@ def decide(
     terms = {s.loss_terms for s in stats}
     n = max(terms) if terms else 0
     norm = math.sqrt(sum_of_squares(s.norm for s in stats))  # the same bits on any shard count
-    if len(terms) > 1:
+    lr_lists = {lrs for s in stats for lrs in s.lrs}
+    if len(lr_lists) > 1:
+        return Decision(step, False, Reason.LR_MISMATCH, norm, 1.0, n)
+    lrs = next(iter(lr_lists), ())
+    decision = _decide(step, n, len(terms), norm, max_grad_norm, guard, nan_handled)
+    return dataclasses.replace(decision, lrs=lrs) if lrs else decision
+
+
+def _decide(step: int, n: int, distinct_terms: int, norm: float, max_grad_norm: float, guard: SpikeGuard | None,
+            nan_handled: bool) -> Decision:  # fmt: skip
+    if distinct_terms > 1:
         return Decision(step, False, Reason.INCONSISTENT_LOSS_TERMS, norm, 1.0, n)
     if n == 0:
         return Decision(step, False, Reason.NO_LOSS_TERMS, 0.0, 1.0, 0)

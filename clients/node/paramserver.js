@@ -380,11 +380,13 @@ class JobClient {
   }
 
   /**
-   * Creates a job (or returns it, if `jobId` exists with the same description).
+   * Creates a job. With `resume: true`, an existing job of that `jobId` with the
+   * same description is returned (to continue it); without, that is
+   * ALREADY_EXISTS (JOB_ALREADY_EXISTS).
    * `parameters` is a list of [name, shape] pairs in flat-space order.
    * Settings: jobId, optimizer ("sgd" | "adam" | "adamw"), hyperparameters
    * (plain object), schedule, scheduleParameters, numWorkers, numShards,
-   * maxGradNorm, shardNumCpus, shardNumGpus. Resolves with the Job.
+   * maxGradNorm, shardNumCpus, shardNumGpus, resume. Resolves with the Job.
    */
   createJob(parameters, {
     jobId = '',
@@ -397,6 +399,7 @@ class JobClient {
     maxGradNorm = 0,
     shardNumCpus = 0,
     shardNumGpus = 0,
+    resume = false,
   } = {}) {
     const spec = {
       parameters: parameters.map(([name, shape]) => ({ name, shape, dtype: DType.FLOAT32 })),
@@ -408,7 +411,7 @@ class JobClient {
       shard_num_cpus: shardNumCpus,
       shard_num_gpus: shardNumGpus,
     };
-    const request = { request_id: newRequestId(), job_id: jobId, spec };
+    const request = { request_id: newRequestId(), job_id: jobId, spec, resume };
     return unaryCall(this.client, 'CreateJob', request, this.timeoutMs);
   }
 

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         inp, tgt = batch(cfg, wid, step)
         loss, terms = summed_loss(model, inp, tgt)
         loss.backward()  # type: ignore[no-untyped-call]
-        report = opt.step(loss_terms=terms)
+        opt.step(loss_terms=terms)
+        report = opt.last_report
         skipped = report is not None and report.skip_reason != ""
         line = {
             "worker": wid,

@@ -272,6 +272,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     SHARD_LOST: _ErrorReason.ValueType  # 39
     """Job.state_reason: a shard actor or its node died. metadata: shard."""
+    LR_MISMATCH: _ErrorReason.ValueType  # 40
+    """StepReport.skip_reason: the workers sent different group_lrs for the step
+    (their lr schedulers disagree); the step was skipped on every shard.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -400,6 +404,10 @@ WORKER_LOSS_POLICY_FAIL. metadata: worker_id.
 """
 SHARD_LOST: ErrorReason.ValueType  # 39
 """Job.state_reason: a shard actor or its node died. metadata: shard."""
+LR_MISMATCH: ErrorReason.ValueType  # 40
+"""StepReport.skip_reason: the workers sent different group_lrs for the step
+(their lr schedulers disagree); the step was skipped on every shard.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -838,26 +846,68 @@ class ParameterLayout(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     NUMEL_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The parameter's name."""
     offset: _builtins.int
     """Its first element in the flat space."""
     numel: _builtins.int
     """Its number of elements."""
+    group: _builtins.int
+    """Its parameter group: an index into Job.groups (0 = the default group)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         offset: _builtins.int = ...,
         numel: _builtins.int = ...,
+        group: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "numel", b"numel", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "name", b"name", "numel", b"numel", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ParameterLayout: _TypeAlias = ParameterLayout  # noqa: Y015
+
+@_typing.final
+class GroupInfo(_message.Message):
+    """A parameter group as the job runs it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    LR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"default" for the default group, else ParamGroup.name."""
+    optimizer: _builtins.str
+    """The group's optimizer rule."""
+    lr: _builtins.float
+    """The group's base learning rate (what the job's schedule multiplies)."""
+    @_builtins.property
+    def hyperparameters(self) -> _struct_pb2.Struct:
+        """The group's hyperparameters as given (the job's merged with the
+        group's own when the group uses the job's rule).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        optimizer: _builtins.str = ...,
+        hyperparameters: _struct_pb2.Struct | None = ...,
+        lr: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "lr", b"lr", "name", b"name", "optimizer", b"optimizer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupInfo: _TypeAlias = GroupInfo  # noqa: Y015
 
 @_typing.final
 class ShardInfo(_message.Message):
@@ -1009,6 +1059,8 @@ class Job(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     RECOVERIES_FIELD_NUMBER: _builtins.int
     RECOVERED_FROM_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -1031,6 +1083,10 @@ class Job(_message.Message):
     recovered_from: _builtins.str
     """What the latest recovery restored from: "replica at version V" or
     "snapshot PATH" (empty before any).
+    """
+    total_steps: _builtins.int
+    """The job's schedule's last step (schedule parameter total_steps; 0 when
+    the schedule has none): a worker warns when it steps past it.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1056,6 +1112,12 @@ class Job(_message.Message):
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
         """The members, by worker id."""
 
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupInfo]:
+        """The parameter groups: the default group first, then JobSpec.param_groups
+        in order (ParameterLayout.group indexes this).
+        """
+
     def __init__(
         self,
         *,
@@ -1073,10 +1135,12 @@ class Job(_message.Message):
         generation: _builtins.int = ...,
         recoveries: _builtins.int = ...,
         recovered_from: _builtins.str = ...,
+        groups: _abc.Iterable[Global___GroupInfo] | None = ...,
+        total_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "groups", b"groups", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "total_steps", b"total_steps", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1092,6 +1156,7 @@ class CreateJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     RESTORE_FROM_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key."""
     job_id: _builtins.str
@@ -1100,6 +1165,12 @@ class CreateJobRequest(_message.Message):
     """Resume from a snapshot: a snapshot directory, or "JOB_ID" / "JOB_ID:latest"
     for the newest snapshot of that job. The shard count may differ from the
     snapshot's. The job starts at the snapshot's version, with no upload.
+    """
+    resume: _builtins.bool
+    """Continue an existing job: if job_id exists with the same description, it
+    is returned. Without it, that is ALREADY_EXISTS (JOB_ALREADY_EXISTS,
+    metadata job_id and version), so a rerun never joins an old job by
+    accident. (A retry with the same request_id always gets its first answer.)
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1117,10 +1188,11 @@ class CreateJobRequest(_message.Message):
         job_id: _builtins.str = ...,
         spec: Global___JobSpec | None = ...,
         restore_from: _builtins.str = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "restore_from", b"restore_from", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "restore_from", b"restore_from", "resume", b"resume", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

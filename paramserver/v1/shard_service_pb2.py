@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from paramserver.v1 import tensor_pb2 as paramserver_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"paramserver/v1/shard_service.proto\x12\x0eparamserver.v1\x1a\x1bparamserver/v1/tensor.proto\"2\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x7f\n\x17UploadParametersRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UploadHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind\",\n\x18UploadParametersResponse\x12\x10\n\x08\x65lements\x18\x01 \x01(\x04\"\x88\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nloss_terms\x18\x05 \x01(\x04\x12\r\n\x05lease\x18\x06 \x01(\x04\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"z\n\x14PushGradientsRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.paramserver.v1.PushHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xcd\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.paramserver.v1.StepOutcome\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\x12\x11\n\tgrad_norm\x18\x04 \x01(\x01\x12\x11\n\tclip_coef\x18\x05 \x01(\x01\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x12\n\nloss_terms\x18\x07 \x01(\x04\x12\x0f\n\x07workers\x18\x08 \x03(\r\x12\x17\n\x0fmissing_workers\x18\t \x03(\r\"\xab\x01\n\x15PushGradientsResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.paramserver.v1.StepOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rcontributions\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12*\n\x06report\x18\x05 \x01(\x0b\x32\x1a.paramserver.v1.StepReport\"\xee\x01\n\x15PullParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12%\n\x06ranges\x18\x04 \x03(\x0b\x32\x15.paramserver.v1.Range\x12-\n\x05point\x18\x05 \x01(\x0e\x32\x1e.paramserver.v1.ParameterPoint\x12\x11\n\tworker_id\x18\x06 \x01(\r\x12\r\n\x05lease\x18\x07 \x01(\x04\x12\x12\n\ngeneration\x18\x08 \x01(\x04\"y\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65lements\x18\x02 \x01(\x04\x12-\n\tlast_step\x18\x03 \x01(\x0b\x32\x1a.paramserver.v1.StepReport\x12\x19\n\x11\x66rozen_parameters\x18\x04 \x03(\r\"|\n\x16PullParametersResponse\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.paramserver.v1.PullHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind*y\n\x0bStepOutcome\x12\x1c\n\x18STEP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_OUTCOME_PENDING\x10\x01\x12\x18\n\x14STEP_OUTCOME_APPLIED\x10\x02\x12\x18\n\x14STEP_OUTCOME_SKIPPED\x10\x03*f\n\x0eParameterPoint\x12\x1f\n\x1bPARAMETER_POINT_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_POINT_TRAIN\x10\x01\x12\x18\n\x14PARAMETER_POINT_EVAL\x10\x02\x32\xba\x02\n\x0cShardService\x12g\n\x10UploadParameters\x12\'.paramserver.v1.UploadParametersRequest\x1a(.paramserver.v1.UploadParametersResponse(\x01\x12^\n\rPushGradients\x12$.paramserver.v1.PushGradientsRequest\x1a%.paramserver.v1.PushGradientsResponse(\x01\x12\x61\n\x0ePullParameters\x12%.paramserver.v1.PullParametersRequest\x1a&.paramserver.v1.PullParametersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"paramserver/v1/shard_service.proto\x12\x0eparamserver.v1\x1a\x1bparamserver/v1/tensor.proto\"2\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x7f\n\x17UploadParametersRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UploadHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind\",\n\x18UploadParametersResponse\x12\x10\n\x08\x65lements\x18\x01 \x01(\x04\"\x9b\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nloss_terms\x18\x05 \x01(\x04\x12\r\n\x05lease\x18\x06 \x01(\x04\x12\x12\n\ngeneration\x18\x07 \x01(\x04\x12\x11\n\tgroup_lrs\x18\x08 \x03(\x01\"z\n\x14PushGradientsRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.paramserver.v1.PushHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xcd\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.paramserver.v1.StepOutcome\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\x12\x11\n\tgrad_norm\x18\x04 \x01(\x01\x12\x11\n\tclip_coef\x18\x05 \x01(\x01\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x12\n\nloss_terms\x18\x07 \x01(\x04\x12\x0f\n\x07workers\x18\x08 \x03(\r\x12\x17\n\x0fmissing_workers\x18\t \x03(\r\"\xab\x01\n\x15PushGradientsResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.paramserver.v1.StepOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rcontributions\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12*\n\x06report\x18\x05 \x01(\x0b\x32\x1a.paramserver.v1.StepReport\"\xee\x01\n\x15PullParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12%\n\x06ranges\x18\x04 \x03(\x0b\x32\x15.paramserver.v1.Range\x12-\n\x05point\x18\x05 \x01(\x0e\x32\x1e.paramserver.v1.ParameterPoint\x12\x11\n\tworker_id\x18\x06 \x01(\r\x12\r\n\x05lease\x18\x07 \x01(\x04\x12\x12\n\ngeneration\x18\x08 \x01(\x04\"y\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65lements\x18\x02 \x01(\x04\x12-\n\tlast_step\x18\x03 \x01(\x0b\x32\x1a.paramserver.v1.StepReport\x12\x19\n\x11\x66rozen_parameters\x18\x04 \x03(\r\"|\n\x16PullParametersResponse\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.paramserver.v1.PullHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.paramserver.v1.TensorChunkH\x00\x42\x06\n\x04kind*y\n\x0bStepOutcome\x12\x1c\n\x18STEP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_OUTCOME_PENDING\x10\x01\x12\x18\n\x14STEP_OUTCOME_APPLIED\x10\x02\x12\x18\n\x14STEP_OUTCOME_SKIPPED\x10\x03*f\n\x0eParameterPoint\x12\x1f\n\x1bPARAMETER_POINT_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_POINT_TRAIN\x10\x01\x12\x18\n\x14PARAMETER_POINT_EVAL\x10\x02\x32\xba\x02\n\x0cShardService\x12g\n\x10UploadParameters\x12\'.paramserver.v1.UploadParametersRequest\x1a(.paramserver.v1.UploadParametersResponse(\x01\x12^\n\rPushGradients\x12$.paramserver.v1.PushGradientsRequest\x1a%.paramserver.v1.PushGradientsResponse(\x01\x12\x61\n\x0ePullParameters\x12%.paramserver.v1.PullParametersRequest\x1a&.paramserver.v1.PullParametersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramserver.v1.shard_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEPOUTCOME']._serialized_start=1445
-  _globals['_STEPOUTCOME']._serialized_end=1566
-  _globals['_PARAMETERPOINT']._serialized_start=1568
-  _globals['_PARAMETERPOINT']._serialized_end=1670
+  _globals['_STEPOUTCOME']._serialized_start=1464
+  _globals['_STEPOUTCOME']._serialized_end=1585
+  _globals['_PARAMETERPOINT']._serialized_start=1587
+  _globals['_PARAMETERPOINT']._serialized_end=1689
   _globals['_UPLOADHEADER']._serialized_start=83
   _globals['_UPLOADHEADER']._serialized_end=133
   _globals['_UPLOADPARAMETERSREQUEST']._serialized_start=135
@@ -43,19 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADPARAMETERSRESPONSE']._serialized_start=264
   _globals['_UPLOADPARAMETERSRESPONSE']._serialized_end=308
   _globals['_PUSHHEADER']._serialized_start=311
-  _globals['_PUSHHEADER']._serialized_end=447
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=449
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=571
-  _globals['_STEPREPORT']._serialized_start=574
-  _globals['_STEPREPORT']._serialized_end=779
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=782
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=953
-  _globals['_PULLPARAMETERSREQUEST']._serialized_start=956
-  _globals['_PULLPARAMETERSREQUEST']._serialized_end=1194
-  _globals['_PULLHEADER']._serialized_start=1196
-  _globals['_PULLHEADER']._serialized_end=1317
-  _globals['_PULLPARAMETERSRESPONSE']._serialized_start=1319
-  _globals['_PULLPARAMETERSRESPONSE']._serialized_end=1443
-  _globals['_SHARDSERVICE']._serialized_start=1673
-  _globals['_SHARDSERVICE']._serialized_end=1987
+  _globals['_PUSHHEADER']._serialized_end=466
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=468
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=590
+  _globals['_STEPREPORT']._serialized_start=593
+  _globals['_STEPREPORT']._serialized_end=798
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=801
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=972
+  _globals['_PULLPARAMETERSREQUEST']._serialized_start=975
+  _globals['_PULLPARAMETERSREQUEST']._serialized_end=1213
+  _globals['_PULLHEADER']._serialized_start=1215
+  _globals['_PULLHEADER']._serialized_end=1336
+  _globals['_PULLPARAMETERSRESPONSE']._serialized_start=1338
+  _globals['_PULLPARAMETERSRESPONSE']._serialized_end=1462
+  _globals['_SHARDSERVICE']._serialized_start=1692
+  _globals['_SHARDSERVICE']._serialized_end=2006
 # @@protoc_insertion_point(module_scope)

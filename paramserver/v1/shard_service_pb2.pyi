@@ -187,6 +187,7 @@ class PushHeader(_message.Message):
     LOSS_TERMS_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    GROUP_LRS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     worker_id: _builtins.int
@@ -216,6 +217,17 @@ class PushHeader(_message.Message):
     ABORTED (JOB_ROLLED_BACK, metadata resume_version): pull
     resume_version and go on from there.
     """
+    @_builtins.property
+    def group_lrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The learning rate of each parameter group for this step, in the job's
+        group order (Job.groups: the default group first), when the training
+        loop drives the lr (a torch or HF scheduler); empty = the job's own
+        schedule. Each must be finite and >= 0, and there must be one per group
+        (else INVALID_ARGUMENT, field header.group_lrs). Every worker must send
+        the same values for a step: if they differ, the step is skipped on every
+        shard with skip_reason LR_MISMATCH.
+        """
+
     def __init__(
         self,
         *,
@@ -226,10 +238,11 @@ class PushHeader(_message.Message):
         loss_terms: _builtins.int = ...,
         lease: _builtins.int = ...,
         generation: _builtins.int = ...,
+        group_lrs: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "job_id", b"job_id", "lease", b"lease", "loss_terms", b"loss_terms", "request_id", b"request_id", "step", b"step", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group_lrs", b"group_lrs", "job_id", b"job_id", "lease", b"lease", "loss_terms", b"loss_terms", "request_id", b"request_id", "step", b"step", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

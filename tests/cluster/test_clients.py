@@ -13,7 +13,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from paramserver_client import BFLOAT16, JobClient
+from paramserver_client import BFLOAT16, JobClient, Reason
 from paramserver_client.aio import AsyncJobClient, AsyncWorker
 from paramserver_client.codec import decode, encode
 from paramserver_client.torch_optim import RemoteOptimizer
@@ -123,10 +123,15 @@ def test_client_library_needs_neither_ray_nor_torch() -> None:
 def test_jobs_are_listed_and_deleted(address: str, job_id: str) -> None:
     with JobClient(address) as jc:
         jc.create_job([("w", (4,))], job_id=job_id, optimizer="sgd", num_workers=1, num_shards=1)
-        again = jc.create_job([("w", (4,))], job_id=job_id, optimizer="sgd", num_workers=1, num_shards=1)
-        assert again.job_id == job_id  # same description: the existing job
-        assert job_id in {j.job_id for j in jc.list_jobs()}
         from paramserver_client import ServiceError
+
+        with pytest.raises(ServiceError) as exists:  # a rerun never joins the old job by accident
+            jc.create_job([("w", (4,))], job_id=job_id, optimizer="sgd", num_workers=1, num_shards=1)
+        assert (exists.value.code, exists.value.reason) == (grpc.StatusCode.ALREADY_EXISTS, Reason.JOB_ALREADY_EXISTS)
+        assert exists.value.metadata["version"] == "0" and "resume=True" in str(exists.value)
+        again = jc.create_job([("w", (4,))], job_id=job_id, optimizer="sgd", num_workers=1, num_shards=1, resume=True)
+        assert again.job_id == job_id  # same description, resume: the existing job
+        assert job_id in {j.job_id for j in jc.list_jobs()}
 
         with pytest.raises(ServiceError) as err:
             jc.create_job([("w", (5,))], job_id=job_id, optimizer="sgd", num_workers=1, num_shards=1)

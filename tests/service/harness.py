@@ -147,8 +147,8 @@ class CoordinatorFacade:
         self.coordinator = coordinator
 
     async def create_job(self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "",
-                         overrides: dict[str, Any] | None = None) -> JobView:  # fmt: skip
-        return await self.coordinator.create_job(request_id, job_id, config, restore_from, overrides)
+                         overrides: dict[str, Any] | None = None, resume: bool = False) -> JobView:  # fmt: skip
+        return await self.coordinator.create_job(request_id, job_id, config, restore_from, overrides, resume)
 
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
         return await self.coordinator.create_snapshot(request_id, job_id)

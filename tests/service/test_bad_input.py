@@ -112,8 +112,17 @@ async def test_a_bad_chunk_is_refused_naming_its_field_and_changes_nothing(svc: 
          Reason.LEASE_EXPIRED, None),
         (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, generation=1),
          grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.generation"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, group_lrs=[0.1, 0.1]),
+         grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.group_lrs"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, group_lrs=[float("nan")]),
+         grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.group_lrs"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, group_lrs=[float("inf")]),
+         grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.group_lrs"),
+        (spb.PushHeader(job_id="hdr", worker_id=0, step=0, request_id="h", loss_terms=1, group_lrs=[-0.5]),
+         grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "header.group_lrs"),
     ],
-    ids=["job", "worker-id", "request-id", "no-lease", "unknown-lease", "not-a-member", "future-generation"],
+    ids=["job", "worker-id", "request-id", "no-lease", "unknown-lease", "not-a-member", "future-generation", "lrs-count",
+         "lr-nan", "lr-inf", "lr-negative"],
 )  # fmt: skip
 async def test_a_bad_push_header_is_refused_before_any_chunk(
     svc: InProcessService, case: spb.PushHeader, code: grpc.StatusCode, reason: str, field: str | None

@@ -28,11 +28,24 @@ def test_clip_coefficient_matches_torch_formula() -> None:
         ([ShardStats(0, NormPart.of(math.nan), 4), ShardStats(1, NormPart.of(1.0), 4)], Reason.NON_FINITE_GRADIENT),
         ([ShardStats(0, NormPart.of(0.0), 0), ShardStats(1, NormPart.of(0.0), 0)], Reason.NO_LOSS_TERMS),
         ([ShardStats(0, NormPart.of(1.0), 4), ShardStats(1, NormPart.of(1.0), 5)], Reason.INCONSISTENT_LOSS_TERMS),
+        ([ShardStats(0, NormPart.of(1.0), 4, lrs=((0.1,), (0.2,))), ShardStats(1, NormPart.of(1.0), 4, lrs=((0.1,), (0.2,)))],
+         Reason.LR_MISMATCH),  # two workers, two lrs
+        ([ShardStats(0, NormPart.of(1.0), 4, lrs=((0.1,),)), ShardStats(1, NormPart.of(1.0), 4, lrs=((0.2,),))],
+         Reason.LR_MISMATCH),  # shards that saw different lrs
+        ([ShardStats(0, NormPart.of(1.0), 4, lrs=((), (0.1,))), ShardStats(1, NormPart.of(1.0), 4, lrs=((), (0.1,)))],
+         Reason.LR_MISMATCH),  # one worker on the job's schedule, one driving the lr
     ],
-)
+)  # fmt: skip
 def test_skips(stats: list[ShardStats], reason: str) -> None:
     d = decide(0, stats, 1.0)
-    assert not d.apply and d.skip_reason == reason
+    assert not d.apply and d.skip_reason == reason and d.lrs == ()
+
+
+def test_the_lrs_every_worker_sent_become_the_decisions_and_none_keep_the_schedule() -> None:
+    same = [ShardStats(i, NormPart.of(1.0), 4, lrs=((0.1, 0.05),)) for i in range(2)]
+    assert decide(0, same, 0.0).lrs == (0.1, 0.05) and decide(0, same, 0.0).apply
+    plain = [ShardStats(i, NormPart.of(1.0), 4, lrs=((),)) for i in range(2)]
+    assert decide(0, plain, 0.0).lrs == () and decide(0, plain, 0.0).apply
 
 
 def test_ledger_returns_first_answer_and_refuses_reuse() -> None:

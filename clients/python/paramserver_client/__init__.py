@@ -2,8 +2,9 @@
 
 * :class:`JobClient`, :class:`Worker`: blocking clients over numpy arrays.
 * :mod:`paramserver_client.aio`: the same on asyncio (grpc.aio).
-* :class:`paramserver_client.torch.RemoteOptimizer`: a drop-in for a
-  torch.optim optimizer (needs torch).
+* :class:`RemoteOptimizer` (:mod:`paramserver_client.torch_optim`): a
+  ``torch.optim.Optimizer`` whose update runs in the service (needs torch;
+  imported on first use, so numpy-only workers never import torch).
 
 Errors are :class:`ServiceError` with a machine-readable ``reason``.
 """
@@ -24,6 +25,20 @@ from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from paramserver_client.torch_optim import RemoteOptimizer
+
+
+def __getattr__(name: str) -> object:
+    """``RemoteOptimizer`` is imported on first use (it needs torch)."""
+    if name == "RemoteOptimizer":
+        from paramserver_client.torch_optim import RemoteOptimizer
+
+        return RemoteOptimizer
+    raise AttributeError(f"module 'paramserver_client' has no attribute {name!r}")
+
+
 __all__ = [
     "BFLOAT16",
     "EVAL",
@@ -35,6 +50,7 @@ __all__ = [
     "JobClient",
     "JobRolledBack",
     "Reason",
+    "RemoteOptimizer",
     "RetryPolicy",
     "ServiceError",
     "StepResult",

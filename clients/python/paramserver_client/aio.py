@@ -223,10 +223,14 @@ class AsyncJobClient:
     async def _unary(self, method: Any, request: Any, what: str) -> Any:
         return await call_with_retry(lambda: method(request, timeout=self.timeout), self.retry, what)
 
-    async def create_job(self, parameters: Sequence[ParamLike] | jpb.JobSpec, *, job_id: str = "", **settings: Any) -> jpb.Job:
-        """Create a job (or get it, if job_id exists with the same description). See make_spec."""
+    async def create_job(
+        self, parameters: Sequence[ParamLike] | jpb.JobSpec, *, job_id: str = "", resume: bool = False, **settings: Any
+    ) -> jpb.Job:
+        """Create a job; see make_spec for the settings. If job_id exists: with `resume`, the job
+        is returned when its description is the same (to continue it); otherwise ServiceError
+        ALREADY_EXISTS (JOB_ALREADY_EXISTS, metadata ``version``)."""
         spec = parameters if isinstance(parameters, jpb.JobSpec) else make_spec(parameters, **settings)
-        req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec)
+        req = jpb.CreateJobRequest(request_id=new_request_id(), job_id=job_id, spec=spec, resume=resume)
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
         return job
 
@@ -480,8 +484,21 @@ class AsyncWorker:
 
         await asyncio.gather(*(one(i) for i in range(len(self._channels))))
 
-    async def push(self, step: int, grad: F32Array, loss_terms: int, *, dtype: int = FLOAT32, request_id: str | None = None) -> StepResult:
-        """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`."""
+    async def push(
+        self,
+        step: int,
+        grad: F32Array,
+        loss_terms: int,
+        *,
+        dtype: int = FLOAT32,
+        request_id: str | None = None,
+        lrs: Sequence[float] = (),
+    ) -> StepResult:
+        """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`.
+
+        `lrs`: each parameter group's lr for this step (Job.groups order), when the training loop
+        drives the lr; empty = the job's schedule. Every worker must send the same values (else
+        the step is skipped with LR_MISMATCH)."""
         flat = self._check_flat(grad, "grad")
         if loss_terms < 0:
             raise ValueError("loss_terms must be >= 0")
@@ -498,6 +515,7 @@ class AsyncWorker:
                     loss_terms=loss_terms,
                     lease=self.lease,
                     generation=self.generation,
+                    group_lrs=list(lrs),
                 )
             )
             yield from self._chunks(i, wire, dtype)

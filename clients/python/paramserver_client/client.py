@@ -54,9 +54,11 @@ class JobClient:
         self._loop.run(self._c.close())
         self._loop.close()
 
-    def create_job(self, parameters: Sequence[ParamLike] | jpb.JobSpec, *, job_id: str = "", **settings: Any) -> jpb.Job:
-        """Create (or get) a job. See paramserver_client.aio.make_spec for the settings."""
-        return self._loop.run(self._c.create_job(parameters, job_id=job_id, **settings))
+    def create_job(
+        self, parameters: Sequence[ParamLike] | jpb.JobSpec, *, job_id: str = "", resume: bool = False, **settings: Any
+    ) -> jpb.Job:
+        """Create a job (an existing one only with `resume`); see AsyncJobClient.create_job."""
+        return self._loop.run(self._c.create_job(parameters, job_id=job_id, resume=resume, **settings))
 
     def restore_job(self, restore_from: str, *, job_id: str = "", **overrides: Any) -> jpb.Job:
         """Create a job from a snapshot; see AsyncJobClient.restore_job."""
@@ -127,9 +129,18 @@ class Worker:
         """Upload the initial flat fp32 parameters."""
         self._loop.run(self._w.upload(params))
 
-    def push(self, step: int, grad: F32Array, loss_terms: int, *, dtype: int = FLOAT32, request_id: str | None = None) -> StepResult:
-        """Push the gradient of the summed loss over loss_terms terms for step."""
-        return self._loop.run(self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id))
+    def push(
+        self,
+        step: int,
+        grad: F32Array,
+        loss_terms: int,
+        *,
+        dtype: int = FLOAT32,
+        request_id: str | None = None,
+        lrs: Sequence[float] = (),
+    ) -> StepResult:
+        """Push the gradient of the summed loss over loss_terms terms for step (see AsyncWorker.push)."""
+        return self._loop.run(self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id, lrs=lrs))
 
     def pull(
         self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32, point: int = TRAIN

@@ -1,6 +1,6 @@
-"""RemoteOptimizer: use the service in an ordinary PyTorch loop in place of torch.optim.
+"""RemoteOptimizer: a ``torch.optim.Optimizer`` whose state and update live in the service.
 
-    opt = RemoteOptimizer(model.named_parameters(), "127.0.0.1:50051", job_id="run1",
+    opt = RemoteOptimizer(model, "127.0.0.1:50051", job_id="run1",
                           optimizer="adamw", hyperparameters={"lr": 3e-4},
                           num_workers=2, num_shards=3)
     for batch in data:
@@ -9,13 +9,19 @@
         loss.backward()
         opt.step(loss_terms=batch.num_tokens)   # push, wait for the step, pull new values
 
-With a mean loss, pass ``loss_is_mean=True``: the gradient is multiplied by
-``loss_terms`` before it is sent, so unequal batches across workers still
-average exactly over all terms.
+With a mean loss, create it with ``loss="mean"``: the gradient is multiplied by ``loss_terms``
+before it is sent, so unequal batches across workers still average exactly over all terms (and
+without ``loss_terms`` every worker's mean counts once). With the default ``loss="sum"``,
+``loss_terms`` is required.
 
-As with schedulefree's optimizers, ``opt.eval()`` loads the evaluation point
-into the model (Schedule-Free's x; the same values for every other rule) and
-``opt.train()`` the training point back; ``step()`` needs train mode.
+It is a real ``torch.optim.Optimizer``: ``param_groups`` mirror the job's parameter groups (name,
+rule, hyperparameters, lr), ``step(closure)`` follows torch's contract, step hooks, torch lr
+schedulers (the lrs in ``param_groups`` then drive the service's lr, see :meth:`step`),
+``torch.amp.GradScaler`` and ``state_dict``/``load_state_dict`` work.
+
+As with schedulefree's optimizers, ``opt.eval()`` loads the evaluation point into the model
+(Schedule-Free's x; the same values for every other rule) and ``opt.train()`` the training point
+back; ``step()`` needs train mode.
 """
 
 from __future__ import annotations
@@ -23,36 +29,47 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
+import grpc
 import numpy as np
 import torch
+from google.protobuf.json_format import MessageToDict
 
+from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client.aio import make_spec
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import EVAL, TRAIN, dtype_from_name
-from paramserver_client.errors import JobRolledBack
+from paramserver_client.errors import JobRolledBack, ServiceError
+from paramserver_client.reasons import Reason
 
 log = logging.getLogger(__name__)
 
+#: The key of ``state_dict()`` that holds the service reference.
+STATE_KEY = "paramserver"
+#: Group options a scheduler may try to move that the service takes from the job only.
+FIXED_OPTIONS = ("betas", "momentum", "weight_decay")
 
-class RemoteOptimizer:
+
+class RemoteOptimizer(torch.optim.Optimizer):
     """An optimizer whose state and update live in the paramserver service.
 
     Args:
-        named_parameters: the model's ``named_parameters()`` (order defines the
-            flat layout; every worker must pass the same model).
+        params: the model, or its ``named_parameters()`` (their order defines the flat layout;
+            every worker must pass the same model). Parameters without ``requires_grad`` are left out.
         address: the front door, "host:port".
         job_id: the job to create or join.
-        **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
-            (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
-            max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
-            is a TypeError). Used when the job is created here (if it exists, they are checked
-            for equality by the service).
-        wire_dtype: "fp32" (default), "bf16" or "fp16" for gradients and
-            parameters on the wire; the service keeps fp32 master values.
+        loss: "sum" (default: ``step`` needs ``loss_terms``) or "mean" (the loss is a mean over
+            ``loss_terms``; see the module docstring).
+        resume: continue a job that already exists under `job_id` (it must have the same
+            description). Without it, a job that exists and has made progress is an error, so a
+            rerun never joins an old run by accident; one still at version 0 is joined (another
+            worker of this run created it).
+        wire_dtype: "fp32" (default), "bf16" or "fp16" for gradients and parameters on the
+            wire; the service keeps fp32 master values.
         worker_name: this worker's stable name (default host:pid).
         create: create the job if it does not exist (default True).
         skip_frozen: before each step, turn ``requires_grad`` off for the parameters the next
@@ -62,14 +79,28 @@ class RemoteOptimizer:
             restored to an earlier version (the model already holds that version's parameters;
             rewind the data loader to that step). Without it, a warning is logged and training
             goes on from the restored parameters. ``rolled_back_to`` keeps the latest such version.
+        **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
+            (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
+            max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
+            is a TypeError). Used when the job is created here.
+
+    Attributes:
+        version: the version the model holds (the next step pushes for it).
+        last_report: the last step's report (outcome, skip reason, grad norm, clip, lr).
+        loss_terms: when set (an integration such as :mod:`paramserver_client.hf` sets it), the
+            loss terms of the next ``step()`` called without ``loss_terms``; cleared by it.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf; see step()
 
     def __init__(
         self,
-        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]],
         address: str,
         job_id: str,
         *,
+        loss: Literal["sum", "mean"] = "sum",
+        resume: bool = False,
         wire_dtype: str = "fp32",
         worker_name: str | None = None,
         create: bool = True,
@@ -79,36 +110,248 @@ class RemoteOptimizer:
         on_rollback: Callable[[int], None] | None = None,
         **settings: Any,
     ) -> None:
-        self.on_rollback = on_rollback
-        self.rolled_back_to: int | None = None
-        self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if loss not in ("sum", "mean"):
+            raise ValueError(f"loss must be 'sum' or 'mean', not {loss!r}")
+        named_iter = params.named_parameters() if isinstance(params, torch.nn.Module) else params
+        self.named = [(n, p) for n, p in named_iter if p.requires_grad]
         if not self.named:
             raise ValueError("no trainable parameters")
+        self.loss = loss
+        self.job_id = job_id
+        self._address, self._timeout = address, timeout
+        self.on_rollback = on_rollback
+        self.rolled_back_to: int | None = None
+        self.loss_terms: int | None = None
         self.params = [p for _, p in self.named]
         self.wire_dtype = dtype_from_name(wire_dtype)
         spec = make_spec([(n, tuple(p.shape)) for n, p in self.named], **settings)  # checks the settings
         if create:
-            with JobClient(address, timeout=timeout) as jobs:
-                jobs.create_job(spec, job_id=job_id)
+            self._create(address, job_id, spec, resume, timeout)
         name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
         self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
-        layout = {p.name: (int(p.offset), int(p.numel)) for p in self.worker.job.layout}
-        index = {p.name: i for i, p in enumerate(self.worker.job.layout)}
+        job = self.worker.job
+        if not create and not resume and job.version > 0:
+            self.worker.close()
+            raise ValueError(f"job {job_id!r} is at version {job.version}: pass resume=True to continue it")
+        layout = {p.name: p for p in job.layout}
         self._slices: list[tuple[int, int]] = []
+        by_group: dict[int, list[torch.nn.Parameter]] = {}
         for n, p in self.named:
-            if n not in layout or layout[n][1] != p.numel():
+            entry = layout.get(n)
+            if entry is None or int(entry.numel) != p.numel():
+                self.worker.close()
                 raise ValueError(f"parameter {n!r} {tuple(p.shape)} does not match job {job_id!r}'s layout")
-            self._slices.append(layout[n])
+            self._slices.append((int(entry.offset), int(entry.numel)))
+            by_group.setdefault(int(entry.group), []).append(p)
+        index = {p.name: i for i, p in enumerate(job.layout)}
         self._indices = [index[n] for n, _ in self.named]
+        self.groups_info = list(job.groups)
+        """The job's parameter groups (Job.groups), the default group first."""
+        self.total_steps = int(job.total_steps)
+        self._group_of = sorted(by_group)  # job group index of each torch param group
+        defaults = _group_options(self.groups_info[0]) if self.groups_info else {"lr": 0.0}
+        groups = [{"params": by_group[g], **_group_options(self.groups_info[g])} for g in self._group_of]
+        self._building = True
+        super().__init__(groups, defaults)
+        self._building = False
+        self._lrs_shown = self._current_lrs()
+        self._fixed = self._fixed_options()
+        self._lr_driven = False
+        self._warned_past_end = False
         self.skip_frozen = skip_frozen
-        self.total = int(self.worker.job.total_elements)
+        self.total = int(job.total_elements)
         self._flat = np.empty(self.total, dtype=np.float32)
         if self.worker.upload_parameters:
             self.worker.upload(self._gather(lambda p: p.detach()))
-        self.version = int(self.worker.job.version)
+        self.version = int(job.version)
         self.version, _, self.last_report = self.worker.pull(self.version, self._flat, dtype=self.wire_dtype)
         self._scatter()
         self.training = True
+
+    @staticmethod
+    def _create(address: str, job_id: str, spec: jpb.JobSpec, resume: bool, timeout: float) -> None:
+        """Create the job; one that exists is continued only with `resume` (or when it is still
+        at version 0: a sibling worker of this run created it)."""
+        with JobClient(address, timeout=timeout) as jobs:
+            try:
+                jobs.create_job(spec, job_id=job_id, resume=resume)
+            except ServiceError as exc:
+                fresh = exc.metadata.get("version") == "0"
+                if exc.code != grpc.StatusCode.ALREADY_EXISTS or exc.reason != Reason.JOB_ALREADY_EXISTS or not fresh:
+                    raise
+                jobs.create_job(spec, job_id=job_id, resume=True)  # checks the description is the same
+
+    # ---- torch.optim.Optimizer ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only while the optimizer is built: a job's parameter groups are fixed when it is
+        created (create a job with ``param_groups=...`` instead)."""
+        if not getattr(self, "_building", False):
+            raise RuntimeError(
+                "RemoteOptimizer cannot add a parameter group: the job's groups are fixed when it is created "
+                "(pass param_groups=[param_group(...)] when creating the job)"
+            )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss_terms: int | None = None, loss_is_mean: bool | None = None) -> Any:
+        """Push the gradients for the current version, wait for the step, pull the new parameters
+        into the model; returns the closure's loss (None without a closure), as torch's step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (called once, under
+                ``torch.enable_grad()``, before the gradients are read).
+            loss_terms: the number of tokens/samples behind this worker's loss (default: the
+                ``loss_terms`` attribute if an integration set it; required with ``loss="sum"``).
+            loss_is_mean: overrides the constructor's ``loss`` for this step.
+
+        The lr: while nothing changed the lrs in ``param_groups``, the job's own schedule runs
+        (and ``param_groups`` show its lr after each step). Once a torch/HF lr scheduler is
+        attached (it sets ``initial_lr``) or the loop writes an lr, every step sends each
+        group's ``lr`` and the service uses them for that step (every worker must send the same:
+        a mismatch skips the step everywhere and raises here).
+
+        With ``torch.amp.GradScaler``, ``scaler.step(opt)`` calls this with the scale: the
+        gradients are unscaled before they are sent, and a non-finite one makes the service skip
+        the step on every shard and worker (each worker's scaler backs off on its own overflow).
+
+        After the step, ``last_report`` holds its report. If the job was restored to an earlier
+        version (a lost shard), the model gets that version and ``on_rollback`` is called.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.training:
+            raise RuntimeError("step() in eval mode: call train() first (the model holds the evaluation point)")
+        self._check_fixed()
+        mean = (self.loss == "mean") if loss_is_mean is None else loss_is_mean
+        terms = loss_terms if loss_terms is not None else self.loss_terms
+        self.loss_terms = None
+        if terms is None:
+            if not mean:
+                raise ValueError(
+                    "step() needs loss_terms= (the number of tokens/samples behind the summed loss), "
+                    "or create the optimizer with loss='mean'"
+                )
+            terms, scale_by = 1, None
+        else:
+            if terms < 0:
+                raise ValueError("loss_terms must be >= 0")
+            scale_by = terms if mean else None
+        grad = self._gather(lambda p: p.grad)
+        inv = self._inverse_grad_scale()
+        if inv is not None:
+            grad *= inv
+        if scale_by is not None:
+            grad *= np.float32(scale_by)
+        if self.total_steps and self.version >= self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(
+                f"step {self.version} is past the job's total_steps ({self.total_steps}): its schedule's lr stays at the end value",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        try:
+            self.worker.push(self.version, grad, int(terms), dtype=self.wire_dtype, lrs=self._loop_lrs())
+            self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
+        except JobRolledBack as rolled:
+            self._roll_back(rolled.resume_version)
+            return loss
+        self._scatter()
+        self._after_step(self.last_report)
+        return loss
+
+    def _inverse_grad_scale(self) -> np.float32 | None:
+        """1/scale as GradScaler computes it, when scaler.step() handed a scale over (None: the
+        gradients are not scaled, or unscale_ already ran)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return None
+        inv = torch.as_tensor(scale).double().reciprocal().float()
+        return np.float32(inv.item())
+
+    def _fixed_options(self) -> list[dict[str, Any]]:
+        return [{k: g[k] for k in FIXED_OPTIONS if k in g} for g in self.param_groups]
+
+    def _check_fixed(self) -> None:
+        """Only the lr travels with a step: refuse a loop (e.g. OneCycleLR's momentum cycling) that
+        changes another hyperparameter, rather than silently ignore it."""
+        for i, (was, now) in enumerate(zip(self._fixed, self._fixed_options(), strict=True)):
+            changed = [k for k in was if was[k] != now.get(k)]
+            if changed:
+                raise RuntimeError(
+                    f"param_groups[{i}][{changed[0]!r}] changed from {was[changed[0]]!r} to {now.get(changed[0])!r}: only the lr "
+                    "can be driven from the training loop (e.g. OneCycleLR(..., cycle_momentum=False))"
+                )
+
+    def _current_lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.param_groups]
+
+    def _loop_lrs(self) -> list[float]:
+        """Each job group's lr for this step when the training loop drives them (else empty)."""
+        if not self._lr_driven:
+            attached = any("initial_lr" in g for g in self.param_groups)
+            self._lr_driven = attached or self._current_lrs() != self._lrs_shown
+        if not self._lr_driven:
+            return []
+        lrs = [float(info.lr) for info in self.groups_info]
+        for g, group in zip(self._group_of, self.param_groups, strict=True):
+            lrs[g] = float(group["lr"])
+        return lrs
+
+    def _after_step(self, report: spb.StepReport | None) -> None:
+        if report is None:
+            return
+        if report.skip_reason == Reason.LR_MISMATCH:
+            raise RuntimeError(
+                f"step {report.step} was skipped: the workers sent different lrs (LR_MISMATCH); "
+                "every worker must drive the lr with the same scheduler"
+            )
+        if not self._lr_driven and self.groups_info and self.groups_info[0].lr:
+            factor = report.lr / self.groups_info[0].lr  # the job's schedule: show its lr
+            for g, group in zip(self._group_of, self.param_groups, strict=True):
+                group["lr"] = self.groups_info[g].lr * factor
+            self._lrs_shown = self._current_lrs()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (param_groups with their lrs; no per-parameter state: it lives in the
+        service) plus a reference to resume from: ``{"paramserver": {"job_id", "version",
+        "snapshot"}}`` (the snapshot is the path of a service snapshot at that version when one
+        was taken with :meth:`snapshot`, else "")."""
+        sd = super().state_dict()
+        sd[STATE_KEY] = {"job_id": self.job_id, "version": int(self.version), "snapshot": self._snapshot_path}
+        return sd
+
+    _snapshot_path = ""
+
+    def snapshot(self) -> str:
+        """Take a service snapshot of the job now (every shard at one version) and remember its
+        path for :meth:`state_dict`; returns the path."""
+        with JobClient(self._address, timeout=self._timeout) as jobs:
+            snap = jobs.create_snapshot(self.job_id)
+        self._snapshot_path = str(snap.path)
+        return self._snapshot_path
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's part (param_groups: lrs, hyperparameters) and check the reference: the
+        job must be the same, and at the saved version (else ValueError saying how to resume:
+        restore the saved snapshot into a job, or continue from the service's version)."""
+        sd = dict(state_dict)
+        ref = sd.pop(STATE_KEY, None)
+        super().load_state_dict(sd)
+        self._lrs_shown = self._current_lrs()
+        self._check_fixed()
+        if ref is None:
+            return
+        if ref.get("job_id") != self.job_id:
+            raise ValueError(f"this state dict belongs to job {ref.get('job_id')!r}, not {self.job_id!r}")
+        saved = int(ref.get("version", -1))
+        if saved != self.version:
+            hint = f" (restore snapshot {ref['snapshot']!r} into a job to go back to it)" if ref.get("snapshot") else ""
+            raise ValueError(f"this state dict was saved at version {saved}, but job {self.job_id!r} is at version {self.version}{hint}")
+
+    # ---- the flat vector ----------------------------------------------------------------------
 
     @property
     def worker_id(self) -> int:
@@ -133,38 +376,6 @@ class RemoteOptimizer:
             for i, p in zip(self._indices, self.params, strict=True):
                 p.requires_grad_(i not in frozen)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, as torch.optim.Optimizer.zero_grad."""
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
-    def step(self, loss_terms: int = 1, *, loss_is_mean: bool = False) -> spb.StepReport | None:
-        """Push the gradients for the current version, wait for the step, pull the new parameters.
-
-        Args:
-            loss_terms: the number of tokens/samples behind this worker's loss.
-            loss_is_mean: True if the loss was a mean over loss_terms (the
-                gradient is scaled by loss_terms before it is sent).
-
-        Returns the step's report (outcome, skip reason, grad norm, lr).
-        """
-        if not self.training:
-            raise RuntimeError("step() in eval mode: call train() first (the model holds the evaluation point)")
-        grad = self._gather(lambda p: p.grad)
-        if loss_is_mean:
-            grad *= np.float32(loss_terms)
-        try:
-            self.worker.push(self.version, grad, loss_terms, dtype=self.wire_dtype)
-            self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
-        except JobRolledBack as rolled:
-            self._roll_back(rolled.resume_version)
-            return None
-        self._scatter()
-        return self.last_report
-
     def _roll_back(self, version: int) -> None:
         """Load the restored version into the model and tell the training loop."""
         self.version, _, self.last_report = self.worker.pull(version, self._flat, dtype=self.wire_dtype)
@@ -175,14 +386,22 @@ class RemoteOptimizer:
         else:
             log.warning("the job lost a shard and was restored to version %d: training goes on from there", self.version)
 
+    # ---- modes and lifecycle --------------------------------------------------------------------
+
     def eval(self) -> None:
-        """Load the evaluation point of the current version into the model (schedulefree's eval())."""
+        """Load the evaluation point of the current version into the model (schedulefree's
+        eval()); nothing to do when already in eval mode."""
+        if not self.training:
+            return
         self.worker.pull(self.version, self._flat, dtype=self.wire_dtype, point=EVAL)
         self._scatter()
         self.training = False
 
     def train(self) -> None:
-        """Load the training point of the current version back into the model (schedulefree's train())."""
+        """Load the training point of the current version back into the model (schedulefree's
+        train()); nothing to do when already in train mode (HF Trainer calls it every micro-batch)."""
+        if self.training:
+            return
         self.worker.pull(self.version, self._flat, dtype=self.wire_dtype, point=TRAIN)
         self._scatter()
         self.training = True
@@ -196,3 +415,14 @@ class RemoteOptimizer:
                 self.worker.leave()
         finally:
             self.worker.close()
+
+
+def _group_options(info: jpb.GroupInfo) -> dict[str, Any]:
+    """A torch param group's options for a job group: its hyperparameters, lr, name and rule."""
+    hyper = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _struct(info.hyperparameters).items()}
+    return {**hyper, "lr": float(info.lr), "name": info.name, "rule": info.optimizer}
+
+
+def _struct(s: Any) -> dict[str, Any]:
+    out: dict[str, Any] = MessageToDict(s)
+    return out
