@@ -4,6 +4,7 @@ lifecycle that never joins an old run by accident (real Ray, real service, real 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -297,3 +298,73 @@ def test_a_scheduler_that_moves_more_than_the_lr_is_refused_before_anything_is_p
         opt.close()
     with JobClient(address) as jc:
         assert jc.get_job(job_id).version == 0
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.l1 = torch.nn.Linear(13, 32)
+        self.l2 = torch.nn.Linear(32, 32)
+        self.l3 = torch.nn.Linear(32, 3)
+        self.unused = torch.nn.Parameter(torch.ones(4))  # never gets a gradient: sent as zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 13, generator=g), torch.randn(16, 3, generator=g)
+
+
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+def test_pushes_started_from_gradient_hooks_equal_plain_steps_bit_for_bit(address: str, jobs: list[str], wire: str) -> None:
+    finals = []
+    for mode in ("plain", "overlap"):
+        jobs.append(job_id := f"ovl-{wire}-{mode}-{uuid.uuid4().hex[:6]}")
+        model = Net()
+        opt = remote(address, job_id, list(model.named_parameters()), num_shards=3, wire_dtype=wire)
+        try:
+            for s in range(3):
+                x, y = batch(s)
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y, reduction="sum")
+                if mode == "plain":
+                    loss.backward()
+                    opt.step(loss_terms=16)
+                else:
+                    with opt.overlap(loss_terms=16):
+                        loss.backward()
+                    flight = opt._inflight
+                    assert flight is not None and len(flight.pushes) >= 2  # started by the hooks, during backward
+                    opt.step()
+                assert opt.version == s + 1 and opt.last_report.outcome == 2
+            finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        finally:
+            opt.close()
+    assert finals[0].keys() == finals[1].keys()
+    for n in finals[0]:
+        assert torch.equal(finals[0][n], finals[1][n]), n
+    assert torch.equal(finals[1]["unused"], torch.ones(4) * finals[1]["unused"][0])  # zeros pushed: decay only, uniformly
+
+
+def test_overlap_refuses_what_it_cannot_do(address: str, job_id: str) -> None:
+    model = Net()
+    opt = remote(address, job_id, list(model.named_parameters()))
+    try:
+        with pytest.raises(ValueError, match="loss_terms"):
+            with opt.overlap():
+                pass
+        x, y = batch(0)
+        with opt.overlap(loss_terms=16):
+            torch.nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+        with pytest.raises(RuntimeError, match="already armed"):
+            with opt.overlap(loss_terms=16):
+                pass
+        with pytest.raises(RuntimeError, match="step\\(\\) alone"):
+            opt.step(loss_terms=16)
+        opt.step()  # still armed: the refused call consumed nothing
+        assert opt.version == 1 and opt.last_report.outcome == 2
+    finally:
+        opt.close()

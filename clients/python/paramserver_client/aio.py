@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,6 +447,11 @@ class AsyncWorker:
         await self._stop_heartbeat()
         await asyncio.gather(*(c.close(None) for c in self._channels))
 
+    @property
+    def shard_ranges(self) -> list[list[tuple[int, int]]]:
+        """Each shard's (start, length) ranges of the flat space, in shard order."""
+        return [list(r) for r in self._ranges]
+
     def _check_flat(self, values: F32Array, what: str) -> F32Array:
         arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
         if arr.size != self.total:
@@ -500,37 +505,59 @@ class AsyncWorker:
         drives the lr; empty = the job's schedule. Every worker must send the same values (else
         the step is skipped with LR_MISMATCH)."""
         flat = self._check_flat(grad, "grad")
-        if loss_terms < 0:
-            raise ValueError("loss_terms must be >= 0")
         rid = request_id or new_request_id()
         wire = to_wire(flat, dtype)  # one conversion pass for every shard
+        return await self.settle_push(
+            [self.push_shard(i, step, wire, loss_terms, dtype=dtype, request_id=rid, lrs=lrs) for i in range(len(self._channels))]
+        )
 
-        def stream(i: int) -> Iterator[spb.PushGradientsRequest | bytes]:
+    async def push_shard(
+        self,
+        shard: int,
+        step: int,
+        wire: np.ndarray,
+        loss_terms: int,
+        *,
+        dtype: int,
+        request_id: str,
+        lrs: Sequence[float] = (),
+    ) -> spb.PushGradientsResponse:
+        """Push shard `shard`'s part of a gradient (`wire`: the whole model in wire format, see
+        codec.to_wire; only the shard's ranges are read) as one worker's push of `step` under
+        `request_id` (the same id on every shard). A push is complete once every shard has
+        answered; :meth:`step_result` combines the answers. Used to push each shard as soon as
+        its gradients are ready (while backward still runs)."""
+        if loss_terms < 0:
+            raise ValueError("loss_terms must be >= 0")
+
+        def stream() -> Iterator[spb.PushGradientsRequest | bytes]:
             yield spb.PushGradientsRequest(
                 header=spb.PushHeader(
                     job_id=self.job_id,
                     worker_id=self.worker_id,
                     step=step,
-                    request_id=rid,
+                    request_id=request_id,
                     loss_terms=loss_terms,
                     lease=self.lease,
                     generation=self.generation,
                     group_lrs=list(lrs),
                 )
             )
-            yield from self._chunks(i, wire, dtype)
+            yield from self._chunks(shard, wire, dtype)
 
-        async def one(i: int) -> spb.PushGradientsResponse:
-            answer: spb.PushGradientsResponse = await call_with_retry(
-                lambda: self._stream_unary(i, "PushGradients", spb.PushGradientsResponse)(stream(i), timeout=self.timeout),
-                self.retry,
-                f"PushGradients[{i}]",
-                self._shard_gone,
-            )
-            return answer
+        answer: spb.PushGradientsResponse = await call_with_retry(
+            lambda: self._stream_unary(shard, "PushGradients", spb.PushGradientsResponse)(stream(), timeout=self.timeout),
+            self.retry,
+            f"PushGradients[{shard}]",
+            self._shard_gone,
+        )
+        return answer
 
+    async def settle_push(self, pushes: Sequence[Awaitable[spb.PushGradientsResponse]]) -> StepResult:
+        """Wait for every shard's part of one push (:meth:`push_shard`) and combine the answers;
+        JobRolledBack if the job was restored meanwhile (see :meth:`push`)."""
         try:
-            answers = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+            answers = await asyncio.gather(*pushes)
         except ServiceError as exc:
             await self._recovered(exc)
             raise
@@ -539,13 +566,21 @@ class AsyncWorker:
         return StepResult(outcome, min(a.version for a in answers), done[0].report if done else None)
 
     async def pull(
-        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32, point: int = TRAIN
+        self,
+        min_version: int,
+        out: F32Array | None = None,
+        *,
+        dtype: int = FLOAT32,
+        point: int = TRAIN,
+        on_shard: Callable[[int], None] | None = None,
     ) -> tuple[int, F32Array, spb.StepReport | None]:
         """Wait for `min_version` on every shard and return (version, flat fp32 params, last step report).
 
         The version is the lowest any shard served (in synchronous training
         every shard serves the same one). ``point=EVAL`` asks for the evaluation
         point (Schedule-Free's x; the same values for every other rule).
+        `on_shard(i)` is called as soon as shard i's ranges of `out` are complete (while other
+        shards may still stream), e.g. to copy them into a model.
         """
         flat = np.empty(self.total, dtype=np.float32) if out is None else out
         if flat.size != self.total or flat.dtype != np.float32:
@@ -587,6 +622,8 @@ class AsyncWorker:
                 expected = sum(n for _, n in self._ranges[i])
                 if got != expected:
                     raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent {got} of {expected} elements")
+                if on_shard is not None:
+                    on_shard(i)
                 return version, report
 
             return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]", self._shard_gone)

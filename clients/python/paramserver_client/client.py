@@ -9,9 +9,12 @@ shards concurrently.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
+
+import numpy as np
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
@@ -143,11 +146,40 @@ class Worker:
         return self._loop.run(self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id, lrs=lrs))
 
     def pull(
-        self, min_version: int, out: F32Array | None = None, *, dtype: int = FLOAT32, point: int = TRAIN
+        self,
+        min_version: int,
+        out: F32Array | None = None,
+        *,
+        dtype: int = FLOAT32,
+        point: int = TRAIN,
+        on_shard: Callable[[int], None] | None = None,
     ) -> tuple[int, F32Array, spb.StepReport | None]:
         """(version, flat fp32 params, last step report) once min_version is published
-        (``point=EVAL``: the evaluation point, e.g. Schedule-Free's x)."""
-        return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point))
+        (``point=EVAL``: the evaluation point, e.g. Schedule-Free's x; `on_shard(i)`: called on
+        the client's thread as soon as shard i's values are in `out`)."""
+        return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point, on_shard=on_shard))
+
+    @property
+    def shard_ranges(self) -> list[list[tuple[int, int]]]:
+        """Each shard's (start, length) ranges of the flat space."""
+        return self._w.shard_ranges
+
+    def start_push_shard(
+        self, shard: int, step: int, wire: np.ndarray, loss_terms: int, *, dtype: int, request_id: str, lrs: Sequence[float] = ()
+    ) -> concurrent.futures.Future[spb.PushGradientsResponse]:
+        """Start pushing one shard's part of a gradient without waiting (see AsyncWorker.push_shard;
+        `wire` must stay unchanged until :meth:`settle_push` returns)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._w.push_shard(shard, step, wire, loss_terms, dtype=dtype, request_id=request_id, lrs=lrs), self._loop.loop
+        )
+
+    def settle_push(self, pushes: Sequence[concurrent.futures.Future[spb.PushGradientsResponse]]) -> StepResult:
+        """Wait for every shard's part of one push and combine them (see AsyncWorker.settle_push)."""
+
+        async def settle() -> StepResult:
+            return await self._w.settle_push([asyncio.wrap_future(f) for f in pushes])
+
+        return self._loop.run(settle())
 
     @property
     def lease(self) -> int:

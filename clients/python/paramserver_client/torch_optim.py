@@ -26,11 +26,15 @@ back; ``step()`` needs train mode.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import logging
 import os
 import socket
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
@@ -40,9 +44,9 @@ from google.protobuf.json_format import MessageToDict
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
-from paramserver_client.aio import make_spec
+from paramserver_client.aio import make_spec, new_request_id
 from paramserver_client.client import JobClient, Worker
-from paramserver_client.codec import EVAL, TRAIN, dtype_from_name
+from paramserver_client.codec import EVAL, FLOAT32, TRAIN, dtype_from_name, to_wire
 from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 
@@ -161,12 +165,40 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.skip_frozen = skip_frozen
         self.total = int(job.total_elements)
         self._flat = np.empty(self.total, dtype=np.float32)
+        self._grad_flat = np.zeros(self.total, dtype=np.float32)
+        self._grad_wire = to_wire(self._grad_flat, self.wire_dtype).copy()
+        self._map_shards(self.worker.shard_ranges)
+        self._inflight: _Flight | None = None
+        self._arming: _Flight | None = None
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, j))  # type: ignore[no-untyped-call]
+            for j, p in enumerate(self.params)
+        ]
         if self.worker.upload_parameters:
             self.worker.upload(self._gather(lambda p: p.detach()))
         self.version = int(job.version)
         self.version, _, self.last_report = self.worker.pull(self.version, self._flat, dtype=self.wire_dtype)
         self._scatter()
         self.training = True
+
+    def _map_shards(self, ranges: list[list[tuple[int, int]]]) -> None:
+        """Where each parameter lies in each shard: `_pieces[s]` = (param j, flat start, length,
+        offset in the param) for every overlap of a parameter with shard s's ranges."""
+        self._ranges = ranges
+        self._pieces: list[list[tuple[int, int, int, int]]] = []
+        self._shards_of: list[list[int]] = [[] for _ in self.params]
+        for s, shard_ranges in enumerate(ranges):
+            pieces = []
+            for start, length in shard_ranges:
+                for j, (off, n) in enumerate(self._slices):
+                    a, b = max(off, start), min(off + n, start + length)
+                    if a < b:
+                        pieces.append((j, a, b - a, a - off))
+            self._pieces.append(pieces)
+            for j in sorted({j for j, _, _, _ in pieces}):
+                self._shards_of[j].append(s)
+        self._streamed = all(p.is_contiguous() for p in self.params)
+        """Pulls are copied into the model shard by shard as they arrive (needs contiguous params)."""
 
     @staticmethod
     def _create(address: str, job_id: str, spec: jpb.JobSpec, resume: bool, timeout: float) -> None:
@@ -218,6 +250,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         After the step, ``last_report`` holds its report. If the job was restored to an earlier
         version (a lost shard), the model gets that version and ``on_rollback`` is called.
         """
+        if self._inflight is not None:
+            if closure is not None or loss_terms is not None or getattr(self, "grad_scale", None) is not None:
+                raise RuntimeError("after overlap(), call step() alone: no closure, loss_terms (give them to overlap()) or GradScaler")
+            flight, self._inflight = self._inflight, None
+            return self._finish_overlapped(flight)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -225,6 +262,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not self.training:
             raise RuntimeError("step() in eval mode: call train() first (the model holds the evaluation point)")
         self._check_fixed()
+        terms, scale_by = self._terms(loss_terms, loss_is_mean)
+        grad = self._gather(lambda p: p.grad)
+        inv = self._inverse_grad_scale()
+        if inv is not None:
+            grad *= inv
+        if scale_by is not None:
+            grad *= np.float32(scale_by)
+        self._warn_past_end()
+        try:
+            self.worker.push(self.version, grad, terms, dtype=self.wire_dtype, lrs=self._loop_lrs())
+        except JobRolledBack as rolled:
+            self._roll_back(rolled.resume_version)
+            return loss
+        self._pull_next()
+        return loss
+
+    def _terms(self, loss_terms: int | None, loss_is_mean: bool | None) -> tuple[int, np.float32 | None]:
+        """(the loss terms to send, the factor the gradient is multiplied by first, if any)."""
         mean = (self.loss == "mean") if loss_is_mean is None else loss_is_mean
         terms = loss_terms if loss_terms is not None else self.loss_terms
         self.loss_terms = None
@@ -234,33 +289,121 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "step() needs loss_terms= (the number of tokens/samples behind the summed loss), "
                     "or create the optimizer with loss='mean'"
                 )
-            terms, scale_by = 1, None
-        else:
-            if terms < 0:
-                raise ValueError("loss_terms must be >= 0")
-            scale_by = terms if mean else None
-        grad = self._gather(lambda p: p.grad)
-        inv = self._inverse_grad_scale()
-        if inv is not None:
-            grad *= inv
-        if scale_by is not None:
-            grad *= np.float32(scale_by)
+            return 1, None
+        if terms < 0:
+            raise ValueError("loss_terms must be >= 0")
+        return int(terms), (np.float32(terms) if mean else None)
+
+    def _warn_past_end(self) -> None:
         if self.total_steps and self.version >= self.total_steps and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(
                 f"step {self.version} is past the job's total_steps ({self.total_steps}): its schedule's lr stays at the end value",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+
+    def _pull_next(self) -> None:
+        """Pull the next version, each shard's values copied into the model as they arrive."""
         try:
-            self.worker.push(self.version, grad, int(terms), dtype=self.wire_dtype, lrs=self._loop_lrs())
-            self.version, _, self.last_report = self.worker.pull(self.version + 1, self._flat, dtype=self.wire_dtype)
+            self.version, _, self.last_report = self.worker.pull(
+                self.version + 1, self._flat, dtype=self.wire_dtype, on_shard=self._scatter_shard if self._streamed else None
+            )
         except JobRolledBack as rolled:
             self._roll_back(rolled.resume_version)
-            return loss
-        self._scatter()
+            return
+        if self._streamed:
+            self._set_frozen()
+        else:
+            self._scatter()
         self._after_step(self.last_report)
-        return loss
+
+    # ---- overlap: pushes from gradient hooks --------------------------------------------------
+
+    @contextlib.contextmanager
+    def overlap(self, loss_terms: int | None = None, *, loss_is_mean: bool | None = None) -> Iterator[None]:
+        """Arm the backward run inside the block: each shard's part of the gradient is pushed as
+        soon as the gradients of all its parameters are final (gradient hooks, DDP-style buckets:
+        one per shard, the last shards first as backward runs from the output), so transport
+        overlaps the rest of backward; the :meth:`step` after the block waits for the pushes and
+        pulls. One backward per block (the last micro-batch of an accumulation); not with
+        GradScaler or a closure. Parameters that got no gradient are sent as zeros.
+
+            opt.zero_grad()
+            loss = loss_fn(model(x), y, reduction="sum")
+            with opt.overlap(loss_terms=n):
+                loss.backward()
+            opt.step()
+        """
+        if self._inflight is not None:
+            raise RuntimeError("overlap() is already armed: call step() first")
+        if not self.training:
+            raise RuntimeError("overlap() in eval mode: call train() first")
+        self._check_fixed()
+        terms, scale_by = self._terms(loss_terms, loss_is_mean)
+        self._warn_past_end()
+        remaining = [len({j for j, _, _, _ in pieces}) for pieces in self._pieces]
+        flight = _Flight(self.version, new_request_id(), terms, scale_by, self._loop_lrs(), remaining)
+        self._grad_flat.fill(0)
+        self._arming = flight
+        try:
+            yield
+        except BaseException:
+            self._arming = None
+            if flight.pushes:
+                flight.error = "the backward inside overlap() failed after some shards were pushed"
+                self._inflight = flight  # step() says so
+            raise
+        self._arming = None
+        self._inflight = flight
+
+    def _grad_ready(self, j: int, p: torch.Tensor) -> None:
+        """Gradient hook of parameter j: copy its final gradient; push the shards it completes."""
+        flight = self._arming
+        if flight is None or p.grad is None:
+            return
+        off, n = self._slices[j]
+        dst = self._grad_flat[off : off + n]
+        dst[:] = p.grad.detach().reshape(-1).to("cpu", torch.float32).numpy()
+        if flight.scale_by is not None:
+            dst *= flight.scale_by
+        for s in self._shards_of[j]:
+            if flight.remaining[s] <= 0:
+                flight.error = "a gradient changed after its shard was pushed (one backward per overlap() block)"
+                continue
+            flight.remaining[s] -= 1
+            if flight.remaining[s] == 0:
+                self._launch(flight, s)
+
+    def _launch(self, flight: _Flight, s: int) -> None:
+        wire: np.ndarray = self._grad_flat
+        if self.wire_dtype != FLOAT32:
+            wire = self._grad_wire
+            for a, n in self._ranges[s]:
+                wire[a : a + n] = to_wire(self._grad_flat[a : a + n], self.wire_dtype)
+        flight.pushes[s] = self.worker.start_push_shard(
+            s, flight.step, wire, flight.terms, dtype=self.wire_dtype, request_id=flight.request_id, lrs=flight.lrs
+        )
+
+    def _finish_overlapped(self, flight: _Flight) -> None:
+        for s in range(len(self._pieces)):  # shards whose parameters got no gradient: zeros
+            if s not in flight.pushes:
+                self._launch(flight, s)
+        try:
+            self.worker.settle_push([flight.pushes[s] for s in sorted(flight.pushes)])
+        except JobRolledBack as rolled:
+            self._roll_back(rolled.resume_version)
+            return None
+        if flight.error:
+            raise RuntimeError(f"{flight.error}; the step was pushed as it was")
+        self._pull_next()
+        return None
+
+    def _scatter_shard(self, s: int) -> None:
+        """Copy shard s's pulled values into the model (on the client's thread, as they arrive)."""
+        with torch.no_grad():
+            for j, a, n, local in self._pieces[s]:  # the parameter as it is now (a framework may have replaced its .data)
+                self.params[j].detach().view(-1)[local : local + n].copy_(torch.from_numpy(self._flat[a : a + n]))
 
     def _inverse_grad_scale(self) -> np.float32 | None:
         """1/scale as GradScaler computes it, when scaler.step() handed a scale over (None: the
@@ -371,6 +514,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for (off, n), p in zip(self._slices, self.params, strict=True):
                 p.copy_(flat[off : off + n].view(p.shape))
+        self._set_frozen()
+
+    def _set_frozen(self) -> None:
         if self.skip_frozen:
             frozen = self.worker.frozen
             for i, p in zip(self._indices, self.params, strict=True):
@@ -408,6 +554,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def close(self, leave: bool = True) -> None:
         """Leave the job (unless leave=False) and close connections."""
+        for h in self._hooks:
+            h.remove()
         for p in self.params:
             p.requires_grad_(True)
         try:
@@ -415,6 +563,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self.worker.leave()
         finally:
             self.worker.close()
+
+
+@dataclass
+class _Flight:
+    """One overlapped push: what every shard's part is sent with, and the parts started."""
+
+    step: int
+    request_id: str
+    terms: int
+    scale_by: np.float32 | None
+    lrs: list[float]
+    remaining: list[int]
+    """Per shard: parameters whose final gradient has not arrived yet."""
+    pushes: dict[int, concurrent.futures.Future[spb.PushGradientsResponse]] = field(default_factory=dict)
+    error: str = ""
 
 
 def _group_options(info: jpb.GroupInfo) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Overlap benchmark: a real model's training step through RemoteOptimizer, with the pushes
+started after backward (plain) and from gradient hooks while backward runs (overlap), next to
+the floor max(backward, transport) + update, all measured in the same run (see bench/README.md).
+
+    RAY_AUTH_MODE=disabled python bench/bench_overlap.py            # ~25M-parameter transformer
+    RAY_AUTH_MODE=disabled python bench/bench_overlap.py --quick    # ~1M parameters (CI smoke test)
+
+One worker (this process), 2 shards, a local service on the same machine. Measured, each the
+median of --steps steps after a warm-up step:
+
+  B        forward + backward of the model alone (no service)
+  T        transport: push + pull of the same gradient size to an SGD job (lr 0; its update is
+           one axpy, so the time is the wire both ways)
+  U        the AdamW update: (push + pull to an AdamW job) - T
+  plain    a whole step: forward, backward, opt.step(loss_terms) (push after backward, then pull)
+  overlap  forward, backward inside opt.overlap(...) (each shard pushed as soon as its gradients
+           are final), opt.step() (waits for the pushes; the pull is copied into the model shard
+           by shard as it arrives)
+
+Printed per wire dtype (fp32, bf16): each step / (max(B, T) + U), the floor an overlapped step
+could reach (aim <= 1.1), and the bf16 step / the fp32 step (aim <= 0.6). On this 2-core machine
+the shards, the gRPC threads and backward share the same cores, so overlap can only hide what is
+not CPU-bound. It reports; it never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+#: The wire dtypes compared (paramserver.v1.DType values).
+WIRES = {"fp32": 1, "bf16": 2}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_overlap] {msg}", file=sys.stderr, flush=True)
+
+
+def make_model(quick: bool) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """A small transformer encoder LM (a real backward) and a function computing its summed loss."""
+    torch.manual_seed(0)
+    d, layers, vocab, seq, batch = (128, 2, 512, 32, 4) if quick else (512, 7, 8192, 64, 8)
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, d)
+            layer = torch.nn.TransformerEncoderLayer(d, nhead=8, dim_feedforward=4 * d, batch_first=True, dropout=0.0)
+            self.enc = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.out = torch.nn.Linear(d, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.enc(self.emb(x)))  # type: ignore[no-any-return]
+
+    model = LM()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (batch, seq), generator=g)
+    y = torch.randint(0, vocab, (batch, seq), generator=g)
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1), reduction="sum")
+
+    return model, loss
+
+
+def median_time(fn: Callable[[], object], steps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(address: str, quick: bool, steps: int) -> dict[str, dict[str, float]]:
+    from paramserver_client import JobClient, RemoteOptimizer, Worker
+
+    model, loss_fn = make_model(quick)
+    terms = 1000
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    total = sum(p.numel() for p in model.parameters())
+    rows: dict[str, dict[str, float]] = {w: {"params": float(total)} for w in WIRES}
+
+    def backward() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+
+    b = median_time(backward, steps)
+    grad = np.random.default_rng(0).standard_normal(total).astype(np.float32)
+
+    def bare(optimizer: str, hyper: dict[str, float]) -> dict[str, float]:
+        """push + pull of a ready gradient, per wire dtype, on one job."""
+        job_id = f"ovl-{optimizer}-{uuid.uuid4().hex[:6]}"
+        times = {}
+        with JobClient(address, timeout=600) as jc:
+            jc.create_job(shapes, job_id=job_id, optimizer=optimizer, hyperparameters=hyper, num_workers=1, num_shards=2)
+            try:
+                with Worker(address, job_id, "w", timeout=600, pull_timeout=600) as w:
+                    w.upload(np.zeros(total, dtype=np.float32))
+                    flat = np.empty(total, dtype=np.float32)
+                    version = [0]
+                    for wire, dtype in WIRES.items():
+
+                        def step(dtype: int = dtype) -> None:
+                            w.push(version[0], grad, terms, dtype=dtype)
+                            version[0], _, _ = w.pull(version[0] + 1, flat, dtype=dtype)
+
+                        times[wire] = median_time(step, steps)
+            finally:
+                jc.delete_job(job_id)
+        return times
+
+    sgd, adamw = bare("sgd", {"lr": 0.0}), bare("adamw", {"lr": 1e-4})
+    for wire in WIRES:
+        job_id = f"ovl-{wire}-{uuid.uuid4().hex[:6]}"
+        opt = RemoteOptimizer(model, address, job_id, optimizer="adamw", hyperparameters={"lr": 1e-4}, num_shards=2,
+                              wire_dtype=wire, timeout=600, pull_timeout=600)  # fmt: skip
+        try:
+
+            def plain(opt: RemoteOptimizer = opt) -> None:
+                opt.zero_grad()
+                loss_fn().backward()
+                opt.step(loss_terms=terms)
+
+            def overlapped(opt: RemoteOptimizer = opt) -> None:
+                opt.zero_grad()
+                loss = loss_fn()
+                with opt.overlap(loss_terms=terms):
+                    loss.backward()
+                opt.step()
+
+            r = rows[wire]
+            r["B"], r["T"], r["U"] = b, sgd[wire], max(adamw[wire] - sgd[wire], 0.0)
+            r["plain"], r["overlap"] = median_time(plain, steps), median_time(overlapped, steps)
+            r["floor"] = max(r["B"], r["T"]) + r["U"]
+            log(f"{wire}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "params"))
+        finally:
+            opt.close()
+            with JobClient(address) as jc:
+                jc.delete_job(job_id)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: a ~1M-parameter model, 2 steps")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5; 2 with --quick)")
+    args = ap.parse_args()
+    steps = args.steps or (2 if args.quick else 5)
+    torch.set_num_threads(2)
+
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="ps-bench-ovl-"))
+    svc = BackgroundService(
+        ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(tmp / "snap"), spill_dir=str(tmp / "spill"), state_dir=str(tmp / "state"))
+    )
+    try:
+        rows = measure(svc.address, args.quick, steps)
+    finally:
+        svc.stop()
+    n = int(rows["fp32"]["params"])
+    print()
+    print(f"training step through the service: {n:,} params, 1 worker, 2 shards, AdamW (seconds, medians of {steps})")
+    head = ("wire", "backward", "transport", "update", "floor", "plain", "overlap", "plain/floor", "overlap/floor")
+    print(" ".join(f"{h:>13}" for h in head))
+    for wire, r in rows.items():
+        cells = [wire, *(f"{r[k]:.3f}" for k in ("B", "T", "U", "floor", "plain", "overlap"))]
+        cells += [f"{r['plain'] / r['floor']:.2f}", f"{r['overlap'] / r['floor']:.2f}"]
+        print(" ".join(f"{c:>13}" for c in cells))
+    print()
+    print(f"bf16 step / fp32 step: plain {rows['bf16']['plain'] / rows['fp32']['plain']:.2f}, "
+          f"overlap {rows['bf16']['overlap'] / rows['fp32']['overlap']:.2f} (aim <= 0.6)")  # fmt: skip
+    print("floor = max(backward, transport) + update: what a perfectly overlapped step takes (aim: overlap/floor <= 1.1).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
