@@ -347,6 +347,11 @@ class Cluster:
         """Wait until the coordinator serves (it replays its journal first)."""
         await _call(self.coordinator.start.remote(), "coordinator start")
 
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
+        """See Coordinator.rollback_job."""
+        result: JobView = await _call(self.coordinator.rollback_job.remote(request_id, job_id, snapshot), "rollback_job")
+        return result
+
     async def ping(self) -> bool:
         """Whether the coordinator answers."""
         result: bool = await _call(self.coordinator.ping.remote(), "coordinator ping")

@@ -710,13 +710,7 @@ class Coordinator:
         log.warning("job %s: shard(s) %s lost; recovering", job.job_id, lost)
         try:
             async with job.lock:
-                gone = ParamServerError("UNAVAILABLE", Reason.JOB_RECOVERING, f"job {job.job_id!r} lost a shard and is being restored")
-                for waiters in job.waiters.values():
-                    for fut in waiters.values():
-                        if not fut.done():
-                            fut.set_exception(gone)
-                job.waiters.clear()
-                job.reports.clear()
+                self._interrupt(job, f"job {job.job_id!r} lost a shard and is being restored")
                 found = await asyncio.to_thread(self._restorable, job.job_id)
                 replica = job.replica
                 if replica is not None and (found is None or replica[0].version >= found[1].version):
@@ -733,39 +727,56 @@ class Coordinator:
                     self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot or replica to restore from "
                                     "(set snapshot_every_steps or replica_every_steps)")  # fmt: skip
                     return
-                self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
-                job.generation += 1
-                shards = await self._restart(job, restore, survivors)
-                if shards is None:
-                    return
-                if job.deleted:
-                    await asyncio.gather(*(s.stop() for s in shards), return_exceptions=True)
-                    return
-                job.shards = list(shards)
-                job.decisions = {k: v for k, v in job.decisions.items() if k < manifest.version}
-                job.history_at.clear()
-                job.skips = dict(manifest.skips)
-                if job.guard is not None:
-                    c = job.config
-                    job.guard = SpikeGuard(c.spike_window, c.spike_warmup, c.spike_threshold_std, list(manifest.spike_norms))
-                job.policy.restored(manifest.version)
-                job.decided_version = manifest.version
-                job.recoveries += 1
-                self._log({"t": "shards", "job_id": job.job_id, "generation": job.generation, "names": [s.name for s in shards]})
-                self._log({"t": "restored", "job_id": job.job_id, "version": manifest.version, "skips": dict(manifest.skips),
-                           "norms": list(manifest.spike_norms)})  # fmt: skip
-                self._log({"t": "state", "job_id": job.job_id, "state": RUNNING, "recoveries": job.recoveries})
-                job.state, job.state_reason, job.recovered_from = RUNNING, "", source
-                job.replica = None if job.replica is None or job.replica[0].version > manifest.version else job.replica
-                job.last_recovery.update(restored_at=self.clock(), version=float(manifest.version))
-                took = job.last_recovery["restored_at"] - job.last_recovery.get("detected_at", job.last_recovery["restored_at"])
-                log.warning(
-                    "job %s: restored to version %d from %s in %.2f s (generation %d)",
-                    job.job_id, manifest.version, source, took, job.generation,
-                )  # fmt: skip
+                await self._restore_to(job, restore, manifest, survivors, source)
         except Exception as exc:
             log.exception("job %s: recovery failed", job.job_id)
             self._fail(job, f"{Reason.SHARD_LOST}: recovery failed: {exc}")
+
+    @staticmethod
+    def _interrupt(job: _Job, why: str) -> None:
+        """Fail every waiter of the job's open step (UNAVAILABLE JOB_RECOVERING) and forget the step."""
+        gone = ParamServerError("UNAVAILABLE", Reason.JOB_RECOVERING, why)
+        for waiters in job.waiters.values():
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_exception(gone)
+        job.waiters.clear()
+        job.reports.clear()
+
+    async def _restore_to(self, job: _Job, restore: Restore, manifest: Manifest, survivors: Mapping[int, ShardHandle], source: str) -> None:
+        """(Under the job's lock.) Every shard of the job at `restore` under a new generation: the
+        `survivors` restore in place, the others start anew; then the job runs again from the
+        restored version."""
+        self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
+        job.generation += 1
+        shards = await self._restart(job, restore, survivors)
+        if shards is None:
+            return
+        if job.deleted:
+            await asyncio.gather(*(s.stop() for s in shards), return_exceptions=True)
+            return
+        job.shards = list(shards)
+        job.decisions = {k: v for k, v in job.decisions.items() if k < manifest.version}
+        job.history_at.clear()
+        job.skips = dict(manifest.skips)
+        if job.guard is not None:
+            c = job.config
+            job.guard = SpikeGuard(c.spike_window, c.spike_warmup, c.spike_threshold_std, list(manifest.spike_norms))
+        job.policy.restored(manifest.version)
+        job.decided_version = manifest.version
+        job.recoveries += 1
+        self._log({"t": "shards", "job_id": job.job_id, "generation": job.generation, "names": [s.name for s in shards]})
+        self._log({"t": "restored", "job_id": job.job_id, "version": manifest.version, "skips": dict(manifest.skips),
+                   "norms": list(manifest.spike_norms)})  # fmt: skip
+        self._log({"t": "state", "job_id": job.job_id, "state": RUNNING, "recoveries": job.recoveries})
+        job.state, job.state_reason, job.recovered_from = RUNNING, "", source
+        job.replica = None if job.replica is None or job.replica[0].version > manifest.version else job.replica
+        job.last_recovery.update(restored_at=self.clock(), version=float(manifest.version))
+        took = job.last_recovery["restored_at"] - job.last_recovery.get("detected_at", job.last_recovery["restored_at"])
+        log.warning(
+            "job %s: restored to version %d from %s in %.2f s (generation %d)",
+            job.job_id, manifest.version, source, took, job.generation,
+        )  # fmt: skip
 
     async def _replicate(self, job: _Job, version: int) -> None:
         """Copy every shard's state at `version` into memory (one round; skipped, not retried, if a
@@ -935,6 +946,47 @@ class Coordinator:
             if ref.name.startswith(prefix):
                 return self.store.read_manifest(ref).summary(self.store.path(ref))
         return None
+
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
+        """Restore a running job in place to `snapshot` (a snapshot of the same training, e.g. one
+        a checkpoint refers to): every shard restores its state, the job goes on from the
+        snapshot's version under a new generation, and workers learn it from ABORTED
+        JOB_ROLLED_BACK (resume_version). Idempotent per request id."""
+        await self.start()
+        _require(request_id)
+        if not snapshot:
+            raise ParamServerError.invalid("snapshot", "required: a snapshot path, or JOB_ID / JOB_ID:latest")
+        job = self._job(job_id)
+        if self.ledger.lookup(request_id, ("rollback", job_id, snapshot)) is not None:
+            return await self._view(job)
+        self._running(job)
+        ref = await asyncio.to_thread(resolve, self.store, snapshot)
+        manifest = await asyncio.to_thread(verify, self.store, ref)
+        if not job.config.trains_like(manifest.job_config()):
+            raise ParamServerError.precondition(
+                Reason.SNAPSHOT_INCOMPATIBLE,
+                f"snapshot {self.store.path(ref)} was taken of another training than job {job_id!r} "
+                "(parameters, rules, schedule or clipping differ)",
+                field="snapshot",
+            )
+        async with job.lock:
+            if self.ledger.lookup(request_id, ("rollback", job_id, snapshot)) is not None:
+                return await self._view(job)
+            self._running(job)
+            path = self.store.path(ref)
+            job.state, job.state_reason = RECOVERING, f"rolling back to snapshot {path} (requested)"
+            job.last_recovery = {"detected_at": self.clock()}
+            self._interrupt(job, f"job {job_id!r} is being rolled back to snapshot {path}")
+            restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+            try:
+                await self._restore_to(job, restore, manifest, dict(enumerate(job.shards)), f"snapshot {path} (rollback)")
+            except Exception as exc:
+                log.exception("job %s: rollback failed", job_id)
+                self._fail(job, f"rollback to {path} failed: {exc}")
+                raise
+            self._remember(request_id, ("rollback", job_id, snapshot), True)
+        log.info("job %s: rolled back to version %d (snapshot %s)", job_id, manifest.version, path)
+        return await self._view(job)
 
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
         """Committed snapshots of a job, oldest first."""

@@ -54,6 +54,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return pb.ListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in snaps])
 
     @unary
+    async def RollbackJob(self, request: pb.RollbackJobRequest, context: Ctx) -> pb.Job:
+        """Restore a running job in place to a snapshot (workers get JOB_ROLLED_BACK)."""
+        _need(request.request_id, "request_id")
+        job_id, snapshot = _need(request.job_id, "job_id"), _need(request.snapshot, "snapshot")
+        return job_to_pb(await self.cluster.rollback_job(request.request_id, job_id, snapshot))
+
+    @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
         """A job and its shard map."""
         return job_to_pb(await self.cluster.get_job(_need(request.job_id, "job_id")))

@@ -251,6 +251,12 @@ class JobConfig:
         """Every group's base lr (what the schedule multiplies), the default group first."""
         return [build(rule, hyper, f).lr for _, rule, hyper, f in self.group_settings()]
 
+    def trains_like(self, other: JobConfig) -> bool:
+        """Whether `other` describes the same training (model, rules, schedule, clipping): equal
+        once the operational settings a restore may change (``Setting.restorable``) are ignored."""
+        ours = {s.name: getattr(self, s.name) for s in SETTINGS if s.restorable}
+        return dataclasses.replace(other, **ours) == self
+
     def params(self) -> list[Param]:
         """The model's parameters as the optimizers see them."""
         return [Param(i, name, tuple(shape)) for i, (name, shape, _) in enumerate(self.parameters)]

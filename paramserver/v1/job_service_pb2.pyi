@@ -1271,9 +1271,39 @@ class CreateSnapshotRequest(_message.Message):
 Global___CreateSnapshotRequest: _TypeAlias = CreateSnapshotRequest  # noqa: Y015
 
 @_typing.final
-class ListSnapshotsRequest(_message.Message):
+class RollbackJobRequest(_message.Message):
     """ListSnapshots's request."""
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key."""
+    job_id: _builtins.str
+    """The job to roll back."""
+    snapshot: _builtins.str
+    """The snapshot: its path, or "JOB_ID" / "JOB_ID:latest" for the newest
+    snapshot of that job.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackJobRequest: _TypeAlias = RollbackJobRequest  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int

@@ -80,6 +80,11 @@ class JobServiceStub:
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.RollbackJob = channel.unary_unary(
+                '/paramserver.v1.JobService/RollbackJob',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -155,6 +160,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackJob(self, request, context):
+        """Restores a running job in place to one of its snapshots (or any snapshot
+        of the same training): every shard takes the snapshot's state and the job
+        goes on from its version under a new generation; workers' calls answer
+        ABORTED JOB_ROLLED_BACK (resume_version) and they continue from there.
+        For resuming a training loop from an older checkpoint. FAILED_PRECONDITION
+        SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
+        schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
+        not verify (the job is untouched in all three).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +221,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'RollbackJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackJob,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +472,33 @@ class JobService:
             '/paramserver.v1.JobService/ListSnapshots',
             paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsRequest.SerializeToString,
             paramserver_dot_v1_dot_job__service__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.JobService/RollbackJob',
+            paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,16 @@ class JobServiceStub:
     """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListSnapshotsRequest, _job_service_pb2.ListSnapshotsResponse]
     """Lists the committed snapshots of a job, oldest first."""
+    RollbackJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RollbackJobRequest, _job_service_pb2.Job]
+    """Restores a running job in place to one of its snapshots (or any snapshot
+    of the same training): every shard takes the snapshot's state and the job
+    goes on from its version under a new generation; workers' calls answer
+    ABORTED JOB_ROLLED_BACK (resume_version) and they continue from there.
+    For resuming a training loop from an older checkpoint. FAILED_PRECONDITION
+    SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
+    schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
+    not verify (the job is untouched in all three).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -127,6 +137,16 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListSnapshotsRequest, _job_service_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """Lists the committed snapshots of a job, oldest first."""
+    RollbackJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RollbackJobRequest, _job_service_pb2.Job]  # type: ignore[assignment]
+    """Restores a running job in place to one of its snapshots (or any snapshot
+    of the same training): every shard takes the snapshot's state and the job
+    goes on from its version under a new generation; workers' calls answer
+    ABORTED JOB_ROLLED_BACK (resume_version) and they continue from there.
+    For resuming a training loop from an older checkpoint. FAILED_PRECONDITION
+    SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
+    schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
+    not verify (the job is untouched in all three).
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """Jobs: create, inspect, join, leave, delete."""
@@ -212,5 +232,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.ListSnapshotsResponse, _abc.Awaitable[_job_service_pb2.ListSnapshotsResponse]]:
         """Lists the committed snapshots of a job, oldest first."""
+
+    @_abc_1.abstractmethod
+    def RollbackJob(
+        self,
+        request: _job_service_pb2.RollbackJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.Job, _abc.Awaitable[_job_service_pb2.Job]]:
+        """Restores a running job in place to one of its snapshots (or any snapshot
+        of the same training): every shard takes the snapshot's state and the job
+        goes on from its version under a new generation; workers' calls answer
+        ABORTED JOB_ROLLED_BACK (resume_version) and they continue from there.
+        For resuming a training loop from an older checkpoint. FAILED_PRECONDITION
+        SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
+        schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
+        not verify (the job is untouched in all three).
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

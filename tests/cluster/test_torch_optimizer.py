@@ -368,3 +368,39 @@ def test_overlap_refuses_what_it_cannot_do(address: str, job_id: str) -> None:
         assert opt.version == 1 and opt.last_report.outcome == 2
     finally:
         opt.close()
+
+
+def test_a_state_dict_older_than_the_job_rolls_it_back_to_its_snapshot_and_training_replays(address: str, job_id: str) -> None:
+    named = make_params()
+    opt = remote(address, job_id, named, snapshot_on_save=True)
+
+    def steps(o: RemoteOptimizer, ps: list[tuple[str, torch.nn.Parameter]], which: range) -> None:
+        for s in which:
+            gs, n = grads(s)
+            for (_, p), g in zip(ps, gs, strict=True):
+                p.grad = g.clone()
+            o.step(loss_terms=n)
+
+    steps(opt, named, range(2))
+    sd = opt.state_dict()  # a checkpoint at version 2, with a service snapshot
+    assert sd["paramserver"]["version"] == 2 and sd["paramserver"]["snapshot"]
+    at2 = [p.detach().clone() for _, p in named]
+    steps(opt, named, range(2, 4))  # the run goes on, then crashes
+    at4 = [p.detach().clone() for _, p in named]
+    opt.close()
+    again = make_params(seed=11)
+    resumed = remote(address, job_id, again, resume=True, snapshot_on_save=True)
+    try:
+        assert resumed.version == 4
+        resumed.load_state_dict(sd)  # older than the job: rolled back to the checkpoint's snapshot
+        assert resumed.version == 2
+        for (name, p), w in zip(again, at2, strict=True):
+            assert torch.equal(p.detach(), w), name
+        with JobClient(address) as jc:
+            job = jc.get_job(job_id)
+        assert (job.version, job.generation) == (2, 1) and "rollback" in job.recovered_from
+        steps(resumed, again, range(2, 4))  # the same steps again: the same parameters, bit for bit
+        for (name, p), w in zip(again, at4, strict=True):
+            assert torch.equal(p.detach(), w), name
+    finally:
+        resumed.close()

@@ -150,6 +150,9 @@ class CoordinatorFacade:
                          overrides: dict[str, Any] | None = None, resume: bool = False) -> JobView:  # fmt: skip
         return await self.coordinator.create_job(request_id, job_id, config, restore_from, overrides, resume)
 
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
+        return await self.coordinator.rollback_job(request_id, job_id, snapshot)
+
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
         return await self.coordinator.create_snapshot(request_id, job_id)
 

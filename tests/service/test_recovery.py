@@ -11,7 +11,8 @@ import pytest
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client import JobRolledBack, Reason, ServiceError
-from tests.service.harness import InProcessService
+from paramserver_client.aio import AsyncWorker
+from tests.service.harness import InProcessService, assert_same_tensors
 from tests.service.test_membership import HYPER, P0, SHAPES, grad, until
 
 
@@ -56,3 +57,72 @@ async def test_a_recovering_job_refuses_joins_answers_get_and_list_and_then_take
     assert rolled.value.resume_version == v
     b = await svc.worker("rec", "b")  # and joins are taken again
     assert b.worker_id != w.worker_id
+
+
+async def trained(svc: InProcessService, job_id: str, steps: range, w: AsyncWorker) -> None:
+    for s in steps:
+        await w.push(s, *grad(s, 0))
+        await w.pull(s + 1)
+
+
+@pytest.mark.asyncio
+async def test_a_job_rolled_back_to_its_snapshot_replays_bit_for_bit(svc: InProcessService) -> None:
+    await svc.create(SHAPES, "rb", optimizer="adamw", hyperparameters=HYPER, num_shards=2, num_workers=1)
+    w = await svc.worker("rb", "a")
+    await w.upload(P0)
+    await trained(svc, "rb", range(2), w)
+    jc = svc.jobs()
+    snap = await jc.create_snapshot("rb")
+    at2 = await svc.tensors("rb")
+    await trained(svc, "rb", range(2, 4), w)
+    at4 = await svc.tensors("rb")
+    job = await jc.rollback_job("rb", snap.path)
+    assert (job.version, job.generation, job.state) == (2, 1, jpb.JOB_STATE_RUNNING)
+    assert "rollback" in job.recovered_from
+    assert_same_tensors(at2, await svc.tensors("rb"))  # every shard at the snapshot's state
+    with pytest.raises(JobRolledBack) as rolled:
+        await w.push(4, *grad(4, 0))
+    assert rolled.value.resume_version == 2
+    await trained(svc, "rb", range(2, 4), w)  # the same steps again: the same state, bit for bit
+    assert_same_tensors(at4, await svc.tensors("rb"))
+    again = await jc.rollback_job("rb", "rb:latest")  # by job name: the newest snapshot
+    assert again.version == 2 and again.generation == 2
+
+
+@pytest.mark.asyncio
+async def test_a_bad_rollback_gets_a_clear_status_and_changes_nothing(svc: InProcessService) -> None:
+    await svc.create(SHAPES, "rbx", optimizer="adamw", hyperparameters=HYPER, num_shards=2, num_workers=1)
+    await svc.create(SHAPES, "other", optimizer="adamw", hyperparameters={**HYPER, "lr": 0.5}, num_shards=1, num_workers=1)
+    w = await svc.worker("rbx", "a")
+    await w.upload(P0)
+    o = await svc.worker("other", "o")
+    await o.upload(P0)
+    jc = svc.jobs()
+    foreign = await jc.create_snapshot("other")
+    await trained(svc, "rbx", range(2), w)
+    before = await svc.tensors("rbx")
+
+    async def rollback(request_id: str, job_id: str, snapshot: str) -> None:
+        req = jpb.RollbackJobRequest(request_id=request_id, job_id=job_id, snapshot=snapshot)
+        await jc._unary(jc._stub.RollbackJob, req, "RollbackJob")
+
+    cases = [
+        (rollback("", "rbx", foreign.path), grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "request_id"),
+        (rollback("r", "", foreign.path), grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "job_id"),
+        (rollback("r", "rbx", ""), grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "snapshot"),
+        (rollback("r", "nope", foreign.path), grpc.StatusCode.NOT_FOUND, Reason.JOB_NOT_FOUND, None),
+        (rollback("r", "rbx", "rbx:latest"), grpc.StatusCode.NOT_FOUND, Reason.SNAPSHOT_NOT_FOUND, None),
+        (rollback("r", "rbx", foreign.path), grpc.StatusCode.FAILED_PRECONDITION, Reason.SNAPSHOT_INCOMPATIBLE, "snapshot"),
+    ]
+    for call, code, reason, field in cases:
+        with pytest.raises(ServiceError) as err:
+            await call
+        assert (err.value.code, err.value.reason, err.value.metadata.get("field")) == (code, reason, field), err.value
+    raw = jc._channel.unary_unary("/paramserver.v1.JobService/RollbackJob")
+    with pytest.raises(grpc.RpcError) as undecodable:
+        await raw(b"\xff\xff\xff", timeout=5)
+    assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    job = await jc.get_job("rbx")  # nothing changed
+    assert (job.version, job.generation, job.state) == (2, 0, jpb.JOB_STATE_RUNNING)
+    assert_same_tensors(before, await svc.tensors("rbx"))
+    await trained(svc, "rbx", range(2, 3), w)  # and it still trains

@@ -244,6 +244,14 @@ class AsyncJobClient:
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
         return job
 
+    async def rollback_job(self, job_id: str, snapshot: str) -> jpb.Job:
+        """Restore a running job in place to `snapshot` (a path, or "JOB_ID" / "JOB_ID:latest"):
+        it goes on from the snapshot's version under a new generation, and its workers' next
+        calls raise JobRolledBack. For resuming a training loop from an older checkpoint."""
+        req = jpb.RollbackJobRequest(request_id=new_request_id(), job_id=job_id, snapshot=snapshot)
+        job: jpb.Job = await self._unary(self._stub.RollbackJob, req, "RollbackJob")
+        return job
+
     async def create_snapshot(self, job_id: str) -> jpb.Snapshot:
         """Take a consistent snapshot of a job; returns once it is durable."""
         req = jpb.CreateSnapshotRequest(request_id=new_request_id(), job_id=job_id)

@@ -67,6 +67,10 @@ class JobClient:
         """Create a job from a snapshot; see AsyncJobClient.restore_job."""
         return self._loop.run(self._c.restore_job(restore_from, job_id=job_id, **overrides))
 
+    def rollback_job(self, job_id: str, snapshot: str) -> jpb.Job:
+        """Restore a running job in place to a snapshot; see AsyncJobClient.rollback_job."""
+        return self._loop.run(self._c.rollback_job(job_id, snapshot))
+
     def create_snapshot(self, job_id: str) -> jpb.Snapshot:
         """Take a consistent snapshot of a job; returns once it is durable."""
         return self._loop.run(self._c.create_snapshot(job_id))

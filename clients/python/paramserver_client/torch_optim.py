@@ -83,6 +83,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             restored to an earlier version (the model already holds that version's parameters;
             rewind the data loader to that step). Without it, a warning is logged and training
             goes on from the restored parameters. ``rolled_back_to`` keeps the latest such version.
+        snapshot_on_save: ``state_dict()`` takes a service snapshot at the current version and
+            names it in the state dict, so that loading that state dict later rolls the job back
+            to it (resuming from a checkpoint older than the job). Default False.
         **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
             (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
             max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
@@ -112,6 +115,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         pull_timeout: float = 600.0,
         skip_frozen: bool = True,
         on_rollback: Callable[[int], None] | None = None,
+        snapshot_on_save: bool = False,
         **settings: Any,
     ) -> None:
         if loss not in ("sum", "mean"):
@@ -123,6 +127,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.loss = loss
         self.job_id = job_id
         self._address, self._timeout = address, timeout
+        self.snapshot_on_save = snapshot_on_save
+        self._snapshot: tuple[int, str] = (-1, "")
         self.on_rollback = on_rollback
         self.rolled_back_to: int | None = None
         self.loss_terms: int | None = None
@@ -460,39 +466,55 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (param_groups with their lrs; no per-parameter state: it lives in the
         service) plus a reference to resume from: ``{"paramserver": {"job_id", "version",
-        "snapshot"}}`` (the snapshot is the path of a service snapshot at that version when one
-        was taken with :meth:`snapshot`, else "")."""
+        "snapshot"}}``. The snapshot is the path of a service snapshot at that version (taken here
+        when the optimizer was created with ``snapshot_on_save=True``, or by :meth:`snapshot`), else ""."""
+        if self.snapshot_on_save and self._snapshot[0] != self.version:
+            self.snapshot()
         sd = super().state_dict()
-        sd[STATE_KEY] = {"job_id": self.job_id, "version": int(self.version), "snapshot": self._snapshot_path}
+        path = self._snapshot[1] if self._snapshot[0] == self.version else ""
+        sd[STATE_KEY] = {"job_id": self.job_id, "version": int(self.version), "snapshot": path}
         return sd
 
-    _snapshot_path = ""
-
     def snapshot(self) -> str:
-        """Take a service snapshot of the job now (every shard at one version) and remember its
-        path for :meth:`state_dict`; returns the path."""
+        """Take a service snapshot of the job now (every shard at one version) and remember it
+        for :meth:`state_dict`; returns its path."""
         with JobClient(self._address, timeout=self._timeout) as jobs:
             snap = jobs.create_snapshot(self.job_id)
-        self._snapshot_path = str(snap.path)
-        return self._snapshot_path
+        self._snapshot = (int(snap.version), str(snap.path))
+        return self._snapshot[1]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's part (param_groups: lrs, hyperparameters) and check the reference: the
-        job must be the same, and at the saved version (else ValueError saying how to resume:
-        restore the saved snapshot into a job, or continue from the service's version)."""
+        """Load torch's part (param_groups: lrs, hyperparameters) and the reference: the job must
+        be the same. When the job is at another version than the saved one and the reference names
+        a snapshot, the job is rolled back to it (``RollbackJob``: every worker of the job resumes
+        from there) and the model gets its parameters; without a snapshot, ValueError."""
         sd = dict(state_dict)
         ref = sd.pop(STATE_KEY, None)
+        if ref is not None and ref.get("job_id") != self.job_id:
+            raise ValueError(f"this state dict belongs to job {ref.get('job_id')!r}, not {self.job_id!r}")
         super().load_state_dict(sd)
         self._lrs_shown = self._current_lrs()
         self._check_fixed()
         if ref is None:
             return
-        if ref.get("job_id") != self.job_id:
-            raise ValueError(f"this state dict belongs to job {ref.get('job_id')!r}, not {self.job_id!r}")
-        saved = int(ref.get("version", -1))
-        if saved != self.version:
-            hint = f" (restore snapshot {ref['snapshot']!r} into a job to go back to it)" if ref.get("snapshot") else ""
-            raise ValueError(f"this state dict was saved at version {saved}, but job {self.job_id!r} is at version {self.version}{hint}")
+        saved, path = int(ref.get("version", -1)), str(ref.get("snapshot", ""))
+        if saved == self.version:
+            return
+        if not path:
+            raise ValueError(
+                f"this state dict was saved at version {saved}, but job {self.job_id!r} is at version {self.version}, and it "
+                "names no snapshot to go back to (create the optimizer with snapshot_on_save=True)"
+            )
+        with JobClient(self._address, timeout=self._timeout) as jobs:
+            job = jobs.rollback_job(self.job_id, path)
+        log.warning("job %s rolled back to version %d (snapshot %s) to resume from this state dict", self.job_id, job.version, path)
+        try:
+            pulled = self.worker.pull(int(job.version), self._flat, dtype=self.wire_dtype)
+        except JobRolledBack:  # this worker learned the new generation; pull again
+            pulled = self.worker.pull(int(job.version), self._flat, dtype=self.wire_dtype)
+        self.version, _, self.last_report = pulled
+        self._scatter()
+        self._snapshot = (int(job.version), path)
 
     # ---- the flat vector ----------------------------------------------------------------------
 
