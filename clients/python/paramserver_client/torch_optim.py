@@ -171,8 +171,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.skip_frozen = skip_frozen
         self.total = int(job.total_elements)
         self._flat = np.empty(self.total, dtype=np.float32)
-        self._grad_flat = np.zeros(self.total, dtype=np.float32)
-        self._grad_wire = to_wire(self._grad_flat, self.wire_dtype).copy()
+        self._grad_flat = np.empty(0, dtype=np.float32)  # overlap's buffers: allocated on first use
+        self._grad_wire: np.ndarray = self._grad_flat
         self._map_shards(self.worker.shard_ranges)
         self._inflight: _Flight | None = None
         self._arming: _Flight | None = None
@@ -350,7 +350,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._warn_past_end()
         remaining = [len({j for j, _, _, _ in pieces}) for pieces in self._pieces]
         flight = _Flight(self.version, new_request_id(), terms, scale_by, self._loop_lrs(), remaining)
-        self._grad_flat.fill(0)
+        if self._grad_flat.size != self.total:
+            self._grad_flat = np.zeros(self.total, dtype=np.float32)
+            self._grad_wire = self._grad_flat if self.wire_dtype == FLOAT32 else to_wire(self._grad_flat, self.wire_dtype).copy()
+        else:
+            self._grad_flat.fill(0)
         self._arming = flight
         try:
             yield
@@ -382,9 +386,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._launch(flight, s)
 
     def _launch(self, flight: _Flight, s: int) -> None:
-        wire: np.ndarray = self._grad_flat
+        wire = self._grad_wire
         if self.wire_dtype != FLOAT32:
-            wire = self._grad_wire
             for a, n in self._ranges[s]:
                 wire[a : a + n] = to_wire(self._grad_flat[a : a + n], self.wire_dtype)
         flight.pushes[s] = self.worker.start_push_shard(
