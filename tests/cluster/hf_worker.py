@@ -91,13 +91,15 @@ def main() -> None:
     ap.add_argument("result")
     ap.add_argument("--stop-at", type=int)
     ap.add_argument("--resume")
+    ap.add_argument("--snapshot-on-save", action="store_true", help="RemoteOptimizer(snapshot_on_save=True)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"{time.time():.3f} imported", flush=True)
     torch.set_num_threads(1)
     model = make_model()
     opt = RemoteOptimizer(model, a.address, a.job_id, loss="mean", resume=a.resume is not None, worker_name=f"w{a.worker}",
-                          optimizer="adamw", hyperparameters=HYPER, num_workers=2, num_shards=2, timeout=30, pull_timeout=60)  # fmt: skip
+                          snapshot_on_save=a.snapshot_on_save, optimizer="adamw", hyperparameters=HYPER, num_workers=2,
+                          num_shards=2, timeout=30, pull_timeout=60)  # fmt: skip
     start_version = opt.version
     print(f"{time.time():.3f} joined {a.job_id} as worker {opt.worker_id} at version {start_version}", flush=True)
     try:

@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -480,9 +481,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def snapshot(self) -> str:
         """Take a service snapshot of the job now (every shard at one version) and remember it
-        for :meth:`state_dict`; returns its path."""
+        for :meth:`state_dict`; returns its path. While another worker's snapshot is being
+        written (every worker of a job saves its checkpoint at once), waits for it: a snapshot at
+        a version already saved is that one."""
+        deadline = time.monotonic() + self._timeout
         with JobClient(self._address, timeout=self._timeout) as jobs:
-            snap = jobs.create_snapshot(self.job_id)
+            while True:
+                try:
+                    snap = jobs.create_snapshot(self.job_id)
+                    break
+                except ServiceError as exc:
+                    if exc.reason != Reason.SNAPSHOT_IN_PROGRESS or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         self._snapshot = (int(snap.version), str(snap.path))
         return self._snapshot[1]
 
@@ -509,15 +520,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "names no snapshot to go back to (create the optimizer with snapshot_on_save=True)"
             )
         with JobClient(self._address, timeout=self._timeout) as jobs:
-            job = jobs.rollback_job(self.job_id, path)
-        log.warning("job %s rolled back to version %d (snapshot %s) to resume from this state dict", self.job_id, job.version, path)
+            if int(jobs.get_job(self.job_id).version) != saved:  # not already rolled back by another worker
+                job = jobs.rollback_job(self.job_id, path)
+                log.warning("job %s rolled back to version %d (snapshot %s) to resume from this state dict", self.job_id, job.version, path)
         try:
-            pulled = self.worker.pull(int(job.version), self._flat, dtype=self.wire_dtype)
+            pulled = self.worker.pull(saved, self._flat, dtype=self.wire_dtype)
         except JobRolledBack:  # this worker learned the new generation; pull again
-            pulled = self.worker.pull(int(job.version), self._flat, dtype=self.wire_dtype)
+            pulled = self.worker.pull(saved, self._flat, dtype=self.wire_dtype)
         self.version, _, self.last_report = pulled
         self._scatter()
-        self._snapshot = (int(job.version), path)
+        self._snapshot = (saved, path)
 
     # ---- the flat vector ----------------------------------------------------------------------
 
