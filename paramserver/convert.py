@@ -137,7 +137,8 @@ def job_to_pb(v: JobView) -> pb.Job:
         job.layout.add(name=p.name, offset=p.offset, numel=p.numel, group=group)
         total += p.numel
     job.total_elements = total
-    for (name, rule, hyper, _), lr in zip(v.config.group_settings(), v.config.group_lrs(), strict=True):
+    settings, lrs, resolved = v.config.group_settings(), v.config.group_lrs(), v.config.group_hyperparameters()
+    for (name, rule, _, _), lr, hyper in zip(settings, lrs, resolved, strict=True):
         group_info = job.groups.add(name=name, optimizer=rule, lr=lr)
         group_info.hyperparameters.update(hyper)
     job.total_steps = int(v.config.schedule_parameters.get("total_steps", 0) or 0)

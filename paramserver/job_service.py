@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from grpc import aio
 
 from paramserver.cluster import Cluster
 from paramserver.convert import job_state_pb, job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError
-from paramserver.rpc import unary
+from paramserver.rpc import streaming, unary
+from paramserver.snapshot_store import SnapshotStore
+from paramserver.state_export import PIECE_ELEMENTS, open_snapshot, optimizer_state
 from paramserver.v1 import job_service_pb2 as pb
 from paramserver.v1 import job_service_pb2_grpc as pb_grpc
 
@@ -23,10 +28,31 @@ def _need(value: str, field: str) -> str:
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    """JobService over a Cluster."""
+    """JobService over a Cluster; `store` is the snapshot store ReadOptimizerState reads."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, store: SnapshotStore) -> None:
         self.cluster = cluster
+        self.store = store
+
+    @streaming
+    async def ReadOptimizerState(self, request: pb.ReadOptimizerStateRequest, context: Ctx) -> AsyncIterator[pb.OptimizerStateChunk]:
+        """A snapshot's optimizer state per parameter (a new snapshot when none is named)."""
+        job_id = _need(request.job_id, "job_id")
+        snapshot = request.snapshot
+        if not snapshot:
+            snapshot = str((await self.cluster.create_snapshot(_need(request.request_id, "request_id"), job_id))["path"])
+        path, manifest, reader = await asyncio.to_thread(open_snapshot, self.store, job_id, snapshot)
+        try:
+            tensors = await asyncio.to_thread(optimizer_state, reader, manifest)
+            yield pb.OptimizerStateChunk(header=pb.OptimizerStateHeader(version=manifest.version, snapshot=path, tensors=len(tensors)))
+            for t in tensors:  # one tensor in memory at a time
+                flat = np.ascontiguousarray(await asyncio.to_thread(t.read), dtype="<f4").reshape(-1)
+                for offset in range(0, max(flat.size, 1), PIECE_ELEMENTS):
+                    piece = flat[offset : offset + PIECE_ELEMENTS].tobytes()
+                    tensor = pb.OptimizerStateTensor(parameter=t.parameter, key=t.key, shape=list(t.shape), offset=offset, data=piece)
+                    yield pb.OptimizerStateChunk(tensor=tensor)
+        finally:
+            reader.close()
 
     @unary
     async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:

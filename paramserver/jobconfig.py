@@ -251,6 +251,15 @@ class JobConfig:
         """Every group's base lr (what the schedule multiplies), the default group first."""
         return [build(rule, hyper, f).lr for _, rule, hyper, f in self.group_settings()]
 
+    def group_hyperparameters(self) -> list[dict[str, Any]]:
+        """Every group's hyperparameters as its rule reads them (the defaults filled in; tuples as
+        lists), the default group first."""
+        out = []
+        for _, rule, hyper, f in self.group_settings():
+            parsed = dataclasses.asdict(build(rule, hyper, f).hyper)
+            out.append({k: list(v) if isinstance(v, tuple) else v for k, v in parsed.items()})
+        return out
+
     def trains_like(self, other: JobConfig) -> bool:
         """Whether `other` describes the same training (model, rules, schedule, clipping): equal
         once the operational settings a restore may change (``Setting.restorable``) are ignored."""

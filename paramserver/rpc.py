@@ -66,9 +66,9 @@ def decode(message_class: Any, raw: bytes, field: str = "request") -> Any:
 
 
 def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Server) -> None:
-    """Register a service of unary methods like the generated ``add_*Servicer_to_server``, except
-    that requests arrive as bytes and are parsed here: undecodable bytes are INVALID_ARGUMENT
-    (gRPC's own deserialization would answer UNKNOWN)."""
+    """Register a service of unary (and server-streaming) methods like the generated
+    ``add_*Servicer_to_server``, except that requests arrive as bytes and are parsed here:
+    undecodable bytes are INVALID_ARGUMENT (gRPC's own deserialization would answer UNKNOWN)."""
 
     def handler(method: Any) -> grpc.RpcMethodHandler[Any, Any]:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -82,6 +82,18 @@ def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Ser
                 await abort(context, err)
             return await call(request, context)
 
+        async def parse_then_stream(raw: bytes, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                request = decode(request_class, raw)
+            except ParamServerError as err:
+                await abort(context, err)
+            async for item in call(request, context):
+                yield item
+
+        if method.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                parse_then_stream, request_deserializer=None, response_serializer=response_class.SerializeToString
+            )
         return grpc.unary_unary_rpc_method_handler(
             parse_then_call, request_deserializer=None, response_serializer=response_class.SerializeToString
         )

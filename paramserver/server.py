@@ -113,7 +113,8 @@ class Service:
         )
         await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)
-        add_unary_service(JobServicer(self.cluster), job_service_pb2.DESCRIPTOR.services_by_name["JobService"], server)
+        store = open_store(self.config.snapshot_dir)
+        add_unary_service(JobServicer(self.cluster, store), job_service_pb2.DESCRIPTOR.services_by_name["JobService"], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,

@@ -458,7 +458,11 @@ class SnapshotReader:
 
     def is_scalar(self, name: str) -> bool:
         """True for 0-d tensors."""
-        return self._find(name)[2].tensors[name].shape == ()
+        return self.header_shape(name) == ()
+
+    def header_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as a shard file holds it (a flat tensor: that file's part)."""
+        return tuple(self._find(name)[2].tensors[name].shape)
 
     def scalar(self, name: str) -> np.ndarray:
         """A 0-d tensor (equal on every shard; taken from the first)."""

@@ -889,8 +889,9 @@ class GroupInfo(_message.Message):
     """The group's base learning rate (what the job's schedule multiplies)."""
     @_builtins.property
     def hyperparameters(self) -> _struct_pb2.Struct:
-        """The group's hyperparameters as given (the job's merged with the
-        group's own when the group uses the job's rule).
+        """The group's hyperparameters as its rule reads them: those given (the
+        job's merged with the group's own when the group uses the job's rule)
+        with the rule's defaults filled in.
         """
 
     def __init__(
@@ -1301,6 +1302,136 @@ class RollbackJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackJobRequest: _TypeAlias = RollbackJobRequest  # noqa: Y015
+
+@_typing.final
+class ReadOptimizerStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of the snapshot taken when `snapshot` is empty."""
+    job_id: _builtins.str
+    """The job."""
+    snapshot: _builtins.str
+    """A snapshot of the job (its path, or "JOB_ID" / "JOB_ID:latest"); empty =
+    take one now, at the job's current version.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadOptimizerStateRequest: _TypeAlias = ReadOptimizerStateRequest  # noqa: Y015
+
+@_typing.final
+class OptimizerStateHeader(_message.Message):
+    """First message of ReadOptimizerState."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version whose state follows."""
+    snapshot: _builtins.str
+    """The snapshot it was read from."""
+    tensors: _builtins.int
+    """Tensors that follow."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        snapshot: _builtins.str = ...,
+        tensors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizerStateHeader: _TypeAlias = OptimizerStateHeader  # noqa: Y015
+
+@_typing.final
+class OptimizerStateTensor(_message.Message):
+    """A piece of one state tensor: elements [offset, offset + len(data) / 4) of
+    the tensor in row-major order, little-endian fp32.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMETER_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    parameter: _builtins.str
+    """The parameter (ParameterSpec.name)."""
+    key: _builtins.str
+    """The state's name (e.g. exp_avg)."""
+    offset: _builtins.int
+    """The first element of this piece."""
+    data: _builtins.bytes
+    """The elements, fp32 little-endian."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The tensor's shape (empty for a scalar such as step)."""
+
+    def __init__(
+        self,
+        *,
+        parameter: _builtins.str = ...,
+        key: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "key", b"key", "offset", b"offset", "parameter", b"parameter", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizerStateTensor: _TypeAlias = OptimizerStateTensor  # noqa: Y015
+
+@_typing.final
+class OptimizerStateChunk(_message.Message):
+    """One message of ReadOptimizerState: the header, then tensor pieces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    TENSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___OptimizerStateHeader: ...
+    @_builtins.property
+    def tensor(self) -> Global___OptimizerStateTensor: ...
+    def __init__(
+        self,
+        *,
+        header: Global___OptimizerStateHeader | None = ...,
+        tensor: Global___OptimizerStateTensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "kind", b"kind", "tensor", b"tensor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "kind", b"kind", "tensor", b"tensor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "tensor"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___OptimizerStateChunk: _TypeAlias = OptimizerStateChunk  # noqa: Y015
 
 @_typing.final
 class ListSnapshotsRequest(_message.Message):

@@ -85,6 +85,11 @@ class JobServiceStub:
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_job__service__pb2.Job.FromString,
                 _registered_method=True)
+        self.ReadOptimizerState = channel.unary_stream(
+                '/paramserver.v1.JobService/ReadOptimizerState',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -174,6 +179,19 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadOptimizerState(self, request, context):
+        """Streams a job's full optimizer state, per parameter, as a snapshot holds
+        it (a new snapshot of the current version when none is named): a header
+        (version, snapshot), then each parameter's state tensors in layout order,
+        a tensor split over several messages when large. The keys are the rule's
+        own state names (for sgd, adam and adamw torch's: momentum_buffer,
+        exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
+        torch optimizer of the same rule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +244,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RollbackJob,
                     request_deserializer=paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_job__service__pb2.Job.SerializeToString,
+            ),
+            'ReadOptimizerState': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadOptimizerState,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +522,33 @@ class JobService:
             '/paramserver.v1.JobService/RollbackJob',
             paramserver_dot_v1_dot_job__service__pb2.RollbackJobRequest.SerializeToString,
             paramserver_dot_v1_dot_job__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadOptimizerState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramserver.v1.JobService/ReadOptimizerState',
+            paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,15 @@ class JobServiceStub:
     schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
     not verify (the job is untouched in all three).
     """
+    ReadOptimizerState: _grpc.UnaryStreamMultiCallable[_job_service_pb2.ReadOptimizerStateRequest, _job_service_pb2.OptimizerStateChunk]
+    """Streams a job's full optimizer state, per parameter, as a snapshot holds
+    it (a new snapshot of the current version when none is named): a header
+    (version, snapshot), then each parameter's state tensors in layout order,
+    a tensor split over several messages when large. The keys are the rule's
+    own state names (for sgd, adam and adamw torch's: momentum_buffer,
+    exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
+    torch optimizer of the same rule.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -146,6 +155,15 @@ class JobServiceAsyncStub(JobServiceStub):
     SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
     schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
     not verify (the job is untouched in all three).
+    """
+    ReadOptimizerState: _aio.UnaryStreamMultiCallable[_job_service_pb2.ReadOptimizerStateRequest, _job_service_pb2.OptimizerStateChunk]  # type: ignore[assignment]
+    """Streams a job's full optimizer state, per parameter, as a snapshot holds
+    it (a new snapshot of the current version when none is named): a header
+    (version, snapshot), then each parameter's state tensors in layout order,
+    a tensor split over several messages when large. The keys are the rule's
+    own state names (for sgd, adam and adamw torch's: momentum_buffer,
+    exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
+    torch optimizer of the same rule.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -247,6 +265,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         SNAPSHOT_INCOMPATIBLE when the snapshot is of another model, rule,
         schedule or clipping; NOT_FOUND SNAPSHOT_NOT_FOUND; DATA_LOSS when it does
         not verify (the job is untouched in all three).
+        """
+
+    @_abc_1.abstractmethod
+    def ReadOptimizerState(
+        self,
+        request: _job_service_pb2.ReadOptimizerStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.OptimizerStateChunk], _abc.AsyncIterator[_job_service_pb2.OptimizerStateChunk]]:
+        """Streams a job's full optimizer state, per parameter, as a snapshot holds
+        it (a new snapshot of the current version when none is named): a header
+        (version, snapshot), then each parameter's state tensors in layout order,
+        a tensor split over several messages when large. The keys are the rule's
+        own state names (for sgd, adam and adamw torch's: momentum_buffer,
+        exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
+        torch optimizer of the same rule.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

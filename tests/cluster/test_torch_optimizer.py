@@ -404,3 +404,37 @@ def test_a_state_dict_older_than_the_job_rolls_it_back_to_its_snapshot_and_train
             assert torch.equal(p.detach(), w), name
     finally:
         resumed.close()
+
+
+def test_a_full_state_dict_loads_into_torch_adamw_which_then_trains_like_the_service(address: str, job_id: str, one_thread: None) -> None:
+    named = make_params()
+    opt = remote(address, job_id, named, full_state=True)
+    try:
+        for s in range(3):
+            gs, n = grads(s)
+            for (_, p), g in zip(named, gs, strict=True):
+                p.grad = g.clone()
+            opt.step(loss_terms=n)
+        sd = opt.state_dict()
+        assert sd["paramserver"]["version"] == 3 and sd["paramserver"]["snapshot"]
+        assert set(sd["state"]) == set(range(len(SHAPES)))
+        assert all(set(v) == {"step", "exp_avg", "exp_avg_sq"} and float(v["step"]) == 3.0 for v in sd["state"].values())
+        local = [torch.nn.Parameter(p.detach().clone()) for _, p in named]  # the model as saved at version 3
+        torch_opt = torch.optim.AdamW(local, lr=1.0, fused=True)
+        torch_opt.load_state_dict(sd)  # a plain torch optimizer takes the checkpoint: lr, betas and moments
+        assert torch_opt.param_groups[0]["lr"] == HYPER["lr"] and torch_opt.param_groups[0]["weight_decay"] == HYPER["weight_decay"]
+        for group in torch_opt.param_groups:  # torch's own implementation flags are not part of a job's groups
+            group["fused"] = True
+        opt.load_state_dict(sd)  # and RemoteOptimizer takes its own back (same version: nothing moves)
+        assert opt.version == 3 and not opt.state
+        for s in range(3, 5):
+            gs, n = grads(s)
+            for (_, p), q, g in zip(named, local, gs, strict=True):
+                p.grad = g.clone()
+                q.grad = g / n
+            opt.step(loss_terms=n)
+            torch_opt.step()
+        for (name, p), q in zip(named, local, strict=True):
+            assert torch.equal(p.detach(), q.detach()), name  # bit for bit
+    finally:
+        opt.close()

@@ -195,7 +195,9 @@ class InProcessService:
         """Serve JobService on a free loopback port; its "host:port"."""
         server = aio.server(options=GRPC_OPTIONS)
         add_unary_service(
-            JobServicer(cast(Cluster, CoordinatorFacade(self.coordinator))), jpb.DESCRIPTOR.services_by_name["JobService"], server
+            JobServicer(cast(Cluster, CoordinatorFacade(self.coordinator)), self.coordinator.store),
+            jpb.DESCRIPTOR.services_by_name["JobService"],
+            server,
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

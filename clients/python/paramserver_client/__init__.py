@@ -12,6 +12,7 @@ Errors are :class:`ServiceError` with a machine-readable ``reason``.
 from paramserver_client.aio import (
     AsyncJobClient,
     AsyncWorker,
+    OptimizerState,
     StepResult,
     galore_param_groups,
     make_spec,
@@ -49,6 +50,7 @@ __all__ = [
     "AsyncWorker",
     "JobClient",
     "JobRolledBack",
+    "OptimizerState",
     "Reason",
     "RemoteOptimizer",
     "RetryPolicy",

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 from grpc import aio
 
 from paramserver.v1 import job_service_pb2 as jpb
@@ -200,6 +201,17 @@ def galore_param_groups(
     return [param_group("galore", patterns=patterns, ndims=(2,), optimizer="galore", hyperparameters=galore)]
 
 
+@dataclass
+class OptimizerState:
+    """A job's optimizer state as ReadOptimizerState streams it: the version, the snapshot it was
+    read from, and per parameter name its state tensors by key (fp32 numpy arrays; e.g. AdamW's
+    step, exp_avg, exp_avg_sq)."""
+
+    version: int
+    snapshot: str
+    tensors: dict[str, dict[str, npt.NDArray[np.float32]]]
+
+
 class AsyncJobClient:
     """Control-plane calls (JobService)."""
 
@@ -251,6 +263,35 @@ class AsyncJobClient:
         req = jpb.RollbackJobRequest(request_id=new_request_id(), job_id=job_id, snapshot=snapshot)
         job: jpb.Job = await self._unary(self._stub.RollbackJob, req, "RollbackJob")
         return job
+
+    async def read_optimizer_state(self, job_id: str, snapshot: str = "", *, timeout: float | None = None) -> OptimizerState:
+        """A job's full optimizer state per parameter, from `snapshot` (a path, or "JOB_ID" /
+        "JOB_ID:latest"; empty = a new snapshot of the current version). See OptimizerState."""
+        req = jpb.ReadOptimizerStateRequest(request_id=new_request_id(), job_id=job_id, snapshot=snapshot)
+
+        async def attempt() -> OptimizerState:
+            state: OptimizerState | None = None
+            async for chunk in self._stub.ReadOptimizerState(req, timeout=timeout or max(self.timeout, 600.0)):
+                if chunk.HasField("header"):
+                    state = OptimizerState(int(chunk.header.version), chunk.header.snapshot, {})
+                    continue
+                if state is None:
+                    raise ServiceError(grpc.StatusCode.DATA_LOSS, "", "a state tensor came before the header")
+                t = chunk.tensor
+                shape = tuple(int(d) for d in t.shape)
+                per_param = state.tensors.setdefault(t.parameter, {})
+                flat = per_param.get(t.key)
+                if flat is None:
+                    flat = per_param[t.key] = np.empty(shape, dtype=np.float32)
+                values = np.frombuffer(t.data, dtype="<f4")
+                if flat.shape != shape or t.offset + values.size > flat.size:
+                    raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"a malformed piece of {t.parameter}.{t.key} at {t.offset}")
+                flat.reshape(-1)[t.offset : t.offset + values.size] = values
+            if state is None:
+                raise ServiceError(grpc.StatusCode.DATA_LOSS, "", "no header in ReadOptimizerState")
+            return state
+
+        return await call_with_retry(attempt, self.retry, "ReadOptimizerState")
 
     async def create_snapshot(self, job_id: str) -> jpb.Snapshot:
         """Take a consistent snapshot of a job; returns once it is durable."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
-from paramserver_client.aio import AsyncJobClient, AsyncWorker, ParamLike, StepResult
+from paramserver_client.aio import AsyncJobClient, AsyncWorker, OptimizerState, ParamLike, StepResult
 from paramserver_client.codec import FLOAT32, TRAIN, F32Array
 
 T = TypeVar("T")
@@ -70,6 +70,10 @@ class JobClient:
     def rollback_job(self, job_id: str, snapshot: str) -> jpb.Job:
         """Restore a running job in place to a snapshot; see AsyncJobClient.rollback_job."""
         return self._loop.run(self._c.rollback_job(job_id, snapshot))
+
+    def read_optimizer_state(self, job_id: str, snapshot: str = "") -> OptimizerState:
+        """A job's full optimizer state per parameter; see AsyncJobClient.read_optimizer_state."""
+        return self._loop.run(self._c.read_optimizer_state(job_id, snapshot))
 
     def create_snapshot(self, job_id: str) -> jpb.Snapshot:
         """Take a consistent snapshot of a job; returns once it is durable."""

@@ -87,6 +87,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         snapshot_on_save: ``state_dict()`` takes a service snapshot at the current version and
             names it in the state dict, so that loading that state dict later rolls the job back
             to it (resuming from a checkpoint older than the job). Default False.
+        full_state: ``state_dict()`` also holds the full optimizer state, read from the service
+            (``ReadOptimizerState``, from the snapshot taken at that version) in torch's layout
+            (``state[i] = {"step", "exp_avg", ...}``), so the checkpoint loads into the torch
+            optimizer of the same rule. Default False (the state stays in the service).
         **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
             (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
             max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
@@ -117,6 +121,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         skip_frozen: bool = True,
         on_rollback: Callable[[int], None] | None = None,
         snapshot_on_save: bool = False,
+        full_state: bool = False,
         **settings: Any,
     ) -> None:
         if loss not in ("sum", "mean"):
@@ -129,6 +134,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.job_id = job_id
         self._address, self._timeout = address, timeout
         self.snapshot_on_save = snapshot_on_save
+        self.full_state = full_state
         self._snapshot: tuple[int, str] = (-1, "")
         self.on_rollback = on_rollback
         self.rolled_back_to: int | None = None
@@ -472,12 +478,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
         service) plus a reference to resume from: ``{"paramserver": {"job_id", "version",
         "snapshot"}}``. The snapshot is the path of a service snapshot at that version (taken here
         when the optimizer was created with ``snapshot_on_save=True``, or by :meth:`snapshot`), else ""."""
-        if self.snapshot_on_save and self._snapshot[0] != self.version:
+        if (self.snapshot_on_save or self.full_state) and self._snapshot[0] != self.version:
             self.snapshot()
         sd = super().state_dict()
         path = self._snapshot[1] if self._snapshot[0] == self.version else ""
         sd[STATE_KEY] = {"job_id": self.job_id, "version": int(self.version), "snapshot": path}
+        if self.full_state:
+            sd["state"] = self._service_state(path)
         return sd
+
+    def _service_state(self, snapshot: str) -> dict[int, dict[str, torch.Tensor]]:
+        """The optimizer state of `snapshot` in torch's state_dict layout (keyed by the position
+        of each parameter in param_groups)."""
+        with JobClient(self._address, timeout=self._timeout) as jobs:
+            state = jobs.read_optimizer_state(self.job_id, snapshot)
+        if state.version != self.version:
+            raise RuntimeError(f"the service's optimizer state is at version {state.version}, the model at {self.version}")
+        position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {
+            position[id(p)]: {k: torch.from_numpy(v) for k, v in state.tensors.get(name, {}).items()}
+            for name, p in self.named
+            if name in state.tensors
+        }
 
     def snapshot(self) -> str:
         """Take a service snapshot of the job now (every shard at one version) and remember it
@@ -507,6 +529,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if ref is not None and ref.get("job_id") != self.job_id:
             raise ValueError(f"this state dict belongs to job {ref.get('job_id')!r}, not {self.job_id!r}")
         super().load_state_dict(sd)
+        self.state.clear()  # a full state (full_state=True) is the service's: it is not kept here
         self._lrs_shown = self._current_lrs()
         self._check_fixed()
         if ref is None:
