@@ -178,6 +178,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.skip_frozen = skip_frozen
         self.total = int(job.total_elements)
         self._flat = np.empty(self.total, dtype=np.float32)
+        self._step_grad = np.empty(0, dtype=np.float32)  # step()'s gradient buffer: allocated on first use
         self._grad_flat = np.empty(0, dtype=np.float32)  # overlap's buffers: allocated on first use
         self._grad_wire: np.ndarray = self._grad_flat
         self._map_shards(self.worker.shard_ranges)
@@ -276,7 +277,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise RuntimeError("step() in eval mode: call train() first (the model holds the evaluation point)")
         self._check_fixed()
         terms, scale_by = self._terms(loss_terms, loss_is_mean)
-        grad = self._gather(lambda p: p.grad)
+        if self._step_grad.size != self.total:
+            self._step_grad = np.zeros(self.total, dtype=np.float32)  # the parts no parameter covers stay 0
+        grad = self._gather(lambda p: p.grad, self._step_grad)
         inv = self._inverse_grad_scale()
         if inv is not None:
             grad *= inv
@@ -561,11 +564,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """This worker's id in the job."""
         return self.worker.worker_id
 
-    def _gather(self, get: Any) -> np.ndarray:
-        out = np.zeros(self.total, dtype=np.float32)
+    def _gather(self, get: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """The flat vector of get(p) over the model (zeros where it is None), into `out` if given
+        (a buffer reused step after step: no fresh pages to fault in)."""
+        if out is None:
+            out = np.zeros(self.total, dtype=np.float32)
         for (off, n), p in zip(self._slices, self.params, strict=True):
             t = get(p)
-            if t is not None:
+            if t is None:
+                out[off : off + n] = 0
+            else:
                 out[off : off + n] = t.detach().reshape(-1).to("cpu", torch.float32).numpy()
         return out
 
