@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,8 +11,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from paramserver.coordinator import CREATING, FAILED, RECOVERING, JobView
-from paramserver.errors import ConfigError
-from paramserver.jobconfig import DEFAULT_SCHEDULE, SETTINGS, GroupRule, JobConfig, Setting
+from paramserver.errors import ConfigError, ParamServerError, Reason
+from paramserver.jobconfig import DEFAULT_SCHEDULE, MAX_PARAMETERS, SETTINGS, GroupRule, JobConfig, Setting
 from paramserver.v1 import job_service_pb2 as pb
 from paramserver.v1 import tensor_pb2
 from paramserver_client.codec import ITEMSIZE
@@ -41,8 +42,35 @@ def restore_overrides(spec: pb.JobSpec) -> dict[str, Any]:
     return {s.name: spec_value(spec, s) for s in SETTINGS if s.restorable}
 
 
+def struct_values(struct: Any, field: str) -> dict[str, Any]:
+    """A Struct as a dict; a non-finite number anywhere in it is INVALID_ARGUMENT naming its key."""
+
+    def check(value: Any, where: str) -> None:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            raise ConfigError(where, f"must be a finite number, not {value.number_value!r}")
+        if kind == "list_value":
+            for i, v in enumerate(value.list_value.values):
+                check(v, f"{where}[{i}]")
+        if kind == "struct_value":
+            for k, v in value.struct_value.fields.items():
+                check(v, f"{where}.{k}")
+
+    for key, value in struct.fields.items():
+        check(value, f"{field}.{key}")
+    out: dict[str, Any] = json_format.MessageToDict(struct)
+    return out
+
+
 def spec_to_config(spec: pb.JobSpec) -> JobConfig:
     """Validate a JobSpec's shape-level fields and turn it into a JobConfig."""
+    if len(spec.parameters) > MAX_PARAMETERS:  # before anything is built per parameter
+        raise ParamServerError(
+            "RESOURCE_EXHAUSTED",
+            Reason.LIMIT_EXCEEDED,
+            f"{len(spec.parameters)} parameters; at most {MAX_PARAMETERS}",
+            {"field": "spec.parameters", "limit": MAX_PARAMETERS},
+        )
     params = []
     dtypes = []
     for i, p in enumerate(spec.parameters):
@@ -59,9 +87,9 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
     config = JobConfig(
         parameters=tuple(params),
         optimizer=spec.optimizer.name,
-        hyperparameters=json_format.MessageToDict(spec.optimizer.hyperparameters),
+        hyperparameters=struct_values(spec.optimizer.hyperparameters, "spec.optimizer.hyperparameters"),
         schedule=spec.schedule.name or DEFAULT_SCHEDULE,
-        schedule_parameters=json_format.MessageToDict(spec.schedule.parameters),
+        schedule_parameters=struct_values(spec.schedule.parameters, "spec.schedule.parameters"),
         param_dtypes=tuple(dtypes),
         groups=tuple(
             GroupRule(
@@ -69,9 +97,9 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
                 patterns=tuple(g.patterns),
                 ndims=tuple(int(d) for d in g.ndims),
                 optimizer=g.optimizer.name,
-                hyperparameters=json_format.MessageToDict(g.optimizer.hyperparameters),
+                hyperparameters=struct_values(g.optimizer.hyperparameters, f"spec.param_groups[{i}].optimizer.hyperparameters"),
             )
-            for g in spec.param_groups
+            for i, g in enumerate(spec.param_groups)
         ),
         **settings,
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from paramserver.errors import ConfigError
+from paramserver.errors import ConfigError, ParamServerError, Reason
 from paramserver.membership import CONTINUE, FAIL, WAIT
 from paramserver.optim import Optimizer, Param, Schedule, build, build_schedule
 from paramserver.placement import ParamLayout, Span, layout, plan
@@ -99,6 +100,18 @@ DEFAULT_SCHEDULE = "constant"
 
 #: The longest worker lease a job may ask for, seconds (a day).
 MAX_WORKER_TIMEOUT_S = 86400.0
+
+#: Limits of a job description (stated in job_service.proto and the README). A shape or name out
+#: of range is INVALID_ARGUMENT naming the field; a job over a size limit RESOURCE_EXHAUSTED
+#: (LIMIT_EXCEEDED).
+MAX_PARAMETERS = 100_000
+MAX_DIMS = 8
+MAX_DIMENSION = 2**31 - 1
+MAX_PARAM_ELEMENTS = 2**34
+MAX_JOB_ELEMENTS = 2**36
+MAX_NAME_BYTES = 1024
+MAX_GROUPS = 64
+MAX_PATTERNS = 64
 
 _T = TypeVar("_T", int, float)
 
@@ -309,8 +322,43 @@ class JobConfig:
         whole = [opts[g].whole_tensors for g in self.assign()]
         return plan(lay, self.num_shards, whole if any(whole) else None)
 
+    def check_limits(self) -> None:
+        """The description's sizes and numbers: shapes, names, counts within the limits above, and
+        every float setting finite (raise ConfigError naming the field, or LIMIT_EXCEEDED)."""
+        if len(self.parameters) > MAX_PARAMETERS:
+            raise _too_big("spec.parameters", f"{len(self.parameters)} parameters; at most {MAX_PARAMETERS}", MAX_PARAMETERS)
+        total = 0
+        for i, (name, shape, group) in enumerate(self.parameters):
+            if not name or len(name.encode()) > MAX_NAME_BYTES:
+                raise ConfigError(f"spec.parameters[{i}].name", f"must be 1 to {MAX_NAME_BYTES} bytes")
+            if len(group.encode()) > MAX_NAME_BYTES:
+                raise ConfigError(f"spec.parameters[{i}].group", f"must be at most {MAX_NAME_BYTES} bytes")
+            if len(shape) > MAX_DIMS or any(not 1 <= d <= MAX_DIMENSION for d in shape):
+                raise ConfigError(f"spec.parameters[{i}].shape", f"at most {MAX_DIMS} dimensions, each in [1, {MAX_DIMENSION}]")
+            n = math.prod(shape)
+            if n > MAX_PARAM_ELEMENTS:
+                raise _too_big(f"spec.parameters[{i}].shape", f"{n} elements; a parameter holds at most {MAX_PARAM_ELEMENTS}",
+                               MAX_PARAM_ELEMENTS)  # fmt: skip
+            total += n
+        if total > MAX_JOB_ELEMENTS:
+            raise _too_big("spec.parameters", f"{total} elements in all; a job holds at most {MAX_JOB_ELEMENTS}", MAX_JOB_ELEMENTS)
+        if len(self.groups) > MAX_GROUPS:
+            raise _too_big("spec.param_groups", f"{len(self.groups)} groups; at most {MAX_GROUPS}", MAX_GROUPS)
+        for i, g in enumerate(self.groups):
+            if len(g.name.encode()) > MAX_NAME_BYTES:
+                raise ConfigError(f"spec.param_groups[{i}].name", f"must be at most {MAX_NAME_BYTES} bytes")
+            if len(g.patterns) > MAX_PATTERNS or any(len(p.encode()) > MAX_NAME_BYTES for p in g.patterns):
+                raise ConfigError(f"spec.param_groups[{i}].patterns", f"at most {MAX_PATTERNS} patterns of {MAX_NAME_BYTES} bytes")
+            if len(g.ndims) > MAX_DIMS + 1 or any(not 0 <= d <= MAX_DIMS for d in g.ndims):
+                raise ConfigError(f"spec.param_groups[{i}].ndims", f"values in [0, {MAX_DIMS}]")
+        for s in SETTINGS:
+            value = getattr(self, s.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(s.spec_field, f"must be a finite number, not {value!r}")
+
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
+        self.check_limits()
         if self.num_workers < 1:
             raise ConfigError(_spec_field("num_workers"), "must be >= 1")
         if self.num_shards < 1:
@@ -351,6 +399,10 @@ class JobConfig:
         self.assign()
         self.build_schedule()
         self.plan()
+
+
+def _too_big(field: str, message: str, limit: int) -> ParamServerError:
+    return ParamServerError("RESOURCE_EXHAUSTED", Reason.LIMIT_EXCEEDED, message, {"field": field, "limit": limit})
 
 
 def check_job_id(job_id: str) -> None:

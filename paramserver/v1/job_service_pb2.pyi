@@ -276,6 +276,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """StepReport.skip_reason: the workers sent different group_lrs for the step
     (their lr schedulers disagree); the step was skipped on every shard.
     """
+    LIMIT_EXCEEDED: _ErrorReason.ValueType  # 41
+    """RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
+    elements, groups; see JobSpec). metadata: field, limit.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -408,6 +412,10 @@ LR_MISMATCH: ErrorReason.ValueType  # 40
 """StepReport.skip_reason: the workers sent different group_lrs for the step
 (their lr schedulers disagree); the step was skipped on every shard.
 """
+LIMIT_EXCEEDED: ErrorReason.ValueType  # 41
+"""RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
+elements, groups; see JobSpec). metadata: field, limit.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -423,7 +431,7 @@ class ParameterSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique name, e.g. "blocks.0.attn.qkv.weight"."""
+    """Unique name, e.g. "blocks.0.attn.qkv.weight"; 1 to 1024 bytes."""
     dtype: _tensor_pb2.DType.ValueType
     """The dtype the model keeps this parameter in (informational; the
     service always keeps fp32 master values). DTYPE_UNSPECIFIED = fp32.
@@ -434,7 +442,10 @@ class ParameterSpec(_message.Message):
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Shape; empty for a scalar. Every dimension must be >= 1."""
+        """Shape; empty for a scalar. At most 8 dimensions, each in [1, 2^31 - 1]
+        (else INVALID_ARGUMENT, field spec.parameters[i].shape); at most 2^34
+        elements (else RESOURCE_EXHAUSTED LIMIT_EXCEEDED).
+        """
 
     def __init__(
         self,
@@ -661,7 +672,13 @@ class JobSpec(_message.Message):
     """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
-        """The model description, in flat-space order."""
+        """The model description, in flat-space order. Limits: at most 100,000
+        parameters and 2^36 elements in all (RESOURCE_EXHAUSTED LIMIT_EXCEEDED);
+        at most 64 param_groups of at most 64 patterns; names and patterns of
+        at most 1024 bytes; every number in hyperparameters, schedule
+        parameters and the settings below finite (else INVALID_ARGUMENT naming
+        the field).
+        """
 
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
