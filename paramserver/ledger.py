@@ -36,6 +36,10 @@ class Ledger(Generic[T]):
             raise ParamServerError.invalid("request_id", f"request id {request_id!r} was used for another call", Reason.REQUEST_ID_REUSED)
         return entry[1]
 
+    def peek(self, request_id: str) -> tuple[Hashable, T] | None:
+        """(fingerprint, first answer) for request_id, or None (the caller compares)."""
+        return self._entries.get(request_id)
+
     def record(self, request_id: str, fingerprint: Hashable, answer: T) -> None:
         """Remember the answer for request_id."""
         self._entries[request_id] = (fingerprint, answer)

@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import struct
 import threading
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +75,39 @@ class Chunk:
     data: memoryview
     index: int
     """Its position in the stream (for errors)."""
+
+
+#: Content digests are sums of per-chunk CRC-32s modulo 2^64 (independent of chunk order).
+DIGEST_MASK = (1 << 64) - 1
+
+
+def chunk_digest(c: Chunk) -> int:
+    """A chunk's CRC-32 over its offset, count, dtype and bytes."""
+    return zlib.crc32(c.data, zlib.crc32(struct.pack("<QQI", c.offset, c.count, c.dtype)))
+
+
+@dataclass(frozen=True)
+class PushPrint:
+    """What makes two pushes under one request id the same call: the worker, lease, step, loss
+    terms, lrs and the gradient's content digest (None: not known, as for an answer restored
+    from a snapshot that predates the field; it then matches anything)."""
+
+    worker: int
+    lease: int
+    step: int
+    terms: int | None = None
+    lrs: tuple[float, ...] | None = None
+    digest: int | None = None
+
+    def check(self, request_id: str, other: PushPrint) -> None:
+        """REQUEST_ID_REUSED naming what differs, unless `other` is the same call."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine is not None and theirs is not None and mine != theirs:
+                what = "gradient" if f.name == "digest" else f.name
+                raise ParamServerError.invalid(
+                    "request_id", f"request id {request_id!r} was used for another push (its {what} differs)", Reason.REQUEST_ID_REUSED
+                )
 
 
 @dataclass(frozen=True)
@@ -141,22 +176,33 @@ class ShardRuntime:
 
     # ---- incoming streams -------------------------------------------------------------------
 
-    async def _receive(self, chunks: AsyncIterator[Chunk]) -> GradBuffer:
+    async def _receive(self, chunks: AsyncIterator[Chunk]) -> tuple[GradBuffer, int]:
         """Validate each chunk as it arrives and decode it into a fresh buffer that covers the
-        shard exactly once; the buffer is the caller's to hand over (or given back on error)."""
+        shard exactly once; the buffer (the caller's to hand over, or given back on error) and the
+        stream's content digest (see :func:`chunk_digest`)."""
         state = self.state
         buffer = state.grads.acquire()
         landed: list[Landed] = []
+        digest = 0
         try:
             async for c in chunks:
                 local = self._check_chunk(c)
                 buffer.write(local, wire_tensor(c.data, c.dtype))
                 landed.append(Landed(local, c.count))
+                digest = (digest + chunk_digest(c)) & DIGEST_MASK
             state.check_coverage(landed)
         except BaseException:
             state.grads.release(buffer)
             raise
-        return buffer
+        return buffer, digest
+
+    @staticmethod
+    async def _digest(chunks: AsyncIterator[Chunk]) -> int:
+        """The content digest of a retried stream (read to its end, nothing decoded)."""
+        digest = 0
+        async for c in chunks:
+            digest = (digest + chunk_digest(c)) & DIGEST_MASK
+        return digest
 
     def _check_chunk(self, c: Chunk) -> int:
         """Validate one chunk; its local offset. Raises ParamServerError naming the field."""
@@ -208,7 +254,7 @@ class ShardRuntime:
         done = self._upload_answer(request_id)
         if done is not None:
             return done
-        buffer = await self._receive(chunks)
+        buffer, _ = await self._receive(chunks)
         async with self._upload_lock:  # two uploads racing: the second sees the first's result
             try:
                 done = self._upload_answer(request_id)
@@ -322,11 +368,8 @@ class ShardRuntime:
     # ---- pushes ---------------------------------------------------------------------------
 
     async def _push_answer(self, h: PushHeader) -> asyncio.Future[PushResult] | None:
-        """Check a push against the step machine: the first answer's future for a retried request
-        id; otherwise None if it may contribute, or the error that says why not."""
-        first = self._push_ledger.lookup(h.request_id, (h.worker_id, h.lease, h.step))
-        if first is not None:
-            return first
+        """Check a push against the step machine: None if it may contribute, or the error that
+        says why not."""
         self.check_member(h.worker_id, h.lease, h.generation)
         if not self.state.initialized:
             raise ParamServerError.precondition(Reason.PARAMETERS_NOT_INITIALIZED, "parameters have not been uploaded to this shard yet")
@@ -362,20 +405,28 @@ class ShardRuntime:
         the chunks arrived); the step closes when every member is in."""
         _require_request_id(h.request_id)
         self._check_lrs(h.lrs)
-        first = await self._push_answer(h)
-        if first is not None:
-            return await asyncio.shield(first)
-        buffer = await self._receive(chunks)
+        head = PushPrint(h.worker_id, h.lease, h.step, h.loss_terms, h.lrs)
+        entry = self._push_ledger.peek(h.request_id)
+        if entry is not None:  # a retry: the same call (content included) gets the first answer
+            cast(PushPrint, entry[0]).check(h.request_id, head)
+            digest = await self._digest(chunks)
+            cast(PushPrint, entry[0]).check(h.request_id, dataclasses.replace(head, digest=digest))
+            return await asyncio.shield(entry[1])
+        await self._push_answer(h)
+        buffer, digest = await self._receive(chunks)
+        full = dataclasses.replace(head, digest=digest)
         try:
-            first = await self._push_answer(h)
+            entry = self._push_ledger.peek(h.request_id)
+            if entry is not None:  # a duplicate of this call completed while the chunks arrived
+                cast(PushPrint, entry[0]).check(h.request_id, full)
+                self.state.grads.release(buffer)
+                return await asyncio.shield(entry[1])
+            await self._push_answer(h)
         except BaseException:
             self.state.grads.release(buffer)
             raise
-        if first is not None:
-            self.state.grads.release(buffer)
-            return await asyncio.shield(first)
         fut: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
-        self._push_ledger.record(h.request_id, (h.worker_id, h.lease, h.step), fut)
+        self._push_ledger.record(h.request_id, full, fut)
         self._pending[h.worker_id] = Contribution(h.worker_id, h.loss_terms, buffer, h.lease, h.lrs)
         self._requests[h.worker_id] = h.request_id
         self._maybe_complete(fut, h.worker_id)
@@ -587,12 +638,13 @@ class ShardRuntime:
         """The answered pushes of steps >= since_step, as JSON-able data (for snapshots)."""
         out = []
         for request_id, fingerprint, fut in self._push_ledger.items():
-            worker, lease, step = cast(tuple[int, int, int], fingerprint)
-            if step < since_step or step >= self.state.version or not fut.done() or fut.exception() is not None:
+            p = cast(PushPrint, fingerprint)
+            if p.step < since_step or p.step >= self.state.version or not fut.done() or fut.exception() is not None:
                 continue
             r = fut.result()
             report = None if r.report is None else {**dataclasses.asdict(r.report), "outcome": r.report.outcome.value}
-            out.append({"request_id": request_id, "worker": worker, "lease": lease, "step": step, "outcome": r.outcome.value,
+            out.append({"request_id": request_id, "worker": p.worker, "lease": p.lease, "step": p.step, "terms": p.terms,
+                        "lrs": None if p.lrs is None else list(p.lrs), "outcome": r.outcome.value,
                         "version": r.version, "contributions": r.contributions, "expected": r.expected, "report": report})  # fmt: skip
         return out
 
@@ -607,7 +659,10 @@ class ShardRuntime:
                                                              "missing_workers": tuple(rep.get("missing_workers", ()))})  # fmt: skip
             fut: asyncio.Future[PushResult] = loop.create_future()
             fut.set_result(PushResult(Outcome(e["outcome"]), e["version"], e["contributions"], e["expected"], report))
-            self._push_ledger.record(e["request_id"], (e["worker"], e.get("lease", 0), e["step"]), fut)
+            lrs = e.get("lrs")
+            # no content digest: it covers one shard's ranges, and a restore may place them anew
+            fingerprint = PushPrint(e["worker"], e.get("lease", 0), e["step"], e.get("terms"), None if lrs is None else tuple(lrs))
+            self._push_ledger.record(e["request_id"], fingerprint, fut)
 
     # ---- lifecycle --------------------------------------------------------------------------
 

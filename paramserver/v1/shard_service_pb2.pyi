@@ -199,7 +199,9 @@ class PushHeader(_message.Message):
     """
     request_id: _builtins.str
     """Idempotency key: a retry with the same key is not applied twice and
-    gets the first answer.
+    gets the first answer. The same key with other content (chunks,
+    loss_terms, group_lrs, step, worker) is INVALID_ARGUMENT
+    REQUEST_ID_REUSED.
     """
     loss_terms: _builtins.int
     """Number of loss terms (tokens, samples) whose SUMMED loss produced this

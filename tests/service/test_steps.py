@@ -41,8 +41,12 @@ async def test_a_retried_push_gets_the_first_answer_and_is_applied_once(svc: InP
     (w,) = await sgd_job(svc, "once", 1)
     first = await w.push(0, full(1.0), 1, request_id="req-0")
     assert first.outcome == spb.STEP_OUTCOME_APPLIED and first.version == 1 and first.report is not None
-    again = await w.push(0, full(7.0), 1, request_id="req-0")  # a retry after the step was applied
+    again = await w.push(0, full(1.0), 1, request_id="req-0")  # a retry after the step was applied
     assert again == first
+    for other, lrs in (((full(7.0), 1), ()), ((full(1.0), 2), ()), ((full(1.0), 1), (0.5,))):  # another gradient, terms, lr
+        with pytest.raises(ServiceError) as changed:
+            await w.push(0, *other, request_id="req-0", lrs=lrs)
+        assert (changed.value.code, changed.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_ID_REUSED)
     assert np.array_equal(await params(w, 1), full(-LR))  # applied once, with the first push's gradient
     assert (await svc.jobs().get_job("once")).version == 1
     with pytest.raises(ServiceError) as reused:  # the same id for another call
@@ -57,7 +61,10 @@ async def test_a_retried_pending_push_gets_its_first_answer_before_and_after_the
     w0, w1 = await sgd_job(svc, "once-pending", 2)
     first = await w0.push(0, full(2.0), 1, request_id="a")
     assert first.outcome == spb.STEP_OUTCOME_PENDING and first.version == 0 and first.report is None
-    assert await w0.push(0, full(100.0), 1, request_id="a") == first  # not DUPLICATE_CONTRIBUTION, not counted twice
+    assert await w0.push(0, full(2.0), 1, request_id="a") == first  # not DUPLICATE_CONTRIBUTION, not counted twice
+    with pytest.raises(ServiceError) as changed:  # the same id with another gradient: refused, not silently dropped
+        await w0.push(0, full(100.0), 1, request_id="a")
+    assert changed.value.reason == Reason.REQUEST_ID_REUSED
     done = await w1.push(0, full(4.0), 1)
     assert done.outcome == spb.STEP_OUTCOME_APPLIED and done.report is not None and done.report.loss_terms == 2
     assert np.array_equal(await params(w1, 1), full(-LR * (2.0 + 4.0) / 2))
