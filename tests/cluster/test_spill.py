@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from paramserver.jobconfig import MAX_JOB_ELEMENTS, MAX_PARAM_ELEMENTS
 from paramserver_client import JobClient, Reason, ServiceError, Worker
 from tests.conftest import SPILL_DIR, shard_tensors
 
@@ -96,7 +97,12 @@ def test_a_spilled_job_trains_like_an_in_memory_one_within_its_budget(address: s
 def test_a_disk_that_cannot_hold_the_spill_files_is_resource_exhausted(address: str, job_id: str) -> None:
     st = os.statvfs(SPILL_DIR if SPILL_DIR.exists() else SPILL_DIR.parent)
     free_elements = st.f_bavail * st.f_frsize // 4
-    shapes = [("w", (free_elements // 1024 + 1, 1024))]  # params alone would fill the disk
+    if free_elements >= MAX_JOB_ELEMENTS:
+        pytest.skip("the spill disk holds more than the largest job a description may ask for")
+    # params alone would fill the disk, in parameters within the per-parameter limit
+    count = -(-(free_elements + 1) // MAX_PARAM_ELEMENTS)
+    rows = -(-(free_elements + 1) // (count * 1024))
+    shapes = [(f"w{i}", (rows, 1024)) for i in range(count)]
     with JobClient(address) as jc:
         with pytest.raises(ServiceError) as err:
             jc.create_job(shapes, job_id=job_id, optimizer="sgd", shard_memory_budget_bytes=256 * MIB)
