@@ -165,8 +165,7 @@ def job_to_pb(v: JobView) -> pb.Job:
         job.layout.add(name=p.name, offset=p.offset, numel=p.numel, group=group)
         total += p.numel
     job.total_elements = total
-    settings, lrs, resolved = v.config.group_settings(), v.config.group_lrs(), v.config.group_hyperparameters()
-    for (name, rule, _, _), lr, hyper in zip(settings, lrs, resolved, strict=True):
+    for name, rule, lr, hyper in v.config.group_infos():
         group_info = job.groups.add(name=name, optimizer=rule, lr=lr)
         group_info.hyperparameters.update(hyper)
     job.total_steps = int(v.config.schedule_parameters.get("total_steps", 0) or 0)

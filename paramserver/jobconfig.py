@@ -260,17 +260,14 @@ class JobConfig:
             out.append((g.name, rule, hyper, f"spec.param_groups[{i}].optimizer"))
         return out
 
-    def group_lrs(self) -> list[float]:
-        """Every group's base lr (what the schedule multiplies), the default group first."""
-        return [build(rule, hyper, f).lr for _, rule, hyper, f in self.group_settings()]
-
-    def group_hyperparameters(self) -> list[dict[str, Any]]:
-        """Every group's hyperparameters as its rule reads them (the defaults filled in; tuples as
-        lists), the default group first."""
+    def group_infos(self) -> list[tuple[str, str, float, dict[str, Any]]]:
+        """(name, rule, base lr, hyperparameters as the rule reads them: defaults filled in, tuples
+        as lists) of every group, the default group first; each rule is built once."""
         out = []
-        for _, rule, hyper, f in self.group_settings():
-            parsed = dataclasses.asdict(build(rule, hyper, f).hyper)
-            out.append({k: list(v) if isinstance(v, tuple) else v for k, v in parsed.items()})
+        for name, rule, hyper, f in self.group_settings():
+            opt = build(rule, hyper, f)
+            resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(opt.hyper).items()}
+            out.append((name, rule, opt.lr, resolved))
         return out
 
     def trains_like(self, other: JobConfig) -> bool:

@@ -252,6 +252,8 @@ def test_grad_scaler_unscales_and_an_overflow_skips_the_step_on_every_worker(add
                 p.grad = g * scale  # as backward of a scaled loss
             if overflow:
                 named[k][0][1].grad[0, 0] = float("inf")
+            if s == 2:  # unscaled by the loop first (as before clipping): sent as it is
+                scalers[k].unscale_(opts[k])
             scalers[k].step(opts[k], loss_terms=n)
             scalers[k].update()
 
@@ -296,6 +298,11 @@ def test_a_scheduler_that_moves_more_than_the_lr_is_refused_before_anything_is_p
         with pytest.raises(RuntimeError, match="only the lr"):
             opt.step(loss_terms=n)
         assert opt.version == 0 and sched.last_epoch == 0
+        opt.param_groups[0]["betas"] = (0.9, 0.99)
+        opt.param_groups[0]["weight_decay"] = 0.5  # the loop moving weight_decay itself: refused alike
+        with pytest.raises(RuntimeError, match="weight_decay"):
+            opt.step(loss_terms=n)
+        assert opt.version == 0
     finally:
         opt.close()
     with JobClient(address) as jc:
@@ -366,6 +373,11 @@ def test_overlap_refuses_what_it_cannot_do(address: str, job_id: str) -> None:
                 pass
         with pytest.raises(RuntimeError, match="step\\(\\) alone"):
             opt.step(loss_terms=16)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))
+        with pytest.raises(RuntimeError, match="step\\(\\) alone"):  # GradScaler hands a scale over: refused
+            scaler.step(opt)
+        del opt.grad_scale, opt.found_inf  # GradScaler leaves them set when step() raises
         opt.step()  # still armed: the refused call consumed nothing
         assert opt.version == 1 and opt.last_report.outcome == 2
     finally:

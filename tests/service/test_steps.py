@@ -65,6 +65,9 @@ async def test_a_retried_pending_push_gets_its_first_answer_before_and_after_the
     with pytest.raises(ServiceError) as changed:  # the same id with another gradient: refused, not silently dropped
         await w0.push(0, full(100.0), 1, request_id="a")
     assert changed.value.reason == Reason.REQUEST_ID_REUSED
+    with pytest.raises(ServiceError) as other:  # the same id from another worker
+        await w1.push(0, full(2.0), 1, request_id="a")
+    assert other.value.reason == Reason.REQUEST_ID_REUSED
     done = await w1.push(0, full(4.0), 1)
     assert done.outcome == spb.STEP_OUTCOME_APPLIED and done.report is not None and done.report.loss_terms == 2
     assert np.array_equal(await params(w1, 1), full(-LR * (2.0 + 4.0) / 2))
