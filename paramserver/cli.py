@@ -1,13 +1,20 @@
-"""The command line: ``paramserver serve`` and ``paramserver demo``."""
+"""The command line: ``paramserver serve``, ``paramserver demo`` and ``paramserver hash-token``."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from paramserver.access import AuthConfig, hash_token, load_tenants
+from paramserver.tls import TlsConfig
+
+#: The environment variable `serve` takes a single tenant's admin token from.
+ADMIN_TOKEN_ENV = "PARAMSERVER_ADMIN_TOKEN"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="paramserver: optimizer-as-a-service.")
 
@@ -42,6 +49,21 @@ def serve(
         list[str] | None,
         typer.Option(help="NAME=AMOUNT: a Ray resource the coordinator asks for, to pin it to the nodes that have it (repeatable)."),
     ] = None,
+    admin_token_file: Annotated[
+        str | None,
+        typer.Option(
+            help="File holding the admin token of a single tenant ('default'); every call then needs a token. "
+            "Or set PARAMSERVER_ADMIN_TOKEN."
+        ),
+    ] = None,
+    tenants: Annotated[
+        str | None, typer.Option(help="JSON file of tenants: names, admin token SHA-256s (see `hash-token`) and quotas.")
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="PEM certificate chain of every port (front door and shards): TLS on.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        str | None, typer.Option(help="PEM CA that client certificates must be signed by (mutual TLS on every port).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Start the service; stop it with SIGTERM or Ctrl-C."""
@@ -66,8 +88,48 @@ def serve(
             state_dir=state_dir,
             keep_jobs_on_exit=keep_jobs,
             coordinator_resources=_resources(coordinator_resource or []),
+            auth=_auth(admin_token_file, tenants),
+            tls=_tls(tls_cert, tls_key, tls_client_ca),
         )
     )
+
+
+def _auth(admin_token_file: str | None, tenants: str | None) -> AuthConfig | None:
+    """The service's tenants from the options or $PARAMSERVER_ADMIN_TOKEN (a usage error when unusable)."""
+    env = os.environ.get(ADMIN_TOKEN_ENV, "")
+    given = [x for x in (admin_token_file, tenants, env) if x]
+    if len(given) > 1:
+        raise typer.BadParameter(f"give one of --admin-token-file, --tenants or ${ADMIN_TOKEN_ENV}")
+    try:
+        if tenants:
+            return load_tenants(tenants)
+        if admin_token_file:
+            return AuthConfig.single(Path(admin_token_file).read_text().strip())
+        if env:
+            return AuthConfig.single(env.strip())
+    except (OSError, ValueError, KeyError) as exc:
+        raise typer.BadParameter(f"credentials: {exc}") from None
+    return None
+
+
+def _tls(cert: str | None, key: str | None, client_ca: str | None) -> TlsConfig | None:
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        raise typer.BadParameter("TLS needs both --tls-cert and --tls-key")
+    try:
+        return TlsConfig(cert, key, client_ca or "")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("hash-token")
+def hash_token_command() -> None:
+    """Read a token on stdin; print its SHA-256 (for the token_sha256 of a --tenants file)."""
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise typer.BadParameter("no token on stdin")
+    print(hash_token(token))
 
 
 def _resources(items: list[str]) -> dict[str, float]:

@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import ray.exceptions
 
+from paramserver.access import Quota
 from paramserver.coordinator import Coordinator, JobView
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
@@ -33,6 +34,7 @@ from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus, restore_for
 from paramserver.snapshot_names import shard_file
 from paramserver.steps import Decision, Redo, ShardStats
+from paramserver.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,9 @@ class RayShardLauncher:
         spill_dir: str = "spill",
         start_timeout_s: float = SHARD_START_TIMEOUT_S,
         coordinator_name: str = "",
+        tls: TlsConfig | None = None,
     ) -> None:
+        self.tls = tls
         self.bind_host = bind_host
         self.spill_dir = spill_dir
         self.start_timeout_s = start_timeout_s
@@ -208,6 +212,7 @@ class RayShardLauncher:
                 self.spill_dir,
                 roster,
                 generation,
+                self.tls,
             )
             for i, name in zip(indices, names, strict=True)
         ]
@@ -323,6 +328,7 @@ class Cluster:
         name: str = "default",
         state_dir: str = "state",
         coordinator_resources: Mapping[str, float] | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         """Attach to the service's coordinator actor `name` if it runs (a restarted front door),
         else start it: detached (it outlives this process) and restarted by Ray if it dies (it
@@ -338,7 +344,7 @@ class Cluster:
             max_restarts=-1,
             resources=dict(coordinator_resources or {}),
         ).remote(
-            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name),
+            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name, tls),
             snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
             journal=journal,
         )
@@ -365,10 +371,27 @@ class Cluster:
         restore_from: str = "",
         overrides: dict[str, Any] | None = None,
         resume: bool = False,
+        tenant: str = "",
+        quota: Quota | None = None,
+        secured: bool = False,
     ) -> JobView:
         """See Coordinator.create_job."""
-        ref = self.coordinator.create_job.remote(request_id, job_id, config, restore_from, overrides, resume)
+        ref = self.coordinator.create_job.remote(request_id, job_id, config, restore_from, overrides, resume, tenant, quota, secured)
         result: JobView = await _call(ref, "create_job")
+        return result
+
+    async def access(self, job_id: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+        """See Coordinator.access."""
+        result: tuple[str, tuple[tuple[str, float], ...]] = await _call(self.coordinator.access.remote(job_id), "access")
+        return result
+
+    async def add_token(self, job_id: str, digest: str) -> None:
+        """See Coordinator.add_token."""
+        await _call(self.coordinator.add_token.remote(job_id, digest), "add_token")
+
+    async def rotate_token(self, request_id: str, job_id: str, digest: str, previous_valid_s: float) -> float:
+        """See Coordinator.rotate_token."""
+        result: float = await _call(self.coordinator.rotate_token.remote(request_id, job_id, digest, previous_valid_s), "rotate_token")
         return result
 
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:

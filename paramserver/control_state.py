@@ -57,6 +57,14 @@ class JobRecord:
     skips: dict[str, int] = field(default_factory=dict)
     norms: list[float] = field(default_factory=list)
     """The spike guard's window (finite pre-clip norms, oldest first)."""
+    tenant: str = ""
+    """The tenant that owns the job ("" without credentials)."""
+    quota: dict[str, int] = field(default_factory=dict)
+    """The tenant's quotas when the job was created (``Quota`` fields)."""
+    secured: bool = False
+    """The job's ports require a worker token."""
+    tokens: list[list[Any]] = field(default_factory=list)
+    """[SHA-256 hex, expiry] of its accepted worker tokens."""
 
 
 def _freeze(value: Any) -> Any:
@@ -121,6 +129,8 @@ class ControlState:
             job.skips = dict(r.get("skips", job.skips))
             job.norms = list(r.get("norms", job.norms))
             job.removed = []
+        elif kind == "tokens":
+            job.tokens = [list(x) for x in r["tokens"]]
         elif kind == "restored":
             version = int(r["version"])
             job.decisions = {s: d for s, d in job.decisions.items() if s < version}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from paramserver.access import Quota, add_token, denied, rotate
 from paramserver.control_state import ControlJournal, JobRecord
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig, check_job_id
@@ -156,6 +157,7 @@ class JobView:
     generation: int = 0
     recoveries: int = 0
     recovered_from: str = ""
+    tenant: str = ""
 
     @property
     def initialized(self) -> bool:
@@ -203,6 +205,10 @@ class _Job:
     replica: tuple[Manifest, dict[str, Blob]] | None = None
     """The newest complete replica: its manifest and every shard file's bytes (memory only)."""
     replicating: bool = False
+    tenant: str = ""
+    """The tenant that owns the job ("" when the service runs without credentials)."""
+    quota: Quota = field(default_factory=Quota)
+    """Its tenant's quotas (shared by the tenant's jobs)."""
 
     @property
     def workers(self) -> dict[int, str]:
@@ -270,7 +276,12 @@ class Coordinator:
         now = self.clock()
         membership.members = {int(w): Member(int(w), str(n), int(lease), now, bool(lost)) for w, (n, lease, lost) in rec.members.items()}
         membership.removed = set(rec.removed)
+        membership.tokens = tuple((str(h), float(e)) for h, e in rec.tokens)
+        membership.secured = rec.secured
+        quota = Quota(**{k: int(v) for k, v in rec.quota.items()})
+        membership.max_streams = quota.streams
         job = _Job(rec.job_id, config, config.plan(), [], policy, membership, state=RECOVERING, generation=rec.generation)
+        job.tenant, job.quota = rec.tenant, quota
         job.recoveries = rec.recoveries
         job.state_reason = "reattaching after a coordinator restart"
         job.skips = dict(rec.skips)
@@ -365,6 +376,7 @@ class Coordinator:
             job.generation,
             job.recoveries,
             job.recovered_from,
+            job.tenant,
         )
 
     async def create_job(
@@ -375,9 +387,16 @@ class Coordinator:
         restore_from: str = "",
         overrides: Mapping[str, Any] | None = None,
         resume: bool = False,
+        tenant: str = "",
+        quota: Quota | None = None,
+        secured: bool = False,
     ) -> JobView:
         """Create a job and start its shards (with `resume`, return the existing job of that id
         when its description is the same; without, that is ALREADY_EXISTS).
+
+        `tenant` owns the job (another tenant's existing job is PERMISSION_DENIED) and its `quota`
+        bounds the tenant's jobs together (RESOURCE_EXHAUSTED QUOTA_EXCEEDED); `secured` jobs'
+        shards accept only the worker tokens given by add_token/rotate_token.
 
         With `restore_from`, the configuration comes from that snapshot (after every file is
         verified), with `overrides` (num_shards, num_workers, ...) applied; the shards load
@@ -406,6 +425,8 @@ class Coordinator:
             job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
             check_job_id(job_id)
             existing = self.jobs.get(job_id)
+            if existing is not None and existing.tenant != tenant:
+                raise denied(f"job {job_id!r} belongs to another tenant", job_id=job_id)
             if existing is not None:
                 if restore is not None:  # a restore never returns a running job: its state is not the snapshot's
                     raise ParamServerError(
@@ -430,12 +451,15 @@ class Coordinator:
                 self._remember(request_id, ("create", job_id, config.key()), job_id)
             else:
                 config.validate()
+                quota = quota or Quota()
+                self._check_create_quota(tenant, quota, config)
                 plan = config.plan()
                 policy = SnapshotPolicy(
                     every_steps=config.snapshot_every_steps, every_seconds=config.snapshot_every_seconds, clock=self.clock
                 )
                 membership = Membership(config.min_members, config.max_members, config.worker_timeout_s, config.on_worker_lost, self.clock)
-                job = _Job(job_id, config, plan, [], policy, membership, state=CREATING)
+                membership.secured, membership.max_streams = secured, quota.streams
+                job = _Job(job_id, config, plan, [], policy, membership, state=CREATING, tenant=tenant, quota=quota)
                 if config.spike_window:
                     job.guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
                 job.skips = dict(skips)
@@ -444,11 +468,62 @@ class Coordinator:
                 self.jobs[job_id] = job
                 self._log({"t": "job", "job_id": job_id, "config": config.to_dict(),
                            "restore": dataclasses.asdict(restore) if restore is not None else None,
-                           "decided_version": job.decided_version, "skips": dict(skips), "norms": list(history)})  # fmt: skip
+                           "decided_version": job.decided_version, "skips": dict(skips), "norms": list(history),
+                           "tenant": tenant, "quota": dataclasses.asdict(quota), "secured": secured, "tokens": []})  # fmt: skip
                 self._remember(request_id, ("create", job_id, config.key()), job_id)
                 job.launching = asyncio.get_running_loop().create_task(self._launch(job, request_id, restore))
             job = self.jobs[job_id]
         return await self._created(job)
+
+    def _tenant_jobs(self, tenant: str) -> list[_Job]:
+        return [j for j in self.jobs.values() if j.tenant == tenant and not j.deleted]
+
+    def _check_create_quota(self, tenant: str, quota: Quota, config: JobConfig) -> None:
+        jobs = self._tenant_jobs(tenant)
+        quota.check("parameter_bytes", sum(4 * j.config.total_elements for j in jobs), 4 * config.total_elements)
+        quota.check("shards", sum(j.config.num_shards for j in jobs), config.num_shards)
+
+    async def access(self, job_id: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+        """A job's tenant and the worker tokens it accepts (hashes and expiries)."""
+        await self.start()
+        job = self._job(job_id)
+        return job.tenant, job.membership.tokens
+
+    async def _set_tokens(self, job: _Job, tokens: tuple[tuple[str, float], ...]) -> None:
+        self._log({"t": "tokens", "job_id": job.job_id, "tokens": [list(x) for x in tokens]})
+        job.membership.set_tokens(tokens)
+        if job.state == RUNNING:
+            await self._push_roster(job)
+
+    async def add_token(self, job_id: str, digest: str) -> None:
+        """Accept one more worker token (its SHA-256) for the job, on every shard."""
+        await self.start()
+        job = self._job(job_id)
+        await job.created.wait()
+        async with job.lock:
+            tokens = add_token(job.membership.tokens, digest)
+            if tokens != job.membership.tokens:
+                await self._set_tokens(job, tokens)
+
+    async def rotate_token(self, request_id: str, job_id: str, digest: str, previous_valid_s: float) -> float:
+        """Accept the worker token `digest`; the job's other tokens expire `previous_valid_s` seconds
+        from now (Unix time returned). A retry accepts its own token again and gets the first expiry."""
+        await self.start()
+        _require(request_id)
+        job = self._job(job_id)
+        await job.created.wait()
+        async with job.lock:
+            first = self.ledger.lookup(request_id, ("rotate", job_id))
+            if isinstance(first, float):
+                tokens = add_token(job.membership.tokens, digest)
+                if tokens != job.membership.tokens:
+                    await self._set_tokens(job, tokens)
+                return first
+            tokens, until = rotate(job.membership.tokens, digest, previous_valid_s, time.time())
+            await self._set_tokens(job, tokens)
+            self._remember(request_id, ("rotate", job_id), until)
+            log.info("job %s: worker token rotated; previous tokens valid %.0f s more", job_id, previous_valid_s)
+            return until
 
     async def _launch(self, job: _Job, request_id: str, restore: Restore | None) -> None:
         """Start a new job's shards (a task of its own: a caller that gives up does not cancel it)."""
@@ -525,6 +600,9 @@ class Coordinator:
                 wid, lease = first
             else:
                 self._running(job)
+                if job.quota.workers and not any(m.name == worker_name and worker_name for m in job.membership.members.values()):
+                    members = sum(len(j.membership.members) for j in self._tenant_jobs(job.tenant))
+                    job.quota.check("workers", members, 1)
                 member = job.membership.join(worker_name)
                 wid, lease = member.worker_id, member.lease
                 self._log({"t": "join", "job_id": job_id, "worker_id": wid, "name": worker_name, "lease": lease})
@@ -882,6 +960,7 @@ class Coordinator:
         if job.snapshot_lock.locked():
             raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, f"a snapshot of job {job_id!r} is being written")
         async with job.snapshot_lock:
+            await self._check_snapshot_quota(job)
             result = await self._snapshot(job)
         self._remember(request_id, ("snapshot", job_id), result)
         return result
@@ -892,9 +971,22 @@ class Coordinator:
             return  # policy: skip while one is being written
         try:
             async with job.snapshot_lock:
+                await self._check_snapshot_quota(job)
                 await self._snapshot(job)
+        except ParamServerError as exc:
+            log.error("job %s: periodic snapshot not taken: %s", job_id, exc)
         except Exception:
             log.exception("job %s: periodic snapshot failed", job_id)
+
+    async def _check_snapshot_quota(self, job: _Job) -> None:
+        """RESOURCE_EXHAUSTED (QUOTA_EXCEEDED snapshot_bytes) when the tenant's committed snapshots
+        plus this one (estimated as the job's newest snapshot, or its parameter bytes) pass the quota."""
+        if not job.quota.snapshot_bytes:
+            return
+        sizes = {j.job_id: [int(s["bytes"]) for s in await self.list_snapshots(j.job_id)] for j in self._tenant_jobs(job.tenant)}
+        own = sizes.get(job.job_id, [])
+        estimate = own[-1] if own else 4 * job.config.total_elements
+        job.quota.check("snapshot_bytes", sum(sum(v) for v in sizes.values()), estimate)
 
     async def _snapshot(self, job: _Job, attempts: int = 200) -> dict[str, Any]:
         store = self.store

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from grpc import aio
 
+from paramserver.access import MAX_PREVIOUS_VALID_S, hash_token, new_worker_token
 from paramserver.cluster import Cluster
 from paramserver.convert import job_state_pb, job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
-from paramserver.errors import ConfigError
+from paramserver.errors import ConfigError, ParamServerError, Reason
+from paramserver.gate import CALLER, FrontDoorGate
 from paramserver.rpc import streaming, unary
 from paramserver.snapshot_store import SnapshotStore
 from paramserver.state_export import PIECE_ELEMENTS, open_snapshot, optimizer_state
@@ -27,12 +31,47 @@ def _need(value: str, field: str) -> str:
     return value
 
 
-class JobServicer(pb_grpc.JobServiceServicer):
-    """JobService over a Cluster; `store` is the snapshot store ReadOptimizerState reads."""
+#: Worker tokens the front door remembers by request id, so that a retried CreateJob or
+#: RotateJobToken gets the token its first attempt issued.
+ISSUED_KEPT = 4096
 
-    def __init__(self, cluster: Cluster, store: SnapshotStore) -> None:
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    """JobService over a Cluster; `store` is the snapshot store ReadOptimizerState reads; `gate`
+    (None: no credentials) has already checked each call (see gate.FrontDoorGate)."""
+
+    def __init__(self, cluster: Cluster, store: SnapshotStore, gate: FrontDoorGate | None = None) -> None:
         self.cluster = cluster
         self.store = store
+        self.gate = gate
+        self._issued: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def _token_for(self, request_id: str, job_id: str) -> str:
+        """The worker token issued for (request_id, job_id): the first one on a retry."""
+        key = (request_id, job_id)
+        token = self._issued.get(key)
+        if token is None:
+            token = self._issued[key] = new_worker_token(job_id)
+            while len(self._issued) > ISSUED_KEPT:
+                self._issued.popitem(last=False)
+        return token
+
+    async def _issue(self, request_id: str, job: pb.Job) -> pb.Job:
+        """With credentials: the job's answer with a worker token, its tenant, accepted on every shard."""
+        if self.gate is None or not self.gate.secured:
+            return job
+        token = self._token_for(request_id, job.job_id)
+        await self.cluster.add_token(job.job_id, hash_token(token))
+        self.gate.forget(job.job_id)
+        job.worker_token = token
+        return job
+
+    def _create_args(self) -> dict[str, Any]:
+        caller = CALLER.get()
+        if self.gate is None or self.gate.auth is None:
+            return {}
+        tenant = self.gate.auth.tenant(caller.tenant)
+        return {"tenant": caller.tenant, "quota": tenant.quota if tenant is not None else None, "secured": True}
 
     @streaming
     async def ReadOptimizerState(self, request: pb.ReadOptimizerStateRequest, context: Ctx) -> AsyncIterator[pb.OptimizerStateChunk]:
@@ -58,14 +97,18 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
         """Create a job (idempotent per request_id; an existing one only with resume), or restore one from a snapshot."""
         _need(request.request_id, "request_id")
+        access = self._create_args()
         if request.restore_from:
             overrides = restore_overrides(request.spec)  # 0 = keep the snapshot's value
-            view = await self.cluster.create_job(request.request_id, request.job_id, None, request.restore_from, overrides)
-            return job_to_pb(view)
-        if not request.HasField("spec"):
-            raise ConfigError("spec", "required")
-        config = spec_to_config(request.spec)
-        return job_to_pb(await self.cluster.create_job(request.request_id, request.job_id, config, resume=request.resume))
+            view = await self.cluster.create_job(request.request_id, request.job_id, None, request.restore_from, overrides, **access)
+        else:
+            if not request.HasField("spec"):
+                raise ConfigError("spec", "required")
+            config = spec_to_config(request.spec)
+            view = await self.cluster.create_job(request.request_id, request.job_id, config, resume=request.resume, **access)
+        job = job_to_pb(view)
+        job.tenant = view.tenant
+        return await self._issue(request.request_id, job)
 
     @unary
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> pb.Snapshot:
@@ -93,8 +136,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        """Every job."""
-        return pb.ListJobsResponse(jobs=[job_to_pb(v) for v in await self.cluster.list_jobs()])
+        """Every job (with credentials: the caller's tenant's)."""
+        caller = CALLER.get()
+        views = [v for v in await self.cluster.list_jobs() if caller.kind == "open" or v.tenant == caller.tenant]
+        return pb.ListJobsResponse(jobs=[job_to_pb(v) for v in views])
 
     @unary
     async def JoinJob(self, request: pb.JoinJobRequest, context: Ctx) -> pb.JoinJobResponse:
@@ -103,7 +148,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
         wid, view, upload, lease, timeout = await self.cluster.join_job(
             request.request_id, _need(request.job_id, "job_id"), request.worker_name
         )
-        return pb.JoinJobResponse(worker_id=wid, job=job_to_pb(view), upload_parameters=upload, lease=lease, lease_timeout_s=timeout)
+        job = job_to_pb(view)
+        if CALLER.get().kind == "admin":  # an admin joining gets a worker token for the shards
+            job = await self._issue(request.request_id, job)
+        return pb.JoinJobResponse(worker_id=wid, job=job, upload_parameters=upload, lease=lease, lease_timeout_s=timeout)
 
     @unary
     async def LeaveJob(self, request: pb.LeaveJobRequest, context: Ctx) -> pb.LeaveJobResponse:
@@ -126,3 +174,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
         _need(request.request_id, "request_id")
         await self.cluster.delete_job(request.request_id, _need(request.job_id, "job_id"))
         return pb.DeleteJobResponse()
+
+    @unary
+    async def RotateJobToken(self, request: pb.RotateJobTokenRequest, context: Ctx) -> pb.RotateJobTokenResponse:
+        """A new worker token for a job; the previous ones expire after previous_valid_s."""
+        _need(request.request_id, "request_id")
+        job_id = _need(request.job_id, "job_id")
+        valid = request.previous_valid_s
+        if not math.isfinite(valid) or not 0 <= valid <= MAX_PREVIOUS_VALID_S:
+            raise ConfigError("previous_valid_s", f"must be a number of seconds within [0, {MAX_PREVIOUS_VALID_S:.0f}], got {valid}")
+        if self.gate is None or not self.gate.secured:
+            raise ParamServerError.precondition(
+                Reason.INVALID_FIELD, "the service runs without credentials: there are no worker tokens to rotate"
+            )
+        token = self._token_for(request.request_id, job_id)
+        until = await self.cluster.rotate_token(request.request_id, job_id, hash_token(token), valid)
+        self.gate.forget(job_id)
+        return pb.RotateJobTokenResponse(worker_token=token, previous_expire_at=until)

@@ -54,6 +54,12 @@ class Roster:
     """A step closes only with at least this many contributions."""
     failed: str = ""
     """Non-empty when the job failed: the message pushes and pulls answer with."""
+    tokens: tuple[tuple[str, float], ...] = ()
+    """(SHA-256 hex of a worker token, Unix time it expires or 0 = never) the job's ports accept."""
+    secured: bool = False
+    """Every data-plane call must carry one of `tokens` (the service runs with credentials)."""
+    max_streams: int = 0
+    """Concurrent streams one shard of the job serves (0 = the service's default)."""
 
     def lease_of(self, worker_id: int) -> int | None:
         """The lease `worker_id` holds, or None if it is not a member."""
@@ -76,6 +82,12 @@ class Membership:
     failed: str = ""
     removed: set[int] = field(default_factory=set)
     """Members removed since the last step closed (reported as the step's missing workers)."""
+    tokens: tuple[tuple[str, float], ...] = ()
+    """The worker tokens the job's shards accept (see Roster.tokens)."""
+    secured: bool = False
+    """The shards require one of `tokens`."""
+    max_streams: int = 0
+    """Concurrent streams per shard (0 = the service's default)."""
 
     def _changed(self) -> None:
         self.epoch += 1
@@ -83,7 +95,12 @@ class Membership:
     def roster(self) -> Roster:
         """The current roster."""
         members = tuple((w, self.members[w].lease) for w in sorted(self.members))
-        return Roster(self.epoch, members, self.min_workers, self.failed)
+        return Roster(self.epoch, members, self.min_workers, self.failed, self.tokens, self.secured, self.max_streams)
+
+    def set_tokens(self, tokens: tuple[tuple[str, float], ...]) -> None:
+        """Change the accepted worker tokens (a new roster epoch: the shards adopt them)."""
+        self.tokens = tokens
+        self._changed()
 
     def join(self, name: str) -> Member:
         """Admit a worker: the same id (with a new lease) for a name already joined, else the lowest

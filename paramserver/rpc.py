@@ -65,28 +65,38 @@ def decode(message_class: Any, raw: bytes, field: str = "request") -> Any:
         raise ParamServerError.invalid(field, f"{len(raw)} bytes that do not decode as {message_class.DESCRIPTOR.full_name}") from None
 
 
-def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Server) -> None:
+#: Runs before a method with its name, its parsed request and its context; raises to refuse.
+Guard = Callable[[str, Any, Any], Awaitable[None]]
+
+
+def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Server, guard: Guard | None = None) -> None:
     """Register a service of unary (and server-streaming) methods like the generated
     ``add_*Servicer_to_server``, except that requests arrive as bytes and are parsed here:
-    undecodable bytes are INVALID_ARGUMENT (gRPC's own deserialization would answer UNKNOWN)."""
+    undecodable bytes are INVALID_ARGUMENT (gRPC's own deserialization would answer UNKNOWN).
+    `guard` (authentication) runs after parsing and before the method."""
 
     def handler(method: Any) -> grpc.RpcMethodHandler[Any, Any]:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         call = getattr(servicer, method.name)
 
-        async def parse_then_call(raw: bytes, context: aio.ServicerContext[Any, Any]) -> Any:
+        async def admit(raw: bytes, context: aio.ServicerContext[Any, Any]) -> Any:
             try:
                 request = decode(request_class, raw)
+                if guard is not None:
+                    await guard(method.name, request, context)
             except ParamServerError as err:
                 await abort(context, err)
+            except Exception as exc:  # noqa: BLE001 - a guard's bug is INTERNAL, never a pass
+                await abort(context, _internal(exc))
+            return request
+
+        async def parse_then_call(raw: bytes, context: aio.ServicerContext[Any, Any]) -> Any:
+            request = await admit(raw, context)
             return await call(request, context)
 
         async def parse_then_stream(raw: bytes, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            try:
-                request = decode(request_class, raw)
-            except ParamServerError as err:
-                await abort(context, err)
+            request = await admit(raw, context)
             async for item in call(request, context):
                 yield item
 

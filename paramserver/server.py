@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from paramserver.access import AuthConfig
 from paramserver.cluster import Cluster, start_ray, stop_ray
+from paramserver.gate import FrontDoorGate
+from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.job_service import JobServicer
 from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.snapshot_stores import open_store
 from paramserver.spill import clean_spill
-from paramserver.v1 import job_service_pb2, shard_service_pb2
+from paramserver.tls import TlsConfig
+from paramserver.v1 import job_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ class ServiceConfig:
     keep_jobs_on_exit: bool | None = None
     """Leave the coordinator and the jobs running when the front door stops (None: yes when joined
     to an existing cluster, no when the service started its own local Ray, which stops with it)."""
+    auth: AuthConfig | None = None
+    """Tenants and their admin tokens: every call then needs a token (None = no credentials:
+    anyone who reaches a port may call anything; for loopback and trusted networks only)."""
+    tls: TlsConfig | None = None
+    """Certificate files of every port, front door and shards (None = plaintext)."""
 
 
 class Service:
@@ -83,7 +90,7 @@ class Service:
         self.owns_ray = owns_ray
         self.cluster: Cluster | None = None
         self.server: aio.Server | None = None
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health: Any = None
         self.port = 0
         self._watch: asyncio.Task[None] | None = None
 
@@ -110,20 +117,22 @@ class Service:
             name=self.config.name,
             state_dir=self.config.state_dir,
             coordinator_resources=self.config.coordinator_resources,
+            tls=self.config.tls,
         )
         await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)
         store = open_store(self.config.snapshot_dir)
-        add_unary_service(JobServicer(self.cluster, store), job_service_pb2.DESCRIPTOR.services_by_name["JobService"], server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (
-            job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-            shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        gate = FrontDoorGate(self.config.auth, self.cluster.access)
+        service = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+        add_unary_service(JobServicer(self.cluster, store, gate), service, server, gate.guard if gate.secured else None)
+        self.health = add_health_and_reflection(server, [service.full_name])
+        bind = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is not None:
+            self.port = server.add_secure_port(bind, self.config.tls.server_credentials())
+        else:
+            self.port = server.add_insecure_port(bind)
+        if self.config.auth is None and self.config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("serving on %s WITHOUT credentials: anyone who reaches it can create, read and delete jobs", bind)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -134,9 +143,7 @@ class Service:
         return self.port
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in (HEALTH_SERVICE, ""):
-            await self.health.set(name, status)
+        await set_serving(self.health, [HEALTH_SERVICE], serving)
 
     async def _watch_coordinator(self) -> None:
         """Health follows the control plane: NOT_SERVING while the coordinator does not answer
@@ -159,7 +166,8 @@ class Service:
         for the next front door: see ServiceConfig.keep_jobs_on_exit)."""
         if self._watch is not None:
             self._watch.cancel()
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.config.grace_s)
         keep = self.config.keep_jobs_on_exit

@@ -13,12 +13,15 @@ import json
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from grpc import aio
 
 from paramserver import snapshot_names as names
+from paramserver.gate import ShardGate
+from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Roster
@@ -27,10 +30,11 @@ from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
 from paramserver.shard_runtime import ShardRuntime, StepReducer
-from paramserver.shard_service import ShardServicer, add_shard_service
+from paramserver.shard_service import SERVICE_NAME, ShardServicer, add_shard_service
 from paramserver.shard_types import Restore, ShardStatus, fault_from_env
 from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore
 from paramserver.snapshot_stores import open_store
+from paramserver.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,11 @@ class ShardHost:
         spill_dir: str = "spill",
         roster: Roster | None = None,
         generation: int = 0,
+        tls: TlsConfig | None = None,
     ) -> None:
+        """`tls`: serve the data port with TLS (mutual when it has a client CA)."""
         self.job_id = job_id
+        self.tls = tls
         self.config = config
         self.index = index
         self.spans = spans
@@ -82,6 +89,7 @@ class ShardHost:
         self.address = ""
         self._server: aio.Server | None = None
         self._servicer: ShardServicer | None = None
+        self._health: Any = None
         self.runtime: ShardRuntime | None = None
         self._stores: dict[str, SnapshotStore] = {}
 
@@ -138,16 +146,26 @@ class ShardHost:
         state, ledger = self._load()
         self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation)
         self.runtime.load_ledger(json.loads(ledger))
-        server = aio.server(options=GRPC_OPTIONS)
+        server = aio.server(options=GRPC_OPTIONS, interceptors=[ShardGate(self.job_id, self._roster, SERVICE_NAME)])
         self._servicer = ShardServicer(self.job_id, self.runtime)
         add_shard_service(self._servicer, server)
+        self._health = add_health_and_reflection(server, [SERVICE_NAME])
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"
-        port = server.add_insecure_port(f"{host}:0")
+        if self.tls is not None:
+            port = server.add_secure_port(f"{host}:0", self.tls.server_credentials())
+        else:
+            port = server.add_insecure_port(f"{host}:0")
         await server.start()
+        await set_serving(self._health, [SERVICE_NAME], True)
         self._server = server
         self.address = f"{self.advertise_host()}:{port}"
         log.info("job %s shard %d serving %s on %s", self.job_id, self.index, self.address, state.device)
         return self.address
+
+    def _roster(self) -> Roster:
+        """The current roster (its tokens are what the data port accepts)."""
+        assert self.runtime is not None
+        return self.runtime.roster
 
     async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
         """Restore in place (a recovery that keeps this actor and its port): the current state is
@@ -224,6 +242,8 @@ class ShardHost:
         """Stop serving; waiters get UNAVAILABLE."""
         if self.runtime is not None:
             await self.runtime.close()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

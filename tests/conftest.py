@@ -11,7 +11,9 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,6 +81,63 @@ def service(ray_session: None) -> Iterator[object]:
     )
     yield svc
     svc.stop()
+
+
+#: The admin token of the secured test services (tenant "default").
+ADMIN_TOKEN = f"test-admin-{uuid.uuid4().hex}"
+
+
+@dataclass
+class SecuredService:
+    """A front door that requires credentials (and, with `ca_file`, mutual TLS on every port)."""
+
+    background: Any
+    address: str
+    admin_token: str
+    ca_file: str = ""
+    """The CA that signed the service's and the client's certificates."""
+    client_cert: str = ""
+    client_key: str = ""
+
+
+def _secured(name: str, tls: bool) -> SecuredService:
+    from paramserver.access import AuthConfig
+    from paramserver.server import BackgroundService, ServiceConfig
+    from paramserver.tls import TlsConfig
+    from tests.certs import Authority
+
+    ca, client, tls_config = None, None, None
+    if tls:
+        ca = Authority(_SESSION_TMP, name)
+        server = ca.issue("server", server=True)
+        client = ca.issue("client", server=False)
+        tls_config = TlsConfig(server.cert, server.key, client_ca_file=ca.ca_file)
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
+                      name=name, auth=AuthConfig.single(ADMIN_TOKEN), tls=tls_config),
+        own_ray=False,
+    )  # fmt: skip
+    return SecuredService(
+        svc, svc.address, ADMIN_TOKEN, ca.ca_file if ca else "", client.cert if client else "", client.key if client else ""
+    )
+
+
+@pytest.fixture(scope="session")
+def secure_service(ray_session: None) -> Iterator[SecuredService]:
+    """A second front door on the session's Ray that requires tokens (plaintext): `.address`,
+    `.admin_token`; its jobs get worker tokens."""
+    svc = _secured("secure", tls=False)
+    yield svc
+    svc.background.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_service(ray_session: None) -> Iterator[SecuredService]:
+    """A front door on the session's Ray with tokens and mutual TLS on every port (certificates
+    made for this session): `.address`, `.admin_token`, `.ca_file`, `.client_cert`, `.client_key`."""
+    svc = _secured("tls", tls=True)
+    yield svc
+    svc.background.stop()
 
 
 @pytest.fixture

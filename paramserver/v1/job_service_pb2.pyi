@@ -33,6 +33,27 @@ IDEMPOTENCY. Every mutating call carries a request_id chosen by the client
 (a UUID is fine). A call repeated with the same request_id gets the answer
 of the first call and is not applied again. Reusing a request_id for a
 different call is INVALID_ARGUMENT, reason REQUEST_ID_REUSED.
+
+AUTHENTICATION (when the service runs with credentials; see the README).
+Every call carries the metadata "authorization: Bearer TOKEN", on the
+front door and on every shard port alike:
+  * an admin token (one per tenant, configured on the service) may call
+    everything on its tenant's jobs; CreateJob, DeleteJob, RollbackJob,
+    RotateJobToken and ListJobs need one;
+  * a job's worker token (returned by CreateJob and RotateJobToken, shaped
+    "psj.JOB_ID.SECRET") may call GetJob, JoinJob, Heartbeat, LeaveJob,
+    CreateSnapshot, ListSnapshots, ReadOptimizerState and ShardService on
+    that job only.
+A missing or unknown token is UNAUTHENTICATED (reason UNAUTHENTICATED);
+a valid token used on another job or on a call it does not allow is
+PERMISSION_DENIED (reason PERMISSION_DENIED). grpc.health.v1 and server
+reflection need no token.
+
+LIMITS. Requests over the sizes stated in the field comments (names,
+shapes, element counts, parameter and group counts) are INVALID_ARGUMENT
+naming the field, or RESOURCE_EXHAUSTED (LIMIT_EXCEEDED) for sizes.
+A tenant's quotas (parameter bytes, shards, workers, concurrent streams,
+snapshot bytes) are RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED.
 """
 
 from collections import abc as _abc
@@ -280,6 +301,23 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
     elements, groups; see JobSpec). metadata: field, limit.
     """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 42
+    """UNAUTHENTICATED: the call carries no token, or one the service does not
+    know (or that was retired by RotateJobToken).
+    """
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 43
+    """PERMISSION_DENIED: the token is valid but not for this job or this call
+    (a worker token on another job, or on an admin call). metadata: job_id.
+    """
+    QUOTA_EXCEEDED: _ErrorReason.ValueType  # 44
+    """RESOURCE_EXHAUSTED: a tenant's quota would be exceeded. metadata: quota
+    (parameter_bytes, shards, workers, streams, snapshot_bytes), limit,
+    used, requested.
+    """
+    TOO_MANY_STREAMS: _ErrorReason.ValueType  # 45
+    """RESOURCE_EXHAUSTED: too many concurrent streams on a shard, or from one
+    worker. metadata: limit, scope (shard or worker).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -415,6 +453,23 @@ LR_MISMATCH: ErrorReason.ValueType  # 40
 LIMIT_EXCEEDED: ErrorReason.ValueType  # 41
 """RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
 elements, groups; see JobSpec). metadata: field, limit.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 42
+"""UNAUTHENTICATED: the call carries no token, or one the service does not
+know (or that was retired by RotateJobToken).
+"""
+PERMISSION_DENIED: ErrorReason.ValueType  # 43
+"""PERMISSION_DENIED: the token is valid but not for this job or this call
+(a worker token on another job, or on an admin call). metadata: job_id.
+"""
+QUOTA_EXCEEDED: ErrorReason.ValueType  # 44
+"""RESOURCE_EXHAUSTED: a tenant's quota would be exceeded. metadata: quota
+(parameter_bytes, shards, workers, streams, snapshot_bytes), limit,
+used, requested.
+"""
+TOO_MANY_STREAMS: ErrorReason.ValueType  # 45
+"""RESOURCE_EXHAUSTED: too many concurrent streams on a shard, or from one
+worker. metadata: limit, scope (shard or worker).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1079,6 +1134,8 @@ class Job(_message.Message):
     RECOVERED_FROM_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    WORKER_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -1105,6 +1162,16 @@ class Job(_message.Message):
     total_steps: _builtins.int
     """The job's schedule's last step (schedule parameter total_steps; 0 when
     the schedule has none): a worker warns when it steps past it.
+    """
+    worker_token: _builtins.str
+    """A new worker token for this job: set only in the answers of CreateJob
+    when the service runs with credentials (every CreateJob answer carries
+    a newly issued one; earlier ones stay valid). The service keeps only its
+    hash: keep it, or issue another with RotateJobToken.
+    """
+    tenant: _builtins.str
+    """The tenant that owns the job (empty when the service runs without
+    credentials).
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -1155,10 +1222,12 @@ class Job(_message.Message):
         recovered_from: _builtins.str = ...,
         groups: _abc.Iterable[Global___GroupInfo] | None = ...,
         total_steps: _builtins.int = ...,
+        worker_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "groups", b"groups", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "total_elements", b"total_elements", "total_steps", b"total_steps", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "groups", b"groups", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant", "total_elements", b"total_elements", "total_steps", b"total_steps", "version", b"version", "worker_token", b"worker_token", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1215,6 +1284,64 @@ class CreateJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
+
+@_typing.final
+class RotateJobTokenRequest(_message.Message):
+    """RotateJobToken's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VALID_S_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key: a retry gets the same token back."""
+    job_id: _builtins.str
+    """The job."""
+    previous_valid_s: _builtins.float
+    """How long the tokens issued before stay valid, in seconds (0 = refused
+    at once; at most 604800, a week).
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        previous_valid_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "previous_valid_s", b"previous_valid_s", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateJobTokenRequest: _TypeAlias = RotateJobTokenRequest  # noqa: Y015
+
+@_typing.final
+class RotateJobTokenResponse(_message.Message):
+    """RotateJobToken's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_TOKEN_FIELD_NUMBER: _builtins.int
+    PREVIOUS_EXPIRE_AT_FIELD_NUMBER: _builtins.int
+    worker_token: _builtins.str
+    """The new worker token ("psj.JOB_ID.SECRET")."""
+    previous_expire_at: _builtins.float
+    """When the tokens issued before stop being accepted (Unix seconds)."""
+    def __init__(
+        self,
+        *,
+        worker_token: _builtins.str = ...,
+        previous_expire_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_expire_at", b"previous_expire_at", "worker_token", b"worker_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateJobTokenResponse: _TypeAlias = RotateJobTokenResponse  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):

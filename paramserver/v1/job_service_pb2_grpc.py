@@ -90,6 +90,11 @@ class JobServiceStub:
                 request_serializer=paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.FromString,
                 _registered_method=True)
+        self.RotateJobToken = channel.unary_unary(
+                '/paramserver.v1.JobService/RotateJobToken',
+                request_serializer=paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -192,6 +197,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateJobToken(self, request, context):
+        """Issues a new worker token for a job (admin only). Tokens issued before
+        stay valid for previous_valid_s more seconds, then are refused, on the
+        front door and on every shard: workers switch to the new token without
+        stopping training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +264,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ReadOptimizerState,
                     request_deserializer=paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.SerializeToString,
+            ),
+            'RotateJobToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateJobToken,
+                    request_deserializer=paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -549,6 +569,33 @@ class JobService:
             '/paramserver.v1.JobService/ReadOptimizerState',
             paramserver_dot_v1_dot_job__service__pb2.ReadOptimizerStateRequest.SerializeToString,
             paramserver_dot_v1_dot_job__service__pb2.OptimizerStateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateJobToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.JobService/RotateJobToken',
+            paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenRequest.SerializeToString,
+            paramserver_dot_v1_dot_job__service__pb2.RotateJobTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,27 @@ IDEMPOTENCY. Every mutating call carries a request_id chosen by the client
 (a UUID is fine). A call repeated with the same request_id gets the answer
 of the first call and is not applied again. Reusing a request_id for a
 different call is INVALID_ARGUMENT, reason REQUEST_ID_REUSED.
+
+AUTHENTICATION (when the service runs with credentials; see the README).
+Every call carries the metadata "authorization: Bearer TOKEN", on the
+front door and on every shard port alike:
+  * an admin token (one per tenant, configured on the service) may call
+    everything on its tenant's jobs; CreateJob, DeleteJob, RollbackJob,
+    RotateJobToken and ListJobs need one;
+  * a job's worker token (returned by CreateJob and RotateJobToken, shaped
+    "psj.JOB_ID.SECRET") may call GetJob, JoinJob, Heartbeat, LeaveJob,
+    CreateSnapshot, ListSnapshots, ReadOptimizerState and ShardService on
+    that job only.
+A missing or unknown token is UNAUTHENTICATED (reason UNAUTHENTICATED);
+a valid token used on another job or on a call it does not allow is
+PERMISSION_DENIED (reason PERMISSION_DENIED). grpc.health.v1 and server
+reflection need no token.
+
+LIMITS. Requests over the sizes stated in the field comments (names,
+shapes, element counts, parameter and group counts) are INVALID_ARGUMENT
+naming the field, or RESOURCE_EXHAUSTED (LIMIT_EXCEEDED) for sizes.
+A tenant's quotas (parameter bytes, shards, workers, concurrent streams,
+snapshot bytes) are RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED.
 """
 
 from collections import abc as _abc
@@ -112,6 +133,12 @@ class JobServiceStub:
     exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
     torch optimizer of the same rule.
     """
+    RotateJobToken: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RotateJobTokenRequest, _job_service_pb2.RotateJobTokenResponse]
+    """Issues a new worker token for a job (admin only). Tokens issued before
+    stay valid for previous_valid_s more seconds, then are refused, on the
+    front door and on every shard: workers switch to the new token without
+    stopping training.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -164,6 +191,12 @@ class JobServiceAsyncStub(JobServiceStub):
     own state names (for sgd, adam and adamw torch's: momentum_buffer,
     exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
     torch optimizer of the same rule.
+    """
+    RotateJobToken: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RotateJobTokenRequest, _job_service_pb2.RotateJobTokenResponse]  # type: ignore[assignment]
+    """Issues a new worker token for a job (admin only). Tokens issued before
+    stay valid for previous_valid_s more seconds, then are refused, on the
+    front door and on every shard: workers switch to the new token without
+    stopping training.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -280,6 +313,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         own state names (for sgd, adam and adamw torch's: momentum_buffer,
         exp_avg, exp_avg_sq, max_exp_avg_sq, step), so the result loads into the
         torch optimizer of the same rule.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateJobToken(
+        self,
+        request: _job_service_pb2.RotateJobTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RotateJobTokenResponse, _abc.Awaitable[_job_service_pb2.RotateJobTokenResponse]]:
+        """Issues a new worker token for a job (admin only). Tokens issued before
+        stay valid for previous_valid_s more seconds, then are refused, on the
+        front door and on every shard: workers switch to the new token without
+        stopping training.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from grpc import aio
 
+from paramserver.access import AuthConfig, Quota
 from paramserver.cluster import Cluster
 from paramserver.coordinator import Coordinator, JobView, ShardHandle
 from paramserver.errors import ParamServerError, Reason
+from paramserver.gate import FrontDoorGate
+from paramserver.health import add_health_and_reflection
 from paramserver.job_service import JobServicer
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
@@ -33,6 +36,7 @@ from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus
 from paramserver.steps import Decision, Redo, ShardStats
+from paramserver.tls import TlsConfig
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client.aio import AsyncJobClient, AsyncWorker
 from paramserver_client.retry import RetryPolicy
@@ -101,8 +105,9 @@ class HostHandle:
 class InProcessLauncher:
     """Starts every shard as a ShardHost in this process (see the module docstring)."""
 
-    def __init__(self, spill_dir: Path) -> None:
+    def __init__(self, spill_dir: Path, tls: TlsConfig | None = None) -> None:
         self.spill_dir = spill_dir
+        self.tls = tls
         self.coordinator: Coordinator | None = None
         self.hosts: list[ShardHost] = []
         """Every host ever started (teardown checks that each was stopped)."""
@@ -121,7 +126,7 @@ class InProcessLauncher:
             for i in range(len(plan)) if only is None else only:
                 spans = plan[i]
                 host = ShardHost(job_id, config, i, list(spans), DirectReducer(self.coordinator, job_id), "127.0.0.1", restore,
-                                 str(self.spill_dir), roster, generation)  # fmt: skip
+                                 str(self.spill_dir), roster, generation, self.tls)  # fmt: skip
                 self.hosts.append(host)
                 await host.start()
                 started.append(host)
@@ -147,8 +152,18 @@ class CoordinatorFacade:
         self.coordinator = coordinator
 
     async def create_job(self, request_id: str, job_id: str, config: JobConfig | None, restore_from: str = "",
-                         overrides: dict[str, Any] | None = None, resume: bool = False) -> JobView:  # fmt: skip
-        return await self.coordinator.create_job(request_id, job_id, config, restore_from, overrides, resume)
+                         overrides: dict[str, Any] | None = None, resume: bool = False, tenant: str = "",
+                         quota: Quota | None = None, secured: bool = False) -> JobView:  # fmt: skip
+        return await self.coordinator.create_job(request_id, job_id, config, restore_from, overrides, resume, tenant, quota, secured)
+
+    async def access(self, job_id: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+        return await self.coordinator.access(job_id)
+
+    async def add_token(self, job_id: str, digest: str) -> None:
+        await self.coordinator.add_token(job_id, digest)
+
+    async def rotate_token(self, request_id: str, job_id: str, digest: str, previous_valid_s: float) -> float:
+        return await self.coordinator.rotate_token(request_id, job_id, digest, previous_valid_s)
 
     async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
         return await self.coordinator.rollback_job(request_id, job_id, snapshot)
@@ -181,9 +196,11 @@ class CoordinatorFacade:
 class InProcessService:
     """The front door (real JobServicer) over a real Coordinator whose shards are in-process hosts."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, auth: AuthConfig | None = None, tls: TlsConfig | None = None) -> None:
+        """`auth` and `tls` as in ServiceConfig (front door and shards)."""
+        self.auth, self.tls = auth, tls
         self.snapshot_dir = root / "snapshots"
-        self.launcher = InProcessLauncher(root / "spill")
+        self.launcher = InProcessLauncher(root / "spill", tls)
         self.coordinator = Coordinator(self.launcher, str(self.snapshot_dir))
         self.launcher.coordinator = self.coordinator
         self.address = ""
@@ -194,12 +211,19 @@ class InProcessService:
     async def start(self) -> str:
         """Serve JobService on a free loopback port; its "host:port"."""
         server = aio.server(options=GRPC_OPTIONS)
+        facade = CoordinatorFacade(self.coordinator)
+        gate = FrontDoorGate(self.auth, facade.access)
         add_unary_service(
-            JobServicer(cast(Cluster, CoordinatorFacade(self.coordinator)), self.coordinator.store),
+            JobServicer(cast(Cluster, facade), self.coordinator.store, gate),
             jpb.DESCRIPTOR.services_by_name["JobService"],
             server,
+            gate.guard if gate.secured else None,
         )
-        port = server.add_insecure_port("127.0.0.1:0")
+        self.health = add_health_and_reflection(server, [jpb.DESCRIPTOR.services_by_name["JobService"].full_name])
+        if self.tls is not None:
+            port = server.add_secure_port("127.0.0.1:0", self.tls.server_credentials())
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._server = server
         self.address = f"127.0.0.1:{port}"
@@ -225,9 +249,10 @@ class InProcessService:
 
     # ---- clients ---------------------------------------------------------------------------
 
-    def jobs(self) -> AsyncJobClient:
-        """A control-plane client of the front door (closed at teardown)."""
-        client = AsyncJobClient(self.address, timeout=TIMEOUT_S, retry=NO_RETRY)
+    def jobs(self, **credentials: Any) -> AsyncJobClient:
+        """A control-plane client of the front door (closed at teardown); `credentials`: token=,
+        credentials= (see AsyncJobClient)."""
+        client = AsyncJobClient(self.address, timeout=TIMEOUT_S, retry=NO_RETRY, **credentials)
         self._clients.append(client)
         return client
 

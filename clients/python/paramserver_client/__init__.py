@@ -22,6 +22,7 @@ from paramserver_client.aio import (
 )
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import BFLOAT16, EVAL, FLOAT16, FLOAT32, TRAIN
+from paramserver_client.credentials import Credentials
 from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy
@@ -48,6 +49,7 @@ __all__ = [
     "TRAIN",
     "AsyncJobClient",
     "AsyncWorker",
+    "Credentials",
     "JobClient",
     "JobRolledBack",
     "OptimizerState",

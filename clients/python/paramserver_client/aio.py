@@ -25,7 +25,6 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
-from grpc import aio
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import job_service_pb2_grpc as jgrpc
@@ -44,6 +43,7 @@ from paramserver_client.codec import (
     split,
     to_wire,
 )
+from paramserver_client.credentials import Credentials
 from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 from paramserver_client.retry import RetryPolicy, call_with_retry
@@ -215,11 +215,22 @@ class OptimizerState:
 class AsyncJobClient:
     """Control-plane calls (JobService)."""
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        credentials: Credentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        """`token` (else `credentials.token`, else $PARAMSERVER_TOKEN) goes with every call; TLS
+        comes from `credentials` (else $PARAMSERVER_TLS_CA/_CERT/_KEY): see credentials.py."""
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.credentials = Credentials.resolve(credentials, token=token)
+        self._channel = self.credentials.channel(address, CHANNEL_OPTIONS)
         self._stub = jgrpc.JobServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncJobClient:
@@ -337,6 +348,12 @@ class AsyncJobClient:
         """Delete a job."""
         await self._unary(self._stub.DeleteJob, jpb.DeleteJobRequest(request_id=new_request_id(), job_id=job_id), "DeleteJob")
 
+    async def rotate_job_token(self, job_id: str, previous_valid_s: float = 300.0) -> jpb.RotateJobTokenResponse:
+        """A new worker token for a job (admin); the previous ones stay valid `previous_valid_s` more seconds."""
+        req = jpb.RotateJobTokenRequest(request_id=new_request_id(), job_id=job_id, previous_valid_s=previous_valid_s)
+        resp: jpb.RotateJobTokenResponse = await self._unary(self._stub.RotateJobToken, req, "RotateJobToken")
+        return resp
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -371,6 +388,8 @@ class AsyncWorker:
         lease_timeout_s: float = 0.0,
         address: str = "",
         recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT_S,
+        credentials: Credentials | None = None,
+        token: str | None = None,
     ) -> None:
         """`lease` is JoinJob's; with the front door's `address` and `lease_timeout_s` the worker
         renews its lease in the background (every third of the timeout) until close(). With the
@@ -378,6 +397,9 @@ class AsyncWorker:
         new shards (waiting up to `recovery_timeout` seconds for the restore) and raises
         :class:`JobRolledBack` with the version to resume from."""
         self.recovery_timeout = recovery_timeout
+        creds = Credentials.resolve(credentials, token=token)
+        self.credentials = creds.with_token(job.worker_token) if job.worker_token else creds
+        """The token shards accept: the job's worker token when JoinJob (as an admin) gave one."""
         self.job = job
         self.job_id = job.job_id
         self.worker_id = worker_id
@@ -401,7 +423,8 @@ class AsyncWorker:
     @classmethod
     async def join(cls, address: str, job_id: str, worker_name: str = "", **kwargs: Any) -> AsyncWorker:
         """Join `job_id` through the front door at `address` and connect to its shards."""
-        async with AsyncJobClient(address, timeout=kwargs.get("timeout", DEFAULT_TIMEOUT_S)) as jobs:
+        creds = Credentials.resolve(kwargs.pop("credentials", None), token=kwargs.pop("token", None))
+        async with AsyncJobClient(address, timeout=kwargs.get("timeout", DEFAULT_TIMEOUT_S), credentials=creds) as jobs:
             resp = await jobs.join_job(job_id, worker_name)
         return cls(
             resp.job,
@@ -410,12 +433,13 @@ class AsyncWorker:
             lease=resp.lease,
             lease_timeout_s=resp.lease_timeout_s,
             address=address,
+            credentials=creds,
             **kwargs,
         )
 
     def _connect(self, job: jpb.Job) -> None:
         """Channels to the job's shards."""
-        self._channels = [aio.insecure_channel(s.address, options=CHANNEL_OPTIONS) for s in job.shards]
+        self._channels = [self.credentials.channel(s.address, CHANNEL_OPTIONS) for s in job.shards]
         self._ranges = [[(int(r.start), int(r.length)) for r in s.ranges] for s in job.shards]
 
     async def _shard_gone(self, exc: ServiceError) -> bool:
@@ -424,7 +448,9 @@ class AsyncWorker:
         if not self.address:
             return False
         try:
-            async with AsyncJobClient(self.address, timeout=min(self.timeout, 5.0), retry=RetryPolicy(attempts=1)) as jobs:
+            async with AsyncJobClient(
+                self.address, timeout=min(self.timeout, 5.0), retry=RetryPolicy(attempts=1), credentials=self.credentials
+            ) as jobs:
                 job = await jobs.get_job(self.job_id)
         except ServiceError:
             return False
@@ -439,7 +465,7 @@ class AsyncWorker:
             raise exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.recovery_timeout
-        async with AsyncJobClient(self.address, timeout=self.timeout) as jobs:
+        async with AsyncJobClient(self.address, timeout=self.timeout, credentials=self.credentials) as jobs:
             while True:
                 try:
                     job = await jobs.get_job(self.job_id)
@@ -467,7 +493,7 @@ class AsyncWorker:
 
     async def _renew(self, every_s: float) -> None:
         """Heartbeats until the lease ends or the worker closes."""
-        async with AsyncJobClient(self.address, timeout=max(every_s, 1.0)) as jobs:
+        async with AsyncJobClient(self.address, timeout=max(every_s, 1.0), credentials=self.credentials) as jobs:
             while True:
                 await asyncio.sleep(every_s)
                 try:
@@ -481,7 +507,7 @@ class AsyncWorker:
     async def leave(self) -> None:
         """Leave the job (stops the heartbeats; frees the worker id)."""
         await self._stop_heartbeat()
-        async with AsyncJobClient(self.address) as jobs:
+        async with AsyncJobClient(self.address, credentials=self.credentials) as jobs:
             await jobs.leave_job(self.job_id, self.worker_id, self.lease)
 
     async def _stop_heartbeat(self) -> None:

@@ -107,6 +107,10 @@ class JobClient:
         """Delete a job and its shards."""
         self._loop.run(self._c.delete_job(job_id))
 
+    def rotate_job_token(self, job_id: str, previous_valid_s: float = 300.0) -> jpb.RotateJobTokenResponse:
+        """A new worker token for a job (admin); see AsyncJobClient.rotate_job_token."""
+        return self._loop.run(self._c.rotate_job_token(job_id, previous_valid_s))
+
 
 class Worker:
     """Blocking data-plane client of one worker; see AsyncWorker for the methods."""
