@@ -5,10 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := clients/node/node_modules/.installed
+BUF_STAMP := tools/buf/node_modules/.installed
+BUF := tools/buf/node_modules/.bin/buf
 
 .PHONY: setup demo test lint protos check-protos bench bench-quick clean
 
-setup: $(STAMP) $(NODE_STAMP)
+setup: $(STAMP) $(NODE_STAMP) $(BUF_STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -20,6 +22,10 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(BUF_STAMP): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 ## The main job: start the service with a local Ray, train with 2 workers, compare with local torch.
 demo: setup
 	$(VENV)/bin/paramserver demo
@@ -28,10 +34,11 @@ demo: setup
 test: setup lint check-protos
 	$(VENV)/bin/pytest
 
-lint: $(STAMP)
+lint: $(STAMP) $(BUF_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	cd protos && ../$(BUF) lint && ../$(BUF) build -o /dev/null
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
