@@ -106,3 +106,28 @@ def test_mutual_tls_on_ray_shards(tls_service: SecuredService) -> None:
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             admin.delete_job(job_id)
+
+
+def test_remote_optimizer_with_an_admin_token(secure_service: SecuredService) -> None:
+    import torch
+
+    from paramserver_client.torch_optim import RemoteOptimizer
+
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = RemoteOptimizer(model, secure_service.address, "sec-torch", token=secure_service.admin_token, optimizer="sgd",
+                          hyperparameters={"lr": 0.1}, loss="mean")  # fmt: skip
+    try:
+        assert opt.worker._w.credentials.token.startswith("psj.sec-torch.")  # the shards got the worker token
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step(loss_terms=8)
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        torch.optim.SGD(ref.parameters(), lr=0.1).step()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q)
+    finally:
+        opt.close()
+        with JobClient(secure_service.address, token=secure_service.admin_token) as jc:
+            jc.delete_job("sec-torch")

@@ -236,3 +236,35 @@ async def test_worker_stream_and_snapshot_quotas(tmp_path: Path) -> None:
             await b.join_job("q-other", "y")  # team-b has no worker quota
     finally:
         await svc.close()
+
+
+async def test_tenant_tokens_and_quota_survive_a_coordinator_restart(tmp_path: Path) -> None:
+    from paramserver.coordinator import Coordinator
+    from paramserver.jobconfig import JobConfig
+    from tests.service.harness import InProcessLauncher
+
+    journal = str(tmp_path / "coordinator.journal")
+    config = JobConfig(parameters=(("w", (4,), ""),), optimizer="sgd", hyperparameters={"lr": 0.1}, num_workers=1, num_shards=1)
+    launcher = InProcessLauncher(tmp_path / "spill")
+    first = Coordinator(launcher, str(tmp_path / "snapshots"), journal=journal)
+    launcher.coordinator = first
+    await first.create_job("create-1", "j-journal", config, tenant="team-a", quota=Quota(streams=5), secured=True)
+    await first.add_token("j-journal", hash_token("psj.j-journal.one"))
+    until = await first.rotate_token("rotate-1", "j-journal", hash_token("psj.j-journal.two"), 60.0)
+    before = await first.access("j-journal")
+    for host in launcher.hosts:  # the first coordinator dies (its jobs stay in the journal)
+        await host.stop(grace=0)
+    if first._watcher is not None:
+        first._watcher.cancel()
+
+    again = Coordinator(InProcessLauncher(tmp_path / "spill2"), str(tmp_path / "snapshots"), journal=journal)
+    await again.start()
+    try:
+        assert await again.access("j-journal") == before
+        assert before == ("team-a", ((hash_token("psj.j-journal.one"), until), (hash_token("psj.j-journal.two"), 0.0)))
+        roster = again.jobs["j-journal"].membership.roster()
+        assert roster.secured and roster.max_streams == 5 and roster.tokens == before[1]
+        # a retried rotation gets its first answer
+        assert await again.rotate_token("rotate-1", "j-journal", hash_token("psj.j-journal.two"), 0.0) == until
+    finally:
+        await again.shutdown()

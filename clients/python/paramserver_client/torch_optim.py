@@ -48,6 +48,7 @@ from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client.aio import make_spec, new_request_id
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import EVAL, FLOAT32, TRAIN, dtype_from_name, to_wire
+from paramserver_client.credentials import Credentials
 from paramserver_client.errors import JobRolledBack, ServiceError
 from paramserver_client.reasons import Reason
 
@@ -91,6 +92,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             (``ReadOptimizerState``, from the snapshot taken at that version) in torch's layout
             (``state[i] = {"step", "exp_avg", ...}``), so the checkpoint loads into the torch
             optimizer of the same rule. Default False (the state stays in the service).
+        token: the admin token (it creates the job; the worker then uses the job's worker token
+            JoinJob hands back) or a worker token (with ``create=False``); default
+            ``$PARAMSERVER_TOKEN``. ``credentials``: a token and TLS files together (see
+            :class:`paramserver_client.Credentials`).
         **settings: the job's settings, as :func:`paramserver_client.aio.make_spec` takes them
             (optimizer, hyperparameters, schedule, schedule_parameters, num_workers, num_shards,
             max_grad_norm, param_groups, spike_window, snapshot_every_steps, ...; an unknown one
@@ -122,6 +127,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         on_rollback: Callable[[int], None] | None = None,
         snapshot_on_save: bool = False,
         full_state: bool = False,
+        token: str | None = None,
+        credentials: Credentials | None = None,
         **settings: Any,
     ) -> None:
         if loss not in ("sum", "mean"):
@@ -133,6 +140,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.loss = loss
         self.job_id = job_id
         self._address, self._timeout = address, timeout
+        self._credentials = Credentials.resolve(credentials, token=token)
         self.snapshot_on_save = snapshot_on_save
         self.full_state = full_state
         self._snapshot: tuple[int, str] = (-1, "")
@@ -143,9 +151,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.wire_dtype = dtype_from_name(wire_dtype)
         spec = make_spec([(n, tuple(p.shape)) for n, p in self.named], **settings)  # checks the settings
         if create:
-            self._create(address, job_id, spec, resume, timeout)
+            self._create(address, job_id, spec, resume, timeout, self._credentials)
         name = worker_name if worker_name is not None else f"{socket.gethostname()}:{os.getpid()}"
-        self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout)
+        self.worker = Worker(address, job_id, name, timeout=timeout, pull_timeout=pull_timeout, credentials=self._credentials)
         job = self.worker.job
         if not create and not resume and job.version > 0:
             self.worker.close()
@@ -215,10 +223,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Pulls are copied into the model shard by shard as they arrive (needs contiguous params)."""
 
     @staticmethod
-    def _create(address: str, job_id: str, spec: jpb.JobSpec, resume: bool, timeout: float) -> None:
+    def _create(address: str, job_id: str, spec: jpb.JobSpec, resume: bool, timeout: float, credentials: Credentials) -> None:
         """Create the job; one that exists is continued only with `resume` (or when it is still
         at version 0: a sibling worker of this run created it)."""
-        with JobClient(address, timeout=timeout) as jobs:
+        with JobClient(address, timeout=timeout, credentials=credentials) as jobs:
             try:
                 jobs.create_job(spec, job_id=job_id, resume=resume)
             except ServiceError as exc:
@@ -493,7 +501,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _service_state(self, snapshot: str) -> dict[int, dict[str, torch.Tensor]]:
         """The optimizer state of `snapshot` in torch's state_dict layout (keyed by the position
         of each parameter in param_groups)."""
-        with JobClient(self._address, timeout=self._timeout) as jobs:
+        with JobClient(self._address, timeout=self._timeout, credentials=self._credentials) as jobs:
             state = jobs.read_optimizer_state(self.job_id, snapshot)
         if state.version != self.version:
             raise RuntimeError(f"the service's optimizer state is at version {state.version}, the model at {self.version}")
@@ -510,7 +518,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         written (every worker of a job saves its checkpoint at once), waits for it: a snapshot at
         a version already saved is that one."""
         deadline = time.monotonic() + self._timeout
-        with JobClient(self._address, timeout=self._timeout) as jobs:
+        with JobClient(self._address, timeout=self._timeout, credentials=self._credentials) as jobs:
             while True:
                 try:
                     snap = jobs.create_snapshot(self.job_id)
@@ -545,7 +553,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"this state dict was saved at version {saved}, but job {self.job_id!r} is at version {self.version}, and it "
                 "names no snapshot to go back to (create the optimizer with snapshot_on_save=True)"
             )
-        with JobClient(self._address, timeout=self._timeout) as jobs:
+        with JobClient(self._address, timeout=self._timeout, credentials=self._credentials) as jobs:
             if int(jobs.get_job(self.job_id).version) != saved:  # not already rolled back by another worker
                 job = jobs.rollback_job(self.job_id, path)
                 log.warning("job %s rolled back to version %d (snapshot %s) to resume from this state dict", self.job_id, job.version, path)
