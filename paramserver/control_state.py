@@ -81,6 +81,9 @@ class ControlState:
         self.jobs: dict[str, JobRecord] = {}
         self.ledger: dict[str, tuple[Any, Any]] = {}
         """request id -> (fingerprint, answer), oldest first."""
+        self.owners: dict[str, str] = {}
+        """job id -> the tenant that created it, kept after the job is deleted (its snapshots
+        remain that tenant's)."""
 
     def apply(self, r: Mapping[str, Any]) -> None:
         """Fold one record in (unknown kinds are ignored: a newer writer's records)."""
@@ -91,7 +94,12 @@ class ControlState:
             while len(self.ledger) > LEDGER_KEPT:
                 del self.ledger[next(iter(self.ledger))]
             return
+        if kind == "owner":
+            self.owners[str(r["job_id"])] = str(r["tenant"])
+            return
         if kind == "job":
+            if r.get("tenant"):
+                self.owners[str(r["job_id"])] = str(r["tenant"])
             known = {f.name for f in dataclasses.fields(JobRecord)}
             created = JobRecord(**{k: v for k, v in r.items() if k in known})
             created.members = {int(w): list(m) for w, m in created.members.items()}
@@ -141,6 +149,7 @@ class ControlState:
     def records(self) -> list[dict[str, Any]]:
         """The folded state as records (what a compacted journal holds)."""
         out: list[dict[str, Any]] = [{"t": "ledger", "id": rid, "fp": fp, "answer": answer} for rid, (fp, answer) in self.ledger.items()]
+        out += [{"t": "owner", "job_id": j, "tenant": tenant} for j, tenant in self.owners.items()]
         for job in self.jobs.values():
             d = dataclasses.asdict(job)
             d["members"] = {str(w): m for w, m in job.members.items()}  # msgpack keys: strings are safest

@@ -237,6 +237,8 @@ class Coordinator:
         self._started = False
         self.instance = uuid.uuid4().hex
         """Changes with every (re)start of the coordinator."""
+        self.owners: dict[str, str] = {}
+        """job id -> its tenant (kept after a delete: the job's snapshots stay its tenant's)."""
 
     # ---- durability ---------------------------------------------------------------------------
 
@@ -260,6 +262,7 @@ class Coordinator:
         if self._control is not None:
             for rid, (fp, answer) in self._control.state.ledger.items():
                 self.ledger.record(rid, fp, answer)
+            self.owners.update(self._control.state.owners)
             for rec in list(self._control.state.jobs.values()):
                 try:
                     self._revive(rec)
@@ -409,6 +412,8 @@ class Coordinator:
         skips: dict[str, int] = {}
         if restore_from:
             ref = await asyncio.to_thread(resolve, self.store, restore_from)
+            if secured:
+                self._check_owner(ref.job_id, tenant, "restore_from")
             manifest = await asyncio.to_thread(verify, self.store, ref)
             base = manifest.job_config()
             config = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if v})
@@ -466,6 +471,8 @@ class Coordinator:
                 job.nan_handled = config.nan_handled_by_optimizers()
                 job.decided_version = restore.version if restore is not None else 0
                 self.jobs[job_id] = job
+                if tenant:
+                    self.owners[job_id] = tenant
                 self._log({"t": "job", "job_id": job_id, "config": config.to_dict(),
                            "restore": dataclasses.asdict(restore) if restore is not None else None,
                            "decided_version": job.decided_version, "skips": dict(skips), "norms": list(history),
@@ -474,6 +481,11 @@ class Coordinator:
                 job.launching = asyncio.get_running_loop().create_task(self._launch(job, request_id, restore))
             job = self.jobs[job_id]
         return await self._created(job)
+
+    def _check_owner(self, snapshot_job: str, tenant: str, field: str) -> None:
+        """PERMISSION_DENIED unless the snapshots of `snapshot_job` belong to `tenant`."""
+        if self.owners.get(snapshot_job) != tenant:
+            raise denied(f"the snapshots of job {snapshot_job!r} do not belong to this tenant", job_id=snapshot_job, field=field)
 
     def _tenant_jobs(self, tenant: str) -> list[_Job]:
         return [j for j in self.jobs.values() if j.tenant == tenant and not j.deleted]
@@ -1053,6 +1065,8 @@ class Coordinator:
             return await self._view(job)
         self._running(job)
         ref = await asyncio.to_thread(resolve, self.store, snapshot)
+        if job.membership.secured:
+            self._check_owner(ref.job_id, job.tenant, "snapshot")
         manifest = await asyncio.to_thread(verify, self.store, ref)
         if not job.config.trains_like(manifest.job_config()):
             raise ParamServerError.precondition(

@@ -268,3 +268,27 @@ async def test_tenant_tokens_and_quota_survive_a_coordinator_restart(tmp_path: P
         assert await again.rotate_token("rotate-1", "j-journal", hash_token("psj.j-journal.two"), 0.0) == until
     finally:
         await again.shutdown()
+
+
+async def test_another_tenants_snapshots_cannot_be_restored_or_rolled_back_to(secured: InProcessService) -> None:
+    job = await create(secured, "j-snap", shards=1)
+    w = await worker(secured, "j-snap", job.worker_token)
+    await w.upload(np.arange(TOTAL, dtype=np.float32))
+    a, b = secured.jobs(token=ADMIN_A), secured.jobs(token=ADMIN_B)
+    await a.create_snapshot("j-snap")
+    with pytest.raises(ServiceError) as info:
+        await b.restore_job("j-snap", job_id="j-stolen")
+    assert (info.value.code, info.value.metadata.get("field")) == (grpc.StatusCode.PERMISSION_DENIED, "restore_from")
+    assert "j-stolen" not in secured.coordinator.jobs
+    own = await create(secured, "j-b-own", token=ADMIN_B, shards=1)
+    wb = await worker(secured, "j-b-own", own.worker_token)
+    await wb.upload(np.zeros(TOTAL, np.float32))
+    with pytest.raises(ServiceError) as info:
+        await b.rollback_job("j-b-own", "j-snap")
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    await a.delete_job("j-snap")  # the snapshots stay tenant A's after the job is gone
+    with pytest.raises(ServiceError) as info:
+        await b.restore_job("j-snap", job_id="j-stolen")
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    restored = await a.restore_job("j-snap", job_id="j-restored")
+    assert restored.version == 0 and restored.worker_token.startswith("psj.j-restored.")

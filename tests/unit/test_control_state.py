@@ -70,3 +70,19 @@ def test_a_restored_job_forgets_the_decisions_after_its_snapshot(tmp_path: Path)
     cj.append({"t": "restored", "job_id": "j", "version": 40, "skips": {}, "norms": [1.5]})
     job = cj.state.jobs["j"]
     assert max(job.decisions) == 39 and job.decided_version == 40 and job.norms == [1.5]
+
+
+def test_tenant_tokens_and_owners_survive_delete_and_compaction() -> None:
+    from paramserver.control_state import ControlState
+
+    st = ControlState()
+    st.apply({"t": "job", "job_id": "a", "config": {}, "tenant": "team-a", "quota": {"streams": 3}, "secured": True, "tokens": []})
+    st.apply({"t": "tokens", "job_id": "a", "tokens": [["h1", 0.0], ["h2", 5.0]]})
+    st.apply({"t": "job", "job_id": "b", "config": {}, "tenant": "team-b"})
+    st.apply({"t": "delete", "job_id": "b"})
+    assert st.jobs["a"].tokens == [["h1", 0.0], ["h2", 5.0]] and st.jobs["a"].quota == {"streams": 3} and st.jobs["a"].secured
+    assert st.owners == {"a": "team-a", "b": "team-b"}  # b's snapshots stay team-b's
+    again = ControlState()
+    for r in st.records():
+        again.apply(r)
+    assert again.owners == st.owners and again.jobs["a"].tokens == st.jobs["a"].tokens and again.jobs["a"].tenant == "team-a"
