@@ -11,12 +11,14 @@
  * {"worker_id", "version0", "version1", "version"} to the output file. Then
  * it leaves the job. Exit status 0 on success, 1 with a message otherwise.
  * The Worker sends its lease and the job's generation with every push and
- * pull and renews the lease with heartbeats until it leaves.
+ * pull and renews the lease with heartbeats until it leaves. A token
+ * ($PARAMSERVER_TOKEN: the job's worker token) and TLS ($PARAMSERVER_TLS_CA,
+ * $PARAMSERVER_TLS_CERT, $PARAMSERVER_TLS_KEY) come from the environment.
  */
 
 const fs = require('node:fs');
 
-const { Worker } = require('./paramserver');
+const { Worker } = require('paramserver-client');
 
 const USAGE = 'usage: node demo_step.js <address> <job_id> <params_json_path> <grad_json_path> <out_json_path>';
 

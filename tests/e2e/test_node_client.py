@@ -182,7 +182,7 @@ def test_node_worker_heartbeats_keep_lease_and_rejoin_supersedes(address: str, j
     stderr_path = tmp_path / "lease.stderr"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
-            [node, str(script), str(NODE_CLIENT / "paramserver.js"), address, job_id, name, str(int(IDLE_S * 1000))],
+            [node, str(script), str(NODE_CLIENT), address, job_id, name, str(int(IDLE_S * 1000))],
             cwd=REPO_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
