@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
+import numpy as np
+
 from paramserver import snapshot_names as names
 from paramserver.errors import ParamServerError, Reason
 from paramserver.grad_buffers import GradBuffer
@@ -34,7 +36,7 @@ from paramserver.ledger import Ledger
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
 from paramserver.placement import Span
-from paramserver.shard import Contribution, Landed, ShardState
+from paramserver.shard import Contribution, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.wire import encode_blocks, wire_tensor
@@ -84,6 +86,61 @@ DIGEST_MASK = (1 << 64) - 1
 def chunk_digest(c: Chunk) -> int:
     """A chunk's CRC-32 over its offset, count, dtype and bytes."""
     return zlib.crc32(c.data, zlib.crc32(struct.pack("<QQI", c.offset, c.count, c.dtype)))
+
+
+class Coverage:
+    """Which of a shard's local elements a stream has delivered: one bit per element (an eighth
+    of a byte, against the four bytes of the buffer it fills), whatever the chunks' sizes and order.
+    An overlapping chunk is refused when it arrives (INVALID_ARGUMENT LAYOUT_MISMATCH, field
+    ``chunks``), so the elements delivered never exceed the shard's."""
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self.covered = 0
+        self._bits = np.zeros((numel + 7) >> 3, dtype=np.uint8)
+
+    def add(self, local: int, count: int, index: int = 0) -> None:
+        """Mark local elements [local, local + count) (inside [0, numel), count > 0), unless one of
+        them is marked already: then nothing is marked and the chunk (number `index`) is refused."""
+        end = local + count
+        first, last = local >> 3, (end - 1) >> 3
+        bits = self._bits
+        if first == last:
+            head = ((1 << count) - 1) << (local & 7)
+            tail = 0
+        else:
+            head = (0xFF << (local & 7)) & 0xFF
+            tail = (1 << (((end - 1) & 7) + 1)) - 1
+        middle = bits[first + 1 : last] if last > first + 1 else None
+        if (int(bits[first]) & head) or (tail and int(bits[last]) & tail) or (middle is not None and bool(middle.any())):
+            raise ParamServerError.invalid(
+                "chunks",
+                f"the chunks do not cover this shard's ranges exactly once (chunk {index} overlaps elements already sent, "
+                f"local [{local}, {end}))",
+                Reason.LAYOUT_MISMATCH,
+                chunk_index=index,
+            )
+        bits[first] |= head
+        if tail:
+            bits[last] |= tail
+        if middle is not None:
+            middle[:] = 0xFF
+        self.covered += count
+
+    def check_complete(self) -> None:
+        """INVALID_ARGUMENT (LAYOUT_MISMATCH, field ``chunks``) naming the first element missing,
+        unless every element was delivered."""
+        if self.covered == self.numel:
+            return
+        not_full = np.flatnonzero(self._bits != 0xFF)
+        byte = int(not_full[0])
+        missing = int(self._bits[byte])
+        gap = 8 * byte + next(b for b in range(8) if not missing & (1 << b))
+        raise ParamServerError.invalid(
+            "chunks",
+            f"the chunks cover {self.covered} of this shard's {self.numel} elements (gap at local element {gap})",
+            Reason.LAYOUT_MISMATCH,
+        )
 
 
 @dataclass(frozen=True)
@@ -179,18 +236,23 @@ class ShardRuntime:
     async def _receive(self, chunks: AsyncIterator[Chunk]) -> tuple[GradBuffer, int]:
         """Validate each chunk as it arrives and decode it into a fresh buffer that covers the
         shard exactly once; the buffer (the caller's to hand over, or given back on error) and the
-        stream's content digest (see :func:`chunk_digest`)."""
+        stream's content digest (see :func:`chunk_digest`).
+
+        What a stream can make the shard hold is bounded as it arrives: a chunk outside the
+        shard's ranges, over the chunk size limit or overlapping elements already received is
+        refused before it is written, so a stream never writes more than the shard's elements
+        into its one buffer; the bookkeeping is one bit per element (:class:`Coverage`)."""
         state = self.state
         buffer = state.grads.acquire()
-        landed: list[Landed] = []
+        coverage = Coverage(state.numel)
         digest = 0
         try:
             async for c in chunks:
                 local = self._check_chunk(c)
+                coverage.add(local, c.count, c.index)  # an overlap is refused before it is written
                 buffer.write(local, wire_tensor(c.data, c.dtype))
-                landed.append(Landed(local, c.count))
                 digest = (digest + chunk_digest(c)) & DIGEST_MASK
-            state.check_coverage(landed)
+            coverage.check_complete()
         except BaseException:
             state.grads.release(buffer)
             raise

@@ -1,8 +1,18 @@
-"""The data-plane gRPC servicer of one shard: parse requests, call the runtime, encode answers."""
+"""The data-plane gRPC servicer of one shard: parse requests, call the runtime, encode answers.
+
+Every stream is admitted by the servicer's :class:`~paramserver.stream_gate.StreamGate` once its
+header is parsed (RESOURCE_EXHAUSTED, TOO_MANY_STREAMS over a limit) and released when it ends;
+client streams are read under an idle and a total time limit (DEADLINE_EXCEEDED, LIMIT_EXCEEDED)
+and pulls wait within a cap (see stream_gate.py). The gate lives on the servicer, so it survives
+:meth:`ShardHost.reset` swapping :attr:`ShardServicer.runtime`; the per-shard limit is read from the
+current runtime's roster at each admission.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -10,9 +20,10 @@ from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
-from paramserver.rpc import decode, streaming, unary
+from paramserver.rpc import decode, unary
 from paramserver.shard_runtime import Chunk, PushHeader, PushResult, ShardRuntime, iterate_in_thread
 from paramserver.steps import StepReport
+from paramserver.stream_gate import StreamGate, StreamLimits, stream_time_error
 from paramserver.v1 import shard_service_pb2 as pb
 from paramserver_client.codec import FLOAT32, TRAIN, parse_chunk_message
 
@@ -49,9 +60,11 @@ def _push_pb(r: PushResult) -> pb.PushGradientsResponse:
 class ShardServicer:
     """ShardService for one job's shard."""
 
-    def __init__(self, job_id: str, runtime: ShardRuntime) -> None:
+    def __init__(self, job_id: str, runtime: ShardRuntime, *, limits: StreamLimits | None = None) -> None:
         self.job_id = job_id
         self.runtime = runtime
+        self.gate = StreamGate(limits)
+        """Counts this shard's open streams (kept across a reset, which swaps `runtime`)."""
 
     def _check_job(self, job_id: str) -> None:
         if job_id != self.job_id:
@@ -66,6 +79,46 @@ class ShardServicer:
             self._check_job(msg.header.job_id)
             return msg.header
         raise ParamServerError.invalid("header", f"empty {what} stream")
+
+    async def _timed(self, it: AsyncIterator[bytes], what: str) -> AsyncGenerator[bytes, None]:
+        """The messages of a client stream, each of which must arrive within the idle limit, and
+        all of them within the total limit (else DEADLINE_EXCEEDED, LIMIT_EXCEEDED)."""
+        limits = self.gate.limits
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limits.max_stream_s
+        source = aiter(it)
+        while True:
+            left = end - loop.time()
+            wait = min(limits.idle_s, left)
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
+                    raw = await anext(source)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if wait < limits.idle_s:
+                    raise stream_time_error(
+                        f"the {what} stream was still arriving {limits.max_stream_s:g} s after it began (this shard's limit); "
+                        "nothing of it was kept",
+                        "stream.duration_s",
+                        limits.max_stream_s,
+                    ) from None
+                raise stream_time_error(
+                    f"no message of the {what} stream arrived for {limits.idle_s:g} s (this shard's idle limit); nothing of it was kept",
+                    "stream.idle_s",
+                    limits.idle_s,
+                ) from None
+            yield raw
+
+    def _pull_wait(self, remaining: float | None) -> float:
+        """How long a pull waits for its version: within the call's deadline (less a margin), at
+        most the stream limit; without a deadline, the pull-wait limit."""
+        limits = self.gate.limits
+        if remaining is None:
+            return limits.max_pull_wait_s
+        return min(max(0.0, remaining - deadline_margin(remaining)), limits.max_stream_s)
 
     @staticmethod
     async def _chunks(it: AsyncIterator[bytes]) -> AsyncIterator[Chunk]:
@@ -82,44 +135,63 @@ class ShardServicer:
     @unary
     async def UploadParameters(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.UploadParametersResponse:
         """Initial parameters of this shard's ranges."""
-        header = await self._header(request_iterator, pb.UploadParametersRequest, "upload")
-        return pb.UploadParametersResponse(elements=await self.runtime.upload(header.request_id, self._chunks(request_iterator)))
+        runtime = self.runtime
+        async with contextlib.aclosing(self._timed(request_iterator, "upload")) as messages:
+            header = await self._header(messages, pb.UploadParametersRequest, "upload")
+            with self.gate.admit("upload", None, runtime.roster.max_streams):
+                elements = await runtime.upload(header.request_id, self._chunks(messages))
+        return pb.UploadParametersResponse(elements=elements)
 
     @unary
     async def PushGradients(self, request_iterator: AsyncIterator[bytes], context: Ctx) -> pb.PushGradientsResponse:
         """One worker's gradient for one step."""
-        h = await self._header(request_iterator, pb.PushGradientsRequest, "push")
-        header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation, tuple(h.group_lrs))
-        return _push_pb(await self.runtime.push(header, self._chunks(request_iterator)))
+        runtime = self.runtime
+        async with contextlib.aclosing(self._timed(request_iterator, "push")) as messages:
+            h = await self._header(messages, pb.PushGradientsRequest, "push")
+            header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation, tuple(h.group_lrs))
+            with self.gate.admit("push", header.worker_id, runtime.roster.max_streams):
+                result = await runtime.push(header, self._chunks(messages))
+        return _push_pb(result)
 
-    @streaming
-    async def PullParameters(self, raw: bytes, context: Ctx) -> AsyncIterator[pb.PullParametersResponse | bytes]:
-        """This shard's parameters once min_version is published."""
+    @unary
+    async def PullParameters(self, raw: bytes, context: Ctx) -> None:
+        """This shard's parameters once min_version is published. The answer is written here
+        (not yielded) so that sending it runs under this shard's stream limit: a client that
+        stops reading does not hold its slot for ever."""
         request: pb.PullParametersRequest = decode(pb.PullParametersRequest, raw)
         self._check_job(request.job_id)
         ranges = [Span(r.start, r.length) for r in request.ranges]
-        remaining = context.time_remaining()
-        pull = await self.runtime.pull(
-            request.min_version,
-            request.dtype or FLOAT32,
-            ranges,
-            request.point or TRAIN,
-            worker_id=request.worker_id,
-            lease=request.lease,
-            generation=request.generation,
-            timeout=None if remaining is None else max(0.0, remaining - deadline_margin(remaining)),
-        )
-        yield pb.PullParametersResponse(
-            header=pb.PullHeader(
-                version=pull.version, elements=pull.elements, last_step=report_pb(pull.report), frozen_parameters=pull.frozen
+        runtime = self.runtime
+        with self.gate.admit("pull", request.worker_id, runtime.roster.max_streams):
+            pull = await runtime.pull(
+                request.min_version,
+                request.dtype or FLOAT32,
+                ranges,
+                request.point or TRAIN,
+                worker_id=request.worker_id,
+                lease=request.lease,
+                generation=request.generation,
+                timeout=self._pull_wait(context.time_remaining()),
             )
-        )
-        if isinstance(pull.messages, list):  # encoded once per version
-            for message in pull.messages:
-                yield message  # already a serialised PullParametersResponse (see add_shard_service)
-            return
-        async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
-            yield message
+            header = pb.PullParametersResponse(
+                header=pb.PullHeader(
+                    version=pull.version, elements=pull.elements, last_step=report_pb(pull.report), frozen_parameters=pull.frozen
+                )
+            )
+            limit = self.gate.limits.max_stream_s
+            try:
+                async with asyncio.timeout(limit):
+                    await context.write(header)
+                    if isinstance(pull.messages, list):  # encoded once per version
+                        for message in pull.messages:
+                            await context.write(message)  # already a serialised PullParametersResponse (see add_shard_service)
+                    else:
+                        async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
+                            await context.write(message)
+            except TimeoutError:
+                raise stream_time_error(
+                    f"the pull's answer was not taken within {limit:g} s (this shard's limit)", "stream.duration_s", limit
+                ) from None
 
 
 def deadline_margin(remaining: float) -> float:
@@ -149,7 +221,7 @@ def _serialize(message: Any) -> bytes:
 def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
     """Register ShardService like the generated ``add_ShardServiceServicer_to_server``, except
     that the streams' messages arrive raw (chunks are parsed without a copy) and PullParameters
-    may yield pre-serialised messages (bytes pass straight through)."""
+    may write pre-serialised messages (bytes pass straight through)."""
     handlers = {
         "UploadParameters": grpc.stream_unary_rpc_method_handler(
             servicer.UploadParameters,

@@ -52,8 +52,9 @@ reflection need no token.
 LIMITS. Requests over the sizes stated in the field comments (names,
 shapes, element counts, parameter and group counts) are INVALID_ARGUMENT
 naming the field, or RESOURCE_EXHAUSTED (LIMIT_EXCEEDED) for sizes.
-A tenant's quotas (parameter bytes, shards, workers, concurrent streams,
-snapshot bytes) are RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED.
+A tenant's quotas (parameter bytes, shards, workers, snapshot bytes) are
+RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED; its concurrent-streams quota
+is enforced by each shard (TOO_MANY_STREAMS, scope shard).
 """
 
 from collections import abc as _abc
@@ -299,7 +300,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     LIMIT_EXCEEDED: _ErrorReason.ValueType  # 41
     """RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
-    elements, groups; see JobSpec). metadata: field, limit.
+    elements, groups; see JobSpec). metadata: field, limit. Also
+    DEADLINE_EXCEEDED: a shard stream over its idle or total time limit
+    (field stream.idle_s or stream.duration_s; see shard_service.proto).
     """
     UNAUTHENTICATED: _ErrorReason.ValueType  # 42
     """UNAUTHENTICATED: the call carries no token, or one the service does not
@@ -315,8 +318,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     used, requested.
     """
     TOO_MANY_STREAMS: _ErrorReason.ValueType  # 45
-    """RESOURCE_EXHAUSTED: too many concurrent streams on a shard, or from one
-    worker. metadata: limit, scope (shard or worker).
+    """RESOURCE_EXHAUSTED: too many concurrent streams on a shard (its limit or
+    the tenant's streams quota), or from one worker. metadata: limit, scope
+    (shard or worker), kind (upload, push or pull).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -452,7 +456,9 @@ LR_MISMATCH: ErrorReason.ValueType  # 40
 """
 LIMIT_EXCEEDED: ErrorReason.ValueType  # 41
 """RESOURCE_EXHAUSTED: a job description over a size limit (parameters,
-elements, groups; see JobSpec). metadata: field, limit.
+elements, groups; see JobSpec). metadata: field, limit. Also
+DEADLINE_EXCEEDED: a shard stream over its idle or total time limit
+(field stream.idle_s or stream.duration_s; see shard_service.proto).
 """
 UNAUTHENTICATED: ErrorReason.ValueType  # 42
 """UNAUTHENTICATED: the call carries no token, or one the service does not
@@ -468,8 +474,9 @@ QUOTA_EXCEEDED: ErrorReason.ValueType  # 44
 used, requested.
 """
 TOO_MANY_STREAMS: ErrorReason.ValueType  # 45
-"""RESOURCE_EXHAUSTED: too many concurrent streams on a shard, or from one
-worker. metadata: limit, scope (shard or worker).
+"""RESOURCE_EXHAUSTED: too many concurrent streams on a shard (its limit or
+the tenant's streams quota), or from one worker. metadata: limit, scope
+(shard or worker), kind (upload, push or pull).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -52,8 +52,9 @@ reflection need no token.
 LIMITS. Requests over the sizes stated in the field comments (names,
 shapes, element counts, parameter and group counts) are INVALID_ARGUMENT
 naming the field, or RESOURCE_EXHAUSTED (LIMIT_EXCEEDED) for sizes.
-A tenant's quotas (parameter bytes, shards, workers, concurrent streams,
-snapshot bytes) are RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED.
+A tenant's quotas (parameter bytes, shards, workers, snapshot bytes) are
+RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED; its concurrent-streams quota
+is enforced by each shard (TOO_MANY_STREAMS, scope shard).
 """
 
 from collections import abc as _abc

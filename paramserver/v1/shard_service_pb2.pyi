@@ -11,6 +11,16 @@ ShardInfo.ranges), and a push or an upload must cover those ranges exactly
 once, in any order and any chunk sizes (at most 4 MiB of data each; about
 1 MiB is fastest). Nothing is changed until the whole stream has arrived
 and been checked: a bad stream changes nothing.
+
+STREAM LIMITS. A shard serves at most 256 streams at once (or its tenant's
+`streams` quota), 4 uploads, and per worker 8 streams of which 2 pushes;
+over a limit: RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS, metadata limit,
+scope ("shard" or "worker") and kind. An upload or push whose next message
+does not arrive within 60 s, or that is still arriving 600 s after it
+began, is ended with DEADLINE_EXCEEDED, reason LIMIT_EXCEEDED (metadata
+field "stream.idle_s" or "stream.duration_s", limit), and nothing of it is
+kept. A pull waits for its version at most 300 s without a deadline (600 s
+with one), then answers DEADLINE_EXCEEDED STEP_WAITING_FOR_WORKERS.
 """
 
 from collections import abc as _abc
