@@ -292,3 +292,14 @@ async def test_another_tenants_snapshots_cannot_be_restored_or_rolled_back_to(se
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
     restored = await a.restore_job("j-snap", job_id="j-restored")
     assert restored.version == 0 and restored.worker_token.startswith("psj.j-restored.")
+
+
+async def test_an_error_quoting_a_huge_field_keeps_its_status_and_reason(secured: InProcessService) -> None:
+    for job_id in ("x" * 20000, "\u4e2d" * 5000):  # quoted in the message and in ErrorInfo metadata
+        with pytest.raises(ServiceError) as info:
+            await secured.jobs(token=ADMIN_A).get_job(job_id)
+        assert (info.value.code, info.value.reason) == (grpc.StatusCode.NOT_FOUND, Reason.JOB_NOT_FOUND)
+        assert len(info.value.message.encode()) <= 600
+    with pytest.raises(ServiceError) as info:  # a worker token naming a huge job on another job
+        await secured.jobs(token="psj." + "y" * 400 + ".secret").get_job("x" * 20000)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED

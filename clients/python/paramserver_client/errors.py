@@ -62,15 +62,31 @@ class JobRolledBack(ServiceError):
         self.generation = generation
 
 
+#: Longest error message and ErrorInfo metadata value an answer carries (UTF-8 bytes): an error
+#: that quotes a request's field must stay well below gRPC's 8 KiB limit on trailing metadata
+#: (the message travels twice, once percent-encoded), or the client would get RESOURCE_EXHAUSTED
+#: from its transport instead of the error.
+MAX_ERROR_MESSAGE_BYTES, MAX_ERROR_METADATA_BYTES = 600, 160
+
+
+def _bounded(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 32].decode("utf-8", "ignore") + f"...({len(raw) - limit + 32} more bytes)"
+
+
 def status_proto(code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> grpc.Status:
-    """Build the grpc.Status (with a google.rpc.Status/ErrorInfo detail) for an error."""
+    """Build the grpc.Status (with a google.rpc.Status/ErrorInfo detail) for an error; the message
+    and metadata values are cut to MAX_ERROR_MESSAGE_BYTES / MAX_ERROR_METADATA_BYTES."""
     from google.protobuf import any_pb2
     from google.rpc import status_pb2
 
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
+    bounded = {_bounded(str(k), 64): _bounded(str(v), MAX_ERROR_METADATA_BYTES) for k, v in (metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=bounded)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    status = status_pb2.Status(code=code.value[0], message=_bounded(message, MAX_ERROR_MESSAGE_BYTES), details=[detail])
     return rpc_status.to_status(status)
 
 
