@@ -8,7 +8,7 @@ NODE_STAMP := clients/node/node_modules/.installed
 BUF_STAMP := tools/buf/node_modules/.installed
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: setup demo test lint protos check-protos bench bench-quick clean
+.PHONY: setup demo test test-slow lint protos check-protos bench bench-quick clean fuzz
 
 setup: $(STAMP) $(NODE_STAMP) $(BUF_STAMP)
 
@@ -30,9 +30,19 @@ $(BUF_STAMP): tools/buf/package.json tools/buf/package-lock.json
 demo: setup
 	$(VENV)/bin/paramserver demo
 
-## Lint, type-check, check the generated stubs, run every test.
+## Lint, type-check, check the generated stubs, run every test but the few long chaos tests.
 test: setup lint check-protos
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not slow"
+
+## The long chaos tests (marked slow: SIGKILLed processes, a simulated multi-node cluster).
+test-slow: setup
+	$(VENV)/bin/pytest -m slow
+
+## Property-based fuzzing of every JobService and ShardService request, at length (tests/fuzz;
+## `make test` runs the same tests with a few examples each). PARAMSERVER_FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	PARAMSERVER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PARAMSERVER_FUZZ_RANDOM=1 $(VENV)/bin/pytest tests/fuzz -p no:randomly -q -s
 
 lint: $(STAMP) $(BUF_STAMP)
 	$(VENV)/bin/ruff format --check .

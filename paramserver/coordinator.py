@@ -411,7 +411,7 @@ class Coordinator:
         history: list[float] = []
         skips: dict[str, int] = {}
         if restore_from:
-            ref = await asyncio.to_thread(resolve, self.store, restore_from)
+            ref = await asyncio.to_thread(resolve, self.store, restore_from, "restore_from")
             if secured:
                 self._check_owner(ref.job_id, tenant, "restore_from")
             manifest = await asyncio.to_thread(verify, self.store, ref)
@@ -1097,6 +1097,7 @@ class Coordinator:
     async def list_snapshots(self, job_id: str) -> list[dict[str, Any]]:
         """Committed snapshots of a job, oldest first."""
         await self.start()
+        check_job_id(job_id)
         found = await asyncio.to_thread(lambda: list(iter_snapshots(self.store, job_id)))
         # a snapshot with an unreadable manifest is left out here and reported by verify
         return [m.summary(self.store.path(ref)) for ref, m in found if m is not None]

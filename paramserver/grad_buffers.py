@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from paramserver.spill import SpillFile
+from paramserver.spill import SpillFile, disk_full, free_bytes
 
 #: Elements per block when a file buffer is summed or copied.
 BLOCK = 1 << 20
@@ -135,18 +135,24 @@ class FileGrad:
         self.file.close()
 
 
+#: Gradient files a spilled shard creates up front; the disk's room for the rest of its `keep` is
+#: checked instead of creating them (one open file each: a job of thousands of members would
+#: otherwise run the shard out of file descriptors at creation).
+PREALLOCATED_FILES = 8
+
+
 class GradPool:
     """Lends gradient buffers of one kind and keeps up to `keep` of them for reuse."""
 
-    def __init__(self, make: Callable[[int], GradBuffer], keep: int, preallocate: bool = False) -> None:
+    def __init__(self, make: Callable[[int], GradBuffer], keep: int, preallocate: int = 0) -> None:
+        """`preallocate`: buffers made now (files: whether the disk holds them shows at creation)."""
         self._make = make
         self._keep = keep
         self._made = 0
         self._free: list[GradBuffer] = []
         self._all: list[GradBuffer] = []
         self._lock = threading.Lock()
-        if preallocate:  # files: find out now (at job creation) whether the disk can hold them
-            self._free = [self._new() for _ in range(keep)]
+        self._free = [self._new() for _ in range(min(preallocate, keep))]
 
     def _new(self) -> GradBuffer:
         with self._lock:
@@ -188,6 +194,12 @@ def memory_pool(numel: int, keep: int) -> GradPool:
 
 
 def file_pool(directory: Path, prefix: str, numel: int, keep: int) -> GradPool:
-    """Preallocated files ``DIRECTORY/PREFIX-grad-K.spill`` (RESOURCE_EXHAUSTED now if the disk
-    cannot hold `keep` of them)."""
-    return GradPool(lambda k: FileGrad(directory / f"{prefix}-grad-{k}.spill", numel), keep, preallocate=True)
+    """Files ``DIRECTORY/PREFIX-grad-K.spill``: the first PREALLOCATED_FILES made now, the others
+    when needed; RESOURCE_EXHAUSTED (SPILL_DISK_FULL) now if the disk cannot hold `keep` of them."""
+    pool = GradPool(lambda k: FileGrad(directory / f"{prefix}-grad-{k}.spill", numel), keep, preallocate=PREALLOCATED_FILES)
+    rest = max(0, keep - PREALLOCATED_FILES) * 4 * numel
+    free = free_bytes(directory)
+    if rest and free is not None and free < rest:
+        pool.close()
+        raise disk_full(directory / f"{prefix}-grad-*.spill", rest, free, f"{keep} gradient buffers of the job's members")
+    return pool

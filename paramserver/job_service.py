@@ -185,7 +185,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise ConfigError("previous_valid_s", f"must be a number of seconds within [0, {MAX_PREVIOUS_VALID_S:.0f}], got {valid}")
         if self.gate is None or not self.gate.secured:
             raise ParamServerError.precondition(
-                Reason.INVALID_FIELD, "the service runs without credentials: there are no worker tokens to rotate"
+                Reason.CREDENTIALS_DISABLED, "the service runs without credentials: there are no worker tokens to rotate"
             )
         token = self._token_for(request.request_id, job_id)
         until = await self.cluster.rotate_token(request.request_id, job_id, hash_token(token), valid)

@@ -112,6 +112,11 @@ MAX_JOB_ELEMENTS = 2**36
 MAX_NAME_BYTES = 1024
 MAX_GROUPS = 64
 MAX_PATTERNS = 64
+#: Most workers a job may count (num_workers, min_workers, max_workers): JoinJob looks for a free
+#: id among max_workers slots and each shard keeps a gradient buffer per member, so an unbounded
+#: count (up to 2^32 - 1 on the wire) made a join run for minutes and a spilled shard preallocate a
+#: file per slot.
+MAX_WORKERS = 65_536
 
 _T = TypeVar("_T", int, float)
 
@@ -339,6 +344,10 @@ class JobConfig:
             total += n
         if total > MAX_JOB_ELEMENTS:
             raise _too_big("spec.parameters", f"{total} elements in all; a job holds at most {MAX_JOB_ELEMENTS}", MAX_JOB_ELEMENTS)
+        for setting in ("num_workers", "min_workers", "max_workers"):
+            workers = getattr(self, setting)
+            if workers > MAX_WORKERS:
+                raise _too_big(_spec_field(setting), f"{workers} workers; at most {MAX_WORKERS}", MAX_WORKERS)
         if len(self.groups) > MAX_GROUPS:
             raise _too_big("spec.param_groups", f"{len(self.groups)} groups; at most {MAX_GROUPS}", MAX_GROUPS)
         for i, g in enumerate(self.groups):

@@ -312,8 +312,26 @@ class DirectoryStore:
 # ---- what every store shares --------------------------------------------------------------------
 
 
-def resolve(store: SnapshotStore, ref: str) -> SnapshotRef:
-    """A snapshot from a path or URL, "JOB_ID:latest" or "JOB_ID" (the newest of that job)."""
+#: Longest snapshot path or URL, and longest part of one between slashes (UTF-8 bytes).
+MAX_REF_BYTES, MAX_REF_PART_BYTES = 4096, 255
+
+
+def check_ref(ref: str, field: str = "snapshot") -> None:
+    """INVALID_ARGUMENT naming `field` for a snapshot name no store could hold (too long, a part
+    over a file name's length, control characters)."""
+    raw = ref.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_REF_BYTES:
+        raise ParamServerError.invalid(field, f"{len(raw)} bytes; a snapshot path has at most {MAX_REF_BYTES}")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_REF_PART_BYTES for part in ref.split("/")):
+        raise ParamServerError.invalid(field, f"a part of the path is over {MAX_REF_PART_BYTES} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise ParamServerError.invalid(field, "control characters (e.g. NUL) in a snapshot path")
+
+
+def resolve(store: SnapshotStore, ref: str, field: str = "snapshot") -> SnapshotRef:
+    """A snapshot from a path or URL, "JOB_ID:latest" or "JOB_ID" (the newest of that job);
+    INVALID_ARGUMENT naming `field` for a name no store could hold, NOT_FOUND for none."""
+    check_ref(ref, field)
     parsed = store.parse(ref)
     if parsed is not None:
         return parsed

@@ -101,7 +101,7 @@ class SpillFile:
         self.size = round_up(size)
         self.stats = IOStats()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        free = _free_bytes(self.path.parent)
+        free = free_bytes(self.path.parent)
         if free is not None and free < self.size:
             raise disk_full(self.path, self.size, free)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -123,7 +123,7 @@ class SpillFile:
         except OSError as exc:
             self.close()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise disk_full(self.path, self.size, _free_bytes(self.path.parent), os.strerror(exc.errno)) from None
+                raise disk_full(self.path, self.size, free_bytes(self.path.parent), os.strerror(exc.errno)) from None
             raise
 
     def read_into(self, offset: int, buf: np.ndarray) -> None:
@@ -155,7 +155,8 @@ class SpillFile:
             self.path.unlink(missing_ok=True)
 
 
-def _free_bytes(directory: Path) -> int | None:
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for this user on the file system of `directory` (None if unknown)."""
     try:
         st = os.statvfs(directory)
     except OSError:

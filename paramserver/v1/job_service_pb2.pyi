@@ -322,6 +322,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the tenant's streams quota), or from one worker. metadata: limit, scope
     (shard or worker), kind (upload, push or pull).
     """
+    CREDENTIALS_DISABLED: _ErrorReason.ValueType  # 46
+    """FAILED_PRECONDITION: the call needs credentials and the service runs
+    without them (RotateJobToken).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -477,6 +481,10 @@ TOO_MANY_STREAMS: ErrorReason.ValueType  # 45
 """RESOURCE_EXHAUSTED: too many concurrent streams on a shard (its limit or
 the tenant's streams quota), or from one worker. metadata: limit, scope
 (shard or worker), kind (upload, push or pull).
+"""
+CREDENTIALS_DISABLED: ErrorReason.ValueType  # 46
+"""FAILED_PRECONDITION: the call needs credentials and the service runs
+without them (RotateJobToken).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -668,7 +676,10 @@ class JobSpec(_message.Message):
     ON_WORKER_LOST_FIELD_NUMBER: _builtins.int
     REPLICA_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
-    """Number of workers whose gradients make one synchronous step (>= 1)."""
+    """Number of workers whose gradients make one synchronous step (>= 1; at
+    most 65,536, as are min_workers and max_workers: RESOURCE_EXHAUSTED
+    LIMIT_EXCEEDED).
+    """
     num_shards: _builtins.int
     """Number of shard actors (>= 1; at most the number of elements)."""
     max_grad_norm: _builtins.float

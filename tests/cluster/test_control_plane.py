@@ -119,6 +119,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_a_front_door_killed_with_sigkill_is_started_again_and_finds_the_running_job(ray_session: None) -> None:
     import ray
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from paramserver import snapshot_names as names
 from paramserver.snapshot_store import DirectoryStore
@@ -39,6 +40,7 @@ def start(env: dict[str, str], snapdir: Path) -> tuple[subprocess.Popen[str], st
     raise AssertionError("".join(lines))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_then_restart(tmp_path: Path) -> None:
     env = _env(tmp_path)
     snapdir = tmp_path / "snaps"

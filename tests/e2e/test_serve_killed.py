@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramserver.reaper import alive, descendants
@@ -27,6 +28,7 @@ def _serving(address: str) -> bool:
             return False
 
 
+@pytest.mark.slow
 def test_a_killed_serve_takes_its_local_ray_along(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

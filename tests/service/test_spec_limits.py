@@ -71,3 +71,21 @@ async def test_a_description_out_of_limits_is_refused_and_creates_nothing(svc: I
     assert await jc.list_jobs() == []  # and ListJobs answers
     good = await jc.create_job(spec((4,)), job_id="good")  # the service still creates jobs
     assert good.job_id == "good"
+
+
+@pytest.mark.asyncio
+async def test_a_spilled_job_of_many_members_opens_few_files(svc: InProcessService) -> None:
+    """A spilled shard makes its members' gradient files as they are needed (it used to create
+    max_workers + 1 of them at once and run out of file descriptors: INTERNAL)."""
+    s = spec((2048,))
+    s.max_workers, s.shard_memory_budget_bytes = 65_536, 200 << 20
+    job = await svc.jobs()._unary(svc.jobs()._stub.CreateJob, jpb.CreateJobRequest(request_id="many", job_id="many", spec=s), "CreateJob")
+    assert job.job_id == "many"
+    files = list(svc.launcher.spill_dir.rglob("*grad*.spill"))
+    assert 0 < len(files) <= 8
+    w = await svc.worker("many", "w0")
+    import numpy as np
+
+    await w.upload(np.zeros(2048, np.float32))
+    await w.push(0, np.ones(2048, np.float32), 1)
+    assert (await w.pull(1))[0] == 1

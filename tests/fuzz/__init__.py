@@ -1,0 +1,1 @@
+"""Property-based fuzzing of every request of JobService and ShardService (hypothesis)."""
