@@ -28,8 +28,9 @@ WORKER_PREFIX = "psj."
 METADATA_KEY = "authorization"
 #: How long RotateJobToken may keep previous tokens valid (seconds).
 MAX_PREVIOUS_VALID_S = 7 * 24 * 3600.0
-#: Worker tokens a job keeps (the oldest are dropped beyond this).
-MAX_TOKENS_PER_JOB = 32
+#: Worker tokens a job accepts at once (beyond: RESOURCE_EXHAUSTED LIMIT_EXCEEDED; retire old ones
+#: with RotateJobToken). Each CreateJob answer and each JoinJob made with an admin token issues one.
+MAX_TOKENS_PER_JOB = 256
 #: Longest token accepted in metadata (characters).
 MAX_TOKEN_CHARS = 512
 
@@ -77,11 +78,27 @@ def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def add_token(tokens: Tokens, digest: str) -> Tokens:
-    """`tokens` with `digest` accepted too (never expiring); the oldest dropped beyond the cap."""
+def add_token(tokens: Tokens, digest: str, now: float | None = None) -> Tokens:
+    """`tokens` with `digest` accepted too (never expiring), expired ones dropped; a job that holds
+    MAX_TOKENS_PER_JOB live tokens is RESOURCE_EXHAUSTED (a live token is never dropped silently)."""
     if any(h == digest for h, _ in tokens):
         return tokens
-    return (*tokens, (digest, 0.0))[-MAX_TOKENS_PER_JOB:]
+    live = check_room(tokens, now)
+    return (*live, (digest, 0.0))
+
+
+def check_room(tokens: Tokens, now: float | None = None) -> Tokens:
+    """The live ones of `tokens`; RESOURCE_EXHAUSTED (LIMIT_EXCEEDED) when no other fits."""
+    now = time.time() if now is None else now
+    live = tuple((h, e) for h, e in tokens if e == 0 or e > now)
+    if len(live) >= MAX_TOKENS_PER_JOB:
+        raise ParamServerError(
+            "RESOURCE_EXHAUSTED",
+            Reason.LIMIT_EXCEEDED,
+            f"the job holds {len(live)} live worker tokens, the most it keeps: retire old ones with RotateJobToken",
+            {"field": "worker_token", "limit": MAX_TOKENS_PER_JOB},
+        )
+    return live
 
 
 def rotate(tokens: Tokens, digest: str, previous_valid_s: float, now: float) -> tuple[Tokens, float]:
@@ -91,7 +108,7 @@ def rotate(tokens: Tokens, digest: str, previous_valid_s: float, now: float) -> 
         raise ConfigError("previous_valid_s", f"must be within [0, {MAX_PREVIOUS_VALID_S:.0f}] seconds, got {previous_valid_s}")
     until = now + previous_valid_s
     kept = tuple((h, until if e == 0 else min(e, until)) for h, e in tokens if h != digest and (e == 0 or e > now))
-    return add_token(tuple((h, e) for h, e in kept if e > now), digest), until
+    return (*((h, e) for h, e in kept if e > now), (digest, 0.0)), until
 
 
 @dataclass(frozen=True)
@@ -154,14 +171,16 @@ class AuthConfig:
         if not self.tenants:
             raise ValueError("at least one tenant is needed")
         names = [t.name for t in self.tenants]
+        if any(not n for n in names):
+            raise ValueError("a tenant needs a name")
         if len(set(names)) != len(names):
             raise ValueError(f"tenant names repeat: {names}")
 
     @classmethod
     def single(cls, admin_token: str, quota: Quota | None = None) -> AuthConfig:
         """One tenant, "default", whose admin token is `admin_token`."""
-        if len(admin_token) < 16:
-            raise ValueError("an admin token must have at least 16 characters")
+        if not 16 <= len(admin_token) <= MAX_TOKEN_CHARS:
+            raise ValueError(f"an admin token must have 16 to {MAX_TOKEN_CHARS} characters")
         return cls((Tenant("default", hash_token(admin_token), quota or Quota()),))
 
     def admin(self, token: str) -> Tenant | None:

@@ -279,6 +279,9 @@ class Coordinator:
         now = self.clock()
         membership.members = {int(w): Member(int(w), str(n), int(lease), now, bool(lost)) for w, (n, lease, lost) in rec.members.items()}
         membership.removed = set(rec.removed)
+        # above any epoch the shards hold from before the restart (epochs are not journaled): a
+        # roster sent after a restart must not be ignored as older than theirs
+        membership.epoch = time.time_ns() // 1_000_000
         membership.tokens = tuple((str(h), float(e)) for h, e in rec.tokens)
         membership.secured = rec.secured
         quota = Quota(**{k: int(v) for k, v in rec.quota.items()})
@@ -424,14 +427,14 @@ class Coordinator:
         if config is None:
             raise ParamServerError.invalid("spec", "required unless restore_from is given")
         async with self._lock:
-            first = self.ledger.lookup(request_id, ("create", job_id, config.key()))
+            first = self.ledger.lookup(request_id, ("create", job_id, config.key(), tenant))
             if isinstance(first, str):
                 return await self._created(self._job(first))
             job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
             check_job_id(job_id)
             existing = self.jobs.get(job_id)
-            if existing is not None and existing.tenant != tenant:
-                raise denied(f"job {job_id!r} belongs to another tenant", job_id=job_id)
+            if (existing is not None and existing.tenant != tenant) or self.owners.get(job_id, tenant) != tenant:
+                raise denied(f"job id {job_id!r} belongs to another tenant", job_id=job_id)
             if existing is not None:
                 if restore is not None:  # a restore never returns a running job: its state is not the snapshot's
                     raise ParamServerError(
@@ -453,7 +456,7 @@ class Coordinator:
                         "or choose another job_id (or delete it first)",
                         {"job_id": job_id, "version": version},
                     )
-                self._remember(request_id, ("create", job_id, config.key()), job_id)
+                self._remember(request_id, ("create", job_id, config.key(), tenant), job_id)
             else:
                 config.validate()
                 quota = quota or Quota()
@@ -477,7 +480,7 @@ class Coordinator:
                            "restore": dataclasses.asdict(restore) if restore is not None else None,
                            "decided_version": job.decided_version, "skips": dict(skips), "norms": list(history),
                            "tenant": tenant, "quota": dataclasses.asdict(quota), "secured": secured, "tokens": []})  # fmt: skip
-                self._remember(request_id, ("create", job_id, config.key()), job_id)
+                self._remember(request_id, ("create", job_id, config.key(), tenant), job_id)
                 job.launching = asyncio.get_running_loop().create_task(self._launch(job, request_id, restore))
             job = self.jobs[job_id]
         return await self._created(job)
@@ -498,6 +501,9 @@ class Coordinator:
     async def access(self, job_id: str) -> tuple[str, tuple[tuple[str, float], ...]]:
         """A job's tenant and the worker tokens it accepts (hashes and expiries)."""
         await self.start()
+        job = self.jobs.get(job_id)
+        if job is None and job_id in self.owners:  # deleted: its snapshots stay its tenant's
+            return self.owners[job_id], ()
         job = self._job(job_id)
         return job.tenant, job.membership.tokens
 
@@ -526,14 +532,17 @@ class Coordinator:
         await job.created.wait()
         async with job.lock:
             first = self.ledger.lookup(request_id, ("rotate", job_id))
-            if isinstance(first, float):
-                tokens = add_token(job.membership.tokens, digest)
-                if tokens != job.membership.tokens:
-                    await self._set_tokens(job, tokens)
-                return first
+            if isinstance(first, tuple):  # a retry: never brings back a token retired since
+                until, issued = first
+                if issued != digest:
+                    raise ParamServerError.precondition(
+                        Reason.REQUEST_ID_REUSED,
+                        "this rotation was answered before, to a front door that has restarted since: rotate again under a new request id",
+                    )
+                return float(until)
             tokens, until = rotate(job.membership.tokens, digest, previous_valid_s, time.time())
             await self._set_tokens(job, tokens)
-            self._remember(request_id, ("rotate", job_id), until)
+            self._remember(request_id, ("rotate", job_id), (until, digest))
             log.info("job %s: worker token rotated; previous tokens valid %.0f s more", job_id, previous_valid_s)
             return until
 
@@ -995,7 +1004,8 @@ class Coordinator:
         plus this one (estimated as the job's newest snapshot, or its parameter bytes) pass the quota."""
         if not job.quota.snapshot_bytes:
             return
-        sizes = {j.job_id: [int(s["bytes"]) for s in await self.list_snapshots(j.job_id)] for j in self._tenant_jobs(job.tenant)}
+        owned = sorted({j for j, t in self.owners.items() if t == job.tenant} | {j.job_id for j in self._tenant_jobs(job.tenant)})
+        sizes = {j: [int(s["bytes"]) for s in await self.list_snapshots(j)] for j in owned}
         own = sizes.get(job.job_id, [])
         estimate = own[-1] if own else 4 * job.config.total_elements
         job.quota.check("snapshot_bytes", sum(sum(v) for v in sizes.values()), estimate)

@@ -28,6 +28,9 @@ ADMIN_ONLY = frozenset({"CreateJob", "DeleteJob", "RollbackJob", "RotateJobToken
 #: through another front door is refused at most this late).
 TOKEN_CACHE_S = 2.0
 
+#: What every unknown, forged, retired or mistyped token is told (one message: no probing).
+UNKNOWN_TOKEN = "the token is not one this service accepts (unknown, or retired by RotateJobToken)"
+
 #: The caller of the JobService call being served.
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("paramserver_caller", default=OPEN)
 
@@ -74,17 +77,17 @@ class FrontDoorGate:
             return Caller("admin", tenant.name)
         job_id = job_of_token(token)
         if job_id is None:
-            raise unauthenticated("the token is not one this service issued or knows")
+            raise unauthenticated(UNKNOWN_TOKEN)
         try:
             owner, tokens = await self._access(job_id)
             if not accepts(tokens, token):
                 owner, tokens = await self._access(job_id, fresh=True)  # rotated meanwhile?
         except ParamServerError as err:
             if err.code == "NOT_FOUND":
-                raise unauthenticated("the token is for a job that does not exist") from None
+                raise unauthenticated(UNKNOWN_TOKEN) from None
             raise
         if not accepts(tokens, token):
-            raise unauthenticated(f"the worker token for job {job_id!r} is not valid (unknown, or retired by RotateJobToken)")
+            raise unauthenticated(UNKNOWN_TOKEN)
         return Caller("worker", owner, job_id)
 
     async def guard(self, method: str, request: Any, context: aio.ServicerContext[Any, Any]) -> None:

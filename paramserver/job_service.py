@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
-from paramserver.access import MAX_PREVIOUS_VALID_S, hash_token, new_worker_token
+from paramserver.access import MAX_PREVIOUS_VALID_S, check_room, hash_token, new_worker_token
 from paramserver.cluster import Cluster
 from paramserver.convert import job_state_pb, job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError, ParamServerError, Reason
@@ -44,11 +44,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.cluster = cluster
         self.store = store
         self.gate = gate
-        self._issued: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._issued: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 
     def _token_for(self, request_id: str, job_id: str) -> str:
-        """The worker token issued for (request_id, job_id): the first one on a retry."""
-        key = (request_id, job_id)
+        """The worker token issued for (caller's tenant, request_id, job_id): the first one on a retry."""
+        key = (CALLER.get().tenant, request_id, job_id)
         token = self._issued.get(key)
         if token is None:
             token = self._issued[key] = new_worker_token(job_id)
@@ -145,6 +145,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def JoinJob(self, request: pb.JoinJobRequest, context: Ctx) -> pb.JoinJobResponse:
         """Join as a worker."""
         _need(request.request_id, "request_id")
+        if CALLER.get().kind == "admin":  # it will get a worker token: refuse now if none fits
+            check_room((await self.cluster.access(_need(request.job_id, "job_id")))[1])
         wid, view, upload, lease, timeout = await self.cluster.join_job(
             request.request_id, _need(request.job_id, "job_id"), request.worker_name
         )
@@ -173,6 +175,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """Delete a job and stop its shards."""
         _need(request.request_id, "request_id")
         await self.cluster.delete_job(request.request_id, _need(request.job_id, "job_id"))
+        if self.gate is not None:
+            self.gate.forget(request.job_id)
         return pb.DeleteJobResponse()
 
     @unary

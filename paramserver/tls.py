@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,10 @@ class _Reloading:
             if stamp == self._stamp:
                 return None
             try:
+                ssl.create_default_context().load_cert_chain(self.config.cert_file, self.config.key_file)  # a matching pair?
                 loaded = self._load()
-            except OSError as exc:  # half-written during a rotation: keep the old one, retry later
-                log.warning("TLS files changed but cannot be read yet (%s); keeping the previous certificate", exc)
+            except (OSError, ssl.SSLError) as exc:  # half-written, or cert and key not both replaced yet
+                log.warning("TLS files changed but are not a usable pair yet (%s); keeping the previous certificate", exc)
                 return None
             self._stamp = stamp
             log.info("TLS certificate files changed: serving the new certificate to new connections")

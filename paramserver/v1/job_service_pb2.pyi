@@ -37,17 +37,21 @@ different call is INVALID_ARGUMENT, reason REQUEST_ID_REUSED.
 AUTHENTICATION (when the service runs with credentials; see the README).
 Every call carries the metadata "authorization: Bearer TOKEN", on the
 front door and on every shard port alike:
-  * an admin token (one per tenant, configured on the service) may call
-    everything on its tenant's jobs; CreateJob, DeleteJob, RollbackJob,
-    RotateJobToken and ListJobs need one;
-  * a job's worker token (returned by CreateJob and RotateJobToken, shaped
-    "psj.JOB_ID.SECRET") may call GetJob, JoinJob, Heartbeat, LeaveJob,
-    CreateSnapshot, ListSnapshots, ReadOptimizerState and ShardService on
-    that job only.
+  * an admin token (one per tenant, configured on the service) may make
+    every JobService call on its tenant's jobs; CreateJob, DeleteJob,
+    RollbackJob, RotateJobToken and ListJobs need one;
+  * a job's worker token (shaped "psj.JOB_ID.SECRET"; returned by
+    CreateJob, by RotateJobToken, and by JoinJob when an admin token
+    joins) may call GetJob, JoinJob, Heartbeat, LeaveJob, CreateSnapshot,
+    ListSnapshots, ReadOptimizerState on that job, and is the only token
+    the job's shard ports (ShardService) accept.
 A missing or unknown token is UNAUTHENTICATED (reason UNAUTHENTICATED);
-a valid token used on another job or on a call it does not allow is
-PERMISSION_DENIED (reason PERMISSION_DENIED). grpc.health.v1 and server
-reflection need no token.
+a valid token used on another tenant's job or on a call it does not
+allow, or on a shard port a worker token naming another job, is
+PERMISSION_DENIED (reason PERMISSION_DENIED). A job accepts at most 256
+live worker tokens (RESOURCE_EXHAUSTED LIMIT_EXCEEDED beyond: retire old
+ones with RotateJobToken). grpc.health.v1 and server reflection need no
+token.
 
 LIMITS. Requests over the sizes stated in the field comments (names,
 shapes, element counts, parameter and group counts) are INVALID_ARGUMENT
@@ -1313,7 +1317,10 @@ class RotateJobTokenRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     PREVIOUS_VALID_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key: a retry gets the same token back."""
+    """Idempotency key: a retry through the same front door gets the same
+    token back (never one retired since); one through a front door started
+    since is FAILED_PRECONDITION REQUEST_ID_REUSED (rotate again).
+    """
     job_id: _builtins.str
     """The job."""
     previous_valid_s: _builtins.float

@@ -69,11 +69,8 @@ def test_tokens_on_ray_shards_and_rotation(secure_service: SecuredService) -> No
                 with pytest.raises(ServiceError) as info:
                     w.push(1, np.ones(TOTAL, np.float32), 1)
                 assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED)
-            finally:
-                w.close()
-            newest = admin.rotate_job_token(job_id, previous_valid_s=0).worker_token
-            w = Worker(secure_service.address, job_id, "w", token=newest)
-            try:
+                newest = admin.rotate_job_token(job_id, previous_valid_s=0).worker_token
+                w.set_token(newest)  # the same worker goes on, without leaving the job
                 _, params, _ = w.pull(1)
                 np.testing.assert_array_equal(params, np.full(TOTAL, -1.0, np.float32))
                 w.push(1, np.ones(TOTAL, np.float32), 1)

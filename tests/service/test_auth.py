@@ -18,7 +18,7 @@ from grpc import aio
 from paramserver.access import AuthConfig, Quota, Tenant, hash_token
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
-from paramserver_client import AsyncJobClient, AsyncWorker, Reason, ServiceError
+from paramserver_client import AsyncJobClient, AsyncWorker, Reason, ServiceError, make_spec
 from paramserver_client.errors import from_rpc_error
 from tests.service.harness import NO_RETRY, TIMEOUT_S, InProcessService
 
@@ -142,10 +142,8 @@ async def test_rotation_keeps_training_and_retires_old_tokens(secured: InProcess
     new = rotated.worker_token
     assert new != old and new.startswith("psj.j-rot.")
     await step(w_old, 1)  # the old token still works during the grace period, on every shard
-    w_old_left = w_old
-    await w_old_left.close()
-    w_new = await worker(secured, "j-rot", new)  # rejoin under the same name with the new token
-    await step(w_new, 2)
+    await w_old.set_token(new)  # the running worker switches without leaving
+    await step(w_old, 2)
     # retire the old one at once: refused on the front door and on every shard; training goes on
     await admin.rotate_job_token("j-rot", previous_valid_s=0)
     newest = (await admin.rotate_job_token("j-rot", previous_valid_s=0)).worker_token
@@ -155,8 +153,11 @@ async def test_rotation_keeps_training_and_retires_old_tokens(secured: InProcess
     for shard in job.shards:
         assert (await shard_call(shard.address, old, "j-rot")).code == grpc.StatusCode.UNAUTHENTICATED
         assert (await shard_call(shard.address, new, "j-rot")).code == grpc.StatusCode.UNAUTHENTICATED
-    w = await worker(secured, "j-rot", newest)
-    np.testing.assert_array_equal(await step(w, 3), np.full(TOTAL, -2.0, np.float32))
+    with pytest.raises(ServiceError) as info:  # the worker still on `new` is cut off ...
+        await step(w_old, 3)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    await w_old.set_token(newest)  # ... until it takes the newest token
+    np.testing.assert_array_equal(await step(w_old, 3), np.full(TOTAL, -2.0, np.float32))
     with pytest.raises(ServiceError) as info:
         await admin.rotate_job_token("j-rot", previous_valid_s=float("nan"))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.metadata.get("field") == "previous_valid_s"
@@ -264,6 +265,8 @@ async def test_tenant_tokens_and_quota_survive_a_coordinator_restart(tmp_path: P
         assert before == ("team-a", ((hash_token("psj.j-journal.one"), until), (hash_token("psj.j-journal.two"), 0.0)))
         roster = again.jobs["j-journal"].membership.roster()
         assert roster.secured and roster.max_streams == 5 and roster.tokens == before[1]
+        # a roster sent after the restart is newer than any the shards kept (epochs are not journaled)
+        assert roster.epoch > first.jobs["j-journal"].membership.epoch
         # a retried rotation gets its first answer
         assert await again.rotate_token("rotate-1", "j-journal", hash_token("psj.j-journal.two"), 0.0) == until
     finally:
@@ -303,3 +306,60 @@ async def test_an_error_quoting_a_huge_field_keeps_its_status_and_reason(secured
     with pytest.raises(ServiceError) as info:  # a worker token naming a huge job on another job
         await secured.jobs(token="psj." + "y" * 400 + ".secret").get_job("x" * 20000)
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def raw_create(svc: InProcessService, token: str, request_id: str, job_id: str) -> jpb.Job:
+    client = svc.jobs(token=token)
+    spec = make_spec(SHAPES, num_workers=1, num_shards=1, optimizer="sgd", hyperparameters={"lr": 0.5})
+    req = jpb.CreateJobRequest(request_id=request_id, job_id=job_id, spec=spec)
+    job: jpb.Job = await client._unary(client._stub.CreateJob, req, "CreateJob")
+    return job
+
+
+async def test_one_tenant_cannot_take_over_another_tenants_job_ids_request_ids_or_snapshots(secured: InProcessService) -> None:
+    first = await raw_create(secured, ADMIN_A, "create-demo-1", "demo")
+    again = await raw_create(secured, ADMIN_A, "create-demo-1", "demo")  # a retry: the same token
+    assert again.worker_token == first.worker_token
+    with pytest.raises(ServiceError) as info:  # tenant B replaying A's request id gets nothing of A's
+        await raw_create(secured, ADMIN_B, "create-demo-1", "demo")
+    assert info.value.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+    assert [h for h, _ in secured.coordinator.jobs["demo"].membership.tokens] == [hash_token(first.worker_token)]
+    w = await worker(secured, "demo", first.worker_token)
+    await w.upload(np.zeros(TOTAL, np.float32))
+    a, b = secured.jobs(token=ADMIN_A), secured.jobs(token=ADMIN_B)
+    await a.create_snapshot("demo")
+    await a.delete_job("demo")
+    with pytest.raises(ServiceError) as info:  # a deleted job's id stays A's, and so do its snapshots
+        await raw_create(secured, ADMIN_B, "create-demo-b", "demo")
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    for call in (b.list_snapshots("demo"), b.restore_job("demo", job_id="demo-b")):
+        with pytest.raises(ServiceError) as info:
+            await call
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert len(await a.list_snapshots("demo")) == 1
+
+
+async def test_rotation_replays_and_token_limits(secured: InProcessService) -> None:
+    from paramserver.access import MAX_TOKENS_PER_JOB
+
+    job = await create(secured, "j-lim")
+    client = secured.jobs(token=ADMIN_A)
+    req = jpb.RotateJobTokenRequest(request_id="rot-1", job_id="j-lim", previous_valid_s=0)
+    first = await client._unary(client._stub.RotateJobToken, req, "RotateJobToken")
+    live = (await client.rotate_job_token("j-lim", previous_valid_s=0)).worker_token  # retires first's token
+    replay = await client._unary(client._stub.RotateJobToken, req, "RotateJobToken")  # the same answer ...
+    assert replay.worker_token == first.worker_token and replay.previous_expire_at == first.previous_expire_at
+    with pytest.raises(ServiceError) as info:  # ... but its token stays retired
+        await secured.jobs(token=first.worker_token).get_job("j-lim")
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    held = len(secured.coordinator.jobs["j-lim"].membership.tokens)
+    for k in range(MAX_TOKENS_PER_JOB - held):
+        await client.join_job("j-lim", f"admin-join-{k % 1}")  # each admin join issues a token
+    lease = secured.coordinator.jobs["j-lim"].membership.members[0].lease
+    with pytest.raises(ServiceError) as info:
+        await client.join_job("j-lim", "admin-join-0")
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.LIMIT_EXCEEDED)
+    assert secured.coordinator.jobs["j-lim"].membership.members[0].lease == lease  # refused before the join: nothing changed
+    # no live token was dropped to make room: the oldest live one still works
+    assert len(secured.coordinator.jobs["j-lim"].membership.tokens) == MAX_TOKENS_PER_JOB
+    assert (await secured.jobs(token=live).get_job("j-lim")).job_id == job.job_id

@@ -153,8 +153,9 @@ async def test_rotated_certificate_files_are_served_to_new_connections(tmp_path:
         trusting_new = creds(pki, None, ca=pki.other.ca_file)
         assert await refused(svc, trusting_new) == grpc.StatusCode.UNAVAILABLE
         rotated = pki.other.issue("server", server=True)  # a certificate from another CA replaces it
+        shutil.copy(rotated.cert, live.cert)  # the certificate lands first: not a pair with the old key ...
+        assert await svc.jobs(credentials=creds(pki, None)).list_jobs() == []  # ... so the old one is still served
         shutil.copy(rotated.key, live.key)
-        shutil.copy(rotated.cert, live.cert)
         assert await svc.jobs(credentials=trusting_new).list_jobs() == []
         assert await refused(svc, creds(pki, None)) == grpc.StatusCode.UNAVAILABLE  # the old CA's trust is gone
     finally:

@@ -522,6 +522,14 @@ class AsyncWorker:
         await self._stop_heartbeat()
         await asyncio.gather(*(c.close(None) for c in self._channels))
 
+    async def set_token(self, token: str) -> None:
+        """Use another worker token from the next call on (after RotateJobToken): the shard
+        channels are opened again with it; calls in flight finish on the old ones."""
+        old = self._channels
+        self.credentials = self.credentials.with_token(token)
+        self._connect(self.job)
+        await asyncio.gather(*(c.close(2.0) for c in old))
+
     @property
     def shard_ranges(self) -> list[list[tuple[int, int]]]:
         """Each shard's (start, length) ranges of the flat space, in shard order."""

@@ -207,6 +207,10 @@ class Worker:
         self._loop.run(self._w.close())
         self._loop.close()
 
+    def set_token(self, token: str) -> None:
+        """Use another worker token from the next call on; see AsyncWorker.set_token."""
+        self._loop.run(self._w.set_token(token))
+
     def __enter__(self) -> Worker:
         return self
 

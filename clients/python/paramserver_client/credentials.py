@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV = "PARAMSERVER_TLS_CA", "PARAMSERVER_TLS_C
 class Credentials:
     """A token and TLS files (all optional). Build with :meth:`resolve`."""
 
-    token: str = ""
+    token: str = field(default="", repr=False)
     tls_ca: str = ""
     """PEM file of the CA to trust; set (or tls_cert set) = connect with TLS."""
     tls_cert: str = ""
