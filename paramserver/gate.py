@@ -20,6 +20,7 @@ from grpc import aio
 from paramserver.access import OPEN, AuthConfig, Caller, Tokens, accepts, bearer, denied, job_of_token, unauthenticated
 from paramserver.errors import ParamServerError
 from paramserver.membership import Roster
+from paramserver.rpc import drain
 from paramserver_client.errors import status_proto
 
 #: JobService methods only an admin token may call.
@@ -164,9 +165,11 @@ def refusing(handler: grpc.RpcMethodHandler[Any, Any], err: ParamServerError) ->
     status = status_proto(code, err.reason, err.message, err.metadata)
 
     async def unary_out(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await drain(request)
         await context.abort_with_status(status)  # type: ignore[attr-defined]
 
     async def stream_out(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await drain(request)
         await context.abort_with_status(status)  # type: ignore[attr-defined]
         yield b""  # pragma: no cover - abort raises
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +57,25 @@ def unary(fn: F) -> F:
             await abort(context, _internal(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+#: How much of a refused call's request stream is read (and dropped) before the refusal is sent.
+DRAIN_S, DRAIN_BYTES = 5.0, 64 << 20
+
+
+async def drain(request: Any) -> None:
+    """Read what is left of a refused request stream (at most DRAIN_S seconds and DRAIN_BYTES),
+    dropping it: a grpc.aio client still writing when the call ends reports INTERNAL "Internal
+    error from Core" instead of the status (grpc/grpc#36066). Anything but a stream: nothing."""
+    if not hasattr(request, "__aiter__"):
+        return
+    seen = 0
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DRAIN_S):
+            async for message in request:
+                seen += len(message) if isinstance(message, bytes | bytearray | memoryview) else 0
+                if seen > DRAIN_BYTES:
+                    return
 
 
 def decode(message_class: Any, raw: bytes, field: str = "request") -> Any:

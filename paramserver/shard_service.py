@@ -20,7 +20,7 @@ from grpc import aio
 
 from paramserver.errors import ParamServerError, Reason
 from paramserver.placement import Span
-from paramserver.rpc import decode, unary
+from paramserver.rpc import decode, drain, unary
 from paramserver.shard_runtime import Chunk, PushHeader, PushResult, ShardRuntime, iterate_in_thread
 from paramserver.steps import StepReport
 from paramserver.stream_gate import StreamGate, StreamLimits, stream_time_error
@@ -137,9 +137,13 @@ class ShardServicer:
         """Initial parameters of this shard's ranges."""
         runtime = self.runtime
         async with contextlib.aclosing(self._timed(request_iterator, "upload")) as messages:
-            header = await self._header(messages, pb.UploadParametersRequest, "upload")
-            with self.gate.admit("upload", None, runtime.roster.max_streams):
-                elements = await runtime.upload(header.request_id, self._chunks(messages))
+            try:
+                header = await self._header(messages, pb.UploadParametersRequest, "upload")
+                with self.gate.admit("upload", None, runtime.roster.max_streams):
+                    elements = await runtime.upload(header.request_id, self._chunks(messages))
+            except ParamServerError as err:
+                await _drain(messages, err)
+                raise
         return pb.UploadParametersResponse(elements=elements)
 
     @unary
@@ -147,10 +151,14 @@ class ShardServicer:
         """One worker's gradient for one step."""
         runtime = self.runtime
         async with contextlib.aclosing(self._timed(request_iterator, "push")) as messages:
-            h = await self._header(messages, pb.PushGradientsRequest, "push")
-            header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation, tuple(h.group_lrs))
-            with self.gate.admit("push", header.worker_id, runtime.roster.max_streams):
-                result = await runtime.push(header, self._chunks(messages))
+            try:
+                h = await self._header(messages, pb.PushGradientsRequest, "push")
+                header = PushHeader(h.worker_id, h.step, h.request_id, h.loss_terms, h.lease, h.generation, tuple(h.group_lrs))
+                with self.gate.admit("push", header.worker_id, runtime.roster.max_streams):
+                    result = await runtime.push(header, self._chunks(messages))
+            except ParamServerError as err:
+                await _drain(messages, err)
+                raise
         return _push_pb(result)
 
     @unary
@@ -192,6 +200,13 @@ class ShardServicer:
                 raise stream_time_error(
                     f"the pull's answer was not taken within {limit:g} s (this shard's limit)", "stream.duration_s", limit
                 ) from None
+
+
+async def _drain(messages: AsyncIterator[bytes], err: ParamServerError) -> None:
+    """Read (and drop) what is left of a refused client stream before answering `err` (see
+    rpc.drain); a stream cut by its time limits is not drained."""
+    if err.code != "DEADLINE_EXCEEDED":
+        await drain(messages)
 
 
 def deadline_margin(remaining: float) -> float:

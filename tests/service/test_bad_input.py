@@ -141,3 +141,20 @@ async def test_a_bad_push_header_is_refused_before_any_chunk(
     assert (err.code, err.reason, err.metadata.get("field")) == (code, reason, field), err
     pushed = await w0.push(0, np.ones(TOTAL, dtype=np.float32), 1, request_id="h")  # nothing was recorded
     assert pushed.outcome == spb.STEP_OUTCOME_PENDING and pushed.version == 0
+
+
+@pytest.mark.asyncio
+async def test_an_asyncio_client_still_writing_gets_the_refusal_not_internal(svc: InProcessService) -> None:
+    """A stream refused while the client is still writing a large chunk: the shard reads the rest
+    before answering, so a grpc.aio client sees the status (it used to see INTERNAL "Internal
+    error from Core" most of the time, grpc/grpc#36066)."""
+    job = await svc.create(SHAPES, "drain", optimizer="sgd", hyperparameters=HYPER, num_workers=1, num_shards=1)
+    big = encode_chunk_message(0, 1 << 20, FLOAT32, ones(1 << 20))  # 4 MiB: refused, the stream has no header
+    small = encode_chunk_message(0, 4, FLOAT32, ones(4))
+    async with aio.insecure_channel(job.shards[0].address) as channel:
+        call = channel.stream_unary("/paramserver.v1.ShardService/PushGradients")
+        for _ in range(10):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(iter([small, big, small]), timeout=10)
+            err = from_rpc_error(info.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD), err
