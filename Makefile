@@ -63,6 +63,7 @@ bench: setup
 	$(PY) bench/bench_spill.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py
 
 ## Every benchmark in its quick mode (no thresholds: CI runs this so that none of them rots).
 bench-quick: setup
@@ -72,6 +73,7 @@ bench-quick: setup
 	$(PY) bench/bench_spill.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py --quick
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py --quick
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache
