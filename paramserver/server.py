@@ -81,6 +81,14 @@ class ServiceConfig:
     """Certificate files of every port, front door and shards (None = plaintext)."""
 
 
+def exposure_warning(host: str, secured: bool) -> str:
+    """What the service warns about when it binds `host` ("" when nothing): no credentials on an
+    address other hosts can reach."""
+    if secured or host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return ""
+    return "WITHOUT credentials: anyone who reaches it can create, read and delete jobs (see --admin-token-file, --tenants)"
+
+
 class Service:
     """The control-plane server bound to a Cluster."""
 
@@ -131,8 +139,9 @@ class Service:
             self.port = server.add_secure_port(bind, self.config.tls.server_credentials())
         else:
             self.port = server.add_insecure_port(bind)
-        if self.config.auth is None and self.config.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("serving on %s WITHOUT credentials: anyone who reaches it can create, read and delete jobs", bind)
+        warning = exposure_warning(self.config.host, self.config.auth is not None)
+        if warning:
+            log.warning("serving on %s: %s", bind, warning)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import typer
 
@@ -18,3 +21,62 @@ def test_a_bad_coordinator_resource_is_a_usage_error_naming_the_option(bad: str)
     with pytest.raises(typer.BadParameter) as err:
         _resources([bad])
     assert "--coordinator-resource" in str(err.value.param_hint) and repr(bad) in str(err.value)
+
+
+def test_serve_takes_one_source_of_credentials_and_tls_needs_cert_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from paramserver.access import hash_token
+    from paramserver.cli import ADMIN_TOKEN_ENV, _auth, _tls
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert _auth(None, None) is None
+    token_file = tmp_path / "admin.txt"
+    token_file.write_text("an-admin-token-of-some-length\n")
+    auth = _auth(str(token_file), None)
+    assert auth is not None and auth.tenants[0].token_sha256 == hash_token("an-admin-token-of-some-length")
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "another-admin-token-0123")
+    with pytest.raises(typer.BadParameter, match="one of"):
+        _auth(str(token_file), None)
+    assert _auth(None, None) is not None  # the environment alone
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "short")
+    with pytest.raises(typer.BadParameter, match="16"):
+        _auth(None, None)
+    with pytest.raises(typer.BadParameter, match="both"):
+        _tls(str(token_file), None, None)
+    with pytest.raises(typer.BadParameter, match="cert_file"):
+        _tls(str(tmp_path / "missing.pem"), str(token_file), None)
+
+
+def test_tenants_file(tmp_path: Path) -> None:
+    from paramserver.access import Quota, hash_token, load_tenants
+
+    good = tmp_path / "tenants.json"
+    good.write_text(json.dumps({"tenants": [{"name": "a", "token_sha256": hash_token("x" * 20), "quota": {"shards": 4, "streams": 9}},
+                                            {"name": "b", "token_sha256": hash_token("y" * 20).upper()}]}))  # fmt: skip
+    auth = load_tenants(good)
+    assert auth.admin("x" * 20) == auth.tenants[0] and auth.tenants[0].quota == Quota(shards=4, streams=9)
+    assert auth.admin("y" * 20) is not None and auth.admin("z" * 20) is None
+    zeros = "0" * 64
+    cases = [
+        ({"name": "a", "token_sha256": "abc"}, "64 hex"),
+        ({"name": "a", "token_sha256": zeros, "quota": {"gpus": 1}}, "unknown"),
+        ({"name": "a", "token_sha256": zeros, "quota": {"shards": -1}}, ">= 0"),
+        ({"name": "", "token_sha256": zeros}, "name"),
+    ]
+    for bad, match in cases:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({"tenants": [bad]}))
+        with pytest.raises(ValueError, match=match):
+            load_tenants(path)
+
+
+def test_hash_token_command_and_the_exposure_warning() -> None:
+    from typer.testing import CliRunner
+
+    from paramserver.access import hash_token
+    from paramserver.cli import app
+    from paramserver.server import exposure_warning
+
+    out = CliRunner().invoke(app, ["hash-token"], input="a-secret-token\n")
+    assert out.exit_code == 0 and out.stdout.strip() == hash_token("a-secret-token")
+    assert exposure_warning("0.0.0.0", secured=False).startswith("WITHOUT credentials")
+    assert exposure_warning("0.0.0.0", secured=True) == "" and exposure_warning("127.0.0.1", secured=False) == ""
