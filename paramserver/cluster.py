@@ -353,9 +353,10 @@ class Cluster:
         """Wait until the coordinator serves (it replays its journal first)."""
         await _call(self.coordinator.start.remote(), "coordinator start")
 
-    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str, expected_generation: int | None = None) -> JobView:
         """See Coordinator.rollback_job."""
-        result: JobView = await _call(self.coordinator.rollback_job.remote(request_id, job_id, snapshot), "rollback_job")
+        call = self.coordinator.rollback_job.remote(request_id, job_id, snapshot, expected_generation)
+        result: JobView = await _call(call, "rollback_job")
         return result
 
     async def ping(self) -> bool:

@@ -1061,11 +1061,12 @@ class Coordinator:
                 return self.store.read_manifest(ref).summary(self.store.path(ref))
         return None
 
-    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str, expected_generation: int | None = None) -> JobView:
         """Restore a running job in place to `snapshot` (a snapshot of the same training, e.g. one
         a checkpoint refers to): every shard restores its state, the job goes on from the
         snapshot's version under a new generation, and workers learn it from ABORTED
-        JOB_ROLLED_BACK (resume_version). Idempotent per request id."""
+        JOB_ROLLED_BACK (resume_version). Idempotent per request id. With `expected_generation`,
+        only if the job is still at that generation (else ABORTED GENERATION_CHANGED)."""
         await self.start()
         _require(request_id)
         if not snapshot:
@@ -1089,6 +1090,14 @@ class Coordinator:
             if self.ledger.lookup(request_id, ("rollback", job_id, snapshot)) is not None:
                 return await self._view(job)
             self._running(job)
+            if expected_generation is not None and expected_generation != job.generation:
+                raise ParamServerError(
+                    "ABORTED",
+                    Reason.GENERATION_CHANGED,
+                    f"job {job_id!r} is at generation {job.generation}, not {expected_generation}: it was rolled back or "
+                    "recovered meanwhile (read it again with GetJob)",
+                    {"generation": job.generation, "current_version": job.decided_version},
+                )
             path = self.store.path(ref)
             job.state, job.state_reason = RECOVERING, f"rolling back to snapshot {path} (requested)"
             job.last_recovery = {"detected_at": self.clock()}

@@ -127,7 +127,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """Restore a running job in place to a snapshot (workers get JOB_ROLLED_BACK)."""
         _need(request.request_id, "request_id")
         job_id, snapshot = _need(request.job_id, "job_id"), _need(request.snapshot, "snapshot")
-        return job_to_pb(await self.cluster.rollback_job(request.request_id, job_id, snapshot))
+        expected = request.expected_generation if request.HasField("expected_generation") else None
+        return job_to_pb(await self.cluster.rollback_job(request.request_id, job_id, snapshot, expected))
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:

@@ -433,7 +433,8 @@ export declare class JobClient {
   rotateJobToken(jobId: string, previousValidS?: number): Promise<RotateJobTokenResponse>;
   createSnapshot(jobId: string): Promise<Snapshot>;
   listSnapshots(jobId: string): Promise<Snapshot[]>;
-  rollbackJob(jobId: string, snapshot: string): Promise<Job>;
+  /** With expectedGeneration: only if the job is still at that generation (else GENERATION_CHANGED). */
+  rollbackJob(jobId: string, snapshot: string, options?: { expectedGeneration?: Uint64Input }): Promise<Job>;
   close(): void;
 }
 

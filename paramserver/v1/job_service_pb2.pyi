@@ -330,6 +330,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the call needs credentials and the service runs
     without them (RotateJobToken).
     """
+    GENERATION_CHANGED: _ErrorReason.ValueType  # 47
+    """ABORTED: RollbackJob's expected_generation is not the job's generation
+    (another caller rolled it back, or it recovered, meanwhile). metadata:
+    generation, current_version.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -489,6 +494,11 @@ the tenant's streams quota), or from one worker. metadata: limit, scope
 CREDENTIALS_DISABLED: ErrorReason.ValueType  # 46
 """FAILED_PRECONDITION: the call needs credentials and the service runs
 without them (RotateJobToken).
+"""
+GENERATION_CHANGED: ErrorReason.ValueType  # 47
+"""ABORTED: RollbackJob's expected_generation is not the job's generation
+(another caller rolled it back, or it recovered, meanwhile). metadata:
+generation, current_version.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1449,6 +1459,7 @@ class RollbackJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key."""
     job_id: _builtins.str
@@ -1457,18 +1468,27 @@ class RollbackJobRequest(_message.Message):
     """The snapshot: its path, or "JOB_ID" / "JOB_ID:latest" for the newest
     snapshot of that job.
     """
+    expected_generation: _builtins.int
+    """When set: roll back only if the job is still at this generation (read
+    from GetJob), else ABORTED GENERATION_CHANGED and nothing changes. Lets
+    several workers resuming from the same checkpoint roll back once: the
+    first wins, the others see the job already at the snapshot's version.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         snapshot: _builtins.str = ...,
+        expected_generation: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "job_id", b"job_id", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_generation: _TypeAlias = _typing.Literal["expected_generation"]  # noqa: Y015
+    _WhichOneofArgType__expected_generation: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_generation) -> _WhichOneofReturnType__expected_generation | None: ...
 
 Global___RollbackJobRequest: _TypeAlias = RollbackJobRequest  # noqa: Y015
 

@@ -165,8 +165,8 @@ class CoordinatorFacade:
     async def rotate_token(self, request_id: str, job_id: str, digest: str, previous_valid_s: float) -> float:
         return await self.coordinator.rotate_token(request_id, job_id, digest, previous_valid_s)
 
-    async def rollback_job(self, request_id: str, job_id: str, snapshot: str) -> JobView:
-        return await self.coordinator.rollback_job(request_id, job_id, snapshot)
+    async def rollback_job(self, request_id: str, job_id: str, snapshot: str, expected_generation: int | None = None) -> JobView:
+        return await self.coordinator.rollback_job(request_id, job_id, snapshot, expected_generation)
 
     async def create_snapshot(self, request_id: str, job_id: str) -> dict[str, Any]:
         return await self.coordinator.create_snapshot(request_id, job_id)

@@ -90,6 +90,35 @@ async def test_a_job_rolled_back_to_its_snapshot_replays_bit_for_bit(svc: InProc
 
 
 @pytest.mark.asyncio
+async def test_a_rollback_conditional_on_a_generation_happens_once(svc: InProcessService) -> None:
+    """Two workers resuming from one checkpoint read the job, then both roll it back on the
+    generation they read: the first rolls it back, the second is ABORTED GENERATION_CHANGED and
+    the steps pushed since the first rollback stay."""
+    await svc.create(SHAPES, "rbg", optimizer="adamw", hyperparameters=HYPER, num_shards=2, num_workers=1)
+    w = await svc.worker("rbg", "a")
+    await w.upload(P0)
+    await trained(svc, "rbg", range(2), w)
+    jc = svc.jobs()
+    snap = await jc.create_snapshot("rbg")
+    await trained(svc, "rbg", range(2, 4), w)
+    read_by_both = (await jc.get_job("rbg")).generation
+    first = await jc.rollback_job("rbg", snap.path, expected_generation=read_by_both)
+    assert (first.version, first.generation) == (2, read_by_both + 1)
+    with pytest.raises(JobRolledBack):
+        await w.push(2, *grad(2, 0))
+    await trained(svc, "rbg", range(2, 3), w)  # the first worker goes on from the snapshot
+    after = await svc.tensors("rbg")
+    with pytest.raises(ServiceError) as late:
+        await jc.rollback_job("rbg", snap.path, expected_generation=read_by_both)
+    assert (late.value.code, late.value.reason) == (grpc.StatusCode.ABORTED, Reason.GENERATION_CHANGED)
+    assert late.value.metadata == {"generation": str(read_by_both + 1), "current_version": "3"}
+    job = await jc.get_job("rbg")  # nothing changed: the step pushed after the first rollback stays
+    assert (job.version, job.generation) == (3, read_by_both + 1)
+    assert_same_tensors(after, await svc.tensors("rbg"))
+    await trained(svc, "rbg", range(3, 4), w)
+
+
+@pytest.mark.asyncio
 async def test_a_bad_rollback_gets_a_clear_status_and_changes_nothing(svc: InProcessService) -> None:
     await svc.create(SHAPES, "rbx", optimizer="adamw", hyperparameters=HYPER, num_shards=2, num_workers=1)
     await svc.create(SHAPES, "other", optimizer="adamw", hyperparameters={**HYPER, "lr": 0.5}, num_shards=1, num_workers=1)

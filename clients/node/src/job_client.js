@@ -200,9 +200,17 @@ class JobClient {
     return resp.snapshots;
   }
 
-  /** Restores a running job in place to `snapshot` (a snapshot path); resolves with the Job (admin token). */
-  async rollbackJob(jobId, snapshot) {
-    return plainJob(await this.call('RollbackJob', { request_id: newRequestId(), job_id: jobId, snapshot }));
+  /**
+   * Restores a running job in place to `snapshot` (a snapshot path); resolves with the Job (admin token).
+   * With `{ expectedGeneration }` only if the job is still at that generation, else a ServiceError
+   * GENERATION_CHANGED (ABORTED): several workers resuming from one checkpoint roll it back once.
+   */
+  async rollbackJob(jobId, snapshot, options = {}) {
+    const req = { request_id: newRequestId(), job_id: jobId, snapshot };
+    if (options.expectedGeneration !== undefined && options.expectedGeneration !== null) {
+      req.expected_generation = options.expectedGeneration;
+    }
+    return plainJob(await this.call('RollbackJob', req));
   }
 
   /** Closes the channel. */

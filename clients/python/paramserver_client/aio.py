@@ -267,11 +267,14 @@ class AsyncJobClient:
         job: jpb.Job = await self._unary(self._stub.CreateJob, req, "CreateJob")
         return job
 
-    async def rollback_job(self, job_id: str, snapshot: str) -> jpb.Job:
+    async def rollback_job(self, job_id: str, snapshot: str, *, expected_generation: int | None = None) -> jpb.Job:
         """Restore a running job in place to `snapshot` (a path, or "JOB_ID" / "JOB_ID:latest"):
         it goes on from the snapshot's version under a new generation, and its workers' next
-        calls raise JobRolledBack. For resuming a training loop from an older checkpoint."""
-        req = jpb.RollbackJobRequest(request_id=new_request_id(), job_id=job_id, snapshot=snapshot)
+        calls raise JobRolledBack. For resuming a training loop from an older checkpoint. With
+        `expected_generation` (a Job.generation read before), only if the job is still at that
+        generation, else ServiceError GENERATION_CHANGED: several workers resuming from one
+        checkpoint roll the job back once."""
+        req = jpb.RollbackJobRequest(request_id=new_request_id(), job_id=job_id, snapshot=snapshot, expected_generation=expected_generation)
         job: jpb.Job = await self._unary(self._stub.RollbackJob, req, "RollbackJob")
         return job
 

@@ -67,9 +67,9 @@ class JobClient:
         """Create a job from a snapshot; see AsyncJobClient.restore_job."""
         return self._loop.run(self._c.restore_job(restore_from, job_id=job_id, **overrides))
 
-    def rollback_job(self, job_id: str, snapshot: str) -> jpb.Job:
+    def rollback_job(self, job_id: str, snapshot: str, *, expected_generation: int | None = None) -> jpb.Job:
         """Restore a running job in place to a snapshot; see AsyncJobClient.rollback_job."""
-        return self._loop.run(self._c.rollback_job(job_id, snapshot))
+        return self._loop.run(self._c.rollback_job(job_id, snapshot, expected_generation=expected_generation))
 
     def read_optimizer_state(self, job_id: str, snapshot: str = "") -> OptimizerState:
         """A job's full optimizer state per parameter; see AsyncJobClient.read_optimizer_state."""

@@ -554,9 +554,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "names no snapshot to go back to (create the optimizer with snapshot_on_save=True)"
             )
         with JobClient(self._address, timeout=self._timeout, credentials=self._credentials) as jobs:
-            if int(jobs.get_job(self.job_id).version) != saved:  # not already rolled back by another worker
-                job = jobs.rollback_job(self.job_id, path)
+            # Every worker resuming from this checkpoint gets here: the job is rolled back once. The
+            # rollback is conditional on the generation read, so a worker that read the job before
+            # another one rolled it back does not roll it back a second time (undoing the steps the
+            # first one pushed since).
+            for _ in range(8):
+                job = jobs.get_job(self.job_id)
+                if int(job.version) == saved:  # already rolled back by another worker
+                    break
+                try:
+                    job = jobs.rollback_job(self.job_id, path, expected_generation=int(job.generation))
+                except ServiceError as exc:
+                    if exc.reason == Reason.GENERATION_CHANGED:
+                        continue
+                    raise
                 log.warning("job %s rolled back to version %d (snapshot %s) to resume from this state dict", self.job_id, job.version, path)
+                break
+            else:
+                raise RuntimeError(f"job {self.job_id!r} kept changing generation while rolling it back to {path}")
         try:
             pulled = self.worker.pull(saved, self._flat, dtype=self.wire_dtype)
         except JobRolledBack:  # this worker learned the new generation; pull again
