@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -64,13 +65,47 @@ def serve(
     tls_client_ca: Annotated[
         str | None, typer.Option(help="PEM CA that client certificates must be signed by (mutual TLS on every port).")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    shard_port_range: Annotated[
+        str | None,
+        typer.Option(
+            help="LOW-HIGH: the ports shard data ports bind on each node (e.g. 52000-52999), so Services and firewalls can name "
+            "them; default: any free port."
+        ),
+    ] = None,
+    placement: Annotated[
+        str, typer.Option(help="How a job's shards go over the nodes: spread (round-robin over the nodes that can hold them) or pack.")
+    ] = "spread",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics of the front door, jobs and shards at http://HOST:PORT/metrics (0 = any free port)."),
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Address the metrics endpoint binds (default: --host).")] = None,
+    dashboard: Annotated[
+        bool, typer.Option(help="Start the local Ray with its dashboard (needs the dashboard extra: pip install 'paramserver[dashboard]').")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    log_format: Annotated[
+        str, typer.Option(help="text, or json (one object per line); the shards' and coordinator's records included.")
+    ] = "text",
 ) -> None:
     """Start the service; stop it with SIGTERM or Ctrl-C."""
+    from paramserver.log_format import configure
     from paramserver.server import ServiceConfig
     from paramserver.server import serve as run
+    from paramserver.spread import POLICIES, PortRange
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure(log_level, log_format)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if placement not in POLICIES:
+        raise typer.BadParameter(f"{placement!r}: expected one of {', '.join(POLICIES)}", param_hint="--placement")
+    try:
+        ports = PortRange.parse(shard_port_range) if shard_port_range else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard-port-range") from None
+    if dashboard and address is None and importlib.util.find_spec("aiohttp_cors") is None:
+        raise typer.BadParameter("Ray's dashboard needs ray[default]: pip install 'paramserver[dashboard]'", param_hint="--dashboard")
     if address is None:  # a local Ray owned by this process: no token auth between its own parts
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     run(
@@ -90,6 +125,11 @@ def serve(
             coordinator_resources=_resources(coordinator_resource or []),
             auth=_auth(admin_token_file, tenants),
             tls=_tls(tls_cert, tls_key, tls_client_ca),
+            shard_port_range=ports,
+            placement=placement,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            dashboard=dashboard,
         )
     )
 
@@ -281,6 +321,12 @@ def export_cmd(
         _fail(exc)
         return
     typer.echo(f"wrote {out}: {len(shapes)} tensors ({fmt})")
+
+
+from paramserver.status_cli import jobs_command, status_command  # noqa: E402
+
+app.command("jobs")(jobs_command)
+app.command("status")(status_command)
 
 
 def main() -> None:

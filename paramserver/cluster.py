@@ -14,12 +14,14 @@ import logging
 import math
 import os
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import ray
 import ray.exceptions
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from paramserver.access import Quota
 from paramserver.coordinator import Coordinator, JobView
@@ -33,7 +35,9 @@ from paramserver.reaper import start_reaper
 from paramserver.shard_host import ShardHost
 from paramserver.shard_types import Restore, ShardStatus, restore_for
 from paramserver.snapshot_names import shard_file
+from paramserver.spread import POLICIES, Node, PortRange, spread
 from paramserver.steps import Decision, Redo, ShardStats
+from paramserver.telemetry import attach
 from paramserver.tls import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -48,9 +52,15 @@ COORDINATOR_NAME = "paramserver-coordinator"
 SHARD_START_TIMEOUT_S = 120.0
 #: How long a shard gets to stop cleanly before it is killed, seconds.
 STOP_TIMEOUT_S = 10.0
+#: The resource Ray gives only the head node.
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 class _RayShardHost(ShardHost):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        attach(self.telemetry.logs)  # this process's records, for the front door's log
+
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
 
@@ -61,6 +71,11 @@ class _RayShardHost(ShardHost):
 
 
 class _RayCoordinator(Coordinator):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.telemetry.logs.context = {"source": "coordinator", "node": str(ray.get_runtime_context().get_node_id())}
+        attach(self.telemetry.logs)
+
     async def node(self) -> str:
         """The cluster node the coordinator runs on (tests and tools)."""
         return str(ray.get_runtime_context().get_node_id())
@@ -124,6 +139,11 @@ class RayShardHandle:
         """Make the shard adopt the job's membership."""
         await _call(self.actor.set_roster.remote(roster), "shard set_roster")
 
+    async def telemetry(self, log_since: int = 0) -> dict[str, Any]:
+        """The shard's metrics and log records (see ShardHost.telemetry_export)."""
+        result: dict[str, Any] = await _call(self.actor.telemetry_export.remote(log_since), "shard telemetry")
+        return result
+
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the shard's parameters and state."""
         result: dict[str, np.ndarray] = await _call(self.actor.tensors.remote(), "shard tensors")
@@ -169,8 +189,17 @@ class RayShardLauncher:
         start_timeout_s: float = SHARD_START_TIMEOUT_S,
         coordinator_name: str = "",
         tls: TlsConfig | None = None,
+        port_range: PortRange | None = None,
+        placement: str = "spread",
     ) -> None:
+        """`port_range`: the shards' data ports come from it; `placement`: "spread" or "pack"
+        (see paramserver.spread)."""
+        if placement not in POLICIES:
+            raise ValueError(f"placement {placement!r}: expected one of {', '.join(POLICIES)}")
         self.tls = tls
+        self.port_range = port_range
+        self.placement = placement
+        self._jobs_placed = 0  # each job's round-robin starts one node further along
         self.bind_host = bind_host
         self.spill_dir = spill_dir
         self.start_timeout_s = start_timeout_s
@@ -194,6 +223,7 @@ class RayShardLauncher:
         me = ray.get_runtime_context().current_actor
         reducer = RayStepReducer(me, job_id, self.coordinator_name)
         names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in indices]
+        where = await asyncio.to_thread(self._spread, config, indices)
         actors = [
             ShardActor.options(
                 num_cpus=config.shard_num_cpus,
@@ -201,6 +231,7 @@ class RayShardLauncher:
                 max_concurrency=1000,
                 name=name,
                 lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
+                scheduling_strategy=NodeAffinitySchedulingStrategy(where[i], soft=True) if i in where else "DEFAULT",
             ).remote(
                 job_id,
                 config,
@@ -213,6 +244,7 @@ class RayShardLauncher:
                 roster,
                 generation,
                 self.tls,
+                self.port_range,
             )
             for i, name in zip(indices, names, strict=True)
         ]
@@ -236,6 +268,14 @@ class RayShardLauncher:
                 ray.kill(actor, no_restart=True)
             raise
         return [RayShardHandle(a, addr, n) for a, addr, n in zip(actors, addresses, names, strict=True)]
+
+    def _spread(self, config: JobConfig, indices: Sequence[int]) -> dict[int, str]:
+        """Shard index -> node id under the "spread" policy (empty under "pack")."""
+        if self.placement != "spread":
+            return {}
+        where = spread(alive_nodes(), config.shard_num_cpus, config.shard_num_gpus, indices, self._jobs_placed)
+        self._jobs_placed += 1
+        return where
 
     async def reattach(self, job_id: str, names: Sequence[str]) -> list[RayShardHandle | None]:
         """Handles on the job's running shards by name (None for one that is gone)."""
@@ -262,9 +302,43 @@ class RayShardLauncher:
         return len(stray)
 
 
+#: A log position past every record (a telemetry call for metrics only).
+NO_LOGS = 1 << 62
+
+
+def _since(log_since: Mapping[str, int], source: str) -> int:
+    if isinstance(log_since, defaultdict):
+        return int(log_since[source])
+    return int(log_since.get(source, 0))
+
+
 def shard_prefix(job_id: str) -> str:
     """The start of the names of a job's shard actors."""
     return f"paramserver-{job_id}-shard-"
+
+
+def alive_nodes() -> list[Node]:
+    """The cluster's alive nodes with their total CPUs and GPUs (the placement's view)."""
+    head = _head_node_id()
+    out = []
+    for n in ray.nodes():  # type: ignore[no-untyped-call]
+        if n.get("Alive"):
+            have = n.get("Resources", {})
+            node_id = str(n["NodeID"])
+            out.append(
+                Node(
+                    node_id, str(n.get("NodeManagerAddress", "")), float(have.get("CPU", 0.0)), float(have.get("GPU", 0.0)), node_id == head
+                )
+            )
+    return out
+
+
+def _head_node_id() -> str:
+    """The head node's id: the one carrying Ray's head marker resource ("" if none does)."""
+    for n in ray.nodes():  # type: ignore[no-untyped-call]
+        if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}):
+            return str(n["NodeID"])
+    return ""
 
 
 def check_fits(config: JobConfig, count: int) -> None:
@@ -296,15 +370,18 @@ def check_fits(config: JobConfig, count: int) -> None:
     )
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray; start a local one when no address is given. Returns True if we own it."""
+def start_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
+    """Connect to Ray; start a local one when no address is given (with Ray's dashboard when
+    `dashboard`: it needs ray[default], the `dashboard` extra). Returns True if we own it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get(RAY_ADDRESS_ENV) or None
+    # The actors' log records reach this process through the front door's relay (log_relay), with
+    # their job, shard and step; Ray's forwarding of their raw output would print each line twice.
     if address:
-        ray.init(address=address, namespace="paramserver", logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, namespace="paramserver", logging_level=logging.WARNING, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus, namespace="paramserver", include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, namespace="paramserver", include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False)
     start_reaper()  # if this process is killed, Ray's processes go with it
     return True
 
@@ -329,12 +406,20 @@ class Cluster:
         state_dir: str = "state",
         coordinator_resources: Mapping[str, float] | None = None,
         tls: TlsConfig | None = None,
+        shard_port_range: PortRange | None = None,
+        placement: str = "spread",
     ) -> None:
         """Attach to the service's coordinator actor `name` if it runs (a restarted front door),
         else start it: detached (it outlives this process) and restarted by Ray if it dies (it
-        replays its journal under `state_dir` and reattaches to the jobs' shards)."""
+        replays its journal under `state_dir` and reattaches to the jobs' shards). It runs on
+        this process's node (the front door's; another node when that one is gone), or on the
+        nodes with `coordinator_resources` when given."""
         self.coordinator_name = f"{COORDINATOR_NAME}-{name}"
         journal = os.path.join(os.path.abspath(state_dir), f"coordinator-{name}.journal")
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        launcher = RayShardLauncher(
+            bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name, tls, shard_port_range, placement
+        )
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0,
             max_concurrency=1000,
@@ -343,8 +428,9 @@ class Cluster:
             get_if_exists=True,
             max_restarts=-1,
             resources=dict(coordinator_resources or {}),
+            scheduling_strategy="DEFAULT" if coordinator_resources else here,
         ).remote(
-            RayShardLauncher(bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name, tls),
+            launcher,
             snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
             journal=journal,
         )
@@ -433,6 +519,33 @@ class Cluster:
     async def delete_job(self, request_id: str, job_id: str) -> None:
         """See Coordinator.delete_job."""
         await _call(self.coordinator.delete_job.remote(request_id, job_id), "delete_job")
+
+    async def telemetry(self, log_since: Mapping[str, int] | None, timeout: float = 5.0) -> dict[str, dict[str, Any] | None]:
+        """Every actor's metrics and log records (after `log_since[source]`, from the first one
+        kept when the source is not in it; none when `log_since` is None): the coordinator's
+        under "coordinator", each shard's under its actor name; None for an actor that did not
+        answer within `timeout` seconds."""
+        out: dict[str, dict[str, Any] | None] = {}
+        if log_since is None:
+            log_since = defaultdict(lambda: NO_LOGS)
+        try:
+            top: dict[str, Any] = await asyncio.wait_for(
+                _call(self.coordinator.telemetry_export.remote(_since(log_since, "coordinator")), "telemetry"), timeout
+            )
+        except Exception:  # noqa: BLE001 - not answering: counted by the caller
+            return {"coordinator": None}
+        out["coordinator"] = top
+        handles: list[RayShardHandle] = [h for hs in top["shards"].values() for h in hs]
+
+        async def one(h: RayShardHandle) -> dict[str, Any] | None:
+            try:
+                return await asyncio.wait_for(h.telemetry(_since(log_since, h.name)), timeout)
+            except Exception:  # noqa: BLE001 - gone or hung
+                return None
+
+        for h, result in zip(handles, await asyncio.gather(*(one(h) for h in handles)), strict=True):
+            out[h.name] = result
+        return out
 
     async def shard_memory(self, job_id: str, reset_peak: bool = False) -> list[dict[str, int]]:
         """Every shard process's resident memory now and at its peak (tests and tools)."""

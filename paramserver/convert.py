@@ -157,6 +157,7 @@ def job_to_pb(v: JobView) -> pb.Job:
         generation=v.generation,
         recoveries=v.recoveries,
         recovered_from=v.recovered_from,
+        tenant=v.tenant,
     )
     for m in v.members:
         job.members.add(worker_id=m.worker_id, name=m.name, lease=m.lease, idle_s=m.idle_s, lost=m.lost)
@@ -177,6 +178,7 @@ def job_to_pb(v: JobView) -> pb.Job:
             setattr(info.memory, f.name, getattr(s.memory, f.name))
         for span in s.spans:
             info.ranges.add(start=span.start, length=span.length)
+    job.progress.CopyFrom(pb.StepProgress(**dataclasses.asdict(v.progress)))
     return job
 
 

@@ -7,6 +7,7 @@ started through an injected :class:`ShardLauncher`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -24,6 +25,7 @@ from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Member, Membership, Roster
 from paramserver.memory_store import MEMORY_URL, Blob
+from paramserver.metric_names import SNAPSHOT_BUCKETS
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env, restore_for
 from paramserver.snapshot_names import shard_file
@@ -31,6 +33,7 @@ from paramserver.snapshot_policy import Clock, SnapshotPolicy
 from paramserver.snapshot_store import FaultHook, SnapshotRef, iter_snapshots, prune, resolve, snapshot_name, verify
 from paramserver.snapshot_stores import open_store
 from paramserver.steps import Decision, Redo, ShardStats, SpikeGuard, decide
+from paramserver.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,10 @@ class ShardHandle(Protocol):
 
     async def set_roster(self, roster: Roster) -> None:
         """Make the shard adopt `roster` (ignored if it holds a newer one)."""
+        ...
+
+    async def telemetry(self, log_since: int = 0) -> dict[str, Any]:
+        """The shard's metrics and log records after `log_since` (ShardHost.telemetry_export)."""
         ...
 
     async def stop(self) -> None:
@@ -124,6 +131,8 @@ class ShardView:
     """False when the shard did not answer (its actor or node is gone)."""
     node: str = ""
     """The cluster node it runs on."""
+    pushed: tuple[int, ...] = ()
+    """The workers whose push of the open step it holds."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,25 @@ class MemberView:
     lease: int
     idle_s: float
     lost: bool
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The open step of a job, its pace and its last snapshot (Job.progress)."""
+
+    step: int = 0
+    pushed: tuple[int, ...] = ()
+    waiting: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+    steps_per_s: float = 0.0
+    last_step_age_s: float = 0.0
+    last_snapshot_version: int = 0
+    last_snapshot: str = ""
+    last_snapshot_age_s: float = 0.0
+
+
+#: The window of the job's pace (steps per second), seconds.
+PACE_WINDOW_S = 60.0
 
 
 #: Job states (names of paramserver.v1.JobState without the prefix; RUNNING covers AWAITING_PARAMETERS;
@@ -158,6 +186,7 @@ class JobView:
     recoveries: int = 0
     recovered_from: str = ""
     tenant: str = ""
+    progress: Progress = field(default_factory=lambda: Progress())
 
     @property
     def initialized(self) -> bool:
@@ -209,6 +238,10 @@ class _Job:
     """The tenant that owns the job ("" when the service runs without credentials)."""
     quota: Quota = field(default_factory=Quota)
     """Its tenant's quotas (shared by the tenant's jobs)."""
+    decided_at: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
+    """Clock times of the latest decisions (the job's pace)."""
+    last_snapshot: tuple[int, str, float] | None = None
+    """(version, path, clock time) of the newest snapshot this coordinator committed."""
 
     @property
     def workers(self) -> dict[int, str]:
@@ -236,6 +269,8 @@ class Coordinator:
         self._control = ControlJournal(Path(journal)) if journal else None
         self._started = False
         self.instance = uuid.uuid4().hex
+        self.telemetry = Telemetry()
+        """The jobs' metrics and this actor's log records, for the front door (telemetry_export)."""
         """Changes with every (re)start of the coordinator."""
         self.owners: dict[str, str] = {}
         """job id -> its tenant (kept after a delete: the job's snapshots stay its tenant's)."""
@@ -364,12 +399,15 @@ class Coordinator:
             if st is None:
                 shards.append(ShardView(i, job.shards[i].address, tuple(job.plan[i]), 0, False, reachable=False))
             else:
-                shards.append(ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory, node=st.node))
+                shards.append(
+                    ShardView(i, st.address, tuple(job.plan[i]), st.version, st.initialized, st.memory, node=st.node, pushed=st.pushed)
+                )
         now = self.clock()
         members = tuple(
             MemberView(m.worker_id, m.name, m.lease, max(0.0, now - m.renewed_at), m.lost)
             for m in sorted(job.membership.members.values(), key=lambda m: m.worker_id)
         )
+        progress = self._progress(job, shards, members, now)
         return JobView(
             job.job_id,
             job.config,
@@ -383,6 +421,29 @@ class Coordinator:
             job.recoveries,
             job.recovered_from,
             job.tenant,
+            progress,
+        )
+
+    @staticmethod
+    def _progress(job: _Job, shards: list[ShardView], members: tuple[MemberView, ...], now: float) -> Progress:
+        """Where the open step stands (a worker has pushed when every shard that answered holds
+        its push), the pace over the last PACE_WINDOW_S and the last snapshot."""
+        live = [s for s in shards if s.reachable]
+        pushed = set.intersection(*(set(s.pushed) for s in live)) if live else set()
+        recent = [t for t in job.decided_at if now - t <= PACE_WINDOW_S]
+        span = now - recent[0] if recent else 0.0
+        rate = len(recent) / max(span, 1.0) if recent else 0.0
+        snap = job.last_snapshot
+        return Progress(
+            step=min((s.version for s in live), default=0),
+            pushed=tuple(sorted(w for w in pushed if any(m.worker_id == w for m in members))),
+            waiting=tuple(m.worker_id for m in members if m.worker_id not in pushed and not m.lost),
+            missing=tuple(m.worker_id for m in members if m.lost),
+            steps_per_s=rate,
+            last_step_age_s=max(0.0, now - job.decided_at[-1]) if job.decided_at else 0.0,
+            last_snapshot_version=snap[0] if snap else 0,
+            last_snapshot=snap[1] if snap else "",
+            last_snapshot_age_s=max(0.0, now - snap[2]) if snap else 0.0,
         )
 
     async def create_job(
@@ -671,6 +732,7 @@ class Coordinator:
                 return
             job = self._job(job_id)
             del self.jobs[job_id]
+            self.telemetry.drop("job", job_id)
             job.deleted = True
             self._log({"t": "delete", "job_id": job_id})
             self._remember(request_id, ("delete", job_id), True)
@@ -736,6 +798,11 @@ class Coordinator:
             log.warning("job %s: step %d closed without workers %s", job.job_id, step, list(decision.missing))
         if not decision.apply:
             job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
+            self.telemetry.inc("paramserver_job_skipped_steps", job=job.job_id, reason=decision.skip_reason)
+        elif decision.clip_coef < 1.0:
+            self.telemetry.inc("paramserver_job_clipped_steps", job=job.job_id)
+        self.telemetry.inc("paramserver_job_steps", job=job.job_id)
+        job.decided_at.append(self.clock())
         # what a snapshot at version step + 1 must carry (training may move on while it is written)
         job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
         job.history_at.pop(step + 1 - DECISIONS_KEPT, None)
@@ -1011,6 +1078,15 @@ class Coordinator:
         job.quota.check("snapshot_bytes", sum(sum(v) for v in sizes.values()), estimate)
 
     async def _snapshot(self, job: _Job, attempts: int = 200) -> dict[str, Any]:
+        began = time.perf_counter()
+        result = await self._take_snapshot(job, attempts)
+        took = time.perf_counter() - began
+        self.telemetry.observe("paramserver_snapshot_seconds", took, SNAPSHOT_BUCKETS, job=job.job_id)
+        self.telemetry.inc("paramserver_snapshot_bytes", float(result.get("bytes", 0)), job=job.job_id)
+        job.last_snapshot = (int(result["version"]), str(result["path"]), self.clock())
+        return result
+
+    async def _take_snapshot(self, job: _Job, attempts: int) -> dict[str, Any]:
         store = self.store
         await asyncio.to_thread(store.clean, job.job_id)
         for _ in range(attempts):
@@ -1120,6 +1196,25 @@ class Coordinator:
         found = await asyncio.to_thread(lambda: list(iter_snapshots(self.store, job_id)))
         # a snapshot with an unreadable manifest is left out here and reported by verify
         return [m.summary(self.store.path(ref)) for ref, m in found if m is not None]
+
+    async def telemetry_export(self, log_since: int = 0) -> dict[str, Any]:
+        """The jobs' metric series (gauges refreshed now), the shards to gather theirs from, and
+        this actor's log records after `log_since` (see paramserver.metrics, log_relay)."""
+        t = self.telemetry
+        for name in ("paramserver_job_version", "paramserver_job_workers", "paramserver_job_recoveries"):
+            t.forget(name)  # deleted jobs' series go
+        for job in list(self.jobs.values()):
+            t.set("paramserver_job_version", job.decided_version, job=job.job_id)
+            members = list(job.membership.members.values())
+            t.set("paramserver_job_workers", sum(not m.lost for m in members), job=job.job_id, state="live")
+            t.set("paramserver_job_workers", sum(m.lost for m in members), job=job.job_id, state="lost")
+            t.set("paramserver_job_recoveries", job.recoveries, job=job.job_id)
+        return {
+            "samples": t.export(),
+            "logs": t.logs.since(log_since),
+            "log_ring": t.logs.instance,
+            "shards": {j.job_id: list(j.shards) for j in self.jobs.values() if j.state != CREATING},
+        }
 
     async def shard_handles(self, job_id: str) -> list[ShardHandle]:
         """The handles of a job's shards (inspection and tests)."""

@@ -16,7 +16,7 @@ from paramserver.cluster import Cluster
 from paramserver.convert import job_state_pb, job_to_pb, restore_overrides, snapshot_to_pb, spec_to_config
 from paramserver.errors import ConfigError, ParamServerError, Reason
 from paramserver.gate import CALLER, FrontDoorGate
-from paramserver.rpc import streaming, unary
+from paramserver.rpc import Observer, streaming, unary
 from paramserver.snapshot_store import SnapshotStore
 from paramserver.state_export import PIECE_ELEMENTS, open_snapshot, optimizer_state
 from paramserver.v1 import job_service_pb2 as pb
@@ -44,6 +44,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.cluster = cluster
         self.store = store
         self.gate = gate
+        self.observe: Observer | None = None
+        """Told of every call (method, status code, seconds): the front door's metrics."""
         self._issued: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 
     def _token_for(self, request_id: str, job_id: str) -> str:

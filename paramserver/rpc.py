@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -47,16 +48,30 @@ def unary(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        start, code = time.perf_counter(), "OK"
         try:
             return await fn(self, request, context)
         except ParamServerError as err:
+            code = err.code
             await abort(context, err)
         except (aio.AbortError, aio.UsageError):
+            got = context.code()
+            code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
             raise
         except Exception as exc:  # noqa: BLE001 - turned into INTERNAL with a reason
+            code = "INTERNAL"
             await abort(context, _internal(exc))
+        finally:
+            observe: Observer | None = getattr(self, "observe", None)
+            if observe is not None:
+                observe(fn.__name__, code, time.perf_counter() - start)
 
     return wrapper  # type: ignore[return-value]
+
+
+#: What a servicer's ``observe`` attribute is called with after each call `unary` wraps: the
+#: method's name, the status code's name and the seconds it took (the front door's metrics).
+Observer = Callable[[str, str, float], None]
 
 
 #: How much of a refused call's request stream is read (and dropped) before the refusal is sent.

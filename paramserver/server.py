@@ -10,6 +10,8 @@ if this process started it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -25,9 +27,12 @@ from paramserver.cluster import Cluster, start_ray, stop_ray
 from paramserver.gate import FrontDoorGate
 from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.job_service import JobServicer
+from paramserver.log_relay import LogRelay
+from paramserver.metrics import MetricsEndpoint
 from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.snapshot_stores import open_store
 from paramserver.spill import clean_spill
+from paramserver.spread import PortRange
 from paramserver.tls import TlsConfig
 from paramserver.v1 import job_service_pb2
 
@@ -79,6 +84,21 @@ class ServiceConfig:
     anyone who reaches a port may call anything; for loopback and trusted networks only)."""
     tls: TlsConfig | None = None
     """Certificate files of every port, front door and shards (None = plaintext)."""
+    shard_port_range: PortRange | None = None
+    """Ports the shards' data ports bind (each node's shards take free ones of the range); None =
+    any free port."""
+    placement: str = "spread"
+    """How a job's shards are placed over the nodes: "spread" (round-robin over the alive nodes
+    that can hold them; see paramserver.spread) or "pack" (Ray's default)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint (/metrics) with the front door's, the jobs' and every
+    shard's metrics; None = no endpoint; 0 = any free port."""
+    metrics_host: str | None = None
+    """Address the metrics endpoint binds (None = the control plane's `host`)."""
+    dashboard: bool = False
+    """Start the local Ray with its dashboard (needs the `dashboard` extra: ray[default])."""
+    relay_logs: bool = True
+    """Relay the coordinator's and the shards' log records into this process's log."""
 
 
 def exposure_warning(host: str, secured: bool) -> str:
@@ -101,6 +121,9 @@ class Service:
         self.health: Any = None
         self.port = 0
         self._watch: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+        self.relay: LogRelay | None = None
+        self.metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -126,13 +149,34 @@ class Service:
             state_dir=self.config.state_dir,
             coordinator_resources=self.config.coordinator_resources,
             tls=self.config.tls,
+            shard_port_range=self.config.shard_port_range,
+            placement=self.config.placement,
         )
         await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)
         store = open_store(self.config.snapshot_dir)
         gate = FrontDoorGate(self.config.auth, self.cluster.access)
         service = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
-        add_unary_service(JobServicer(self.cluster, store, gate), service, server, gate.guard if gate.secured else None)
+        servicer = JobServicer(self.cluster, store, gate)
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsEndpoint()
+            servicer.observe = functools.partial(self.metrics.observe, "JobService")
+            tls = self.config.tls
+            self.metrics.start(
+                self.config.metrics_host or self.config.host,
+                self.config.metrics_port,
+                self.cluster,
+                asyncio.get_running_loop(),
+                tls.cert_file if tls is not None else "",
+                tls.key_file if tls is not None else "",
+            )
+            log.info(
+                "metrics on http%s://%s:%d/metrics", "s" if tls else "", self.config.metrics_host or self.config.host, self.metrics.port
+            )
+        if self.config.relay_logs:
+            self.relay = LogRelay(self.cluster)
+            self._relay = asyncio.get_running_loop().create_task(self.relay.run())
+        add_unary_service(servicer, service, server, gate.guard if gate.secured else None)
         self.health = add_health_and_reflection(server, [service.full_name])
         bind = f"{self.config.host}:{self.config.port}"
         if self.config.tls is not None:
@@ -175,6 +219,8 @@ class Service:
         for the next front door: see ServiceConfig.keep_jobs_on_exit)."""
         if self._watch is not None:
             self._watch.cancel()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
@@ -182,6 +228,11 @@ class Service:
         keep = self.config.keep_jobs_on_exit
         if keep is None:
             keep = not self.owns_ray
+        if self._relay is not None:
+            self._relay.cancel()
+            if self.relay is not None:  # what the actors logged since the last pass
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.relay.drain(), 2.0)
         if self.cluster is not None:
             try:
                 await self.cluster.close(stop_jobs=not keep)
@@ -194,7 +245,7 @@ class Service:
 
 def serve(config: ServiceConfig) -> None:
     """Run the service in the foreground until SIGTERM or Ctrl-C."""
-    owned = start_ray(config.ray_address, config.num_cpus)
+    owned = start_ray(config.ray_address, config.num_cpus, dashboard=config.dashboard)
 
     async def main() -> None:
         service = Service(config, owns_ray=owned)
@@ -220,7 +271,7 @@ class BackgroundService:
 
     def __init__(self, config: ServiceConfig, own_ray: bool = True) -> None:
         self.config = config
-        self._owned_ray = start_ray(config.ray_address, config.num_cpus) if own_ray else False
+        self._owned_ray = start_ray(config.ray_address, config.num_cpus, dashboard=config.dashboard) if own_ray else False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="paramserver", daemon=True)
         self._thread.start()

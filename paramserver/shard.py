@@ -464,6 +464,10 @@ class ShardState:
         for c in contributions:
             self.grads.release(c.buffer)
 
+    def step_gradient(self) -> GradBuffer | None:
+        """The step's reduced gradient (G / N) once reduced, for inspection (optimizer health)."""
+        return self._grad
+
     def set_gradient(self, local: torch.Tensor) -> None:
         """Make `local` (this shard's elements, local order) the step's reduced gradient, without
         a reduction (benchmarks of the update alone)."""

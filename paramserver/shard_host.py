@@ -20,6 +20,7 @@ import torch
 from grpc import aio
 
 from paramserver import snapshot_names as names
+from paramserver.errors import ParamServerError, Reason
 from paramserver.gate import ShardGate
 from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.jobconfig import JobConfig
@@ -34,6 +35,8 @@ from paramserver.shard_service import SERVICE_NAME, ShardServicer, add_shard_ser
 from paramserver.shard_types import Restore, ShardStatus, fault_from_env
 from paramserver.snapshot_store import SnapshotReader, SnapshotRef, SnapshotStore
 from paramserver.snapshot_stores import open_store
+from paramserver.spread import PortRange, bind_in_range
+from paramserver.telemetry import Telemetry, resident_set_bytes
 from paramserver.tls import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -73,10 +76,13 @@ class ShardHost:
         roster: Roster | None = None,
         generation: int = 0,
         tls: TlsConfig | None = None,
+        port_range: PortRange | None = None,
     ) -> None:
-        """`tls`: serve the data port with TLS (mutual when it has a client CA)."""
+        """`tls`: serve the data port with TLS (mutual when it has a client CA); `port_range`:
+        bind a port of that range (else any free port)."""
         self.job_id = job_id
         self.tls = tls
+        self.port_range = port_range
         self.config = config
         self.index = index
         self.spans = spans
@@ -92,6 +98,8 @@ class ShardHost:
         self._health: Any = None
         self.runtime: ShardRuntime | None = None
         self._stores: dict[str, SnapshotStore] = {}
+        self.telemetry = Telemetry()
+        """This shard's metrics and log records, for the front door (see telemetry())."""
 
     def store(self, url: str) -> SnapshotStore:
         """The snapshot store at `url` (opened once)."""
@@ -143,18 +151,35 @@ class ShardHost:
 
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
+        self.telemetry.base = (("job", self.job_id), ("shard", str(self.index)), ("node", self.node()))
+        self.telemetry.logs.context = {"job": self.job_id, "shard": self.index, "node": self.node()}
         state, ledger = self._load()
-        self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation)
+        self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation, self.telemetry)
         self.runtime.load_ledger(json.loads(ledger))
         server = aio.server(options=GRPC_OPTIONS, interceptors=[ShardGate(self.job_id, self._roster, SERVICE_NAME)])
-        self._servicer = ShardServicer(self.job_id, self.runtime)
+        self._servicer = ShardServicer(self.job_id, self.runtime, telemetry=self.telemetry)
         add_shard_service(self._servicer, server)
         self._health = add_health_and_reflection(server, [SERVICE_NAME])
         host = self.bind_host if ":" not in self.bind_host or self.bind_host.startswith("[") else f"[{self.bind_host}]"
-        if self.tls is not None:
-            port = server.add_secure_port(f"{host}:0", self.tls.server_credentials())
+        tls = self.tls
+
+        def bind(port: int) -> int:
+            if tls is not None:
+                return server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+            return server.add_insecure_port(f"{host}:{port}")
+
+        if self.port_range is None:
+            port = bind(0)
         else:
-            port = server.add_insecure_port(f"{host}:0")
+            try:
+                port = bind_in_range(bind, self.port_range)
+            except OSError as exc:
+                raise ParamServerError(
+                    "RESOURCE_EXHAUSTED",
+                    Reason.SHARDS_UNSCHEDULABLE,
+                    f"job {self.job_id!r} shard {self.index} on {self.advertise_host()}: {exc}; widen serve --shard-port-range",
+                    {"field": "shard_port_range"},
+                ) from None
         await server.start()
         await set_serving(self._health, [SERVICE_NAME], True)
         self._server = server
@@ -176,7 +201,7 @@ class ShardHost:
         if old is not None:
             await old.close()
         state, ledger = await asyncio.to_thread(self._load)
-        runtime = ShardRuntime(state, self.reducer, roster, generation)
+        runtime = ShardRuntime(state, self.reducer, roster, generation, self.telemetry)
         runtime.load_ledger(json.loads(ledger))
         self.runtime = runtime
         if self._servicer is not None:
@@ -189,12 +214,45 @@ class ShardHost:
         assert self.runtime is not None
         s = self.runtime.state
         return ShardStatus(
-            self.index, self.address, s.version, s.initialized, s.applied, str(s.device), s.memory(), self.runtime.last_seen(), self.node()
+            self.index,
+            self.address,
+            s.version,
+            s.initialized,
+            s.applied,
+            str(s.device),
+            s.memory(),
+            self.runtime.last_seen(),
+            self.node(),
+            tuple(self.runtime.pushed()),
         )
 
     def node(self) -> str:
         """The cluster node this shard runs on ("" outside a cluster)."""
         return ""
+
+    async def telemetry_export(self, log_since: int = 0) -> dict[str, Any]:
+        """This shard's metric series (gauges refreshed now), its optimizer-health sums, the
+        open step's pushed workers and members, and its log records after `log_since`."""
+        t = self.telemetry
+        out: dict[str, Any] = {"job": self.job_id, "logs": t.logs.since(log_since), "log_ring": t.logs.instance}
+        if self.runtime is not None:
+            state, runtime = self.runtime.state, self.runtime
+            mem = state.memory()
+            t.set("paramserver_shard_version", state.version)
+            for kind, value in (("resident", mem.resident_bytes), ("spilled", mem.spilled_bytes), ("buffer", mem.buffer_bytes)):
+                t.set("paramserver_shard_memory_bytes", value, kind=kind)
+            t.set("paramserver_shard_memory_bytes", resident_set_bytes(), kind="rss")
+            t.set("paramserver_shard_spill_read_bytes", mem.read_bytes)
+            t.set("paramserver_shard_spill_write_bytes", mem.written_bytes)
+            if self._servicer is not None:
+                t.set("paramserver_shard_streams", self._servicer.gate.open)
+            out["step"] = state.version
+            out["pushed"] = runtime.pushed()
+            out["members"] = sorted(w for w, _ in runtime.roster.members)
+        out["samples"] = t.export()
+        names = [info[0] for info in self.config.group_infos()]
+        out["health"] = {names[g] if g < len(names) else str(g): v for g, v in t.extra.get("health", {}).items()}
+        return out
 
     async def set_roster(self, roster: Roster) -> None:
         """Adopt the job's newer membership (see ShardRuntime.set_roster)."""

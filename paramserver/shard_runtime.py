@@ -35,14 +35,19 @@ from paramserver.grad_buffers import GradBuffer
 from paramserver.ledger import Ledger
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
+from paramserver.optimizer_health import HealthProbe, sampled
 from paramserver.placement import Span
 from paramserver.shard import Contribution, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
+from paramserver.telemetry import Telemetry
 from paramserver.wire import encode_blocks, wire_tensor
 from paramserver_client.codec import EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
 
 log = logging.getLogger(__name__)
+
+#: The histogram of step phases (paramserver.metric_names.PHASES).
+PHASE = "paramserver_step_phase_seconds"
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -208,8 +213,12 @@ class Pull:
 class ShardRuntime:
     """Orchestrates one shard's synchronous steps."""
 
-    def __init__(self, state: ShardState, reducer: StepReducer, roster: Roster | None = None, generation: int = 0) -> None:
+    def __init__(
+        self, state: ShardState, reducer: StepReducer, roster: Roster | None = None, generation: int = 0, telemetry: Telemetry | None = None
+    ) -> None:
         self.state = state
+        self.telemetry = telemetry or Telemetry()
+        """Step phase timings and optimizer health (kept across a reset: the host passes its own)."""
         self.reducer = reducer
         self.max_workers = state.config.max_members
         self.roster = roster or Roster(0, (), state.config.min_members)
@@ -394,6 +403,10 @@ class ShardRuntime:
                 self.state.grads.release(c.buffer)
                 log.info("shard %d: dropped worker %d's push (lease %d ended)", self.state.index, wid, c.lease)
 
+    def pushed(self) -> list[int]:
+        """The workers whose push of the open step this shard holds."""
+        return sorted(self._pending)
+
     def waiting_for(self) -> list[int]:
         """The members whose push the open step still waits for."""
         return [w for w, _ in self.roster.members if w not in self._pending]
@@ -475,7 +488,8 @@ class ShardRuntime:
             cast(PushPrint, entry[0]).check(h.request_id, dataclasses.replace(head, digest=digest))
             return await asyncio.shield(entry[1])
         await self._push_answer(h)
-        buffer, digest = await self._receive(chunks)
+        with self.telemetry.time(PHASE, phase="push"):
+            buffer, digest = await self._receive(chunks)
         full = dataclasses.replace(head, digest=digest)
         try:
             entry = self._push_ledger.peek(h.request_id)
@@ -525,8 +539,10 @@ class ShardRuntime:
         contributions are kept until the coordinator agrees that every shard reduced the same
         (worker, lease) pairs; on a :class:`Redo` the step waits for the members again."""
         try:
-            stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions, keep=True)
-            decision = await self._reduce(dataclasses.replace(stats, generation=self.generation), step)
+            with self.telemetry.time(PHASE, phase="reduce"):
+                stats = await asyncio.to_thread(self._locked, self.state.reduce, contributions, keep=True)
+            with self.telemetry.time(PHASE, phase="decision"):
+                decision = await self._reduce(dataclasses.replace(stats, generation=self.generation), step)
             if isinstance(decision, Redo):
                 self._completing = None
                 if decision.roster.epoch > self.roster.epoch:
@@ -535,13 +551,15 @@ class ShardRuntime:
                 self._maybe_complete(fut, owner)
                 return
             self.state.settle(contributions)
-            report = await asyncio.to_thread(self._locked, self._apply, decision)
+            with self.telemetry.time(PHASE, phase="update"):
+                report = await asyncio.to_thread(self._locked, self._apply_observed, decision)
             self._pending.clear()
             self._requests.clear()
             self._completing = None
             if fut is not None:
                 fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
-            await self._notify()
+            with self.telemetry.time(PHASE, phase="publish"):
+                await self._notify()
         except BaseException as exc:
             self._completing = None
             if fut is not None and not fut.done():
@@ -555,6 +573,15 @@ class ShardRuntime:
     def _apply(self, decision: Decision) -> StepReport:
         report = self.state.apply(decision)
         self._cache.clear()  # a new version
+        return report
+
+    def _apply_observed(self, decision: Decision) -> StepReport:
+        """_apply, measuring the optimizer's health (paramserver.optimizer_health) on sampled steps."""
+        if not (decision.apply and sampled(decision.step)):
+            return self._apply(decision)
+        probe = HealthProbe(self.state)
+        report = self._apply(decision)
+        self.telemetry.extra["health"] = probe.finish(decision.step)
         return report
 
     # ---- pulls ----------------------------------------------------------------------------

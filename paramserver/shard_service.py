@@ -24,6 +24,7 @@ from paramserver.rpc import decode, drain, unary
 from paramserver.shard_runtime import Chunk, PushHeader, PushResult, ShardRuntime, iterate_in_thread
 from paramserver.steps import StepReport
 from paramserver.stream_gate import StreamGate, StreamLimits, stream_time_error
+from paramserver.telemetry import Telemetry
 from paramserver.v1 import shard_service_pb2 as pb
 from paramserver_client.codec import FLOAT32, TRAIN, parse_chunk_message
 
@@ -60,9 +61,12 @@ def _push_pb(r: PushResult) -> pb.PushGradientsResponse:
 class ShardServicer:
     """ShardService for one job's shard."""
 
-    def __init__(self, job_id: str, runtime: ShardRuntime, *, limits: StreamLimits | None = None) -> None:
+    def __init__(
+        self, job_id: str, runtime: ShardRuntime, *, limits: StreamLimits | None = None, telemetry: Telemetry | None = None
+    ) -> None:
         self.job_id = job_id
         self.runtime = runtime
+        self.telemetry = telemetry or runtime.telemetry
         self.gate = StreamGate(limits)
         """Counts this shard's open streams (kept across a reset, which swaps `runtime`)."""
 
@@ -110,6 +114,7 @@ class ShardServicer:
                     "stream.idle_s",
                     limits.idle_s,
                 ) from None
+            self.telemetry.inc(RECEIVED, len(raw))
             yield raw
 
     def _pull_wait(self, remaining: float | None) -> float:
@@ -187,19 +192,25 @@ class ShardServicer:
                 )
             )
             limit = self.gate.limits.max_stream_s
+            sent = 0
             try:
-                async with asyncio.timeout(limit):
-                    await context.write(header)
-                    if isinstance(pull.messages, list):  # encoded once per version
-                        for message in pull.messages:
-                            await context.write(message)  # already a serialised PullParametersResponse (see add_shard_service)
-                    else:
-                        async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
-                            await context.write(message)
+                with self.telemetry.time(PHASE, phase="pull"):
+                    async with asyncio.timeout(limit):
+                        await context.write(header)
+                        if isinstance(pull.messages, list):  # encoded once per version
+                            for message in pull.messages:
+                                await context.write(message)  # already a serialised PullParametersResponse (see add_shard_service)
+                                sent += len(message)
+                        else:
+                            async for message in iterate_in_thread(pull.messages):  # read and encoded as it goes
+                                await context.write(message)
+                                sent += len(message)
             except TimeoutError:
                 raise stream_time_error(
                     f"the pull's answer was not taken within {limit:g} s (this shard's limit)", "stream.duration_s", limit
                 ) from None
+            finally:
+                self.telemetry.inc(SENT, sent)
 
 
 async def _drain(messages: AsyncIterator[bytes], err: ParamServerError) -> None:
@@ -258,3 +269,4 @@ def add_shard_service(servicer: ShardServicer, server: aio.Server) -> None:
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ShardService"].full_name
+RECEIVED, SENT, PHASE = "paramserver_shard_received_bytes", "paramserver_shard_sent_bytes", "paramserver_step_phase_seconds"

@@ -79,6 +79,8 @@ class ShardStatus:
     """Seconds since each worker's last push or pull on this shard (renews its lease)."""
     node: str = ""
     """The cluster node the shard runs on ("" outside Ray)."""
+    pushed: tuple[int, ...] = ()
+    """The workers whose push of the open step the shard holds."""
 
 
 #: Fault injection for tests: the path of a file whose lines "JOB_ID SHARD PHASE" make that

@@ -1168,6 +1168,7 @@ class Job(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     WORKER_TOKEN_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     state: Global___JobState.ValueType
@@ -1235,6 +1236,10 @@ class Job(_message.Message):
         in order (ParameterLayout.group indexes this).
         """
 
+    @_builtins.property
+    def progress(self) -> Global___StepProgress:
+        """Where the open step stands and how fast steps go (GetJob, ListJobs)."""
+
     def __init__(
         self,
         *,
@@ -1256,14 +1261,74 @@ class Job(_message.Message):
         total_steps: _builtins.int = ...,
         worker_token: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        progress: Global___StepProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "groups", b"groups", "job_id", b"job_id", "layout", b"layout", "members", b"members", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant", "total_elements", b"total_elements", "total_steps", b"total_steps", "version", b"version", "worker_token", b"worker_token", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "groups", b"groups", "job_id", b"job_id", "layout", b"layout", "members", b"members", "progress", b"progress", "recovered_from", b"recovered_from", "recoveries", b"recoveries", "shards", b"shards", "skipped_steps", b"skipped_steps", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant", "total_elements", b"total_elements", "total_steps", b"total_steps", "version", b"version", "worker_token", b"worker_token", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class StepProgress(_message.Message):
+    """The open step of a job, its pace and its last snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PUSHED_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    STEPS_PER_S_FIELD_NUMBER: _builtins.int
+    LAST_STEP_AGE_S_FIELD_NUMBER: _builtins.int
+    LAST_SNAPSHOT_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    LAST_SNAPSHOT_AGE_S_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The open step (= the version being trained on)."""
+    steps_per_s: _builtins.float
+    """Steps decided per second over the last minute (0 when none)."""
+    last_step_age_s: _builtins.float
+    """Seconds since the last step was decided (0 before the first)."""
+    last_snapshot_version: _builtins.int
+    """The newest committed snapshot's version and path ("" when none)."""
+    last_snapshot: _builtins.str
+    last_snapshot_age_s: _builtins.float
+    """Seconds since that snapshot was committed."""
+    @_builtins.property
+    def pushed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Members whose gradient for the open step every shard holds."""
+
+    @_builtins.property
+    def waiting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Members the open step still waits for."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Members whose lease expired while the job keeps their slot (policy WAIT)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        pushed: _abc.Iterable[_builtins.int] | None = ...,
+        waiting: _abc.Iterable[_builtins.int] | None = ...,
+        missing: _abc.Iterable[_builtins.int] | None = ...,
+        steps_per_s: _builtins.float = ...,
+        last_step_age_s: _builtins.float = ...,
+        last_snapshot_version: _builtins.int = ...,
+        last_snapshot: _builtins.str = ...,
+        last_snapshot_age_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_snapshot", b"last_snapshot", "last_snapshot_age_s", b"last_snapshot_age_s", "last_snapshot_version", b"last_snapshot_version", "last_step_age_s", b"last_step_age_s", "missing", b"missing", "pushed", b"pushed", "step", b"step", "steps_per_s", b"steps_per_s", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepProgress: _TypeAlias = StepProgress  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):

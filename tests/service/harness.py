@@ -77,6 +77,9 @@ class HostHandle:
             raise ParamServerError("UNAVAILABLE", Reason.SERVICE_UNAVAILABLE, "shard actor died", {"actor": "dead"})
         return await self.host.status()
 
+    async def telemetry(self, log_since: int = 0) -> dict[str, Any]:
+        return await self.host.telemetry_export(log_since)
+
     async def set_roster(self, roster: Roster) -> None:
         """The host adopts the job's membership."""
         await self.host.set_roster(roster)
