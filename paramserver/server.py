@@ -170,9 +170,10 @@ class Service:
                 tls.cert_file if tls is not None else "",
                 tls.key_file if tls is not None else "",
             )
-            log.info(
-                "metrics on http%s://%s:%d/metrics", "s" if tls else "", self.config.metrics_host or self.config.host, self.metrics.port
-            )
+            where = self.config.metrics_host or self.config.host
+            log.info("metrics on http%s://%s:%d/metrics", "s" if tls else "", where, self.metrics.port)
+            if exposure_warning(where, False):
+                log.warning("the metrics endpoint on %s needs no credentials: it shows job ids, shard addresses and sizes", where)
         if self.config.relay_logs:
             self.relay = LogRelay(self.cluster)
             self._relay = asyncio.get_running_loop().create_task(self.relay.run())
