@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,38 @@ def test_hash_token_command_and_the_exposure_warning() -> None:
     assert out.exit_code == 0 and out.stdout.strip() == hash_token("a-secret-token")
     assert exposure_warning("0.0.0.0", secured=False).startswith("WITHOUT credentials")
     assert exposure_warning("0.0.0.0", secured=True) == "" and exposure_warning("127.0.0.1", secured=False) == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--shard-port-range", "9-1"], "--shard-port-range"),
+        (["--shard-port-range", "lots"], "--shard-port-range"),
+        (["--placement", "random"], "--placement"),
+        (["--log-format", "xml"], "log format"),
+        (["--log-level", "LOUD"], "log level"),
+    ],
+)
+def test_serve_refuses_bad_placement_ports_and_log_options_before_starting(
+    args: list[str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from paramserver import server
+    from paramserver.cli import app
+
+    started: list[object] = []
+    monkeypatch.setattr(server, "serve", started.append)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # serve configures the root logger: put it back
+    try:
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert started == []
+        ok = CliRunner().invoke(app, ["serve", "--shard-port-range", "52000-52009", "--placement", "pack", "--log-format", "json"])
+        assert ok.exit_code == 0, ok.output
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    (config,) = started
+    assert (str(config.shard_port_range), config.placement) == ("52000-52009", "pack")  # type: ignore[attr-defined]
