@@ -1,8 +1,10 @@
 """Optimizer health per parameter group, measured by a shard on sampled steps: the averaged
-gradient's sum of squares, and the update's and the parameters' sums of squares over a sample.
+gradient's sum of squares (accumulated by float32 BLAS: a metric, not the clip norm, which
+paramserver.gradnorm computes exactly), and the update's and the parameters' sums of squares
+over a sample (in float64).
 
 The front door combines every shard's sums (paramserver.metrics): the group's gradient norm is
-sqrt(sum of the shards' gradient squares), exact over the whole group; the update/parameter RMS
+sqrt(sum of the shards' gradient squares), over the whole group; the update/parameter RMS
 ratio is sqrt(sum of update squares / sum of parameter squares) over the first SAMPLE elements
 of the group on each shard (reading all the parameters twice a step would cost as much as the
 update). Measured every EVERY-th step (step 0 included); nothing is measured on skipped steps.
@@ -81,8 +83,7 @@ class HealthProbe:
             if local is None:
                 continue
             (values,) = grad.read([(local, s.length)])
-            v = values.to(torch.float64)
-            total += float(torch.dot(v, v))
+            total += float(torch.dot(values, values))  # float32 BLAS (a metric: no float64 copy of the gradient)
         return total
 
     def finish(self, step: int) -> dict[int, tuple[int, float, float, float]]:
