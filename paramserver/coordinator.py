@@ -732,7 +732,7 @@ class Coordinator:
                 return
             job = self._job(job_id)
             del self.jobs[job_id]
-            self.telemetry.drop("job", job_id)
+            self.telemetry.drop("job_id", job_id)
             job.deleted = True
             self._log({"t": "delete", "job_id": job_id})
             self._remember(request_id, ("delete", job_id), True)
@@ -798,10 +798,10 @@ class Coordinator:
             log.warning("job %s: step %d closed without workers %s", job.job_id, step, list(decision.missing))
         if not decision.apply:
             job.skips[decision.skip_reason] = job.skips.get(decision.skip_reason, 0) + 1
-            self.telemetry.inc("paramserver_job_skipped_steps", job=job.job_id, reason=decision.skip_reason)
+            self.telemetry.inc("paramserver_job_skipped_steps", job_id=job.job_id, reason=decision.skip_reason)
         elif decision.clip_coef < 1.0:
-            self.telemetry.inc("paramserver_job_clipped_steps", job=job.job_id)
-        self.telemetry.inc("paramserver_job_steps", job=job.job_id)
+            self.telemetry.inc("paramserver_job_clipped_steps", job_id=job.job_id)
+        self.telemetry.inc("paramserver_job_steps", job_id=job.job_id)
         job.decided_at.append(self.clock())
         # what a snapshot at version step + 1 must carry (training may move on while it is written)
         job.history_at[step + 1] = (tuple(job.guard.norms) if job.guard is not None else (), dict(job.skips))
@@ -1081,8 +1081,8 @@ class Coordinator:
         began = time.perf_counter()
         result = await self._take_snapshot(job, attempts)
         took = time.perf_counter() - began
-        self.telemetry.observe("paramserver_snapshot_seconds", took, SNAPSHOT_BUCKETS, job=job.job_id)
-        self.telemetry.inc("paramserver_snapshot_bytes", float(result.get("bytes", 0)), job=job.job_id)
+        self.telemetry.observe("paramserver_snapshot_seconds", took, SNAPSHOT_BUCKETS, job_id=job.job_id)
+        self.telemetry.inc("paramserver_snapshot_bytes", float(result.get("bytes", 0)), job_id=job.job_id)
         job.last_snapshot = (int(result["version"]), str(result["path"]), self.clock())
         return result
 
@@ -1204,11 +1204,11 @@ class Coordinator:
         for name in ("paramserver_job_version", "paramserver_job_workers", "paramserver_job_recoveries"):
             t.forget(name)  # deleted jobs' series go
         for job in list(self.jobs.values()):
-            t.set("paramserver_job_version", job.decided_version, job=job.job_id)
+            t.set("paramserver_job_version", job.decided_version, job_id=job.job_id)
             members = list(job.membership.members.values())
-            t.set("paramserver_job_workers", sum(not m.lost for m in members), job=job.job_id, state="live")
-            t.set("paramserver_job_workers", sum(m.lost for m in members), job=job.job_id, state="lost")
-            t.set("paramserver_job_recoveries", job.recoveries, job=job.job_id)
+            t.set("paramserver_job_workers", sum(not m.lost for m in members), job_id=job.job_id, state="live")
+            t.set("paramserver_job_workers", sum(m.lost for m in members), job_id=job.job_id, state="lost")
+            t.set("paramserver_job_recoveries", job.recoveries, job_id=job.job_id)
         return {
             "samples": t.export(),
             "logs": t.logs.since(log_since),

@@ -2,7 +2,8 @@
 
 The front door's ``/metrics`` endpoint (``serve --metrics-port``) serves all of them: its own
 (``paramserver_rpc_*``) and, gathered from the coordinator and every shard actor at each scrape,
-the jobs' and shards'. The Grafana dashboard in ``deploy/grafana/`` queries only names listed here
+the jobs' and shards'. A job's id is the label ``job_id`` (Prometheus keeps ``job`` for the scrape
+job). The Grafana dashboard in ``deploy/grafana/`` queries only names listed here
 (a test checks it), and the README's metrics table is this list.
 """
 
@@ -38,7 +39,7 @@ class MetricSpec:
     help: str
 
 
-SHARD = ("job", "shard", "node")
+SHARD = ("job_id", "shard", "node")
 
 CATALOG: tuple[MetricSpec, ...] = (
     # --- the front door ---------------------------------------------------------------------
@@ -46,27 +47,33 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec("paramserver_rpc_seconds", "histogram", ("service", "method"), "Front-door call latency."),
     MetricSpec("paramserver_scrape_errors", "counter", ("source",), "Actors that did not answer a scrape in time."),
     # --- per job (the coordinator) ------------------------------------------------------------
-    MetricSpec("paramserver_job_version", "gauge", ("job",), "The job's latest decided version (steps processed)."),
-    MetricSpec("paramserver_job_steps", "counter", ("job",), "Steps decided (applied or skipped)."),
-    MetricSpec("paramserver_job_skipped_steps", "counter", ("job", "reason"), "Steps skipped, by reason."),
+    MetricSpec("paramserver_job_version", "gauge", ("job_id",), "The job's latest decided version (steps processed)."),
+    MetricSpec("paramserver_job_steps", "counter", ("job_id",), "Steps decided (applied or skipped)."),
+    MetricSpec("paramserver_job_skipped_steps", "counter", ("job_id", "reason"), "Steps skipped, by reason."),
     MetricSpec(
-        "paramserver_job_clipped_steps", "counter", ("job",), "Steps whose gradient was clipped (clip rate: rate of this / rate of steps)."
+        "paramserver_job_clipped_steps",
+        "counter",
+        ("job_id",),
+        "Steps whose gradient was clipped (clip rate: rate of this / rate of steps).",
     ),
-    MetricSpec("paramserver_job_workers", "gauge", ("job", "state"), "Members by state: live, lost."),
-    MetricSpec("paramserver_job_workers_waiting", "gauge", ("job",), "Workers the open step still waits for."),
-    MetricSpec("paramserver_job_workers_pushed", "gauge", ("job",), "Workers that pushed the open step."),
-    MetricSpec("paramserver_job_recoveries", "counter", ("job",), "Recoveries (lost shards, rollbacks)."),
+    MetricSpec("paramserver_job_workers", "gauge", ("job_id", "state"), "Members by state: live, lost."),
+    MetricSpec("paramserver_job_workers_waiting", "gauge", ("job_id",), "Workers the open step still waits for."),
+    MetricSpec("paramserver_job_workers_pushed", "gauge", ("job_id",), "Workers that pushed the open step."),
+    MetricSpec("paramserver_job_recoveries", "counter", ("job_id",), "Recoveries (lost shards, rollbacks)."),
     MetricSpec(
         "paramserver_job_grad_norm",
         "gauge",
-        ("job", "group"),
+        ("job_id", "group"),
         "The last step's gradient norm per parameter group (after averaging, before clipping).",
     ),
     MetricSpec(
-        "paramserver_job_update_rms_ratio", "gauge", ("job", "group"), "The last step's RMS(update) / RMS(parameters) per parameter group."
+        "paramserver_job_update_rms_ratio",
+        "gauge",
+        ("job_id", "group"),
+        "The last step's RMS(update) / RMS(parameters) per parameter group.",
     ),
-    MetricSpec("paramserver_snapshot_seconds", "histogram", ("job",), "Snapshot durations (from request to committed)."),
-    MetricSpec("paramserver_snapshot_bytes", "counter", ("job",), "Bytes written by snapshots."),
+    MetricSpec("paramserver_snapshot_seconds", "histogram", ("job_id",), "Snapshot durations (from request to committed)."),
+    MetricSpec("paramserver_snapshot_bytes", "counter", ("job_id",), "Bytes written by snapshots."),
     # --- per shard ----------------------------------------------------------------------------
     MetricSpec("paramserver_step_phase_seconds", "histogram", (*SHARD, "phase"), "Step latency by phase (see PHASES)."),
     MetricSpec(

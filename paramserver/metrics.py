@@ -93,8 +93,8 @@ def _combined(exports: Mapping[str, Mapping[str, Any] | None]) -> Iterator[Sampl
     for job, shards in jobs.items():
         pushed = set.intersection(*(set(e["pushed"]) for e in shards))
         members = set().union(*(set(e["members"]) for e in shards))
-        yield Sample("paramserver_job_workers_pushed", (("job", job),), float(len(pushed & members)))
-        yield Sample("paramserver_job_workers_waiting", (("job", job),), float(len(members - pushed)))
+        yield Sample("paramserver_job_workers_pushed", (("job_id", job),), float(len(pushed & members)))
+        yield Sample("paramserver_job_workers_waiting", (("job_id", job),), float(len(members - pushed)))
         health: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
         for e in shards:
             for group, entry in e.get("health", {}).items():
@@ -103,7 +103,7 @@ def _combined(exports: Mapping[str, Mapping[str, Any] | None]) -> Iterator[Sampl
             step = max(e[0] for e in entries)
             same = [e for e in entries if e[0] == step]
             grad_sq, update_sq, param_sq = (sum(e[k] for e in same) for k in (1, 2, 3))
-            labels = (("job", job), ("group", group))
+            labels = (("job_id", job), ("group", group))
             yield Sample("paramserver_job_grad_norm", labels, math.sqrt(grad_sq))
             yield Sample("paramserver_job_update_rms_ratio", labels, math.sqrt(update_sq / param_sq) if param_sq > 0 else 0.0)
 

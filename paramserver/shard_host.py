@@ -151,7 +151,7 @@ class ShardHost:
 
     async def start(self) -> str:
         """Build the state, start the data-plane server; return its "host:port"."""
-        self.telemetry.base = (("job", self.job_id), ("shard", str(self.index)), ("node", self.node()))
+        self.telemetry.base = (("job_id", self.job_id), ("shard", str(self.index)), ("node", self.node()))
         self.telemetry.logs.context = {"job": self.job_id, "shard": self.index, "node": self.node()}
         state, ledger = self._load()
         self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation, self.telemetry)

@@ -91,37 +91,40 @@ def test_the_metrics_endpoint_moves_with_training(observed: BackgroundService) -
             continue
         base = m.name + ("_total" if m.kind == "counter" else "_count" if m.kind == "histogram" else "")
         assert base in names, base
-    assert value(after, "paramserver_job_version", job=job) == 12 and value(before, "paramserver_job_version", job=job) == 2
-    assert value(after, "paramserver_job_steps_total", job=job) - value(before, "paramserver_job_steps_total", job=job) == 10
+    assert value(after, "paramserver_job_version", job_id=job) == 12 and value(before, "paramserver_job_version", job_id=job) == 2
+    assert value(after, "paramserver_job_steps_total", job_id=job) - value(before, "paramserver_job_steps_total", job_id=job) == 10
     # every other step's gradient is 100x: clipped; the others are not (clip rate 1/2)
-    assert value(after, "paramserver_job_clipped_steps_total", job=job) - value(before, "paramserver_job_clipped_steps_total", job=job) == 5
+    assert (
+        value(after, "paramserver_job_clipped_steps_total", job_id=job) - value(before, "paramserver_job_clipped_steps_total", job_id=job)
+        == 5
+    )
     for phase in ("push", "reduce", "decision", "update", "publish", "pull"):
-        moved = value(after, "paramserver_step_phase_seconds_count", job=job, phase=phase) - value(
-            before, "paramserver_step_phase_seconds_count", job=job, phase=phase
+        moved = value(after, "paramserver_step_phase_seconds_count", job_id=job, phase=phase) - value(
+            before, "paramserver_step_phase_seconds_count", job_id=job, phase=phase
         )
         per_shard = {"push": 2 * 10, "pull": 2 * 10}.get(phase, 10)  # each step: 2 workers push and pull, 1 reduce, 1 update
         assert moved == 2 * per_shard, (phase, moved)  # on both shards
-    grew = value(after, "paramserver_shard_received_bytes_total", job=job) - value(
-        before, "paramserver_shard_received_bytes_total", job=job
+    grew = value(after, "paramserver_shard_received_bytes_total", job_id=job) - value(
+        before, "paramserver_shard_received_bytes_total", job_id=job
     )
     assert grew >= 10 * 2 * TOTAL * 4  # 10 steps of 2 fp32 gradients, framing on top
-    sent = value(after, "paramserver_shard_sent_bytes_total", job=job) - value(before, "paramserver_shard_sent_bytes_total", job=job)
+    sent = value(after, "paramserver_shard_sent_bytes_total", job_id=job) - value(before, "paramserver_shard_sent_bytes_total", job_id=job)
     assert sent >= 10 * 2 * TOTAL * 4  # each step both workers pull the whole model
-    assert value(after, "paramserver_snapshot_seconds_count", job=job) == 1
-    assert value(after, "paramserver_snapshot_bytes_total", job=job) > 3 * TOTAL * 4  # params and two moments
+    assert value(after, "paramserver_snapshot_seconds_count", job_id=job) == 1
+    assert value(after, "paramserver_snapshot_bytes_total", job_id=job) > 3 * TOTAL * 4  # params and two moments
     for kind in ("resident", "rss"):
-        assert value(after, "paramserver_shard_memory_bytes", job=job, kind=kind) > 0
-    assert value(after, "paramserver_shard_memory_bytes", job=job, kind="spilled") == 0
+        assert value(after, "paramserver_shard_memory_bytes", job_id=job, kind=kind) > 0
+    assert value(after, "paramserver_shard_memory_bytes", job_id=job, kind="spilled") == 0
     # optimizer health of step 10 (measured every 10 steps), per group
     for group in ("default", "head"):
-        norm = value(after, "paramserver_job_grad_norm", job=job, group=group)
-        ratio = value(after, "paramserver_job_update_rms_ratio", job=job, group=group)
+        norm = value(after, "paramserver_job_grad_norm", job_id=job, group=group)
+        ratio = value(after, "paramserver_job_update_rms_ratio", job_id=job, group=group)
         assert norm > 0 and 0 < ratio < 1, (group, norm, ratio)
-    assert value(after, "paramserver_job_workers", job=job, state="live") == 2
-    assert value(after, "paramserver_job_workers_waiting", job=job) == 2  # step 12 is open, nobody pushed
+    assert value(after, "paramserver_job_workers", job_id=job, state="live") == 2
+    assert value(after, "paramserver_job_workers_waiting", job_id=job) == 2  # step 12 is open, nobody pushed
     assert value(after, "paramserver_rpc_total", method="CreateSnapshot", code="OK") >= 1
     # a deleted job's series are gone
-    assert value(scrape(observed), "paramserver_job_version", job=job) == 0
+    assert value(scrape(observed), "paramserver_job_version", job_id=job) == 0
 
 
 def test_shard_ports_come_from_the_range_and_logs_reach_the_front_door(

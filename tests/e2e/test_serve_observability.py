@@ -60,8 +60,8 @@ def test_serve_logs_json_with_the_shards_records_and_serves_metrics(tmp_path: Pa
             assert int(progress["step"]) == 3 and progress["waiting"] == [0], progress
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as r:
                 text = r.read().decode()
-            assert 'paramserver_job_version{job="obs-e2e"} 3.0' in text
-            assert 'paramserver_shard_version{job="obs-e2e",node=' in text
+            assert 'paramserver_job_version{job_id="obs-e2e"} 3.0' in text
+            assert 'paramserver_shard_version{job_id="obs-e2e",node=' in text
             time.sleep(2.5)  # the relay drains the actors once a second
     finally:
         serve.terminate()

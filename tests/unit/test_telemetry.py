@@ -120,10 +120,10 @@ def test_relayed_records_keep_their_fields_in_both_formats(caplog: pytest.LogCap
 
 
 def test_families_combine_the_shards_into_job_values() -> None:
-    shard = Telemetry({"job": "j", "shard": "0", "node": "n"})
+    shard = Telemetry({"job_id": "j", "shard": "0", "node": "n"})
     shard.set("paramserver_shard_version", 3)
     shard.observe("paramserver_step_phase_seconds", 0.002, phase="update")
-    other = Telemetry({"job": "j", "shard": "1", "node": "n"})
+    other = Telemetry({"job_id": "j", "shard": "1", "node": "n"})
     other.set("paramserver_shard_version", 3)
     exports = {
         "coordinator": {"samples": [], "shards": {}},
@@ -135,11 +135,11 @@ def test_families_combine_the_shards_into_job_values() -> None:
     }  # fmt: skip
     by_name: dict[str, Metric] = {f.name: f for f in families(exports)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in by_name.values() for s in f.samples}
-    assert samples[("paramserver_job_workers_pushed", (("job", "j"),))] == 1  # pushed to every shard: worker 1 only
-    assert samples[("paramserver_job_workers_waiting", (("job", "j"),))] == 2
-    assert samples[("paramserver_job_grad_norm", (("group", "default"), ("job", "j")))] == 5.0  # sqrt(9 + 16)
-    assert samples[("paramserver_job_update_rms_ratio", (("group", "default"), ("job", "j")))] == 0.1  # sqrt(4 / 400)
-    assert samples[("paramserver_job_grad_norm", (("group", "head"), ("job", "j")))] == 4.0
+    assert samples[("paramserver_job_workers_pushed", (("job_id", "j"),))] == 1  # pushed to every shard: worker 1 only
+    assert samples[("paramserver_job_workers_waiting", (("job_id", "j"),))] == 2
+    assert samples[("paramserver_job_grad_norm", (("group", "default"), ("job_id", "j")))] == 5.0  # sqrt(9 + 16)
+    assert samples[("paramserver_job_update_rms_ratio", (("group", "default"), ("job_id", "j")))] == 0.1  # sqrt(4 / 400)
+    assert samples[("paramserver_job_grad_norm", (("group", "head"), ("job_id", "j")))] == 4.0
     buckets = [s for s in by_name["paramserver_step_phase_seconds"].samples if s.name.endswith("_bucket")]
     assert [b.value for b in buckets if b.labels["le"] in ("0.001", "0.0025", "+Inf")] == [0, 1, 1]
     assert by_name["paramserver_shard_version"].type == "gauge"
