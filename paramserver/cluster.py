@@ -54,6 +54,10 @@ SHARD_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 #: The resource Ray gives only the head node.
 HEAD_RESOURCE = "node:__internal_head__"
+#: Bytes of Ray's "memory" resource an actor placed by a soft node affinity asks for: Ray places an
+#: actor that asks for no resource at all on a random node whatever its affinity (the shards and
+#: the coordinator ask for 0 CPUs by default), so the request must not be empty.
+AFFINITY_MEMORY = 1
 
 
 class _RayShardHost(ShardHost):
@@ -232,6 +236,7 @@ class RayShardLauncher:
                 name=name,
                 lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
                 scheduling_strategy=NodeAffinitySchedulingStrategy(where[i], soft=True) if i in where else "DEFAULT",
+                memory=AFFINITY_MEMORY if i in where else None,
             ).remote(
                 job_id,
                 config,
@@ -429,6 +434,7 @@ class Cluster:
             max_restarts=-1,
             resources=dict(coordinator_resources or {}),
             scheduling_strategy="DEFAULT" if coordinator_resources else here,
+            memory=None if coordinator_resources else AFFINITY_MEMORY,
         ).remote(
             launcher,
             snapshot_root if "://" in snapshot_root else os.path.abspath(snapshot_root),
