@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from paramserver.metric_names import CATALOG
 from paramserver.server import BackgroundService, ServiceConfig
 from paramserver.spread import PortRange
-from paramserver_client import JobClient, Worker, param_group
+from paramserver_client import JobClient, Reason, ServiceError, Worker, param_group
 from tests.conftest import SNAPSHOT_DIR, SPILL_DIR, STATE_DIR
 
 SHAPES = [("w", (64, 64)), ("b", (64,)), ("head.w", (64, 32))]
@@ -152,3 +153,44 @@ def test_shard_ports_come_from_the_range_and_logs_reach_the_front_door(
     assert {r.shard for r in shard_lines} == {0, 1, 2}, [r.getMessage() for r in relayed]
     assert any(re.search(r"shard \d serving 127\.0\.0\.1:214\d\d", r.getMessage()) for r in shard_lines)
     assert any("snapshot" in r.getMessage() for r in relayed if r.source == "coordinator")
+
+
+def test_a_node_out_of_ports_in_the_range_refuses_the_job_and_creates_nothing(ray_session: None) -> None:
+    narrow = PortRange(21490, 21491)
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
+                      name=f"ports-{uuid.uuid4().hex[:6]}", shard_port_range=narrow),
+        own_ray=False,
+    )  # fmt: skip
+    try:
+        with JobClient(svc.address) as jc:
+            with pytest.raises(ServiceError) as info:
+                jc.create_job(SHAPES, job_id="three", optimizer="sgd", num_shards=3)
+            err = info.value
+            assert (err.code, err.reason, err.metadata.get("field")) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.SHARDS_UNSCHEDULABLE,
+                "shard_port_range",
+            )
+            assert "21490-21491" in err.message
+            assert [j.job_id for j in jc.list_jobs()] == []
+            two = jc.create_job(SHAPES, job_id="two", optimizer="sgd", num_shards=2)  # the ports were given back
+            assert sorted(int(s.address.rsplit(":", 1)[1]) for s in two.shards) == [21490, 21491]
+            jc.delete_job("two")
+    finally:
+        svc.stop()
+
+
+def test_with_tls_the_metrics_endpoint_is_https_with_the_services_certificate(tls_service: Any) -> None:
+    import ssl
+
+    metrics = tls_service.background.service.metrics
+    assert metrics is not None
+    trusted = ssl.create_default_context(cafile=tls_service.ca_file)
+    trusted.check_hostname = False  # the test certificate names localhost; we dial 127.0.0.1
+    with urllib.request.urlopen(f"https://127.0.0.1:{metrics.port}/metrics", timeout=30, context=trusted) as r:
+        assert "paramserver_rpc" in r.read().decode()
+    with pytest.raises(OSError):  # plaintext on the TLS port gets no answer
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10).read()
+    with pytest.raises(OSError):  # nor does a client that does not trust the service's CA
+        urllib.request.urlopen(f"https://127.0.0.1:{metrics.port}/metrics", timeout=10, context=ssl.create_default_context()).read()

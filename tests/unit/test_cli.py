@@ -116,3 +116,27 @@ def test_serve_refuses_bad_placement_ports_and_log_options_before_starting(
         root.setLevel(level)
     (config,) = started
     assert (str(config.shard_port_range), config.placement) == ("52000-52009", "pack")  # type: ignore[attr-defined]
+
+
+def test_serve_dashboard_without_ray_default_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from paramserver import server
+    from paramserver.cli import app
+
+    started: list[object] = []
+    monkeypatch.setattr(server, "serve", started.append)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp_cors" else real(name, *a))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        result = CliRunner().invoke(app, ["serve", "--dashboard"])
+        assert result.exit_code == 2 and "paramserver[dashboard]" in result.output and started == [], result.output
+        joined = CliRunner().invoke(app, ["serve", "--dashboard", "--address", "auto"])  # a cluster's dashboard is its own
+        assert joined.exit_code == 0 and started, joined.output
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -143,3 +143,42 @@ def test_families_combine_the_shards_into_job_values() -> None:
     buckets = [s for s in by_name["paramserver_step_phase_seconds"].samples if s.name.endswith("_bucket")]
     assert [b.value for b in buckets if b.labels["le"] in ("0.001", "0.0025", "+Inf")] == [0, 1, 1]
     assert by_name["paramserver_shard_version"].type == "gauge"
+
+
+def test_the_endpoint_counts_an_actor_that_did_not_answer_and_serves_the_others() -> None:
+    import asyncio
+    import threading
+    import urllib.request
+    from collections.abc import Mapping
+    from typing import Any
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from paramserver.metrics import MetricsEndpoint
+
+    shard = Telemetry({"job_id": "j", "shard": "0", "node": "n"})
+    shard.set("paramserver_shard_version", 7)
+
+    class Source:  # a coordinator that answers and a shard that did not (None), as Cluster.telemetry says
+        async def telemetry(self, log_since: Mapping[str, int] | None, timeout: float = 5.0) -> dict[str, dict[str, Any] | None]:
+            assert log_since is None  # a scrape asks for no log records
+            return {"coordinator": {"samples": shard.export(), "shards": {}}, "paramserver-j-shard-1": None}
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    endpoint = MetricsEndpoint()
+    try:
+        port = endpoint.start("127.0.0.1", 0, Source(), loop)
+        endpoint.observe("JobService", "GetJob", "NOT_FOUND", 0.002)
+        for _ in range(2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("paramserver_scrape_errors_total", (("source", "shard"),))] == 2
+        assert samples[("paramserver_shard_version", (("job_id", "j"), ("node", "n"), ("shard", "0")))] == 7
+        assert samples[("paramserver_rpc_total", (("code", "NOT_FOUND"), ("method", "GetJob"), ("service", "JobService")))] == 1
+    finally:
+        endpoint.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
