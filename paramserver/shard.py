@@ -193,8 +193,10 @@ class SnapshotSource(Protocol):
 
 
 def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc): a spilled shard's budget counts what the
-    process holds, not what it uses."""
+    """Give freed heap memory back to the system (glibc), from every thread's arena: a spilled
+    shard's budget counts what the process holds, not what it uses; and after each reduction the
+    step's message buffers, freed in whichever arenas their threads used, would otherwise stay held
+    there and add up step after step (bench/bench_fanin.py)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -455,8 +457,7 @@ class ShardState:
         if n == 0:
             return ShardStats(self.index, NormPart(), 0, contributors, lrs=lrs)
         stats = ShardStats(self.index, self.norm_part(total), n, contributors, lrs=lrs)
-        if self.spilled:
-            trim_heap()
+        trim_heap()  # the step's transport buffers are free now: give them back (see trim_heap)
         return stats
 
     def settle(self, contributions: Sequence[Contribution]) -> None:

@@ -60,6 +60,13 @@ def tune_malloc() -> bool:
         return False
 
 
+#: The data port's server options: no BDP probing, so a stream's HTTP/2 receive window stays at
+#: its default and gRPC holds a few MiB of each push before the shard reads it, instead of most of
+#: it (the window grows with measured bandwidth otherwise): a shard's memory at W pushing workers
+#: stays within the README's bound (bench/bench_fanin.py: 137 -> 81 buffers of the shard at W=64).
+SHARD_GRPC_OPTIONS: list[tuple[str, Any]] = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0)]
+
+
 class ShardHost:
     """One shard of one job, with its own gRPC port."""
 
@@ -156,7 +163,7 @@ class ShardHost:
         state, ledger = self._load()
         self.runtime = ShardRuntime(state, self.reducer, self.roster, self.generation, self.telemetry)
         self.runtime.load_ledger(json.loads(ledger))
-        server = aio.server(options=GRPC_OPTIONS, interceptors=[ShardGate(self.job_id, self._roster, SERVICE_NAME)])
+        server = aio.server(options=SHARD_GRPC_OPTIONS, interceptors=[ShardGate(self.job_id, self._roster, SERVICE_NAME)])
         self._servicer = ShardServicer(self.job_id, self.runtime, telemetry=self.telemetry)
         add_shard_service(self._servicer, server)
         self._health = add_health_and_reflection(server, [SERVICE_NAME])
