@@ -269,9 +269,9 @@ class Coordinator:
         self._control = ControlJournal(Path(journal)) if journal else None
         self._started = False
         self.instance = uuid.uuid4().hex
+        """Changes with every (re)start of the coordinator."""
         self.telemetry = Telemetry()
         """The jobs' metrics and this actor's log records, for the front door (telemetry_export)."""
-        """Changes with every (re)start of the coordinator."""
         self.owners: dict[str, str] = {}
         """job id -> its tenant (kept after a delete: the job's snapshots stay its tenant's)."""
 
