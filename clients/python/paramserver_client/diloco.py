@@ -1,0 +1,242 @@
+"""DiLoCo through the service: workers train locally with their own (inner) torch optimizer and,
+every ``inner_steps`` steps, push their pseudo-gradient to the service, which applies the outer
+rule to the token-weighted mean of them (Douillard et al., "DiLoCo", 2023; Streaming DiLoCo's
+fragments, 2025).
+
+The service needs nothing special for it: a round is a synchronous step of a job whose "gradient"
+is the pseudo-gradient. Worker i pushes ``n_i * Δ_i`` with ``loss_terms = n_i`` (Δ_i = θ_start -
+θ_local over the round, n_i the tokens it trained on), so the service's step gradient is
+``Σ n_i Δ_i / Σ n_i``, the exact token-weighted mean, summed in worker-id order; the job's rule is
+the outer optimizer (by default Nesterov SGD, lr 0.7, momentum 0.9: ``OUTER_DEFAULTS``); the new
+version is every worker's next θ_start. Clipping, the spike guard, skips, exactly-once pushes,
+snapshots, resharding, spilling and membership are the job's, as in synchronous training.
+
+Fragments (Streaming DiLoCo), NOT AVAILABLE YET (``MAX_FRAGMENTS``; the plan below is what
+``split`` and ``due`` compute): with ``fragments=F`` the parameters are cut into F contiguous groups
+of about equal size, each a job of its own (``JOB.f0`` ... ``JOB.f{F-1}``: one outer state per
+fragment), and fragment k is synchronised after inner steps t with
+``t % H == ((k + 1) * H // F) % H``: the rounds of the fragments are staggered by H/F steps, so a
+worker sends 1/F of the model every H/F steps instead of all of it every H steps.
+
+Needs torch (the ``torch`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from paramserver_client.client import JobClient, Worker
+
+#: The outer optimizer of DiLoCo's paper: Nesterov SGD, lr 0.7, momentum 0.9.
+OUTER_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "hyperparameters": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
+
+
+#: Fragments a run may have for now: more than one is not available yet (a run of two fragments
+#: through the service did not match the reference built from the formulas; under investigation).
+MAX_FRAGMENTS = 1
+
+
+def fragment_ids(job_id: str, fragments: int) -> list[str]:
+    """The job of each fragment: `job_id` itself for one fragment, else ``JOB.f{k}``."""
+    if fragments < 1:
+        raise ValueError(f"fragments must be >= 1, got {fragments}")
+    return [job_id] if fragments == 1 else [f"{job_id}.f{k}" for k in range(fragments)]
+
+
+def split(named: Sequence[tuple[str, torch.Tensor]], fragments: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Cut the parameters, in order, into `fragments` contiguous groups of about equal element
+    counts, each of at least one parameter (fragment k starts at the first parameter that begins
+    at or after k/F of the elements, moved so that every fragment keeps one)."""
+    n = len(named)
+    if not 1 <= fragments <= n:
+        raise ValueError(f"{fragments} fragments for {n} parameters (1 to {n})")
+    starts, total, at = [], sum(p.numel() for _, p in named), 0
+    for _, p in named:
+        starts.append(at)
+        at += p.numel()
+    cuts = [0]
+    for k in range(1, fragments):
+        first = next((i for i, s in enumerate(starts) if s * fragments >= k * total), n)
+        cuts.append(min(max(first, cuts[-1] + 1), n - (fragments - k)))
+    cuts.append(n)
+    return [list(named[cuts[k] : cuts[k + 1]]) for k in range(fragments)]
+
+
+def due(step: int, fragment: int, fragments: int, inner_steps: int) -> bool:
+    """Whether `fragment` is synchronised after inner step `step` (counted from 1)."""
+    return step % inner_steps == ((fragment + 1) * inner_steps // fragments) % inner_steps
+
+
+def create_jobs(
+    address: str,
+    job_id: str,
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    *,
+    fragments: int = 1,
+    num_workers: int = 1,
+    num_shards: int = 1,
+    **settings: Any,
+) -> list[str]:
+    """Create the job of each fragment (``OUTER_DEFAULTS`` unless `settings` name another
+    `optimizer` / `hyperparameters`; any other JobSpec setting as in JobClient.create_job).
+    Returns the jobs' ids."""
+    _check_fragments(fragments)
+    named = list(named_parameters)
+    outer = {**OUTER_DEFAULTS, **settings}
+    ids = fragment_ids(job_id, fragments)
+    with JobClient(address, **{k: outer.pop(k) for k in ("token", "credentials") if k in outer}) as jobs:
+        for jid, part in zip(ids, split(named, fragments), strict=True):
+            shapes = [(n, tuple(p.shape)) for n, p in part]
+            jobs.create_job(shapes, job_id=jid, num_workers=num_workers, num_shards=num_shards, **outer)
+    return ids
+
+
+@dataclass
+class _Fragment:
+    job_id: str
+    params: list[torch.Tensor]
+    worker: Worker
+    version: int
+    start: np.ndarray
+    """θ_start: the fragment's parameters at the start of the round (flat fp32)."""
+    tokens: int = 0
+    """Tokens trained on since the fragment's last synchronisation."""
+
+
+class DiLoCo:
+    """A worker of DiLoCo: call ``step(tokens)`` after each inner optimizer step (it steps the
+    inner optimizer itself when `step_inner`); every `inner_steps` steps each fragment due pushes
+    its pseudo-gradient and loads the outer result into the model.
+
+    `params`: the model's named parameters (``model.named_parameters()``), in the order the jobs
+    were created with (create_jobs). `inner`: the local optimizer (any torch optimizer over those
+    parameters; its state is kept across rounds, as in DiLoCo). The worker joins every fragment's
+    job; the one chosen to upload gives the service its initial parameters, the others start from
+    them.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[tuple[str, torch.Tensor]],
+        inner: torch.optim.Optimizer,
+        address: str,
+        job_id: str,
+        worker_name: str = "",
+        *,
+        inner_steps: int = 20,
+        fragments: int = 1,
+        **client_options: Any,
+    ) -> None:
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        _check_fragments(fragments)
+        named = list(params)
+        self.inner = inner
+        self.inner_steps = inner_steps
+        self.steps = 0
+        """Inner steps taken."""
+        self.rounds = 0
+        """Fragment synchronisations done."""
+        self.bytes_pushed = 0
+        """Bytes of pseudo-gradients pushed (payload, fp32)."""
+        self.fragments: list[_Fragment] = []
+        for jid, part in zip(fragment_ids(job_id, fragments), split(named, fragments), strict=True):
+            tensors = [p for _, p in part]
+            worker = Worker(address, jid, worker_name, **client_options)
+            if worker.upload_parameters:
+                worker.upload(_flat(tensors))
+            version, values, _ = worker.pull(0)
+            fragment = _Fragment(jid, tensors, worker, version, values.copy())
+            _load(tensors, values)
+            self.fragments.append(fragment)
+
+    def step(self, tokens: int, *, step_inner: bool = False) -> list[int]:
+        """Count one inner step over `tokens` tokens (after ``inner.step()``, or doing it when
+        `step_inner`); synchronise the fragments that are due. Returns the indices of the
+        fragments synchronised (empty on most steps)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if step_inner:
+            self.inner.step()
+        self.steps += 1
+        done = []
+        for k, f in enumerate(self.fragments):
+            f.tokens += tokens
+            if due(self.steps, k, len(self.fragments), self.inner_steps):
+                self._sync(f)
+                done.append(k)
+        return done
+
+    def _sync(self, f: _Fragment) -> None:
+        """Push n·Δ (n tokens) for the fragment's round, pull the outer result, start anew from it."""
+        local = _flat(f.params)
+        delta = np.subtract(f.start, local, dtype=np.float32)
+        pushed = np.multiply(delta, np.float32(f.tokens), dtype=np.float32)
+        f.worker.push(f.version, pushed, f.tokens)
+        self.bytes_pushed += pushed.nbytes
+        f.version, values, _ = f.worker.pull(f.version + 1)
+        f.start = values.copy()
+        f.tokens = 0
+        _load(f.params, values)
+        self.rounds += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs: the inner optimizer's state, the step count, and per fragment its
+        version, θ_start and tokens of the open round."""
+        return {
+            "inner": self.inner.state_dict(),
+            "steps": self.steps,
+            "fragments": [
+                {"job_id": f.job_id, "version": f.version, "start": torch.from_numpy(f.start.copy()), "tokens": f.tokens}
+                for f in self.fragments
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state_dict() of the same jobs (the model's parameters are the caller's to load)."""
+        saved = list(state["fragments"])
+        if [s["job_id"] for s in saved] != [f.job_id for f in self.fragments]:
+            raise ValueError(f"this state is of jobs {[s['job_id'] for s in saved]}, not {[f.job_id for f in self.fragments]}")
+        self.inner.load_state_dict(state["inner"])
+        self.steps = int(state["steps"])
+        for f, s in zip(self.fragments, saved, strict=True):
+            f.version, f.tokens = int(s["version"]), int(s["tokens"])
+            f.start = s["start"].numpy().astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        """Close the workers' connections."""
+        for f in self.fragments:
+            f.worker.close()
+
+    def __enter__(self) -> DiLoCo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_fragments(fragments: int) -> None:
+    if not 1 <= fragments <= MAX_FRAGMENTS:
+        raise ValueError(f"fragments={fragments}: only {MAX_FRAGMENTS} fragment is available yet (Streaming DiLoCo's fragments are not)")
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """The tensors' values end to end, fp32."""
+    with torch.no_grad():
+        return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors]).numpy().copy()
+
+
+def _load(tensors: Sequence[torch.Tensor], values: np.ndarray) -> None:
+    """Copy flat fp32 `values` into the tensors."""
+    flat = torch.from_numpy(np.asarray(values, dtype=np.float32))
+    at = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[at : at + n].view(t.shape))
+            at += n
