@@ -11,8 +11,7 @@ the outer optimizer (by default Nesterov SGD, lr 0.7, momentum 0.9: ``OUTER_DEFA
 version is every worker's next θ_start. Clipping, the spike guard, skips, exactly-once pushes,
 snapshots, resharding, spilling and membership are the job's, as in synchronous training.
 
-Fragments (Streaming DiLoCo), NOT AVAILABLE YET (``MAX_FRAGMENTS``; the plan below is what
-``split`` and ``due`` compute): with ``fragments=F`` the parameters are cut into F contiguous groups
+Fragments (Streaming DiLoCo): with ``fragments=F`` the parameters are cut into F contiguous groups
 of about equal size, each a job of its own (``JOB.f0`` ... ``JOB.f{F-1}``: one outer state per
 fragment), and fragment k is synchronised after inner steps t with
 ``t % H == ((k + 1) * H // F) % H``: the rounds of the fragments are staggered by H/F steps, so a
@@ -34,11 +33,6 @@ from paramserver_client.client import JobClient, Worker
 
 #: The outer optimizer of DiLoCo's paper: Nesterov SGD, lr 0.7, momentum 0.9.
 OUTER_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "hyperparameters": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
-
-
-#: Fragments a run may have for now: more than one is not available yet (a run of two fragments
-#: through the service did not match the reference built from the formulas; under investigation).
-MAX_FRAGMENTS = 1
 
 
 def fragment_ids(job_id: str, fragments: int) -> list[str]:
@@ -85,7 +79,6 @@ def create_jobs(
     """Create the job of each fragment (``OUTER_DEFAULTS`` unless `settings` name another
     `optimizer` / `hyperparameters`; any other JobSpec setting as in JobClient.create_job).
     Returns the jobs' ids."""
-    _check_fragments(fragments)
     named = list(named_parameters)
     outer = {**OUTER_DEFAULTS, **settings}
     ids = fragment_ids(job_id, fragments)
@@ -134,7 +127,6 @@ class DiLoCo:
     ) -> None:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-        _check_fragments(fragments)
         named = list(params)
         self.inner = inner
         self.inner_steps = inner_steps
@@ -218,11 +210,6 @@ class DiLoCo:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _check_fragments(fragments: int) -> None:
-    if not 1 <= fragments <= MAX_FRAGMENTS:
-        raise ValueError(f"fragments={fragments}: only {MAX_FRAGMENTS} fragment is available yet (Streaming DiLoCo's fragments are not)")
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> np.ndarray:
