@@ -19,7 +19,7 @@ from paramserver_client.codec import ITEMSIZE
 
 #: The JobSpec fields converted by hand (lists, Structs, names without a default); every other
 #: field, nested messages' included, is a :data:`~paramserver.jobconfig.SETTINGS` entry.
-HAND_CONVERTED = frozenset({"parameters", "optimizer", "schedule", "param_groups"})
+HAND_CONVERTED = frozenset({"parameters", "optimizer", "schedule", "param_groups", "labels"})
 
 
 def _parent(message: Message, path: str) -> tuple[Message, str]:
@@ -91,6 +91,7 @@ def spec_to_config(spec: pb.JobSpec) -> JobConfig:
         schedule=spec.schedule.name or DEFAULT_SCHEDULE,
         schedule_parameters=struct_values(spec.schedule.parameters, "spec.schedule.parameters"),
         param_dtypes=tuple(dtypes),
+        labels=dict(spec.labels),
         groups=tuple(
             GroupRule(
                 name=g.name,
@@ -127,6 +128,7 @@ def config_to_spec(c: JobConfig) -> pb.JobSpec:
     spec.optimizer.hyperparameters.update(dict(c.hyperparameters))
     spec.schedule.name = c.schedule
     spec.schedule.parameters.update(dict(c.schedule_parameters))
+    spec.labels.update(dict(c.labels))
     return spec
 
 

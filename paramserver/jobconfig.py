@@ -184,6 +184,8 @@ class JobConfig:
     """Copy every shard's state into the coordinator's memory every this many steps (0 = off)."""
     on_worker_lost: int = _default("on_worker_lost", int)
     """What a lost member does: WAIT (1), CONTINUE (2) or FAIL (3) (paramserver.v1.WorkerLossPolicy)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Free-form labels recorded with the job (JobSpec.labels; see :func:`check_labels`)."""
     groups: tuple[GroupRule, ...] = ()
     """Parameter groups; a parameter goes to the group its ParameterSpec.group names, else to
     the first rule that matches it, else to the default group (index 0: the job's optimizer)."""
@@ -205,6 +207,7 @@ class JobConfig:
         d["hyperparameters"] = dict(self.hyperparameters)
         d["schedule_parameters"] = dict(self.schedule_parameters)
         d["param_dtypes"] = list(self.param_dtypes)
+        d["labels"] = dict(self.labels)
         d["groups"] = [
             {
                 "name": g.name,
@@ -224,6 +227,7 @@ class JobConfig:
         kw = {k: v for k, v in d.items() if k in known}
         kw["parameters"] = tuple((str(n), tuple(int(x) for x in s), str(g)) for n, s, g in d["parameters"])
         kw["param_dtypes"] = tuple(int(x) for x in d.get("param_dtypes", ()))
+        kw["labels"] = {str(k): str(v) for k, v in dict(d.get("labels", {})).items()}
         kw["groups"] = tuple(
             GroupRule(
                 name=str(g["name"]),
@@ -391,6 +395,7 @@ class JobConfig:
             raise ConfigError(_spec_field("replica_every_steps"), "must be >= 0 (0 = no replicas)")
         if self.on_worker_lost not in (WAIT, CONTINUE, FAIL):
             raise ConfigError(_spec_field("on_worker_lost"), "must be WAIT (1), CONTINUE (2) or FAIL (3)")
+        check_labels(self.labels)
         if self.spike_window < 0 or (self.spike_window and self.spike_window < 2):
             raise ConfigError(_spec_field("spike_window"), "must be 0 (off) or >= 2")
         if self.spike_window and not self.spike_threshold_std > 0:
@@ -405,6 +410,23 @@ class JobConfig:
         self.assign()
         self.build_schedule()
         self.plan()
+
+
+#: Most labels a job may carry, and the longest value (bytes of UTF-8).
+MAX_LABELS = 64
+MAX_LABEL_VALUE_BYTES = 1024
+_LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9._/-]{0,62}")
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    """JobSpec.labels within their limits (INVALID_ARGUMENT naming ``spec.labels[KEY]``)."""
+    if len(labels) > MAX_LABELS:
+        raise ConfigError("spec.labels", f"{len(labels)} labels; at most {MAX_LABELS}")
+    for key, value in sorted(labels.items()):
+        if not _LABEL_KEY.fullmatch(key):
+            raise ConfigError(f"spec.labels[{key[:64]!r}]", "a key is 1-63 bytes of [a-z0-9._/-], starting with a letter or digit")
+        if len(value.encode()) > MAX_LABEL_VALUE_BYTES or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ConfigError(f"spec.labels[{key!r}]", f"a value is at most {MAX_LABEL_VALUE_BYTES} bytes without control characters")
 
 
 def _too_big(field: str, message: str, limit: int) -> ParamServerError:

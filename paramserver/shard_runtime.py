@@ -41,8 +41,8 @@ from paramserver.shard import Contribution, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.telemetry import Telemetry
-from paramserver.wire import encode_blocks, wire_tensor
-from paramserver_client.codec import EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
+from paramserver.wire import decode_compressed, encode_blocks, wire_tensor
+from paramserver_client.codec import COMPRESSED, EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,12 @@ class ShardRuntime:
 
     # ---- incoming streams -------------------------------------------------------------------
 
-    async def _receive(self, chunks: AsyncIterator[Chunk]) -> tuple[GradBuffer, int]:
+    async def _receive(self, chunks: AsyncIterator[Chunk], *, compressed: bool = False) -> tuple[GradBuffer, int]:
         """Validate each chunk as it arrives and decode it into a fresh buffer that covers the
         shard exactly once; the buffer (the caller's to hand over, or given back on error) and the
-        stream's content digest (see :func:`chunk_digest`).
+        stream's content digest (see :func:`chunk_digest`). Compressed dtypes (codec.COMPRESSED)
+        only when `compressed` (pushes): decoded to fp32 here, ENCODING_INVALID when they do not
+        decode.
 
         What a stream can make the shard hold is bounded as it arrives: a chunk outside the
         shard's ranges, over the chunk size limit or overlapping elements already received is
@@ -257,9 +259,11 @@ class ShardRuntime:
         digest = 0
         try:
             async for c in chunks:
-                local = self._check_chunk(c)
+                local = self._check_chunk(c, compressed)
                 coverage.add(local, c.count, c.index)  # an overlap is refused before it is written
-                buffer.write(local, wire_tensor(c.data, c.dtype))
+                buffer.write(
+                    local, decode_compressed(c.data, c.count, c.dtype, c.index) if c.dtype in COMPRESSED else wire_tensor(c.data, c.dtype)
+                )
                 digest = (digest + chunk_digest(c)) & DIGEST_MASK
             coverage.check_complete()
         except BaseException:
@@ -275,12 +279,13 @@ class ShardRuntime:
             digest = (digest + chunk_digest(c)) & DIGEST_MASK
         return digest
 
-    def _check_chunk(self, c: Chunk) -> int:
-        """Validate one chunk; its local offset. Raises ParamServerError naming the field."""
-        if c.dtype not in ITEMSIZE:
-            raise ParamServerError.invalid(
-                "chunk.dtype", f"unsupported wire dtype {c.dtype}", Reason.DTYPE_UNSUPPORTED, chunk_index=c.index
-            )
+    def _check_chunk(self, c: Chunk, compressed: bool = False) -> int:
+        """Validate one chunk (a compressed one's data is validated as it is decoded); its local
+        offset. Raises ParamServerError naming the field."""
+        packed = c.dtype in COMPRESSED
+        if c.dtype not in ITEMSIZE and not (packed and compressed):
+            what = "is for pushes only" if packed else "is not a wire dtype"
+            raise ParamServerError.invalid("chunk.dtype", f"dtype {c.dtype} {what}", Reason.DTYPE_UNSUPPORTED, chunk_index=c.index)
         nbytes = len(c.data)
         if nbytes > MAX_CHUNK_BYTES:
             raise ParamServerError(
@@ -291,7 +296,7 @@ class ShardRuntime:
             )
         if c.count == 0:
             raise ParamServerError.invalid("chunk.count", "must be > 0", chunk_index=c.index)
-        if nbytes != c.count * ITEMSIZE[c.dtype]:
+        if not packed and nbytes != c.count * ITEMSIZE[c.dtype]:
             raise ParamServerError.invalid(
                 "chunk.data",
                 f"{nbytes} bytes for {c.count} elements of {ITEMSIZE[c.dtype]} bytes",
@@ -489,7 +494,7 @@ class ShardRuntime:
             return await asyncio.shield(entry[1])
         await self._push_answer(h)
         with self.telemetry.time(PHASE, phase="push"):
-            buffer, digest = await self._receive(chunks)
+            buffer, digest = await self._receive(chunks, compressed=True)
         full = dataclasses.replace(head, digest=digest)
         try:
             entry = self._push_ledger.peek(h.request_id)

@@ -11,7 +11,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, chunk_elements, encode_chunk_message
+from paramserver.errors import ParamServerError
+from paramserver_client import compression
+from paramserver_client.codec import BFLOAT16, COMPRESSED, FLOAT16, FLOAT32, ITEMSIZE, chunk_elements, encode_chunk_message
+from paramserver_client.reasons import Reason
 
 _TORCH_DTYPE = {FLOAT32: torch.float32, BFLOAT16: torch.bfloat16, FLOAT16: torch.float16}
 
@@ -20,6 +23,19 @@ def wire_tensor(data: bytes | memoryview, dtype: int) -> torch.Tensor:
     """A zero-copy, read-only tensor over little-endian wire bytes, in its wire dtype (copying it
     into an fp32 tensor converts bf16/fp16 exactly)."""
     return torch.frombuffer(data, dtype=_TORCH_DTYPE[dtype])
+
+
+def decode_compressed(data: bytes | memoryview, count: int, dtype: int, index: int = 0) -> torch.Tensor:
+    """The fp32 values of a compressed chunk (codec.COMPRESSED; layouts in tensor.proto) of
+    `count` elements; INVALID_ARGUMENT ENCODING_INVALID (field chunk.data, the chunk's `index`)
+    when the data does not decode."""
+    try:
+        values = compression.decode(data, count, COMPRESSED[dtype])
+    except ValueError as exc:
+        raise ParamServerError.invalid(
+            "chunk.data", f"{COMPRESSED[dtype]} chunk: {exc}", Reason.ENCODING_INVALID, chunk_index=index
+        ) from None
+    return torch.from_numpy(values)
 
 
 def wire_bytes(values: torch.Tensor, dtype: int) -> memoryview:

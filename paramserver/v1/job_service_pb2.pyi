@@ -335,6 +335,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (another caller rolled it back, or it recovered, meanwhile). metadata:
     generation, current_version.
     """
+    ENCODING_INVALID: _ErrorReason.ValueType  # 48
+    """INVALID_ARGUMENT: a compressed chunk's data does not decode (length,
+    scales, nibbles, indices or values; see tensor.proto). metadata: field
+    (chunk.data), chunk_index.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The machine-readable reasons found in google.rpc.ErrorInfo.reason. The
@@ -499,6 +504,11 @@ GENERATION_CHANGED: ErrorReason.ValueType  # 47
 """ABORTED: RollbackJob's expected_generation is not the job's generation
 (another caller rolled it back, or it recovered, meanwhile). metadata:
 generation, current_version.
+"""
+ENCODING_INVALID: ErrorReason.ValueType  # 48
+"""INVALID_ARGUMENT: a compressed chunk's data does not decode (length,
+scales, nibbles, indices or values; see tensor.proto). metadata: field
+(chunk.data), chunk_index.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -669,6 +679,26 @@ class JobSpec(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PARAMETERS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
@@ -689,6 +719,7 @@ class JobSpec(_message.Message):
     WORKER_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     ON_WORKER_LOST_FIELD_NUMBER: _builtins.int
     REPLICA_EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1; at
     most 65,536, as are min_workers and max_workers: RESOURCE_EXHAUSTED
@@ -786,6 +817,18 @@ class JobSpec(_message.Message):
         rules match it, else to the default group (`optimizer` above).
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels, recorded with the job (journal, snapshots) and echoed
+        in Job.spec: e.g. how workers train between pushes, for
+        reproducibility (the DiLoCo client records diloco.inner_steps,
+        diloco.inner_optimizer, diloco.fragment, diloco.fragments and
+        diloco.compression). At most 64; a key of 1 to 63 bytes of [a-z0-9._/-]
+        starting with a letter or digit; a value of at most 1024 bytes of UTF-8
+        without control characters (else INVALID_ARGUMENT, field
+        spec.labels[KEY]). They do not change how the job trains.
+        """
+
     def __init__(
         self,
         *,
@@ -809,10 +852,11 @@ class JobSpec(_message.Message):
         worker_timeout_s: _builtins.float = ...,
         on_worker_lost: Global___WorkerLossPolicy.ValueType = ...,
         replica_every_steps: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "replica_every_steps", b"replica_every_steps", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "replica_every_steps", b"replica_every_steps", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

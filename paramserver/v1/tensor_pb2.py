@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparamserver/v1/tensor.proto\x12\x0eparamserver.v1\"&\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"`\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x42\xa4\x01\n\x11io.paramserver.v1B\x0bTensorProtoP\x01ZFgithub.com/paramserver/paramserver/gen/go/paramserver/v1;paramserverv1\xa2\x02\x03PSX\xaa\x02\x0eParamServer.V1\xca\x02\x0eParamServer\\V1\xea\x02\x0fParamServer::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparamserver/v1/tensor.proto\x12\x0eparamserver.v1\"&\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"`\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c*\x94\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x14\n\x10\x44TYPE_INT8_BLOCK\x10\x04\x12\x14\n\x10\x44TYPE_INT4_BLOCK\x10\x05\x12\x0e\n\nDTYPE_TOPK\x10\x06\x42\xa4\x01\n\x11io.paramserver.v1B\x0bTensorProtoP\x01ZFgithub.com/paramserver/paramserver/gen/go/paramserver/v1;paramserverv1\xa2\x02\x03PSX\xaa\x02\x0eParamServer.V1\xca\x02\x0eParamServer\\V1\xea\x02\x0fParamServer::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramserver.v1.tensor_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021io.paramserver.v1B\013TensorProtoP\001ZFgithub.com/paramserver/paramserver/gen/go/paramserver/v1;paramserverv1\242\002\003PSX\252\002\016ParamServer.V1\312\002\016ParamServer\\V1\352\002\017ParamServer::V1'
-  _globals['_DTYPE']._serialized_start=185
-  _globals['_DTYPE']._serialized_end=273
+  _globals['_DTYPE']._serialized_start=186
+  _globals['_DTYPE']._serialized_end=334
   _globals['_RANGE']._serialized_start=47
   _globals['_RANGE']._serialized_end=85
   _globals['_TENSORCHUNK']._serialized_start=87

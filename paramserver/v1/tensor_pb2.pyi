@@ -16,7 +16,33 @@ BYTE ORDER AND SIZES. Chunk data is raw little-endian:
   DTYPE_BFLOAT16 2 bytes, the upper 16 bits of a binary32 (round to nearest
                  even when converting from binary32)
   DTYPE_FLOAT16  2 bytes, IEEE-754 binary16
-len(TensorChunk.data) must equal count * size(dtype).
+len(TensorChunk.data) must equal count * size(dtype) for these dense dtypes.
+
+COMPRESSED DTYPES (pushes only: PushGradients; uploads and pulls refuse
+them with DTYPE_UNSUPPORTED). A chunk of `count` elements is encoded on its
+own, with nb = ceil(count / 256) blocks of 256 consecutive elements (the
+last block holds the rest). The service decodes to fp32 and sums in fp32
+exactly as for a dense push (loss_terms weighting unchanged). A chunk whose
+data does not decode is INVALID_ARGUMENT, reason ENCODING_INVALID, field
+chunk.data, with chunk_index.
+  DTYPE_INT8_BLOCK  4*nb + count bytes: nb float32 scales (block order),
+                    then count int8 values q (two's complement). Element i
+                    = float32(q[i]) * scale[i / 256] (one fp32 multiply).
+                    Refused: another length; a scale that is NaN, inf,
+                    negative or > 2.679e36 (0x7C010203); a q of -128.
+  DTYPE_INT4_BLOCK  4*nb + ceil(count/2) bytes: nb float32 scales, then two
+                    4-bit two's-complement values per byte (element 2j in
+                    the low nibble of byte j, 2j+1 in the high one), each
+                    in [-7, 7]. Decoded as int8. Refused: another length;
+                    a scale NaN, inf, negative or > 4.861e37 (0x7E124924);
+                    a nibble 0x8; a nonzero padding nibble (odd count).
+  DTYPE_TOPK        8*k bytes (k >= 0): k uint32 indices relative to the
+                    chunk's offset, strictly ascending and < count, then
+                    the k float32 values; every other element is 0.
+                    Refused: a length not a multiple of 8; indices not
+                    ascending or out of range; a non-finite value.
+Clients usually keep an error-feedback residual (what compression dropped)
+and add it to the next push; see paramserver_client.compression.
 
 CHUNK SIZE. Send chunks of about 1 MiB of data (262144 fp32 elements): it
 is the fastest size measured. A chunk's data may not exceed 4 MiB
@@ -54,6 +80,12 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     """bfloat16, 2 bytes, little-endian (the upper half of a binary32)."""
     DTYPE_FLOAT16: _DType.ValueType  # 3
     """IEEE-754 binary16, 2 bytes, little-endian."""
+    DTYPE_INT8_BLOCK: _DType.ValueType  # 4
+    """Blockwise absmax int8 (pushes only; layout above)."""
+    DTYPE_INT4_BLOCK: _DType.ValueType  # 5
+    """Blockwise absmax 4-bit (pushes only; layout above)."""
+    DTYPE_TOPK: _DType.ValueType  # 6
+    """Top-k sparse: indices then values (pushes only; layout above)."""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """The element type of a chunk's data. The service keeps fp32 master
@@ -68,6 +100,12 @@ DTYPE_BFLOAT16: DType.ValueType  # 2
 """bfloat16, 2 bytes, little-endian (the upper half of a binary32)."""
 DTYPE_FLOAT16: DType.ValueType  # 3
 """IEEE-754 binary16, 2 bytes, little-endian."""
+DTYPE_INT8_BLOCK: DType.ValueType  # 4
+"""Blockwise absmax int8 (pushes only; layout above)."""
+DTYPE_INT4_BLOCK: DType.ValueType  # 5
+"""Blockwise absmax 4-bit (pushes only; layout above)."""
+DTYPE_TOPK: DType.ValueType  # 6
+"""Top-k sparse: indices then values (pushes only; layout above)."""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 @_typing.final
@@ -117,7 +155,9 @@ class TensorChunk(_message.Message):
     dtype: Global___DType.ValueType
     """Element type of `data`."""
     data: _builtins.bytes
-    """count * size(dtype) bytes, little-endian, row-major."""
+    """count * size(dtype) bytes, little-endian, row-major (dense dtypes); a
+    compressed dtype's layout otherwise (see above).
+    """
     def __init__(
         self,
         *,

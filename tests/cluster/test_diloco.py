@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from paramserver_client import JobClient
+from paramserver_client.compression import ErrorFeedback
 from paramserver_client.diloco import OUTER_DEFAULTS, DiLoCo, create_jobs, due, fragment_ids, split
 
 H, ROUNDS, WORKERS, DIM = 5, 3, 2, 16
@@ -46,12 +47,26 @@ def flat(model: torch.nn.Module) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
 
 
-def reference(steps: int, fragments: int) -> list[np.ndarray]:
+class Sent:
+    """What the reference's compressed workers sent: per worker, the sum over rounds of the
+    decoded pushes and of the uncompressed n·Δ (float64), and the error-feedback residuals."""
+
+    def __init__(self, fragments: int) -> None:
+        self.decoded: list[list[np.ndarray]] = [[] for _ in range(WORKERS)]
+        self.meant: list[list[np.ndarray]] = [[] for _ in range(WORKERS)]
+        self.feedback: list[list[ErrorFeedback]] = []
+
+
+def reference(
+    steps: int, fragments: int, compression: str | None = None, pieces: list[list[tuple[int, int]]] | None = None, sent: Sent | None = None
+) -> list[np.ndarray]:
     """DiLoCo from the formulas: per fragment k and round, θ_k <- OuterSGD(θ_k, Σ n_i Δ_i / Σ n_i)
     with Δ_i = θ_k(start) - θ_k(worker i), n_i the tokens worker i trained on since the fragment's
     last round; every worker then starts from the new θ_k. fp32, sums in worker order. Returns each
     worker's final parameters (with fragments, a fragment synchronised before the last step has
-    local steps on top)."""
+    local steps on top). With `compression`, worker i sends n_i Δ_i + r_i encoded chunk by chunk
+    (`pieces[k]`: fragment k's chunks, as the job's shards cut them), the sum is over what they
+    decode to, and r_i keeps what the encoding dropped (error feedback)."""
     models = [make_model() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     parts = [[p for _, p in part] for part in split(list(models[0].named_parameters()), fragments)]
@@ -60,6 +75,9 @@ def reference(steps: int, fragments: int) -> list[np.ndarray]:
     outer = [torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True, fused=True) for ps in outer_params]
     names = [[n for n, _ in part] for part in split(list(models[0].named_parameters()), fragments)]
     tokens = [[0] * WORKERS for _ in range(fragments)]
+    feedback = [[ErrorFeedback(sum(p.numel() for p in part)) for _ in range(WORKERS)] for part in parts]
+    if sent is not None:
+        sent.feedback = feedback
     for t in range(1, steps + 1):
         for w in range(WORKERS):
             n = inner_step(models[w], inners[w], w, t)
@@ -74,7 +92,17 @@ def reference(steps: int, fragments: int) -> list[np.ndarray]:
                 local = dict(models[w].named_parameters())
                 theta = torch.cat([local[n].detach().reshape(-1) for n in names[k]]).numpy()
                 delta = np.subtract(start, theta, dtype=np.float32)
-                pushed.append(torch.from_numpy(np.multiply(delta, np.float32(tokens[k][w]), dtype=np.float32)))
+                meant = np.multiply(delta, np.float32(tokens[k][w]), dtype=np.float32)
+                if compression is not None:
+                    assert pieces is not None
+                    _, decoded = feedback[k][w].compress_pieces(
+                        meant, compression, pieces[k], ratio=0.25 if compression == "topk" else None
+                    )
+                    if sent is not None:
+                        sent.decoded[w].append(decoded.astype(np.float64))
+                        sent.meant[w].append(meant.astype(np.float64))
+                    meant = decoded
+                pushed.append(torch.from_numpy(meant))
             grad = torch.add(pushed[0], pushed[1]).div_(sum(tokens[k]))  # the service's reduction, worker order
             at = 0
             for p in outer_params[k]:
@@ -90,7 +118,7 @@ def reference(steps: int, fragments: int) -> list[np.ndarray]:
     return [flat(m) for m in models]
 
 
-def run_service(address: str, job: str, steps: int, fragments: int) -> list[dict[str, Any]]:
+def run_service(address: str, job: str, steps: int, fragments: int, compression: str | None = None) -> list[dict[str, Any]]:
     """Both workers on threads, each with its own model and inner AdamW."""
     results: list[dict[str, Any]] = [{} for _ in range(WORKERS)]
     errors: list[BaseException] = []
@@ -101,12 +129,14 @@ def run_service(address: str, job: str, steps: int, fragments: int) -> list[dict
         try:
             model = models[w]
             inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            with DiLoCo(model.named_parameters(), inner, address, job, f"w{w}", inner_steps=H, fragments=fragments) as d:
+            options: dict[str, Any] = {"compression": compression, "topk_ratio": 0.25}
+            with DiLoCo(model.named_parameters(), inner, address, job, f"w{w}", inner_steps=H, fragments=fragments, **options) as d:
                 synced = []
                 for t in range(1, steps + 1):
                     synced.append(d.step(inner_step(model, inner, w, t)))
                 results[w] = {"params": flat(model), "synced": synced, "rounds": d.rounds, "bytes": d.bytes_pushed,
-                              "versions": [f.version for f in d.fragments], "state": d.state_dict()}  # fmt: skip
+                              "versions": [f.version for f in d.fragments], "state": d.state_dict(),
+                              "pieces": [f.worker.pieces(d.dtype) for f in d.fragments] if compression else None}  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
@@ -144,9 +174,58 @@ def test_diloco_through_the_service_equals_the_reference_bit_for_bit(address: st
         # each fragment synchronised on its own schedule: fragment k after steps t with t % H == (k+1)H/F % H
         expected = [[k for k in range(fragments) if due(t, k, fragments, H)] for t in range(1, steps + 1)]
         assert got[w]["synced"] == expected
-        # a round sends each fragment once: F fragments of 1/F of the model every H steps
+        # a round sends each fragment once: F fragments of 1/F of the model every H steps (fp32
+        # data, plus each chunk message's framing)
         n = sum(p.numel() for p in model.parameters())
-        assert got[w]["bytes"] == ROUNDS * n * 4
+        assert ROUNDS * n * 4 < got[w]["bytes"] < ROUNDS * (n * 4 + 32 * SHARDS * fragments)
     if fragments == 1:  # the last round synchronised the whole model
         assert np.array_equal(got[0]["params"], got[1]["params"])
     assert not np.array_equal(want[0], flat(make_model()))  # it trained
+
+
+@pytest.mark.parametrize("compression", ["int8", "int4", "topk"])
+def test_compressed_diloco_equals_the_reference_and_keeps_the_error_feedback_identity(address: str, compression: str) -> None:
+    """Compressed pseudo-gradients (3 shards x 2 workers, 2 fragments): the service equals, bit for
+    bit, the reference whose workers send encode(n·Δ + r) chunk by chunk and keep r; each worker's
+    residual in DiLoCo.state_dict() is the reference's, bit for bit; and over the rounds, the sum of
+    what a worker sent plus its final residual equals the sum of its uncompressed n·Δ (up to the
+    float32 rounding of adding the residual each round). The jobs record H, the inner optimizer and
+    the compression as labels."""
+    fragments = 2
+    job = f"diloco-{compression}-{uuid.uuid4().hex[:6]}"
+    steps = H * ROUNDS
+    model = make_model()
+    ids = create_jobs(address, job, model.named_parameters(), fragments=fragments, num_workers=WORKERS, num_shards=SHARDS,
+                      inner_steps=H, inner_optimizer="AdamW(lr=0.01)", compression=compression)  # fmt: skip
+    try:
+        with JobClient(address) as jc:
+            for k, jid in enumerate(ids):
+                labels = dict(jc.get_job(jid).spec.labels)
+                assert labels == {"diloco.inner_steps": str(H), "diloco.inner_optimizer": "AdamW(lr=0.01)", "diloco.fragment": str(k),
+                                  "diloco.fragments": str(fragments), "diloco.compression": compression}  # fmt: skip
+        got = run_service(address, job, steps, fragments, compression)
+    finally:
+        with JobClient(address) as jc:
+            for jid in ids:
+                jc.delete_job(jid)
+    sent = Sent(fragments)
+    want = reference(steps, fragments, compression, got[0]["pieces"], sent)
+    n = sum(p.numel() for p in model.parameters())
+    for w in range(WORKERS):
+        assert got[w]["pieces"] == got[0]["pieces"]
+        assert np.array_equal(got[w]["params"], want[w]), (w, float(np.abs(got[w]["params"] - want[w]).max()))
+        for k, f in enumerate(got[w]["state"]["fragments"]):
+            assert np.array_equal(f["residual"].numpy(), sent.feedback[k][w].residual)
+        # fewer bytes than fp32: int8 ~ 1/4, int4 ~ 1/8, top-k at 1/4 of the elements ~ 1/2
+        assert got[w]["bytes"] < ROUNDS * n * 4 * {"int8": 0.4, "int4": 0.3, "topk": 0.6}[compression]
+        # the identity: per fragment, Σ decoded + r_final == Σ n·Δ up to float32 rounding of c = n·Δ + r
+        for k in range(fragments):
+            rounds = [i for i in range(len(sent.decoded[w])) if i % fragments == k]
+            total_sent = np.sum([sent.decoded[w][i] for i in rounds], axis=0)
+            total_meant = np.sum([sent.meant[w][i] for i in rounds], axis=0)
+            residual = sent.feedback[k][w].residual.astype(np.float64)
+            assert np.abs(residual).max() > 0  # something was compressed away, and is kept
+            scale = max(float(np.abs(total_meant).max()), 1e-30)
+            np.testing.assert_allclose(total_sent + residual, total_meant, rtol=0, atol=len(rounds) * scale * 2**-23)
+    # compression changed the run (the test would not notice a service that ignored it otherwise)
+    assert not np.array_equal(want[0], reference(steps, fragments)[0])

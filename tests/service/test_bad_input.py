@@ -11,7 +11,7 @@ from grpc import aio
 
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client import Reason, ServiceError
-from paramserver_client.codec import FLOAT32, encode_chunk_message
+from paramserver_client.codec import FLOAT32, INT4_BLOCK, INT8_BLOCK, TOPK, encode_chunk_message
 from paramserver_client.errors import from_rpc_error
 from tests.service.harness import InProcessService, assert_same_tensors, torch_adamw
 
@@ -32,6 +32,14 @@ def ones(n: int) -> bytes:
     return np.ones(n, dtype="<f4").tobytes()
 
 
+def packed(*parts: object) -> bytes:
+    """Little-endian bytes of ("f", value) float32s, ("b", value) int8s, ("I", value) uint32s, ("B", raw) bytes."""
+    out = b""
+    for kind, value in parts:  # type: ignore[misc]
+        out += value if kind == "B" else np.array([value], dtype={"f": "<f4", "b": "i1", "I": "<u4"}[kind]).tobytes()
+    return out
+
+
 def valid(start: int, length: int) -> Chunks:
     """Chunks of ones covering [start, start + length) exactly once."""
     return [(a, min(CHUNK, start + length - a), FLOAT32, ones(min(CHUNK, start + length - a))) for a in range(start, start + length, CHUNK)]
@@ -47,6 +55,21 @@ CASES: dict[str, tuple[Callable[[int, int], Chunks], grpc.StatusCode, str, str]]
                Reason.LENGTH_MISMATCH, "chunk.data"),
     "dtype": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, 99, ones(4))], grpc.StatusCode.INVALID_ARGUMENT,
               Reason.DTYPE_UNSUPPORTED, "chunk.dtype"),
+    # compressed chunks (pushes only) whose data does not decode: tensor.proto's refusals
+    "int8-length": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, INT8_BLOCK, packed(("f", 1.0), ("B", b"\1\1\1")))],
+                    grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "int8-nan-scale": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, INT8_BLOCK, packed(("f", float("nan")), ("B", b"\1\1\1\1")))],
+                       grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "int8-minus-128": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, INT8_BLOCK, packed(("f", 1.0), ("B", b"\x80\1\1\1")))],
+                       grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "int4-nibble-8": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, INT4_BLOCK, packed(("f", 1.0), ("B", b"\x08\x11")))],
+                      grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "topk-unsorted": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, TOPK, packed(("I", 2), ("I", 1), ("f", 1.0), ("f", 1.0)))],
+                      grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "topk-index": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, TOPK, packed(("I", 4), ("f", 1.0)))],
+                   grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "topk-inf": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, TOPK, packed(("I", 0), ("f", float("inf"))))],
+                 grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
     "count": (lambda a, n: [*valid(a, n), (a, 0, FLOAT32, b"")], grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "chunk.count"),
     "gap": (lambda a, n: valid(a, n)[:-1], grpc.StatusCode.INVALID_ARGUMENT, Reason.LAYOUT_MISMATCH, "chunks"),
     "overlap": (lambda a, n: [*valid(a, n), valid(a, n)[0]], grpc.StatusCode.INVALID_ARGUMENT, Reason.LAYOUT_MISMATCH, "chunks"),

@@ -397,7 +397,7 @@ def test_block_aligned_chunks_encode_like_the_whole(method: str) -> None:
     pieces = [DECODE[method](ENCODE[method](x[i : i + step]), x[i : i + step].size) for i in range(0, x.size, step)]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
     with pytest.raises(ValueError):
-        C.chunk_elements("topk")
+        C.chunk_elements("fp32")
     with pytest.raises(ValueError, match="smaller than one"):
         C.chunk_elements(method, 100)
 
@@ -558,3 +558,54 @@ def test_topk_property(x: np.ndarray, data: st.DataObject) -> None:
     xh = C.decode_topk(encoded, x.size)
     np.testing.assert_array_equal(xh[idx], x[idx])
     assert np.count_nonzero(xh) == np.count_nonzero(x[idx])
+
+
+# ---- messages sent as several chunks ----------------------------------------------------------
+
+
+def test_topk_chunks_fit_the_chunk_limit_even_dense() -> None:
+    per = C.chunk_elements("topk")
+    assert C.compressed_size(per, "topk", k=per) <= MAX_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "topk"])
+def test_pieces_encode_each_chunk_on_its_own(method: str) -> None:
+    """encode_pieces = each piece encoded alone (block boundaries restart at each piece, top-k
+    keeps its share per piece), and the decoded array is the pieces' decodings in place."""
+    x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
+    pieces = [(0, 300), (300, 17), (317, 683)]
+    ratio = 0.1 if method == "topk" else None
+    data, decoded = C.encode_pieces(x, pieces, method, ratio=ratio)
+    assert len(data) == 3
+    for (off, n), d in zip(pieces, data, strict=True):
+        alone = C.encode(x[off : off + n], method, ratio=ratio) if ratio else C.encode(x[off : off + n], method)
+        assert d == alone
+        np.testing.assert_array_equal(decoded[off : off + n], C.decode(d, n, method))
+
+
+def test_pieces_must_lie_inside_and_not_overlap() -> None:
+    x = np.ones(10, dtype=np.float32)
+    with pytest.raises(ValueError, match="not inside"):
+        C.encode_pieces(x, [(5, 6)], "int8")
+    with pytest.raises(ValueError, match="overlaps"):
+        C.encode_pieces(x, [(0, 5), (4, 2)], "int8")
+    with pytest.raises(ValueError, match="ratio"):
+        C.encode_pieces(x, [(0, 10)], "topk")
+    with pytest.raises(ValueError, match="ratio"):
+        C.encode_pieces(x, [(0, 10)], "int8", ratio=0.5)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "topk"])
+def test_error_feedback_over_pieces_keeps_the_identity(method: str) -> None:
+    """Per step, decoded + new residual == delta + old residual, bit for bit, chunk by chunk."""
+    rng = np.random.default_rng(9)
+    ef = C.ErrorFeedback(700)
+    pieces = [(0, 256), (256, 100), (356, 344)]
+    ratio = 0.05 if method == "topk" else None
+    for _ in range(4):
+        delta = rng.standard_normal(700).astype(np.float32)
+        c = delta + ef.residual
+        _, decoded = ef.compress_pieces(delta, method, pieces, ratio=ratio)
+        np.testing.assert_array_equal(decoded + ef.residual, c)
+    with pytest.raises(ValueError, match="cover"):
+        ef.compress_pieces(np.zeros(700, np.float32), method, pieces[:2], ratio=ratio)

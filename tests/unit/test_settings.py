@@ -19,7 +19,7 @@ from paramserver_client.aio import SPEC_SETTINGS
 PARAMS = (("w", (64, 8), ""), ("b", (8,), ""))
 SHAPES = [(n, s) for n, s, _ in PARAMS]
 #: JobConfig fields that are not scalar settings (converted by hand, or not on the wire).
-NOT_SETTINGS = {"parameters", "optimizer", "hyperparameters", "schedule", "schedule_parameters", "param_dtypes", "groups"}
+NOT_SETTINGS = {"parameters", "optimizer", "hyperparameters", "schedule", "schedule_parameters", "param_dtypes", "groups", "labels"}
 #: What a restore may override today (CreateJobRequest.spec with restore_from).
 RESTORABLE = {
     "num_workers",
@@ -180,3 +180,27 @@ def test_remote_optimizer_rejects_an_unknown_setting_before_connecting() -> None
     model = torch.nn.Linear(3, 2)
     with pytest.raises(TypeError, match="max_grad_nrom"):
         RemoteOptimizer(model.named_parameters(), "127.0.0.1:1", "job", create=False, max_grad_nrom=1.0)
+
+
+def test_labels_round_trip_and_are_checked() -> None:
+    """JobSpec.labels are kept through JobConfig (and its dict form, the journal's) and refused
+    out of their stated limits, naming the label."""
+    spec = make_spec([("w", (2, 3))], optimizer="sgd", hyperparameters={"lr": 0.1}, labels={"diloco.inner_steps": "20", "team/a": "x y"})
+    config = spec_to_config(spec)
+    assert dict(config.labels) == {"diloco.inner_steps": "20", "team/a": "x y"}
+    assert dict(config_to_spec(config).labels) == dict(spec.labels)
+    assert JobConfig.from_dict(config.to_dict()) == config
+    bad = {
+        "Upper": ("v", "spec.labels['Upper']"),
+        "-lead": ("v", "spec.labels['-lead']"),
+        "k" * 64: ("v", "spec.labels['" + "k" * 64 + "']"),
+        "ok": ("x" * 1025, "spec.labels['ok']"),
+        "ctl": ("a\nb", "spec.labels['ctl']"),
+    }
+    for key, (value, field) in bad.items():
+        with pytest.raises(ConfigError) as err:
+            spec_to_config(make_spec([("w", (2,))], optimizer="sgd", hyperparameters={"lr": 0.1}, labels={key: value}))
+        assert err.value.field == field, key
+    with pytest.raises(ConfigError) as err:
+        spec_to_config(make_spec([("w", (2,))], optimizer="sgd", hyperparameters={"lr": 0.1}, labels={f"k{i}": "" for i in range(65)}))
+    assert err.value.field == "spec.labels"

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,9 @@ from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import job_service_pb2_grpc as jgrpc
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver.v1 import tensor_pb2
+from paramserver_client import compression
 from paramserver_client.codec import (
+    COMPRESSED,
     FLOAT32,
     ITEMSIZE,
     MAX_MESSAGE_BYTES,
@@ -106,6 +108,7 @@ def make_spec(
     param_groups: Sequence[jpb.ParamGroup] = (),
     num_workers: int = 1,
     num_shards: int = 1,
+    labels: Mapping[str, str] | None = None,
     **settings: float,
 ) -> jpb.JobSpec:
     """Build a JobSpec from (name, shape) pairs (or ParameterSpec messages) and settings.
@@ -114,11 +117,12 @@ def make_spec(
     ``max_grad_norm``, ``shard_memory_budget_bytes``, ``snapshot_every_steps``), and the spike
     guard's fields are ``spike_window``, ``spike_warmup`` and ``spike_threshold_std``
     (:data:`SPEC_SETTINGS` lists them all; job_service.proto gives their meaning; unset = the
-    service's default). num_workers and num_shards, which the wire requires, default to 1 here. An unknown
+    service's default). `labels`: free-form strings recorded with the job (JobSpec.labels).
+    num_workers and num_shards, which the wire requires, default to 1 here. An unknown
     keyword is a TypeError naming it; a value of the wrong type or range a TypeError or
     ValueError naming the keyword.
     """
-    spec = jpb.JobSpec(param_groups=list(param_groups))
+    spec = jpb.JobSpec(param_groups=list(param_groups), labels=dict(labels or {}))
     for key, value in {"num_workers": num_workers, "num_shards": num_shards, **settings}.items():
         path = SPEC_SETTINGS.get(key)
         if path is None:
@@ -375,6 +379,19 @@ class StepResult:
         return self.outcome == spb.STEP_OUTCOME_SKIPPED
 
 
+@dataclass(frozen=True)
+class Compressed:
+    """A flat gradient encoded in a compressed wire dtype (:meth:`AsyncWorker.compress`)."""
+
+    dtype: int
+    messages: list[list[bytes]]
+    """Each shard's serialised chunk messages, in shard order."""
+    decoded: F32Array
+    """The values the service decodes (what it sums, before loss_terms weighting)."""
+    nbytes: int
+    """Bytes of encoded chunk data."""
+
+
 class AsyncWorker:
     """One worker's data plane: upload, push and pull against every shard of a job."""
 
@@ -416,6 +433,11 @@ class AsyncWorker:
         self.timeout = timeout
         self.pull_timeout = pull_timeout
         self.retry = retry or RetryPolicy()
+        self.bytes_pushed = 0
+        """Bytes of the chunk messages this worker has sent in pushes (data and its framing;
+        retries included; stream headers and gRPC/HTTP2 framing not)."""
+        self.bytes_pulled = 0
+        """Bytes of the messages this worker has received in pulls (chunks and headers)."""
         self.total = int(job.total_elements)
         self._connect(job)
         self.frozen: frozenset[int] = frozenset()
@@ -552,6 +574,35 @@ class AsyncWorker:
             for off, n in split(start, length, step):
                 yield encode_chunk_message(off, n, dtype, wire[off : off + n].data.cast("B"))
 
+    def pieces(self, dtype: int) -> list[tuple[int, int]]:
+        """The (offset, count) of every chunk a push in a compressed `dtype` sends, shard after
+        shard: each is encoded on its own (see :func:`compression.encode_pieces`)."""
+        step = compression.chunk_elements(COMPRESSED[dtype])
+        return [p for ranges in self._ranges for start, length in ranges for p in split(start, length, step)]
+
+    def compress(
+        self, values: F32Array, dtype: int, *, feedback: compression.ErrorFeedback | None = None, topk_ratio: float | None = None
+    ) -> Compressed:
+        """Encode a flat fp32 array in a compressed wire dtype (codec.COMPRESSED) chunk by
+        chunk, as :meth:`push_compressed` sends it; with `feedback`, ``values + residual`` is
+        encoded and the residual updated (error feedback). `topk_ratio`: the share of each
+        chunk's elements top-k keeps (DTYPE_TOPK only)."""
+        if dtype not in COMPRESSED:
+            raise ValueError(f"dtype {dtype} is not a compressed wire dtype")
+        flat = self._check_flat(values, "values")
+        pieces = self.pieces(dtype)
+        method = COMPRESSED[dtype]
+        if feedback is not None:
+            data, decoded = feedback.compress_pieces(flat, method, pieces, ratio=topk_ratio)
+        else:
+            data, decoded = compression.encode_pieces(flat, pieces, method, ratio=topk_ratio)
+        chunks = iter(zip(pieces, data, strict=True))
+        per_shard = []
+        for ranges in self._ranges:
+            n = sum(len(list(split(start, length, compression.chunk_elements(method)))) for start, length in ranges)
+            per_shard.append([encode_chunk_message(off, count, dtype, d) for (off, count), d in (next(chunks) for _ in range(n))])
+        return Compressed(dtype, per_shard, decoded, sum(len(d) for d in data))
+
     def _stream_unary(self, shard: int, method: str, response: Any) -> Any:
         return self._channels[shard].stream_unary(
             f"/paramserver.v1.ShardService/{method}", request_serializer=_serialize, response_deserializer=response.FromString
@@ -584,17 +635,41 @@ class AsyncWorker:
         dtype: int = FLOAT32,
         request_id: str | None = None,
         lrs: Sequence[float] = (),
+        feedback: compression.ErrorFeedback | None = None,
+        topk_ratio: float | None = None,
     ) -> StepResult:
         """Push this worker's gradient of the SUMMED loss over `loss_terms` terms for `step`.
+
+        `dtype`: the wire dtype: fp32 (exact), bf16 / fp16, or a compressed one (codec.INT8_BLOCK,
+        INT4_BLOCK, TOPK with `topk_ratio`; see :meth:`compress`), where `feedback` (an
+        ErrorFeedback of the model's size) adds what earlier pushes dropped and keeps what this
+        one drops.
 
         `lrs`: each parameter group's lr for this step (Job.groups order), when the training loop
         drives the lr; empty = the job's schedule. Every worker must send the same values (else
         the step is skipped with LR_MISMATCH)."""
         flat = self._check_flat(grad, "grad")
         rid = request_id or new_request_id()
+        if dtype in COMPRESSED:
+            encoded = self.compress(flat, dtype, feedback=feedback, topk_ratio=topk_ratio)
+            return await self.push_compressed(step, encoded, loss_terms, request_id=rid, lrs=lrs)
+        if feedback is not None or topk_ratio is not None:
+            raise ValueError("feedback and topk_ratio are for compressed wire dtypes")
         wire = to_wire(flat, dtype)  # one conversion pass for every shard
         return await self.settle_push(
             [self.push_shard(i, step, wire, loss_terms, dtype=dtype, request_id=rid, lrs=lrs) for i in range(len(self._channels))]
+        )
+
+    async def push_compressed(
+        self, step: int, data: Compressed, loss_terms: int, *, request_id: str | None = None, lrs: Sequence[float] = ()
+    ) -> StepResult:
+        """Push a gradient encoded by :meth:`compress` (the service decodes it to fp32 and sums
+        it as a dense push; see :meth:`push`)."""
+        if len(data.messages) != len(self._channels):
+            raise ValueError(f"encoded for {len(data.messages)} shards; the job has {len(self._channels)}")
+        rid = request_id or new_request_id()
+        return await self.settle_push(
+            [self._push_messages(i, step, msgs, loss_terms, request_id=rid, lrs=lrs) for i, msgs in enumerate(data.messages)]
         )
 
     async def push_shard(
@@ -613,6 +688,20 @@ class AsyncWorker:
         `request_id` (the same id on every shard). A push is complete once every shard has
         answered; :meth:`step_result` combines the answers. Used to push each shard as soon as
         its gradients are ready (while backward still runs)."""
+        return await self._push_messages(shard, step, lambda: self._chunks(shard, wire, dtype), loss_terms, request_id=request_id, lrs=lrs)
+
+    async def _push_messages(
+        self,
+        shard: int,
+        step: int,
+        messages: Callable[[], Iterable[bytes]] | Sequence[bytes],
+        loss_terms: int,
+        *,
+        request_id: str,
+        lrs: Sequence[float] = (),
+    ) -> spb.PushGradientsResponse:
+        """One shard's push stream: the header, then the chunk messages (a list, or a function
+        that makes them again for each attempt)."""
         if loss_terms < 0:
             raise ValueError("loss_terms must be >= 0")
 
@@ -629,7 +718,9 @@ class AsyncWorker:
                     group_lrs=list(lrs),
                 )
             )
-            yield from self._chunks(shard, wire, dtype)
+            for m in messages() if callable(messages) else messages:
+                self.bytes_pushed += len(m)
+                yield m
 
         answer: spb.PushGradientsResponse = await call_with_retry(
             lambda: self._stream_unary(shard, "PushGradients", spb.PushGradientsResponse)(stream(), timeout=self.timeout),
@@ -693,6 +784,7 @@ class AsyncWorker:
                     "/paramserver.v1.ShardService/PullParameters", request_serializer=_serialize, response_deserializer=None
                 )
                 async for raw in call(req, timeout=self.pull_timeout):
+                    self.bytes_pulled += len(raw)
                     parsed = parse_chunk_message(raw)
                     if parsed is None:  # the header
                         head = spb.PullParametersResponse.FromString(raw).header

@@ -18,8 +18,9 @@ import numpy as np
 
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
-from paramserver_client.aio import AsyncJobClient, AsyncWorker, OptimizerState, ParamLike, StepResult
+from paramserver_client.aio import AsyncJobClient, AsyncWorker, Compressed, OptimizerState, ParamLike, StepResult
 from paramserver_client.codec import FLOAT32, TRAIN, F32Array
+from paramserver_client.compression import ErrorFeedback
 
 T = TypeVar("T")
 
@@ -153,9 +154,38 @@ class Worker:
         dtype: int = FLOAT32,
         request_id: str | None = None,
         lrs: Sequence[float] = (),
+        feedback: ErrorFeedback | None = None,
+        topk_ratio: float | None = None,
     ) -> StepResult:
-        """Push the gradient of the summed loss over loss_terms terms for step (see AsyncWorker.push)."""
-        return self._loop.run(self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id, lrs=lrs))
+        """Push the gradient of the summed loss over loss_terms terms for step, in wire `dtype`
+        (compressed ones with optional error `feedback`; see AsyncWorker.push)."""
+        return self._loop.run(
+            self._w.push(step, grad, loss_terms, dtype=dtype, request_id=request_id, lrs=lrs, feedback=feedback, topk_ratio=topk_ratio)
+        )
+
+    def compress(
+        self, values: F32Array, dtype: int, *, feedback: ErrorFeedback | None = None, topk_ratio: float | None = None
+    ) -> Compressed:
+        """Encode a flat gradient in a compressed wire dtype, chunk by chunk (see AsyncWorker.compress)."""
+        return self._w.compress(values, dtype, feedback=feedback, topk_ratio=topk_ratio)
+
+    def pieces(self, dtype: int) -> list[tuple[int, int]]:
+        """The chunks a push in a compressed dtype sends (see AsyncWorker.pieces)."""
+        return self._w.pieces(dtype)
+
+    def push_compressed(self, step: int, data: Compressed, loss_terms: int, *, request_id: str | None = None) -> StepResult:
+        """Push a gradient encoded by :meth:`compress` (see AsyncWorker.push_compressed)."""
+        return self._loop.run(self._w.push_compressed(step, data, loss_terms, request_id=request_id))
+
+    @property
+    def bytes_pushed(self) -> int:
+        """Bytes of chunk messages sent in pushes (see AsyncWorker.bytes_pushed)."""
+        return self._w.bytes_pushed
+
+    @property
+    def bytes_pulled(self) -> int:
+        """Bytes of messages received in pulls (see AsyncWorker.bytes_pulled)."""
+        return self._w.bytes_pulled
 
     def pull(
         self,

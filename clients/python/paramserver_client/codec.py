@@ -26,6 +26,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 FLOAT32: int = int(tensor_pb2.DTYPE_FLOAT32)
 BFLOAT16: int = int(tensor_pb2.DTYPE_BFLOAT16)
 FLOAT16: int = int(tensor_pb2.DTYPE_FLOAT16)
+#: Compressed wire dtypes (pushes only; layouts in tensor.proto and paramserver_client.compression).
+INT8_BLOCK: int = int(tensor_pb2.DTYPE_INT8_BLOCK)
+INT4_BLOCK: int = int(tensor_pb2.DTYPE_INT4_BLOCK)
+TOPK: int = int(tensor_pb2.DTYPE_TOPK)
 
 #: Pull points (paramserver.v1.ParameterPoint) as plain ints: the training point (what the
 #: optimizer updates) and the evaluation point (Schedule-Free's x; the same values otherwise).
@@ -34,6 +38,9 @@ EVAL: int = 2
 
 #: Bytes per element of each wire dtype.
 ITEMSIZE: dict[int, int] = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
+
+#: The compression method (paramserver_client.compression) of each compressed wire dtype.
+COMPRESSED: dict[int, str] = {INT8_BLOCK: "int8", INT4_BLOCK: "int4", TOPK: "topk"}
 
 _NAMES = {"fp32": FLOAT32, "float32": FLOAT32, "bf16": BFLOAT16, "bfloat16": BFLOAT16, "fp16": FLOAT16, "float16": FLOAT16}
 
@@ -46,6 +53,14 @@ def dtype_from_name(name: str) -> int:
         return _NAMES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown wire dtype {name!r}; use one of fp32, bf16, fp16") from None
+
+
+def compressed_dtype(method: str) -> int:
+    """The compressed wire dtype of a compression method ("int8", "int4" or "topk")."""
+    for dtype, name in COMPRESSED.items():
+        if name == method:
+            return dtype
+    raise ValueError(f"unknown compression {method!r}; use one of {', '.join(COMPRESSED.values())}")
 
 
 def chunk_elements(dtype: int, chunk_bytes: int = CHUNK_BYTES) -> int:

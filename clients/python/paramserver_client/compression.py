@@ -59,7 +59,7 @@ per element and step, at most half an ulp of ``c_t``): nothing is lost by the co
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -382,16 +382,47 @@ def compression_ratio(count: int, method: str, *, k: int | None = None, ratio: f
 
 
 def chunk_elements(method: str, chunk_bytes: int = 1 << 20) -> int:
-    """The most elements, a multiple of :data:`BLOCK`, whose int8 / int4 encoding fits in
-    ``chunk_bytes`` (default 1 MiB, codec.CHUNK_BYTES): chunks that start on block boundaries
-    quantise exactly as the whole array does."""
+    """Elements per chunk for ``method``: for int8 / int4 the most elements, a multiple of
+    :data:`BLOCK`, whose encoding fits in ``chunk_bytes`` (default 1 MiB, codec.CHUNK_BYTES), so
+    that chunks that start on block boundaries quantise exactly as the whole array does; for
+    top-k the elements of ``chunk_bytes`` of fp32 (its encoding is at most twice that, at k =
+    count)."""
+    if method == "topk":
+        return max(1, chunk_bytes // 4)
     per_block = compressed_size(BLOCK, method) if method in ("int8", "int4") else 0
     if not per_block:
-        raise ValueError(f"chunk_elements is for int8 and int4, not {method!r}")
+        raise ValueError(f"chunk_elements is for int8, int4 and topk, not {method!r}")
     blocks = chunk_bytes // per_block
     if blocks < 1:
         raise ValueError(f"chunk_bytes {chunk_bytes} is smaller than one {method} block ({per_block} bytes)")
     return blocks * BLOCK
+
+
+def encode_pieces(
+    x: F32Array, pieces: Sequence[tuple[int, int]], method: str, *, ratio: float | None = None
+) -> tuple[list[bytes], F32Array]:
+    """Encode each piece ``(offset, count)`` of the flat float32 array ``x`` on its own (as the
+    wire carries one chunk each; top-k keeps ``k_for_ratio(count, ratio)`` per piece); return the
+    encodings, in piece order, and ``x`` as the receiver decodes it (elements outside every
+    piece are 0). Pieces must lie inside ``x`` and not overlap."""
+    _check_method(method)
+    if (method == "topk") != (ratio is not None):
+        raise ValueError("top-k takes a ratio; int8 / int4 take none")
+    flat = _flat_f32(x)
+    decoded = np.zeros(flat.size, dtype=np.float32)
+    seen = np.zeros(flat.size, dtype=bool)
+    out = []
+    for offset, count in pieces:
+        if not (0 <= offset and 0 < count and offset + count <= flat.size):
+            raise ValueError(f"piece ({offset}, {count}) is not inside the array of {flat.size} elements")
+        if seen[offset : offset + count].any():
+            raise ValueError(f"piece ({offset}, {count}) overlaps another")
+        seen[offset : offset + count] = True
+        part = flat[offset : offset + count]
+        data = encode(part, method, ratio=ratio) if method == "topk" else encode(part, method)
+        decoded[offset : offset + count] = decode(data, count, method)
+        out.append(data)
+    return out, decoded
 
 
 # ---- error feedback ---------------------------------------------------------------------------
@@ -441,6 +472,24 @@ class ErrorFeedback:
             c = flat + self._residual
         data = encode(c, method, k=k, ratio=ratio)
         decoded = decode(data, c.size, method)
+        np.subtract(c, decoded, out=self._residual)
+        return data, decoded
+
+    def compress_pieces(
+        self, delta: F32Array, method: str, pieces: Sequence[tuple[int, int]], *, ratio: float | None = None
+    ) -> tuple[list[bytes], F32Array]:
+        """:meth:`compress` for a message sent as several chunks: ``delta + residual`` encoded
+        piece by piece (:func:`encode_pieces`; the pieces must cover the whole array); the
+        residual becomes what the pieces' decodings miss. Returns the encodings and the decoded
+        values. On error the residual is left unchanged."""
+        flat = _flat_f32(delta)
+        if flat.size != self._residual.size:
+            raise ValueError(f"delta has {flat.size} elements, the residual {self._residual.size}")
+        if sum(n for _, n in pieces) != flat.size:
+            raise ValueError(f"the pieces cover {sum(n for _, n in pieces)} of {flat.size} elements")
+        with np.errstate(over="ignore"):
+            c = flat + self._residual
+        data, decoded = encode_pieces(c, pieces, method, ratio=ratio)
         np.subtract(c, decoded, out=self._residual)
         return data, decoded
 

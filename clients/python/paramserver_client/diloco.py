@@ -17,6 +17,17 @@ fragment), and fragment k is synchronised after inner steps t with
 ``t % H == ((k + 1) * H // F) % H``: the rounds of the fragments are staggered by H/F steps, so a
 worker sends 1/F of the model every H/F steps instead of all of it every H steps.
 
+Compression (``compression="int8"``, ``"int4"`` or ``"topk"`` with ``topk_ratio``): each worker
+pushes ``n·Δ + residual`` in a compressed wire dtype (layouts in tensor.proto), chunk by chunk,
+and keeps what the encoding dropped as its error-feedback residual for the next round
+(paramserver_client.compression.ErrorFeedback, one per fragment, in :meth:`DiLoCo.state_dict`).
+The service decodes to fp32 and divides the sum by Σ n_i exactly as for fp32 pushes. Over rounds,
+the sum of what a worker sent plus its residual equals the sum of its n·Δ (up to one float32
+rounding per element and round of adding the residual).
+
+Reproducibility: :func:`create_jobs` records ``inner_steps``, ``inner_optimizer``, the fragment
+and the compression as the jobs' labels (``diloco.*``; GetJob shows them in ``spec.labels``).
+
 Needs torch (the ``torch`` extra).
 """
 
@@ -30,6 +41,8 @@ import numpy as np
 import torch
 
 from paramserver_client.client import JobClient, Worker
+from paramserver_client.codec import FLOAT32, compressed_dtype
+from paramserver_client.compression import ErrorFeedback
 
 #: The outer optimizer of DiLoCo's paper: Nesterov SGD, lr 0.7, momentum 0.9.
 OUTER_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "hyperparameters": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
@@ -74,18 +87,31 @@ def create_jobs(
     fragments: int = 1,
     num_workers: int = 1,
     num_shards: int = 1,
+    inner_steps: int | None = None,
+    inner_optimizer: str = "",
+    compression: str | None = None,
     **settings: Any,
 ) -> list[str]:
     """Create the job of each fragment (``OUTER_DEFAULTS`` unless `settings` name another
     `optimizer` / `hyperparameters`; any other JobSpec setting as in JobClient.create_job).
+    `inner_steps`, `inner_optimizer` (a description, e.g. ``repr(opt)`` or "AdamW(lr=1e-3)") and
+    `compression` are recorded as the jobs' labels (``diloco.*``, with ``diloco.fragment`` and
+    ``diloco.fragments``) for reproducibility; they do not change what the service does.
     Returns the jobs' ids."""
     named = list(named_parameters)
     outer = {**OUTER_DEFAULTS, **settings}
     ids = fragment_ids(job_id, fragments)
+    labels = {**outer.pop("labels", {}), "diloco.fragments": str(fragments), "diloco.compression": compression or "none"}
+    if inner_steps is not None:
+        labels["diloco.inner_steps"] = str(inner_steps)
+    if inner_optimizer:
+        labels["diloco.inner_optimizer"] = " ".join(inner_optimizer.split())[:1024]
     with JobClient(address, **{k: outer.pop(k) for k in ("token", "credentials") if k in outer}) as jobs:
-        for jid, part in zip(ids, split(named, fragments), strict=True):
+        for k, (jid, part) in enumerate(zip(ids, split(named, fragments), strict=True)):
             shapes = [(n, tuple(p.shape)) for n, p in part]
-            jobs.create_job(shapes, job_id=jid, num_workers=num_workers, num_shards=num_shards, **outer)
+            jobs.create_job(
+                shapes, job_id=jid, num_workers=num_workers, num_shards=num_shards, labels={**labels, "diloco.fragment": str(k)}, **outer
+            )
     return ids
 
 
@@ -99,6 +125,8 @@ class _Fragment:
     """θ_start: the fragment's parameters at the start of the round (flat fp32)."""
     tokens: int = 0
     """Tokens trained on since the fragment's last synchronisation."""
+    feedback: ErrorFeedback | None = None
+    """The error-feedback residual of a compressed fragment."""
 
 
 class DiLoCo:
@@ -110,7 +138,8 @@ class DiLoCo:
     were created with (create_jobs). `inner`: the local optimizer (any torch optimizer over those
     parameters; its state is kept across rounds, as in DiLoCo). The worker joins every fragment's
     job; the one chosen to upload gives the service its initial parameters, the others start from
-    them.
+    them. `compression`: None (fp32, exact), "int8", "int4" or "topk" (keeping `topk_ratio` of
+    each chunk's elements), with error feedback (see the module docstring).
     """
 
     def __init__(
@@ -123,10 +152,17 @@ class DiLoCo:
         *,
         inner_steps: int = 20,
         fragments: int = 1,
+        compression: str | None = None,
+        topk_ratio: float = 0.01,
         **client_options: Any,
     ) -> None:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        self.dtype = FLOAT32 if compression in (None, "none") else compressed_dtype(compression)
+        if compression == "topk" and not 0 < topk_ratio <= 1:
+            raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
+        self.compression = None if self.dtype == FLOAT32 else compression
+        self.topk_ratio = topk_ratio if compression == "topk" else None
         named = list(params)
         self.inner = inner
         self.inner_steps = inner_steps
@@ -134,8 +170,6 @@ class DiLoCo:
         """Inner steps taken."""
         self.rounds = 0
         """Fragment synchronisations done."""
-        self.bytes_pushed = 0
-        """Bytes of pseudo-gradients pushed (payload, fp32)."""
         self.fragments: list[_Fragment] = []
         for jid, part in zip(fragment_ids(job_id, fragments), split(named, fragments), strict=True):
             tensors = [p for _, p in part]
@@ -144,6 +178,8 @@ class DiLoCo:
                 worker.upload(_flat(tensors))
             version, values, _ = worker.pull(0)
             fragment = _Fragment(jid, tensors, worker, version, values.copy())
+            if self.compression:
+                fragment.feedback = ErrorFeedback(values.size)
             _load(tensors, values)
             self.fragments.append(fragment)
 
@@ -169,22 +205,37 @@ class DiLoCo:
         local = _flat(f.params)
         delta = np.subtract(f.start, local, dtype=np.float32)
         pushed = np.multiply(delta, np.float32(f.tokens), dtype=np.float32)
-        f.worker.push(f.version, pushed, f.tokens)
-        self.bytes_pushed += pushed.nbytes
+        f.worker.push(f.version, pushed, f.tokens, dtype=self.dtype, feedback=f.feedback, topk_ratio=self.topk_ratio)
         f.version, values, _ = f.worker.pull(f.version + 1)
         f.start = values.copy()
         f.tokens = 0
         _load(f.params, values)
         self.rounds += 1
 
+    @property
+    def bytes_pushed(self) -> int:
+        """Bytes of chunk messages this worker pushed (all fragments; see Worker.bytes_pushed)."""
+        return sum(f.worker.bytes_pushed for f in self.fragments)
+
+    @property
+    def bytes_pulled(self) -> int:
+        """Bytes of messages this worker pulled, the first pull included (see Worker.bytes_pulled)."""
+        return sum(f.worker.bytes_pulled for f in self.fragments)
+
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs: the inner optimizer's state, the step count, and per fragment its
-        version, θ_start and tokens of the open round."""
+        version, θ_start, tokens of the open round and error-feedback residual (compressed)."""
         return {
             "inner": self.inner.state_dict(),
             "steps": self.steps,
             "fragments": [
-                {"job_id": f.job_id, "version": f.version, "start": torch.from_numpy(f.start.copy()), "tokens": f.tokens}
+                {
+                    "job_id": f.job_id,
+                    "version": f.version,
+                    "start": torch.from_numpy(f.start.copy()),
+                    "tokens": f.tokens,
+                    **({"residual": torch.from_numpy(f.feedback.state_dict()["residual"])} if f.feedback is not None else {}),
+                }
                 for f in self.fragments
             ],
         }
@@ -199,6 +250,10 @@ class DiLoCo:
         for f, s in zip(self.fragments, saved, strict=True):
             f.version, f.tokens = int(s["version"]), int(s["tokens"])
             f.start = s["start"].numpy().astype(np.float32, copy=True)
+            if f.feedback is not None:
+                if "residual" not in s:
+                    raise ValueError(f"this state of {f.job_id} has no error-feedback residual (saved without compression)")
+                f.feedback.load_state_dict({"residual": s["residual"].numpy().astype(np.float32, copy=True)})
 
     def close(self) -> None:
         """Close the workers' connections."""
