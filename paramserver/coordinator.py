@@ -311,6 +311,7 @@ class Coordinator:
         membership = Membership(
             config.min_members, config.max_members, config.worker_timeout_s, config.on_worker_lost, self.clock, rec.next_lease
         )
+        membership.grace_s = config.grace_window_s
         now = self.clock()
         membership.members = {int(w): Member(int(w), str(n), int(lease), now, bool(lost)) for w, (n, lease, lost) in rec.members.items()}
         membership.removed = set(rec.removed)
@@ -528,6 +529,7 @@ class Coordinator:
                 )
                 membership = Membership(config.min_members, config.max_members, config.worker_timeout_s, config.on_worker_lost, self.clock)
                 membership.secured, membership.max_streams = secured, quota.streams
+                membership.grace_s = config.grace_window_s
                 job = _Job(job_id, config, plan, [], policy, membership, state=CREATING, tenant=tenant, quota=quota)
                 if config.spike_window:
                     job.guard = SpikeGuard(config.spike_window, config.spike_warmup, config.spike_threshold_std, history)
@@ -782,18 +784,42 @@ class Coordinator:
         waiters = job.waiters.get(step, {})
         roster = job.membership.roster()
         members = roster.members
-        quorum = len(members) >= max(roster.min_workers, 1) and not roster.failed
-        stale = [k for k, r in reports.items() if not quorum or r.contributors != members]
-        for k in stale:  # reduced another set: redo with the members
-            del reports[k]
-            fut = waiters.pop(k, None)
-            if fut is not None and not fut.done():
-                fut.set_result(Redo(step, roster))
+        least = max(roster.min_workers, 1)
+        quorum = len(members) >= least and not roster.failed
+
+        def acceptable(contributors: tuple[tuple[int, int], ...]) -> bool:
+            if roster.grace_s <= 0:
+                return contributors == members
+            if roster.excused_step == step:
+                return contributors == roster.required(step)
+            return len(contributors) >= least and set(contributors) <= set(members)
+
+        def redo(shards: list[int], answer: Roster) -> None:
+            for k in shards:  # reduced another set: redo with the members
+                del reports[k]
+                fut = waiters.pop(k, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(Redo(step, answer))
+
+        redo([k for k, r in reports.items() if not quorum or not acceptable(r.contributors)], roster)
         if len(reports) < len(job.plan) or job.state != RUNNING:
             return
+        proposals = {r.contributors for r in reports.values()}
+        if len(proposals) > 1:  # quorum mode: shards proposed different sets
+            common = set.intersection(*(set(p) for p in proposals))
+            agreed = tuple(m for m in members if m in common)
+            if len(agreed) >= least:  # close with the members every shard holds
+                job.membership.excuse(step, tuple(w for w, lease in members if (w, lease) not in common))
+                roster = job.membership.roster()
+                log.info("job %s: step %d closes with workers %s (quorum, grace window over)", job.job_id, step, [w for w, _ in agreed])
+            redo([k for k, r in reports.items() if r.contributors != agreed], roster)
+            return
+        contributors = proposals.pop()
         decision = decide(step, list(job.reports.pop(step).values()), job.config.max_grad_norm, job.guard, job.nan_handled)
-        workers = tuple(w for w, _ in members)
-        decision = dataclasses.replace(decision, workers=workers, missing=job.membership.take_missing(set(workers)))
+        workers = tuple(w for w, _ in contributors)
+        excused = {w for w, _ in members} - set(workers)  # quorum mode: members the step closed without
+        missing = tuple(sorted(set(job.membership.take_missing(set(workers))) | excused))
+        decision = dataclasses.replace(decision, workers=workers, missing=missing)
         if decision.missing:
             log.warning("job %s: step %d closed without workers %s", job.job_id, step, list(decision.missing))
         if not decision.apply:

@@ -92,6 +92,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_timeout_s", "worker_timeout_s", 60.0, restorable=True),
     Setting("on_worker_lost", "on_worker_lost", 1, restorable=True),
     Setting("replica_every_steps", "replica_every_steps", 0, restorable=True),
+    Setting("grace_window_s", "grace_window_s", 0.0, restorable=True),
 )
 #: The settings by name.
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
@@ -182,6 +183,8 @@ class JobConfig:
     """Seconds a member's lease lasts without a heartbeat, push or pull."""
     replica_every_steps: int = _default("replica_every_steps", int)
     """Copy every shard's state into the coordinator's memory every this many steps (0 = off)."""
+    grace_window_s: float = _default("grace_window_s", float)
+    """Quorum mode: seconds a step waits, once min_workers pushed, for the other members (0 = off)."""
     on_worker_lost: int = _default("on_worker_lost", int)
     """What a lost member does: WAIT (1), CONTINUE (2) or FAIL (3) (paramserver.v1.WorkerLossPolicy)."""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -391,6 +394,8 @@ class JobConfig:
             raise ConfigError(_spec_field("max_workers"), f"must be 0 or >= num_workers ({self.num_workers})")
         if not (0 < self.worker_timeout_s <= MAX_WORKER_TIMEOUT_S):
             raise ConfigError(_spec_field("worker_timeout_s"), f"must be in (0, {MAX_WORKER_TIMEOUT_S:g}] seconds (0 = 60)")
+        if not (0 <= self.grace_window_s <= MAX_WORKER_TIMEOUT_S):
+            raise ConfigError(_spec_field("grace_window_s"), f"must be in [0, {MAX_WORKER_TIMEOUT_S:g}] seconds (0 = off)")
         if self.replica_every_steps < 0:
             raise ConfigError(_spec_field("replica_every_steps"), "must be >= 0 (0 = no replicas)")
         if self.on_worker_lost not in (WAIT, CONTINUE, FAIL):

@@ -60,6 +60,18 @@ class Roster:
     """Every data-plane call must carry one of `tokens` (the service runs with credentials)."""
     max_streams: int = 0
     """Concurrent streams one shard of the job serves (0 = the service's default)."""
+    grace_s: float = 0.0
+    """Quorum mode (JobSpec.grace_window_s): once min_workers members pushed, a shard waits this
+    long for the others, then proposes the step with those it holds (0 = wait for every member)."""
+    excused: tuple[int, ...] = ()
+    """Members step `excused_step` closes without (the coordinator's choice in quorum mode)."""
+    excused_step: int = -1
+
+    def required(self, step: int) -> tuple[tuple[int, int], ...]:
+        """The members whose push step `step` needs: all of them, less those excused for it."""
+        if step != self.excused_step:
+            return self.members
+        return tuple(m for m in self.members if m[0] not in self.excused)
 
     def lease_of(self, worker_id: int) -> int | None:
         """The lease `worker_id` holds, or None if it is not a member."""
@@ -88,6 +100,10 @@ class Membership:
     """The shards require one of `tokens`."""
     max_streams: int = 0
     """Concurrent streams per shard (0 = the service's default)."""
+    grace_s: float = 0.0
+    """See Roster.grace_s."""
+    excused: tuple[int, ...] = ()
+    excused_step: int = -1
 
     def _changed(self) -> None:
         self.epoch += 1
@@ -95,7 +111,23 @@ class Membership:
     def roster(self) -> Roster:
         """The current roster."""
         members = tuple((w, self.members[w].lease) for w in sorted(self.members))
-        return Roster(self.epoch, members, self.min_workers, self.failed, self.tokens, self.secured, self.max_streams)
+        return Roster(
+            self.epoch,
+            members,
+            self.min_workers,
+            self.failed,
+            self.tokens,
+            self.secured,
+            self.max_streams,
+            self.grace_s,
+            self.excused,
+            self.excused_step,
+        )
+
+    def excuse(self, step: int, workers: tuple[int, ...]) -> None:
+        """Let step `step` close without `workers` (quorum mode; a new roster epoch)."""
+        self.excused, self.excused_step = tuple(sorted(workers)), step
+        self._changed()
 
     def set_tokens(self, tokens: tuple[tuple[str, float], ...]) -> None:
         """Change the accepted worker tokens (a new roster epoch: the shards adopt them)."""

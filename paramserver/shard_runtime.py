@@ -232,6 +232,9 @@ class ShardRuntime:
         self._upload_ledger: Ledger[int] = Ledger(capacity=64)
         self._published = asyncio.Condition()
         self._completing: asyncio.Task[None] | None = None
+        self._grace_armed = -1  # the version whose grace window runs (quorum mode)
+        self._grace_over = -1  # the version whose grace window ran out
+        self._grace_task: asyncio.Task[None] | None = None
         self._closed = False
         self._snapshot_busy = False
         self._upload_lock = asyncio.Lock()
@@ -414,16 +417,46 @@ class ShardRuntime:
 
     def waiting_for(self) -> list[int]:
         """The members whose push the open step still waits for."""
-        return [w for w, _ in self.roster.members if w not in self._pending]
+        return [w for w, _ in self.roster.required(self.state.version) if w not in self._pending]
 
-    def _ready(self) -> bool:
-        members = self.roster.members
-        return (
-            not self.roster.failed
-            and len(members) >= max(self.roster.min_workers, 1)
-            and len(self._pending) == len(members)
-            and all(w in self._pending and self._pending[w].lease == lease for w, lease in members)
-        )
+    def _held(self) -> list[tuple[int, int]]:
+        """The members (worker id, lease) whose push of the open step this shard holds."""
+        return [(w, lease) for w, lease in self.roster.members if w in self._pending and self._pending[w].lease == lease]
+
+    def _proposal(self) -> list[Contribution] | None:
+        """The contributions to reduce now, or None while the step waits: every member's (less
+        those the coordinator excused for this step), or, in quorum mode once the grace window
+        ran out, those of the members this shard holds (at least min_workers)."""
+        roster, version = self.roster, self.state.version
+        least = max(roster.min_workers, 1)
+        if roster.failed or len(roster.members) < least:
+            return None
+        held = self._held()
+        required = roster.required(version)
+        if len(required) >= least and all(m in held for m in required):
+            return [self._pending[w] for w, _ in required]
+        if roster.grace_s > 0 and roster.excused_step != version and self._grace_over == version and len(held) >= least:
+            return [self._pending[w] for w, _ in held]
+        return None
+
+    def _arm_grace(self) -> None:
+        """Quorum mode: once min_workers members' pushes are in, propose the step with what is
+        held after the roster's grace window (once per step, again after a Redo)."""
+        roster, version = self.roster, self.state.version
+        if roster.grace_s <= 0 or self._grace_armed == version or roster.excused_step == version:
+            return
+        if len(self._held()) < max(roster.min_workers, 1):
+            return
+        self._grace_armed = version
+
+        async def expire() -> None:
+            await asyncio.sleep(roster.grace_s)
+            if self.state.version == version and self._grace_armed == version and not self._closed:
+                self._grace_over = version
+                if self._completing is None:
+                    self._maybe_complete(None)
+
+        self._grace_task = asyncio.get_running_loop().create_task(expire())
 
     def _maybe_complete(self, fut: asyncio.Future[PushResult] | None, owner: int = -1) -> None:
         """Start closing the step when every member's push is in; else answer `fut` (the push of
@@ -439,10 +472,13 @@ class ShardRuntime:
             )
             fut.exception()  # retrieved: a caller that gave up does not leave it unobserved
             fut = None
-        if self._completing is None and self._ready():
-            contributions = [self._pending[w] for w, _ in self.roster.members]
-            self._completing = asyncio.get_running_loop().create_task(self._complete(self.state.version, contributions, fut, owner))
-        elif fut is not None and not fut.done():
+        chosen = self._proposal() if self._completing is None else None
+        if chosen is not None:
+            self._completing = asyncio.get_running_loop().create_task(self._complete(self.state.version, chosen, fut, owner))
+            return
+        if self._completing is None:
+            self._arm_grace()
+        if fut is not None and not fut.done():
             fut.set_result(PushResult(Outcome.PENDING, self.state.version, len(self._pending), self.expected, None))
 
     # ---- pushes ---------------------------------------------------------------------------
@@ -552,10 +588,17 @@ class ShardRuntime:
                 self._completing = None
                 if decision.roster.epoch > self.roster.epoch:
                     self.roster = decision.roster
+                if self.roster.excused_step != step:  # no agreement on a quorum: wait a grace window again
+                    self._grace_armed = self._grace_over = -1
                 self._drop_non_members()
                 self._maybe_complete(fut, owner)
                 return
             self.state.settle(contributions)
+            used = {c.worker_id for c in contributions}
+            for w, c in list(self._pending.items()):  # quorum mode: pushes of members the step closed without
+                if w not in used:
+                    del self._pending[w]
+                    self.state.grads.release(c.buffer)
             with self.telemetry.time(PHASE, phase="update"):
                 report = await asyncio.to_thread(self._locked, self._apply_observed, decision)
             self._pending.clear()

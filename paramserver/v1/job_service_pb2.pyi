@@ -720,6 +720,7 @@ class JobSpec(_message.Message):
     ON_WORKER_LOST_FIELD_NUMBER: _builtins.int
     REPLICA_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    GRACE_WINDOW_S_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Number of workers whose gradients make one synchronous step (>= 1; at
     most 65,536, as are min_workers and max_workers: RESOURCE_EXHAUSTED
@@ -788,6 +789,18 @@ class JobSpec(_message.Message):
     the job rolls back at most this many steps and reads no disk. Costs a
     pause like a snapshot's and memory for one copy of the job's state.
     """
+    grace_window_s: _builtins.float
+    """QUORUM AND GRACE WINDOW (0 = off: a step waits for every member). When
+    > 0 (seconds, at most 86400), a step also closes once at least
+    min_workers members have pushed it to every shard and this many seconds
+    have passed since a shard first held that quorum: it closes with the
+    members that pushed to every shard (token-weighted over theirs, as
+    always); the others' pushes for that step are discarded on every shard
+    alike, the step report lists them in missing_workers, and a push of
+    theirs that arrives after the close is ABORTED STEP_ALREADY_APPLIED with
+    current_version (DiLoCo workers fold it into their next push). Needs
+    min_workers < the members to matter.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The model description, in flat-space order. Limits: at most 100,000
@@ -853,10 +866,11 @@ class JobSpec(_message.Message):
         on_worker_lost: Global___WorkerLossPolicy.ValueType = ...,
         replica_every_steps: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        grace_window_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule", "spike_guard", b"spike_guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "replica_every_steps", b"replica_every_steps", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_window_s", b"grace_window_s", "labels", b"labels", "max_grad_norm", b"max_grad_norm", "max_workers", b"max_workers", "min_workers", b"min_workers", "num_shards", b"num_shards", "num_workers", b"num_workers", "on_worker_lost", b"on_worker_lost", "optimizer", b"optimizer", "param_groups", b"param_groups", "parameters", b"parameters", "replica_every_steps", b"replica_every_steps", "schedule", b"schedule", "shard_device_memory_budget_bytes", b"shard_device_memory_budget_bytes", "shard_memory_budget_bytes", b"shard_memory_budget_bytes", "shard_num_cpus", b"shard_num_cpus", "shard_num_gpus", b"shard_num_gpus", "snapshot_every_seconds", b"snapshot_every_seconds", "snapshot_every_steps", b"snapshot_every_steps", "snapshot_keep_last", b"snapshot_keep_last", "spike_guard", b"spike_guard", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1405,8 +1419,9 @@ class CreateJobRequest(_message.Message):
         """The job's description. With restore_from, only num_workers, num_shards,
         shard_num_cpus, shard_num_gpus, shard_memory_budget_bytes,
         shard_device_memory_budget_bytes, snapshot_every_steps,
-        snapshot_every_seconds and snapshot_keep_last are read (when non-zero);
-        the rest comes from the snapshot.
+        snapshot_every_seconds, snapshot_keep_last, min_workers, max_workers,
+        worker_timeout_s, on_worker_lost, replica_every_steps and grace_window_s
+        are read (when non-zero); the rest comes from the snapshot.
         """
 
     def __init__(

@@ -229,3 +229,89 @@ def test_compressed_diloco_equals_the_reference_and_keeps_the_error_feedback_ide
             np.testing.assert_allclose(total_sent + residual, total_meant, rtol=0, atol=len(rounds) * scale * 2**-23)
     # compression changed the run (the test would not notice a service that ignored it otherwise)
     assert not np.array_equal(want[0], reference(steps, fragments)[0])
+
+
+def test_a_round_closes_with_a_quorum_and_the_late_pseudo_gradient_is_folded_into_the_next(address: str) -> None:
+    """3 workers, min_workers 2, a grace window: in round 1 worker 2 pushes only after the round
+    closed (it waits for version 1), so its push is ABORTED; DiLoCo folds its n·Δ, with its
+    tokens, into its round-2 push. Equals, bit for bit, the reference written from that rule: round
+    1 = (n0Δ0 + n1Δ1) / (n0 + n1); round 2 = (n0Δ0' + n1Δ1' + (n2Δ2' + n2Δ2)) / (n0' + n1' + n2' + n2)."""
+    workers, rounds, late_round = 3, 3, 1
+    job = f"diloco-quorum-{uuid.uuid4().hex[:6]}"
+    model = make_model()
+    (jid,) = create_jobs(address, job, model.named_parameters(), num_workers=workers, num_shards=2, min_workers=2, grace_window_s=2.0)
+    models = [make_model() for _ in range(workers)]
+    barrier = threading.Barrier(workers, timeout=120)
+    results: list[dict[str, Any]] = [{} for _ in range(workers)]
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            inner = torch.optim.AdamW(models[w].parameters(), lr=1e-2)
+            with DiLoCo(models[w].named_parameters(), inner, address, job, f"w{w}", inner_steps=H) as d, JobClient(address) as jc:
+                for t in range(1, H * rounds + 1):
+                    n = inner_step(models[w], inner, w, t)
+                    if w == 2 and t == H * late_round:
+                        while jc.get_job(jid).version < late_round:  # the round closes without it
+                            threading.Event().wait(0.05)
+                    if d.step(n):
+                        barrier.wait()  # every worker starts the next round together
+                results[w] = {"params": flat(models[w]), "folded": d.folded, "rounds": d.rounds, "id": d.fragments[0].worker.worker_id}
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(240)
+        assert not errors, errors
+        with JobClient(address) as jc:
+            assert jc.get_job(jid).version == rounds
+    finally:
+        with JobClient(address) as jc:
+            jc.delete_job(jid)
+    assert [r["folded"] for r in results] == [0, 0, 1] and all(r["rounds"] == rounds for r in results)
+
+    # the reference
+    ref = [make_model() for _ in range(workers)]
+    inners = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in ref]
+    outer_params = [torch.nn.Parameter(p.detach().clone()) for p in ref[0].parameters()]
+    outer = torch.optim.SGD(outer_params, lr=0.7, momentum=0.9, nesterov=True, fused=True)
+    carry: list[tuple[np.ndarray, int] | None] = [None] * workers
+    t = 0
+    for r in range(1, rounds + 1):
+        tokens = [0] * workers
+        for _ in range(H):
+            t += 1
+            for w in range(workers):
+                tokens[w] += inner_step(ref[w], inners[w], w, t)
+        start = torch.cat([p.detach().reshape(-1) for p in outer_params]).numpy()
+        sent = []
+        for w in range(workers):
+            meant = np.multiply(np.subtract(start, flat(ref[w]), dtype=np.float32), np.float32(tokens[w]), dtype=np.float32)
+            n = tokens[w]
+            if carry[w] is not None:
+                c, cn = carry[w]  # type: ignore[misc]
+                meant, n = np.add(meant, c, dtype=np.float32), n + cn
+            sent.append((meant, n))
+        # the service sums in worker-id order (ids follow the joins, not the threads)
+        counted = sorted((w for w in range(workers) if not (r == late_round and w == 2)), key=lambda w: results[w]["id"])
+        total = torch.from_numpy(sent[counted[0]][0]).clone()
+        for w in counted[1:]:
+            total = torch.add(total, torch.from_numpy(sent[w][0]))
+        grad = total.div_(sum(sent[w][1] for w in counted))
+        at = 0
+        for p in outer_params:
+            p.grad = grad[at : at + p.numel()].view(p.shape).clone()
+            at += p.numel()
+        outer.step()
+        carry = [None if w in counted else sent[w] for w in range(workers)]
+        for m in ref:
+            with torch.no_grad():
+                for p, q in zip(m.parameters(), outer_params, strict=True):
+                    p.copy_(q)
+    for w in range(workers):
+        assert np.array_equal(results[w]["params"], flat(ref[w])), (w, float(np.abs(results[w]["params"] - flat(ref[w])).max()))

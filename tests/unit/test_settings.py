@@ -36,6 +36,7 @@ RESTORABLE = {
     "worker_timeout_s",
     "on_worker_lost",
     "replica_every_steps",
+    "grace_window_s",
 }
 #: Settings whose values are an enum's: a valid non-default value each.
 ENUM_VALUES = {"on_worker_lost": 3}

@@ -25,6 +25,12 @@ The service decodes to fp32 and divides the sum by Σ n_i exactly as for fp32 pu
 the sum of what a worker sent plus its residual equals the sum of its n·Δ (up to one float32
 rounding per element and round of adding the residual).
 
+Quorum (a job with ``min_workers`` below its members and a ``grace_window_s``): a round may close
+without a slow worker. Its pseudo-gradient, discarded by the service, is then folded into its
+next push with its tokens (``late="fold"``, the default: nothing a worker trained on is lost) or
+dropped (``late="drop"``); the round report (StepReport.workers / missing_workers) says who
+contributed, and :attr:`DiLoCo.folded` counts the folds.
+
 Reproducibility: :func:`create_jobs` records ``inner_steps``, ``inner_optimizer``, the fragment
 and the compression as the jobs' labels (``diloco.*``; GetJob shows them in ``spec.labels``).
 
@@ -43,6 +49,8 @@ import torch
 from paramserver_client.client import JobClient, Worker
 from paramserver_client.codec import FLOAT32, compressed_dtype
 from paramserver_client.compression import ErrorFeedback
+from paramserver_client.errors import ServiceError
+from paramserver_client.reasons import Reason
 
 #: The outer optimizer of DiLoCo's paper: Nesterov SGD, lr 0.7, momentum 0.9.
 OUTER_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "hyperparameters": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
@@ -127,6 +135,9 @@ class _Fragment:
     """Tokens trained on since the fragment's last synchronisation."""
     feedback: ErrorFeedback | None = None
     """The error-feedback residual of a compressed fragment."""
+    carry: np.ndarray | None = None
+    """A pseudo-gradient (as sent: n·Δ, decoded) of a round that closed without it, to fold in."""
+    carry_tokens: int = 0
 
 
 class DiLoCo:
@@ -139,7 +150,9 @@ class DiLoCo:
     parameters; its state is kept across rounds, as in DiLoCo). The worker joins every fragment's
     job; the one chosen to upload gives the service its initial parameters, the others start from
     them. `compression`: None (fp32, exact), "int8", "int4" or "topk" (keeping `topk_ratio` of
-    each chunk's elements), with error feedback (see the module docstring).
+    each chunk's elements), with error feedback (see the module docstring). `late`: what a
+    pseudo-gradient a round closed without becomes: "fold" (into the next push, with its tokens)
+    or "drop".
     """
 
     def __init__(
@@ -154,6 +167,7 @@ class DiLoCo:
         fragments: int = 1,
         compression: str | None = None,
         topk_ratio: float = 0.01,
+        late: str = "fold",
         **client_options: Any,
     ) -> None:
         if inner_steps < 1:
@@ -162,6 +176,11 @@ class DiLoCo:
         if compression == "topk" and not 0 < topk_ratio <= 1:
             raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
         self.compression = None if self.dtype == FLOAT32 else compression
+        if late not in ("fold", "drop"):
+            raise ValueError(f"late must be 'fold' or 'drop', got {late!r}")
+        self.late = late
+        self.folded = 0
+        """Rounds this worker's pseudo-gradient missed (a quorum closed without it)."""
         self.topk_ratio = topk_ratio if compression == "topk" else None
         named = list(params)
         self.inner = inner
@@ -201,12 +220,34 @@ class DiLoCo:
         return done
 
     def _sync(self, f: _Fragment) -> None:
-        """Push n·Δ (n tokens) for the fragment's round, pull the outer result, start anew from it."""
+        """Push n·Δ (n tokens; plus a folded late one) for the fragment's round, pull the outer
+        result, start anew from it."""
         local = _flat(f.params)
         delta = np.subtract(f.start, local, dtype=np.float32)
         pushed = np.multiply(delta, np.float32(f.tokens), dtype=np.float32)
-        f.worker.push(f.version, pushed, f.tokens, dtype=self.dtype, feedback=f.feedback, topk_ratio=self.topk_ratio)
-        f.version, values, _ = f.worker.pull(f.version + 1)
+        tokens = f.tokens
+        if f.carry is not None:
+            pushed = np.add(pushed, f.carry, dtype=np.float32)
+            tokens += f.carry_tokens
+        counted = True
+        try:
+            if self.compression:
+                encoded = f.worker.compress(pushed, self.dtype, feedback=f.feedback, topk_ratio=self.topk_ratio)
+                sent = encoded.decoded
+                f.worker.push_compressed(f.version, encoded, tokens)
+            else:
+                sent = pushed
+                f.worker.push(f.version, pushed, tokens)
+        except ServiceError as exc:  # the round closed (quorum) before this push arrived
+            if exc.reason != Reason.STEP_ALREADY_APPLIED:
+                raise
+            counted = False
+        step = f.version
+        f.version, values, report = f.worker.pull(f.version + 1)
+        if counted and report is not None and report.step == step:
+            counted = f.worker.worker_id in report.workers
+        f.carry, f.carry_tokens = (sent.copy(), tokens) if not counted and self.late == "fold" else (None, 0)
+        self.folded += not counted
         f.start = values.copy()
         f.tokens = 0
         _load(f.params, values)
@@ -234,6 +275,8 @@ class DiLoCo:
                     "version": f.version,
                     "start": torch.from_numpy(f.start.copy()),
                     "tokens": f.tokens,
+                    "carry": None if f.carry is None else torch.from_numpy(f.carry.copy()),
+                    "carry_tokens": f.carry_tokens,
                     **({"residual": torch.from_numpy(f.feedback.state_dict()["residual"])} if f.feedback is not None else {}),
                 }
                 for f in self.fragments
@@ -249,6 +292,9 @@ class DiLoCo:
         self.steps = int(state["steps"])
         for f, s in zip(self.fragments, saved, strict=True):
             f.version, f.tokens = int(s["version"]), int(s["tokens"])
+            carry = s.get("carry")
+            f.carry = None if carry is None else carry.numpy().astype(np.float32, copy=True)
+            f.carry_tokens = int(s.get("carry_tokens", 0))
             f.start = s["start"].numpy().astype(np.float32, copy=True)
             if f.feedback is not None:
                 if "residual" not in s:
