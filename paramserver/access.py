@@ -67,13 +67,23 @@ def accepts(tokens: Tokens, token: str, now: float | None = None) -> bool:
     return ok
 
 
+#: The white space allowed around a header value and after the scheme (HTTP's OWS: space, tab).
+_OWS = " \t"
+
+
 def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The token of an "authorization: Bearer TOKEN" metadata entry, or None."""
+    """The token of the first "authorization: Bearer TOKEN" metadata entry, or None when there is
+    none or it is malformed: another scheme, an empty token, one over MAX_TOKEN_CHARS, or one with
+    a character that is not printable ASCII (tokens never have one, and gRPC clients cannot send
+    one; the raw bytes of a header may hold anything). Only spaces and tabs around the token are
+    ignored: not the other characters ``str.strip`` removes (U+001C to U+001F, NEL, NO-BREAK SPACE,
+    the Unicode spaces...), which would make a token with such a suffix pass for the token."""
     for key, value in metadata or ():
         if key == METADATA_KEY and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and 0 < len(token.strip()) <= MAX_TOKEN_CHARS:
-                return token.strip()
+            scheme, _, rest = value.strip(_OWS).partition(" ")
+            token = rest.strip(_OWS)
+            if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN_CHARS and token.isascii() and token.isprintable():
+                return token
             return None
     return None
 
@@ -179,8 +189,9 @@ class AuthConfig:
     @classmethod
     def single(cls, admin_token: str, quota: Quota | None = None) -> AuthConfig:
         """One tenant, "default", whose admin token is `admin_token`."""
-        if not 16 <= len(admin_token) <= MAX_TOKEN_CHARS:
-            raise ValueError(f"an admin token must have 16 to {MAX_TOKEN_CHARS} characters")
+        if not (16 <= len(admin_token) <= MAX_TOKEN_CHARS and admin_token.isascii() and admin_token.isprintable()):
+            # (no client could present another: see `bearer`)
+            raise ValueError(f"an admin token must have 16 to {MAX_TOKEN_CHARS} characters, printable ASCII")
         return cls((Tenant("default", hash_token(admin_token), quota or Quota()),))
 
     def admin(self, token: str) -> Tenant | None:

@@ -10,6 +10,7 @@ methods, the job a worker token is for, the tenant a job belongs to. The caller 
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ import grpc
 from grpc import aio
 
 from paramserver.access import OPEN, AuthConfig, Caller, Tokens, accepts, bearer, denied, job_of_token, unauthenticated
-from paramserver.errors import ParamServerError
+from paramserver.errors import ParamServerError, Reason
 from paramserver.membership import Roster
 from paramserver.rpc import drain
 from paramserver_client.errors import status_proto
@@ -36,6 +37,8 @@ UNKNOWN_TOKEN = "the token is not one this service accepts (unknown, or retired 
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("paramserver_caller", default=OPEN)
 
 Lookup = Callable[[str], Awaitable[tuple[str, Tokens]]]
+
+log = logging.getLogger(__name__)
 
 
 class FrontDoorGate:
@@ -92,8 +95,16 @@ class FrontDoorGate:
         return Caller("worker", owner, job_id)
 
     async def guard(self, method: str, request: Any, context: aio.ServicerContext[Any, Any]) -> None:
-        """rpc.Guard: check the call and leave its caller in CALLER for the servicer."""
-        CALLER.set(await self.check(method, request, context.invocation_metadata()))
+        """rpc.Guard: check the call and leave its caller in CALLER for the servicer. A bug in the
+        check refuses the call (INTERNAL, reason INTERNAL_ERROR) without quoting the exception,
+        whose text might hold the token."""
+        try:
+            caller = await self.check(method, request, context.invocation_metadata())
+        except ParamServerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, never passed
+            raise _check_failed(exc, "the front door") from None
+        CALLER.set(caller)
 
     async def check(self, method: str, request: Any, metadata: Any) -> Caller:
         """Authenticate, then authorize `method` on the job `request` names; the caller."""
@@ -152,11 +163,21 @@ class ShardGate(aio.ServerInterceptor):  # type: ignore[type-arg]
         """Refuse before the handler runs; pass health and reflection."""
         if not details.method.startswith(f"/{self.service}/"):
             return await continuation(details)
-        err = self.refusal(details.invocation_metadata)
+        try:
+            err = self.refusal(details.invocation_metadata)
+        except Exception as exc:  # noqa: BLE001 - a bug here refuses (INTERNAL with a reason), never passes
+            err = _check_failed(exc, f"a shard of job {self.job_id!r}")
         handler = await continuation(details)
         if err is None or handler is None:
             return handler
         return refusing(handler, err)
+
+
+def _check_failed(exc: BaseException, where: str) -> ParamServerError:
+    """The refusal of a call whose credentials could not be checked (a bug): logged by the
+    exception's type only (its text might quote the token), answered INTERNAL with a reason."""
+    log.error("the credentials check of %s failed with %s", where, type(exc).__name__)
+    return ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, "the service could not check the call's credentials")
 
 
 def refusing(handler: grpc.RpcMethodHandler[Any, Any], err: ParamServerError) -> grpc.RpcMethodHandler[Any, Any]:

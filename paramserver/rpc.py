@@ -109,7 +109,8 @@ def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Ser
     """Register a service of unary (and server-streaming) methods like the generated
     ``add_*Servicer_to_server``, except that requests arrive as bytes and are parsed here:
     undecodable bytes are INVALID_ARGUMENT (gRPC's own deserialization would answer UNKNOWN).
-    `guard` (authentication) runs after parsing and before the method."""
+    `guard` (authentication) runs after parsing and before the method; for bytes that do not
+    decode it runs first on an empty request, so an unauthenticated caller is UNAUTHENTICATED."""
 
     def handler(method: Any) -> grpc.RpcMethodHandler[Any, Any]:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -118,7 +119,16 @@ def add_unary_service(servicer: Any, service: ServiceDescriptor, server: aio.Ser
 
         async def admit(raw: bytes, context: aio.ServicerContext[Any, Any]) -> Any:
             try:
-                request = decode(request_class, raw)
+                try:
+                    request = decode(request_class, raw)
+                except ParamServerError as undecodable:
+                    if guard is not None:  # who is calling comes first: an unknown caller learns nothing of the request
+                        try:
+                            await guard(method.name, request_class(), context)
+                        except ParamServerError as refused:
+                            if refused.code == "UNAUTHENTICATED":
+                                raise
+                    raise undecodable
                 if guard is not None:
                     await guard(method.name, request, context)
             except ParamServerError as err:

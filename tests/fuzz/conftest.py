@@ -18,6 +18,10 @@ server), unary calls through a grpc.aio channel and client streams through the s
   removed, a deleted reference job created again...) and that becomes the new baseline;
 * after the module's cases the service still trains (:meth:`FuzzService.still_trains`).
 
+test_fuzz_auth.py runs the same checks on a service that requires credentials (FuzzService's
+`auth`): the harness's own calls then carry an admin token or the job's worker token, and a
+:class:`HeaderProxy` relays calls whose ``authorization`` value holds bytes no gRPC client sends.
+
 Environment: PARAMSERVER_FUZZ_EXAMPLES (examples per test, default 30: the whole directory in well
 under a minute on 2 cores), PARAMSERVER_FUZZ_RANDOM=1 (a new random seed per run instead of the
 derandomized default), PARAMSERVER_FUZZ_STRICT=1 (no tolerance for the known bugs listed in
@@ -52,6 +56,7 @@ from grpc import aio
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from paramserver.access import AuthConfig
 from paramserver.jobconfig import MAX_DIMENSION, MAX_DIMS, MAX_JOB_ELEMENTS, MAX_PARAM_ELEMENTS, MAX_PARAMETERS
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.v1 import job_service_pb2 as jpb
@@ -244,12 +249,32 @@ def too_big_to_create(raw: bytes) -> bool:
     return total > 1 << 20 or 8 < spec.num_shards <= total
 
 
-class FuzzService:
-    """The in-process service, its reference jobs and the checks every case makes."""
+#: Call metadata: (key, value) pairs.
+Metadata = Sequence[tuple[str, str | bytes]]
 
-    def __init__(self, root: Path) -> None:
+
+def bearer_metadata(token: str) -> Metadata:
+    """The metadata carrying `token` (none for no token)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class FuzzService:
+    """The in-process service, its reference jobs and the checks every case makes. With `auth`
+    (tests/fuzz/test_fuzz_auth.py) the service requires credentials: the harness's own calls carry
+    `admin_token` on the front door (a JoinJob, the job's worker token) and each job's worker token
+    on its shards, and :meth:`observe` also covers every job's tenant, tokens and members."""
+
+    def __init__(self, root: Path, auth: AuthConfig | None = None, admin_token: str = "") -> None:
         self.loop = LoopThread()
-        self.svc = InProcessService(root)
+        self.svc = InProcessService(root, auth=auth)
+        self.admin_token = admin_token
+        self.worker_tokens: dict[str, str] = {}
+        """The worker token of each job the harness created (its CreateJob answer's)."""
+        self.proxies: dict[str, HeaderProxy] = {}
+        """Relays that put raw bytes into header values, by the address they relay to."""
+        self.raw_values: dict[bytes, tuple[bytes, bytes]] = {}
+        """A placeholder's first RAW_HEAD bytes -> (the placeholder, the bytes the relays send
+        instead); see :meth:`raw_header`."""
         self.channels: dict[str, aio.Channel] = {}
         self.sync_channels: dict[str, grpc.Channel] = {}
         self.ctx: dict[str, Any] = {}
@@ -266,20 +291,23 @@ class FuzzService:
             self.channels[address] = aio.insecure_channel(address, options=GRPC_OPTIONS)
         return self.channels[address]
 
-    async def unary(self, address: str, path: str, raw: bytes, timeout: float, server_stream: bool = False) -> Outcome:
-        """One unary (or server-streaming) call with raw request bytes."""
+    async def unary(
+        self, address: str, path: str, raw: bytes, timeout: float, server_stream: bool = False, metadata: Metadata = ()
+    ) -> Outcome:
+        """One unary (or server-streaming) call with raw request bytes (and `metadata`)."""
         ch = self._channel(address)
+        md = tuple(metadata) or None
         try:
             if server_stream:
                 call = ch.unary_stream(path, request_serializer=None, response_deserializer=None)
-                responses = [r async for r in call(raw, timeout=timeout)]
+                responses = [r async for r in call(raw, timeout=timeout, metadata=md)]
                 return Outcome(grpc.StatusCode.OK, responses=responses)
             fn = ch.unary_unary(path, request_serializer=None, response_deserializer=None)
-            return Outcome(grpc.StatusCode.OK, responses=[await fn(raw, timeout=timeout)])
+            return Outcome(grpc.StatusCode.OK, responses=[await fn(raw, timeout=timeout, metadata=md)])
         except grpc.aio.AioRpcError as err:
             return outcome_of(err)
 
-    async def client_stream(self, address: str, path: str, messages: Sequence[bytes], timeout: float) -> Outcome:
+    async def client_stream(self, address: str, path: str, messages: Sequence[bytes], timeout: float, metadata: Metadata = ()) -> Outcome:
         """One client-stream call with raw messages, made by the synchronous gRPC client in a
         thread: the asyncio client loses the server's status when the server ends the call while
         a write is still in flight (it answers INTERNAL "Internal error from Core" instead;
@@ -288,18 +316,26 @@ class FuzzService:
             self.sync_channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         fn = self.sync_channels[address].stream_unary(path, request_serializer=None, response_deserializer=None)
 
+        md = tuple(metadata) or None
+
         def call() -> Outcome:
             try:
-                return Outcome(grpc.StatusCode.OK, responses=[fn(iter(messages), timeout=timeout)])
+                return Outcome(grpc.StatusCode.OK, responses=[fn(iter(messages), timeout=timeout, metadata=md)])
             except grpc.RpcError as err:
                 return outcome_of(err)
 
         return await asyncio.to_thread(call)
 
-    async def job_call(self, method: str, request: Message, timeout: float = SLOW_S) -> Any:
-        """A well-formed JobService call for the harness itself; raises on an error."""
+    def job_metadata(self, job_id: str) -> Metadata:
+        """The metadata of the harness's calls on a job's shards (its worker token, if any)."""
+        return bearer_metadata(self.worker_tokens.get(job_id, ""))
+
+    async def job_call(self, method: str, request: Message, timeout: float = SLOW_S, token: str | None = None) -> Any:
+        """A well-formed JobService call for the harness itself (with `token`, by default the
+        admin token); raises on an error."""
         m = JOB_SERVICE.methods_by_name[method]
-        out = await self.unary(self.svc.address, method_path(m), request.SerializeToString(), timeout, m.server_streaming)
+        md = bearer_metadata(self.admin_token if token is None else token)
+        out = await self.unary(self.svc.address, method_path(m), request.SerializeToString(), timeout, m.server_streaming, md)
         if not out.ok:
             raise AssertionError(f"harness call {method} failed: {out}")
         cls = message_factory.GetMessageClass(m.output_type)
@@ -312,7 +348,8 @@ class FuzzService:
     async def pull(self, job: jpb.Job, shard: int, worker_id: int, lease: int) -> list[bytes]:
         """A shard's parameters at the job's version: the answer's messages (header, chunks)."""
         req = pull_request(job, worker_id, lease)
-        out = await self.unary(job.shards[shard].address, method_path(SHARD_SERVICE.methods_by_name["PullParameters"]), req, CALL_S, True)
+        out = await self.unary(job.shards[shard].address, method_path(SHARD_SERVICE.methods_by_name["PullParameters"]), req, CALL_S, True,
+                               self.job_metadata(job.job_id))  # fmt: skip
         if not out.ok:
             raise AssertionError(f"harness pull of shard {shard} of {job.job_id} failed: {out}")
         return out.responses
@@ -324,14 +361,19 @@ class FuzzService:
         messages = [spb.PushGradientsRequest(header=header).SerializeToString()]
         messages += chunks_of(job.shards[shard], grad)
         return await self.client_stream(
-            job.shards[shard].address, method_path(SHARD_SERVICE.methods_by_name["PushGradients"]), messages, SLOW_S
+            job.shards[shard].address,
+            method_path(SHARD_SERVICE.methods_by_name["PushGradients"]),
+            messages,
+            SLOW_S,
+            self.job_metadata(job.job_id),
         )
 
     async def upload(self, job: jpb.Job, values: np.ndarray) -> None:
         for shard in job.shards:
             messages = [spb.UploadParametersRequest(header=spb.UploadHeader(job_id=job.job_id, request_id=uuid.uuid4().hex))]
             raw = [messages[0].SerializeToString(), *chunks_of(shard, values)]
-            out = await self.client_stream(shard.address, method_path(SHARD_SERVICE.methods_by_name["UploadParameters"]), raw, SLOW_S)
+            path = method_path(SHARD_SERVICE.methods_by_name["UploadParameters"])
+            out = await self.client_stream(shard.address, path, raw, SLOW_S, self.job_metadata(job.job_id))
             assert out.ok, f"harness upload failed: {out}"
 
     async def step(self, job: jpb.Job, members: Sequence[tuple[int, int]], seed: int) -> list[Outcome]:
@@ -355,14 +397,21 @@ class FuzzService:
         await self.refresh()
         self.baseline = await self.observe()
 
-    async def _create(self, job_id: str, shapes: Sequence[tuple[str, Sequence[int]]], **settings: Any) -> jpb.Job:
+    async def _create(self, job_id: str, shapes: Sequence[tuple[str, Sequence[int]]], token: str | None = None, **settings: Any) -> jpb.Job:
+        """Create a job (with `token`, by default the admin token); its worker token is kept."""
         self.creations += 1
         spec = make_spec(shapes, optimizer="adamw", hyperparameters=HYPER, **settings)
-        job: jpb.Job = await self.job_call("CreateJob", jpb.CreateJobRequest(request_id=uuid.uuid4().hex, job_id=job_id, spec=spec))
+        req = jpb.CreateJobRequest(request_id=uuid.uuid4().hex, job_id=job_id, spec=spec)
+        job: jpb.Job = await self.job_call("CreateJob", req, token=token)
+        if job.worker_token:
+            self.worker_tokens[job_id] = job.worker_token
         return job
 
     async def join(self, job_id: str, name: str) -> tuple[int, int]:
-        r = await self.job_call("JoinJob", jpb.JoinJobRequest(request_id=uuid.uuid4().hex, job_id=job_id, worker_name=name))
+        """Join with the job's worker token when it has one (an admin's JoinJob would issue yet
+        another token each time, up to the job's limit)."""
+        req = jpb.JoinJobRequest(request_id=uuid.uuid4().hex, job_id=job_id, worker_name=name)
+        r = await self.job_call("JoinJob", req, token=self.worker_tokens.get(job_id) or None)
         return int(r.worker_id), int(r.lease)
 
     async def _create_foreign(self) -> None:
@@ -411,9 +460,14 @@ class FuzzService:
             total=job.total_elements,
             jobs={REF: job, UPL: upl},
         )
-        live = {self.svc.address, *(s.address for j in (job, upl) for s in j.shards)}
+        live = {self.svc.address}
+        for job_id in list(self.svc.coordinator.jobs):
+            live |= {h.address for h in await self.svc.handles(job_id)}
+        for target in [t for t in self.proxies if t not in live]:
+            await self.proxies.pop(target).close()
+        live |= {p.address for p in self.proxies.values()}
         for address in [a for a in self.channels if a not in live]:  # shards of jobs deleted since
-            await self.channels.pop(address).close()
+            await self.channels.pop(address).close(None)
         for address in [a for a in self.sync_channels if a not in live]:
             self.sync_channels.pop(address).close()
 
@@ -455,6 +509,13 @@ class FuzzService:
                 out["ref pulls"] = [await self.pull(job, i, a.worker_id, a.lease) for i in range(len(job.shards))]
         snaps = await self.job_call("ListSnapshots", jpb.ListSnapshotsRequest(job_id=REF))
         out["ref snapshots"] = [s.path for s in snaps.snapshots]
+        if self.svc.auth is not None:  # every tenant's jobs, their tokens and members
+            coordinator = self.svc.coordinator
+            out["owners"] = dict(sorted(coordinator.owners.items()))
+            out["secured jobs"] = {
+                j.job_id: (j.tenant, j.membership.tokens, sorted((w, m.lease, m.lost) for w, m in j.membership.members.items()))
+                for j in sorted(coordinator.jobs.values(), key=lambda j: j.job_id)
+            }
         return out
 
     async def settle(self) -> None:
@@ -559,12 +620,123 @@ class FuzzService:
         await self.refresh()
         self.baseline = await self.observe()
 
+    # ---- raw header bytes -----------------------------------------------------------------------
+
+    def raw_header(self, value: bytes) -> str:
+        """A placeholder header value that the relay of :meth:`relayed` replaces by `value` (any
+        bytes: non-ASCII, control characters; gRPC clients refuse to send them, a raw HTTP/2 peer
+        can). At least :data:`MIN_RAW_HEADER` bytes (the placeholder's length is the value's)."""
+        if len(value) < MIN_RAW_HEADER:
+            raise ValueError(f"a raw header value needs at least {MIN_RAW_HEADER} bytes")
+        head = b"%s%06x" % (RAW_MARK, len(self.raw_values))
+        placeholder = head + b"_" * (len(value) - len(head))
+        self.raw_values[head] = (placeholder, value)
+        return placeholder.decode()
+
+    async def relayed(self, address: str) -> str:
+        """The address of a relay to `address` that swaps the placeholders of :meth:`raw_header`."""
+        if address not in self.proxies:
+            proxy = HeaderProxy(address, self.raw_values)
+            await proxy.start()
+            self.proxies[address] = proxy
+        return self.proxies[address].address
+
     async def close(self) -> None:
         for ch in self.channels.values():
-            await ch.close()
+            await ch.close(None)
         for sync in self.sync_channels.values():
             sync.close()
+        for proxy in self.proxies.values():
+            await proxy.close()
         await self.svc.close()
+
+
+#: The start of every raw header placeholder; its first RAW_HEAD bytes (the mark and a serial
+#: number) name it; it is at least MIN_RAW_HEADER bytes long.
+RAW_MARK = b"ZqXj"
+RAW_HEAD = MIN_RAW_HEADER = len(RAW_MARK) + 6
+
+
+class HeaderProxy:
+    """A TCP relay to `target` that replaces, in what clients send, each registered placeholder by
+    its raw bytes (as long as the placeholder: HTTP/2 frame lengths and HPACK table sizes stay
+    right). gRPC's HPACK encoder writes header values as plain literals (no Huffman coding), so a
+    placeholder travels verbatim. The server's answers pass unchanged."""
+
+    def __init__(self, target: str, values: Mapping[bytes, tuple[bytes, bytes]]) -> None:
+        self.target = target
+        self.values = values
+        self.address = ""
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self.target.rpartition(":")
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer, True)), asyncio.ensure_future(self._pipe(up_reader, writer, False))]
+        self._tasks.update(pipes)
+        try:
+            await asyncio.gather(*pipes, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(pipes)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rewrite: bool) -> None:
+        held = b""  # the end of what arrived, when it may be the start of a placeholder
+        try:
+            while True:
+                try:
+                    data = await (asyncio.wait_for(reader.read(1 << 16), 0.05) if held else reader.read(1 << 16))
+                except TimeoutError:  # nothing more came: it was no placeholder
+                    data, held = held, b""
+                    writer.write(data)
+                    await writer.drain()
+                    continue
+                if not data:
+                    writer.write(held)
+                    break
+                buf = held + data
+                buf, held = self._swap(buf) if rewrite else (buf, b"")
+                writer.write(buf)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def _swap(self, buf: bytes) -> tuple[bytes, bytes]:
+        """`buf` with its placeholders replaced, and the tail to hold (a placeholder's start)."""
+        out, i = bytearray(), 0
+        while (j := buf.find(RAW_MARK, i)) >= 0:
+            out += buf[i:j]
+            if len(buf) - j < RAW_HEAD:  # cut short: wait for the rest
+                return bytes(out), buf[j:]
+            placeholder, value = self.values.get(buf[j : j + RAW_HEAD], (b"", b""))
+            if placeholder and buf[j : j + len(placeholder)] == placeholder:
+                out += value
+                i = j + len(placeholder)
+            elif placeholder and placeholder.startswith(buf[j:]):
+                return bytes(out), buf[j:]
+            else:  # not one of ours
+                out += RAW_MARK
+                i = j + len(RAW_MARK)
+        tail = buf[i:]
+        cut = next((k for k in range(max(0, len(tail) - len(RAW_MARK) + 1), len(tail)) if RAW_MARK.startswith(tail[k:])), len(tail))
+        return bytes(out + tail[:cut]), tail[cut:]
 
 
 def check_status(method: str, out: Outcome, may_wait: bool) -> bool:
