@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import numpy as np
+import torch
 
 from paramserver import snapshot_names as names
 from paramserver.errors import ParamServerError, Reason
@@ -42,7 +43,22 @@ from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.telemetry import Telemetry
 from paramserver.wire import decode_compressed, encode_blocks, wire_tensor
-from paramserver_client.codec import COMPRESSED, EVAL, ITEMSIZE, MAX_CHUNK_BYTES, TRAIN
+from paramserver_client import compression
+from paramserver_client.codec import (
+    COMPRESSED,
+    EVAL,
+    FLOAT32,
+    INT4_BLOCK,
+    INT8_BLOCK,
+    ITEMSIZE,
+    MAX_CHUNK_BYTES,
+    TRAIN,
+    encode_chunk_message,
+    split,
+)
+
+#: The compressed dtypes a pull may ask for (the broadcast of DiLoCo-style rounds).
+BROADCAST_DTYPES = (INT8_BLOCK, INT4_BLOCK)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +251,13 @@ class ShardRuntime:
         self._grace_armed = -1  # the version whose grace window runs (quorum mode)
         self._grace_over = -1  # the version whose grace window ran out
         self._grace_task: asyncio.Task[None] | None = None
+        # compressed pulls: the values handed out (local order), their version, the version the
+        # cached update moved them from, and that update's chunk messages
+        self._bcast: np.ndarray | None = None
+        self._bcast_dtype = 0
+        self._bcast_version = -1
+        self._bcast_from: int | None = None
+        self._bcast_update: list[bytes] = []
         self._closed = False
         self._snapshot_busy = False
         self._upload_lock = asyncio.Lock()
@@ -680,18 +703,29 @@ class ShardRuntime:
         lease: int = 0,
         generation: int = 0,
         timeout: float | None = None,
+        base_version: int | None = None,
     ) -> Pull:
         """The parameters (at `point`) of version >= min_version, encoded in `dtype` (optionally a
         subset of ranges), for a member holding `lease`; waits at most `timeout` seconds. The
         whole-shard encoding is cached per dtype and point until the next version, so several
-        workers pulling one version share one encoding."""
-        if dtype not in ITEMSIZE:
-            raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype}", Reason.DTYPE_UNSUPPORTED)
+        workers pulling one version share one encoding. A compressed `dtype` (BROADCAST_DTYPES)
+        serves the broadcast values as an update to those of `base_version` (see
+        :meth:`_broadcast_pull`)."""
+        broadcast = dtype in BROADCAST_DTYPES
+        if dtype not in ITEMSIZE and not broadcast:
+            raise ParamServerError.invalid("dtype", f"unsupported wire dtype {dtype} for a pull", Reason.DTYPE_UNSUPPORTED)
         if point not in (TRAIN, EVAL):
             raise ParamServerError.invalid("point", f"unknown parameter point {point}")
+        if broadcast and (ranges or point != TRAIN):
+            raise ParamServerError.invalid(
+                "ranges" if ranges else "point", "a compressed pull serves all of the shard's ranges at the TRAIN point"
+            )
         self.check_member(worker_id, lease, generation, field="request")
         await self.wait_version(min_version, timeout)
         self.check_member(worker_id, lease, generation, field="request")  # still a member after the wait
+
+        if broadcast:
+            return await asyncio.to_thread(self._locked, self._broadcast_pull, dtype, base_version)
 
         def read() -> Pull:
             state = self.state
@@ -709,6 +743,54 @@ class ShardRuntime:
             return Pull(pub.version, state.last_report, messages, elements, state.frozen_parameters())
 
         return await asyncio.to_thread(self._locked, read)
+
+    def _current_values(self) -> np.ndarray:
+        """This shard's parameters, local order, as one fp32 array (a copy)."""
+        state = self.state
+        out = np.empty(state.numel, dtype=np.float32)
+        for offset, values in state.publication((), TRAIN).blocks:
+            n = values.numel()
+            local = state.local_of(offset, n)
+            assert local is not None
+            out[local : local + n] = values.detach().to("cpu").numpy()
+        return out
+
+    def _broadcast_pull(self, dtype: int, base_version: int | None) -> Pull:
+        """A compressed pull (under the state lock): move the broadcast values to this version by
+        their encoded update if they are behind (error feedback: the update encodes parameters -
+        broadcast), then answer that update when `base_version` is the version it starts from,
+        else the whole broadcast values in fp32 (see PullParametersRequest.base_version)."""
+        state = self.state
+        method = COMPRESSED[dtype]
+        version = state.version
+        if self._bcast is None or self._bcast_dtype != dtype:
+            self._bcast, self._bcast_version, self._bcast_from, self._bcast_update = self._current_values(), version, None, []
+            self._bcast_dtype = dtype
+        elif self._bcast_version < version:
+            diff = self._current_values()
+            np.subtract(diff, self._bcast, out=diff)
+            step = compression.chunk_elements(method)
+            update: list[bytes] = []
+            for span in state.spans:
+                local = state.local_of(span.start, span.length)
+                assert local is not None
+                for offset, n in split(span.start, span.length, step):
+                    at = local + offset - span.start
+                    data = compression.encode(diff[at : at + n], method)
+                    np.add(self._bcast[at : at + n], compression.decode(data, n, method), out=self._bcast[at : at + n])
+                    update.append(encode_chunk_message(offset, n, dtype, data))
+            self._bcast_from, self._bcast_version, self._bcast_update = self._bcast_version, version, update
+        if base_version is not None and base_version == self._bcast_from:
+            messages = self._bcast_update
+        else:
+            bcast = self._bcast
+            blocks = []
+            for span in state.spans:
+                local = state.local_of(span.start, span.length)
+                assert local is not None
+                blocks.append((span.start, torch.from_numpy(bcast[local : local + span.length])))
+            messages = [m for _, _, m in encode_blocks(blocks, FLOAT32)]
+        return Pull(self._bcast_version, state.last_report, messages, state.numel, state.frozen_parameters())
 
     # ---- snapshots ------------------------------------------------------------------------
 

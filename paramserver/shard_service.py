@@ -185,6 +185,7 @@ class ShardServicer:
                 lease=request.lease,
                 generation=request.generation,
                 timeout=self._pull_wait(context.time_remaining()),
+                base_version=request.base_version if request.HasField("base_version") else None,
             )
             header = pb.PullParametersResponse(
                 header=pb.PullHeader(

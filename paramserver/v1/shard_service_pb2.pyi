@@ -410,6 +410,7 @@ class PullParametersRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job."""
     min_version: _builtins.int
@@ -426,6 +427,24 @@ class PullParametersRequest(_message.Message):
     """See worker_id."""
     generation: _builtins.int
     """See PushHeader.generation."""
+    base_version: _builtins.int
+    """COMPRESSED PULLS (dtype DTYPE_INT8_BLOCK or DTYPE_INT4_BLOCK, all of the
+    shard's ranges, TRAIN point; for DiLoCo-style rounds): the version of the
+    values this worker holds from its previous compressed pull of the job
+    (absent on the first). The shard keeps the values its compressed pulls
+    hand out (the "broadcast" values, a copy of its parameters) and, at a new
+    version, moves them by the decoded update encode(parameters - broadcast),
+    chunk by chunk as the wire carries it (error feedback on the broadcast:
+    they stay within one quantisation step of the last update of the
+    parameters, and never drift). It answers those compressed chunks, to be
+    ADDED (one fp32 addition per element) to the worker's values of
+    base_version, when base_version is the version they were computed from;
+    otherwise the whole broadcast values as DTYPE_FLOAT32 chunks that
+    REPLACE the worker's. Either way every worker holds, bit for bit, the
+    shard's broadcast values of the header's version. A restarted or
+    restored shard starts its broadcast values anew (the next answer is
+    fp32). Other dtypes ignore this field.
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Range]:
         """Optional subset of this shard's ranges; empty = all of them."""
@@ -441,12 +460,15 @@ class PullParametersRequest(_message.Message):
         worker_id: _builtins.int = ...,
         lease: _builtins.int = ...,
         generation: _builtins.int = ...,
+        base_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "generation", b"generation", "job_id", b"job_id", "lease", b"lease", "min_version", b"min_version", "point", b"point", "ranges", b"ranges", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version", "dtype", b"dtype", "generation", b"generation", "job_id", b"job_id", "lease", b"lease", "min_version", b"min_version", "point", b"point", "ranges", b"ranges", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__base_version: _TypeAlias = _typing.Literal["base_version"]  # noqa: Y015
+    _WhichOneofArgType__base_version: _TypeAlias = _typing.Literal["_base_version", b"_base_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_version) -> _WhichOneofReturnType__base_version | None: ...
 
 Global___PullParametersRequest: _TypeAlias = PullParametersRequest  # noqa: Y015
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from paramserver_client import JobClient
-from paramserver_client.compression import ErrorFeedback
+from paramserver_client.compression import ErrorFeedback, encode_pieces
 from paramserver_client.diloco import OUTER_DEFAULTS, DiLoCo, create_jobs, due, fragment_ids, split
 
 H, ROUNDS, WORKERS, DIM = 5, 3, 2, 16
@@ -58,7 +58,12 @@ class Sent:
 
 
 def reference(
-    steps: int, fragments: int, compression: str | None = None, pieces: list[list[tuple[int, int]]] | None = None, sent: Sent | None = None
+    steps: int,
+    fragments: int,
+    compression: str | None = None,
+    pieces: list[list[tuple[int, int]]] | None = None,
+    sent: Sent | None = None,
+    broadcast: str | None = None,
 ) -> list[np.ndarray]:
     """DiLoCo from the formulas: per fragment k and round, θ_k <- OuterSGD(θ_k, Σ n_i Δ_i / Σ n_i)
     with Δ_i = θ_k(start) - θ_k(worker i), n_i the tokens worker i trained on since the fragment's
@@ -66,7 +71,9 @@ def reference(
     worker's final parameters (with fragments, a fragment synchronised before the last step has
     local steps on top). With `compression`, worker i sends n_i Δ_i + r_i encoded chunk by chunk
     (`pieces[k]`: fragment k's chunks, as the job's shards cut them), the sum is over what they
-    decode to, and r_i keeps what the encoding dropped (error feedback)."""
+    decode to, and r_i keeps what the encoding dropped (error feedback). With `broadcast`, workers
+    start each round from the service's broadcast values b_k, moved each round by
+    decode(encode(θ_k - b_k)) chunk by chunk, instead of θ_k itself."""
     models = [make_model() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     parts = [[p for _, p in part] for part in split(list(models[0].named_parameters()), fragments)]
@@ -76,6 +83,7 @@ def reference(
     names = [[n for n, _ in part] for part in split(list(models[0].named_parameters()), fragments)]
     tokens = [[0] * WORKERS for _ in range(fragments)]
     feedback = [[ErrorFeedback(sum(p.numel() for p in part)) for _ in range(WORKERS)] for part in parts]
+    bcast = [torch.cat([p.detach().reshape(-1) for p in ps]).numpy().copy() for ps in outer_params]
     if sent is not None:
         sent.feedback = feedback
     for t in range(1, steps + 1):
@@ -86,7 +94,7 @@ def reference(
         for k in range(fragments):
             if not due(t, k, fragments, H):
                 continue
-            start = torch.cat([p.detach().reshape(-1) for p in outer_params[k]]).numpy()
+            start = bcast[k] if broadcast else torch.cat([p.detach().reshape(-1) for p in outer_params[k]]).numpy()
             pushed = []
             for w in range(WORKERS):
                 local = dict(models[w].named_parameters())
@@ -109,16 +117,27 @@ def reference(
                 p.grad = grad[at : at + p.numel()].view(p.shape).clone()
                 at += p.numel()
             outer[k].step()
+            new = torch.cat([p.detach().reshape(-1) for p in outer_params[k]]).numpy()
+            if broadcast:
+                assert pieces is not None
+                _, update = encode_pieces(np.subtract(new, bcast[k], dtype=np.float32), pieces[k], broadcast)
+                bcast[k] = np.add(bcast[k], update, dtype=np.float32)
+                new = bcast[k]
             for w in range(WORKERS):
                 local = dict(models[w].named_parameters())
+                at = 0
                 with torch.no_grad():
-                    for n, p in zip(names[k], outer_params[k], strict=True):
-                        local[n].copy_(p)
+                    for n in names[k]:
+                        numel = local[n].numel()
+                        local[n].copy_(torch.from_numpy(new[at : at + numel].copy()).view(local[n].shape))
+                        at += numel
             tokens[k] = [0] * WORKERS
     return [flat(m) for m in models]
 
 
-def run_service(address: str, job: str, steps: int, fragments: int, compression: str | None = None) -> list[dict[str, Any]]:
+def run_service(
+    address: str, job: str, steps: int, fragments: int, compression: str | None = None, pull_dtype: str = "fp32"
+) -> list[dict[str, Any]]:
     """Both workers on threads, each with its own model and inner AdamW."""
     results: list[dict[str, Any]] = [{} for _ in range(WORKERS)]
     errors: list[BaseException] = []
@@ -129,14 +148,15 @@ def run_service(address: str, job: str, steps: int, fragments: int, compression:
         try:
             model = models[w]
             inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            options: dict[str, Any] = {"compression": compression, "topk_ratio": 0.25}
+            options: dict[str, Any] = {"compression": compression, "topk_ratio": 0.25, "pull_dtype": pull_dtype}
             with DiLoCo(model.named_parameters(), inner, address, job, f"w{w}", inner_steps=H, fragments=fragments, **options) as d:
                 synced = []
                 for t in range(1, steps + 1):
                     synced.append(d.step(inner_step(model, inner, w, t)))
                 results[w] = {"params": flat(model), "synced": synced, "rounds": d.rounds, "bytes": d.bytes_pushed,
                               "versions": [f.version for f in d.fragments], "state": d.state_dict(),
-                              "pieces": [f.worker.pieces(d.dtype) for f in d.fragments] if compression else None}  # fmt: skip
+                              "pieces": [f.worker.pieces(d.dtype) for f in d.fragments] if compression else None,
+                              "pulled": d.bytes_pulled}  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
@@ -374,3 +394,27 @@ def test_diloco_with_clipping_resumes_from_a_snapshot_on_another_shard_count_bit
                 jc.delete_job(jid)
     for w in range(WORKERS):
         assert np.array_equal(got[w]["params"], want[w]["params"]), (w, float(np.abs(got[w]["params"] - want[w]["params"]).max()))
+
+
+def test_diloco_with_int8_both_ways_equals_the_reference_bit_for_bit(address: str) -> None:
+    """int8 pushes with error feedback and the service's int8 broadcast of each round's result
+    (2 fragments, 3 shards x 2 workers): equal, bit for bit, to the reference whose workers start
+    every round from the broadcast values; about a quarter of the bytes each way."""
+    fragments = 2
+    job = f"diloco-int8-both-{uuid.uuid4().hex[:6]}"
+    steps = H * ROUNDS
+    model = make_model()
+    ids = create_jobs(address, job, model.named_parameters(), fragments=fragments, num_workers=WORKERS, num_shards=SHARDS)
+    try:
+        got = run_service(address, job, steps, fragments, "int8", pull_dtype="int8")
+    finally:
+        with JobClient(address) as jc:
+            for jid in ids:
+                jc.delete_job(jid)
+    want = reference(steps, fragments, "int8", got[0]["pieces"], broadcast="int8")
+    n = sum(p.numel() for p in model.parameters())
+    for w in range(WORKERS):
+        assert np.array_equal(got[w]["params"], want[w]), (w, float(np.abs(got[w]["params"] - want[w]).max()))
+        # the first pull is whole (fp32), every round's an int8 update
+        assert got[w]["pulled"] < n * 4 * 1.2 + ROUNDS * n * 4 * 0.4
+    assert not np.array_equal(want[0], reference(steps, fragments, "int8", got[0]["pieces"]))  # the broadcast mattered

@@ -34,6 +34,8 @@ from paramserver_client import compression
 from paramserver_client.codec import (
     COMPRESSED,
     FLOAT32,
+    INT4_BLOCK,
+    INT8_BLOCK,
     ITEMSIZE,
     MAX_MESSAGE_BYTES,
     TRAIN,
@@ -750,6 +752,7 @@ class AsyncWorker:
         dtype: int = FLOAT32,
         point: int = TRAIN,
         on_shard: Callable[[int], None] | None = None,
+        base: tuple[int, F32Array] | None = None,
     ) -> tuple[int, F32Array, spb.StepReport | None]:
         """Wait for `min_version` on every shard and return (version, flat fp32 params, last step report).
 
@@ -758,10 +761,18 @@ class AsyncWorker:
         point (Schedule-Free's x; the same values for every other rule).
         `on_shard(i)` is called as soon as shard i's ranges of `out` are complete (while other
         shards may still stream), e.g. to copy them into a model.
+
+        A compressed `dtype` (codec.INT8_BLOCK or INT4_BLOCK: DiLoCo-style rounds) returns the
+        shards' broadcast values (see PullParametersRequest.base_version): pass `base`, the
+        (version, values) of this worker's previous compressed pull, and each shard sends an
+        update to add to them when it can, else its values whole (in fp32).
         """
         flat = np.empty(self.total, dtype=np.float32) if out is None else out
         if flat.size != self.total or flat.dtype != np.float32:
             raise ValueError(f"out must be a float32 array of {self.total} elements")
+        broadcast = dtype in (INT8_BLOCK, INT4_BLOCK)
+        if base is not None and (not broadcast or base[1].shape != (self.total,) or base[1].dtype != np.float32):
+            raise ValueError(f"base is for compressed pulls: (version, a float32 array of {self.total} elements)")
 
         frozen: set[int] = set()
 
@@ -774,6 +785,7 @@ class AsyncWorker:
                 worker_id=self.worker_id,
                 lease=self.lease,
                 generation=self.generation,
+                base_version=base[0] if base is not None else None,
             )
 
             async def attempt() -> tuple[int, spb.StepReport | None]:
@@ -793,6 +805,16 @@ class AsyncWorker:
                         frozen.update(int(k) for k in head.frozen_parameters)
                         continue
                     offset, count, wire, start, length = parsed
+                    if broadcast and wire == dtype and base is not None and offset + count <= self.total:
+                        try:  # an update to add to this worker's values of base_version
+                            update = compression.decode(memoryview(raw)[start : start + length], count, COMPRESSED[wire])
+                        except ValueError as exc:
+                            raise ServiceError(
+                                grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent a malformed chunk at {offset}: {exc}"
+                            ) from None
+                        np.add(base[1][offset : offset + count], update, out=flat[offset : offset + count])
+                        got += count
+                        continue
                     if wire not in ITEMSIZE or length != count * ITEMSIZE[wire] or offset + count > self.total:
                         raise ServiceError(grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent a malformed chunk at {offset}")
                     decode_into(memoryview(raw)[start : start + length], wire, flat, offset)

@@ -195,11 +195,13 @@ class Worker:
         dtype: int = FLOAT32,
         point: int = TRAIN,
         on_shard: Callable[[int], None] | None = None,
+        base: tuple[int, F32Array] | None = None,
     ) -> tuple[int, F32Array, spb.StepReport | None]:
         """(version, flat fp32 params, last step report) once min_version is published
         (``point=EVAL``: the evaluation point, e.g. Schedule-Free's x; `on_shard(i)`: called on
-        the client's thread as soon as shard i's values are in `out`)."""
-        return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point, on_shard=on_shard))
+        the client's thread as soon as shard i's values are in `out`; `base`: for a compressed
+        `dtype`, see AsyncWorker.pull)."""
+        return self._loop.run(self._w.pull(min_version, out, dtype=dtype, point=point, on_shard=on_shard, base=base))
 
     @property
     def shard_ranges(self) -> list[list[tuple[int, int]]]:

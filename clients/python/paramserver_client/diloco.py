@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from paramserver_client.client import JobClient, Worker
-from paramserver_client.codec import FLOAT32, compressed_dtype
+from paramserver_client.codec import FLOAT32, compressed_dtype, dtype_from_name
 from paramserver_client.compression import ErrorFeedback
 from paramserver_client.errors import ServiceError
 from paramserver_client.reasons import Reason
@@ -152,7 +152,12 @@ class DiLoCo:
     them. `compression`: None (fp32, exact), "int8", "int4" or "topk" (keeping `topk_ratio` of
     each chunk's elements), with error feedback (see the module docstring). `late`: what a
     pseudo-gradient a round closed without becomes: "fold" (into the next push, with its tokens)
-    or "drop".
+    or "drop". `pull_dtype`: how each round's result travels: "fp32" (exact); "bf16" (half the
+    bytes: every round starts from the outer parameters rounded to bf16, while the service keeps
+    and updates them in fp32); "int8" or "int4" (the service's broadcast: each round an int8 /
+    int4 update to the previous round's values with error feedback on the service, so every
+    worker starts from the same values, within one quantisation step of the last update of the
+    outer parameters, never drifting; see PullParametersRequest.base_version).
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class DiLoCo:
         compression: str | None = None,
         topk_ratio: float = 0.01,
         late: str = "fold",
+        pull_dtype: str = "fp32",
         **client_options: Any,
     ) -> None:
         if inner_steps < 1:
@@ -179,6 +185,8 @@ class DiLoCo:
         if late not in ("fold", "drop"):
             raise ValueError(f"late must be 'fold' or 'drop', got {late!r}")
         self.late = late
+        self.broadcast = pull_dtype in ("int8", "int4")
+        self.pull_dtype = compressed_dtype(pull_dtype) if self.broadcast else dtype_from_name(pull_dtype)
         self.folded = 0
         """Rounds this worker's pseudo-gradient missed (a quorum closed without it)."""
         self.topk_ratio = topk_ratio if compression == "topk" else None
@@ -195,7 +203,7 @@ class DiLoCo:
             worker = Worker(address, jid, worker_name, **client_options)
             if worker.upload_parameters:
                 worker.upload(_flat(tensors))
-            version, values, _ = worker.pull(0)
+            version, values, _ = worker.pull(0, dtype=self.pull_dtype if self.broadcast else FLOAT32)
             fragment = _Fragment(jid, tensors, worker, version, values.copy())
             if self.compression:
                 fragment.feedback = ErrorFeedback(values.size)
@@ -243,7 +251,8 @@ class DiLoCo:
                 raise
             counted = False
         step = f.version
-        f.version, values, report = f.worker.pull(f.version + 1)
+        base = (f.version, f.start) if self.broadcast else None
+        f.version, values, report = f.worker.pull(f.version + 1, dtype=self.pull_dtype, base=base)
         if counted and report is not None and report.step == step:
             counted = f.worker.worker_id in report.workers
         f.carry, f.carry_tokens = (sent.copy(), tokens) if not counted and self.late == "fold" else (None, 0)
