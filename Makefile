@@ -66,6 +66,7 @@ bench: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_observability.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_fanin.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_diloco.py
 
 ## Every benchmark in its quick mode (no thresholds: CI runs this so that none of them rots).
 bench-quick: setup
@@ -78,6 +79,7 @@ bench-quick: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_observability.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_fanin.py --quick
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_diloco.py --quick
 
 clean:
 	rm -rf $(VENV) clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -188,19 +188,55 @@ def _resources(items: list[str]) -> dict[str, float]:
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 400,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 400; with --diloco 800).", show_default=False)] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     shards: Annotated[int, typer.Option(help="Shard actors.")] = 2,
     quick: Annotated[bool, typer.Option(help="A short run (40 steps).")] = False,
     address: Annotated[str | None, typer.Option(help="Use a running service instead of starting one.")] = None,
+    diloco: Annotated[
+        int | None,
+        typer.Option(
+            "--diloco",
+            metavar="H",
+            help="Instead: compare synchronous training with DiLoCo synchronising every H inner steps "
+            "(same workers and batches; default steps then 800, --quick 100).",
+        ),
+    ] = None,
+    compression: Annotated[str | None, typer.Option(help="With --diloco: compress the pushes (int8, int4 or topk).")] = None,
+    pull: Annotated[str, typer.Option(help="With --diloco: how each round's result is pulled (fp32, bf16, int8 or int4).")] = "fp32",
+    outer_momentum: Annotated[
+        float,
+        typer.Option(
+            help="With --diloco: the momentum of the outer Nesterov SGD (lr 0.7; the paper's momentum 0.9 overshoots in so few rounds)."
+        ),
+    ] = 0.5,
 ) -> None:
-    """Train a tiny transformer with 2 workers through the service and compare with local torch.optim."""
-    from paramserver.demo.run import run_demo
-
+    """Train a tiny transformer with 2 workers through the service and compare with local torch.optim
+    (with --diloco H: compare synchronous training with DiLoCo)."""
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING)
-    run_demo(40 if quick else steps, workers, shards, address=address)
+    if diloco is not None:
+        from paramserver.demo.diloco import DEFAULT_STEPS, QUICK_STEPS, outer_rule, run_diloco_demo
+
+        if diloco < 1:
+            raise typer.BadParameter("must be >= 1", param_hint="--diloco")
+        if compression is not None and compression not in ("int8", "int4", "topk"):
+            raise typer.BadParameter(f"{compression!r}: expected int8, int4 or topk", param_hint="--compression")
+        n = QUICK_STEPS if quick else DEFAULT_STEPS if steps is None else steps
+        if n % diloco:
+            raise typer.BadParameter(f"the steps ({n}) must be a multiple of H ({diloco})", param_hint="--diloco")
+        if pull not in ("fp32", "bf16", "int8", "int4"):
+            raise typer.BadParameter(f"{pull!r}: expected fp32, bf16, int8 or int4", param_hint="--pull")
+        run_diloco_demo(
+            diloco, compression, steps=n, workers=workers, shards=shards, address=address, outer=outer_rule(outer_momentum), pull_dtype=pull
+        )
+        return
+    if compression is not None:
+        raise typer.BadParameter("only with --diloco", param_hint="--compression")
+    from paramserver.demo.run import run_demo
+
+    run_demo(40 if quick else 400 if steps is None else steps, workers, shards, address=address)
 
 
 snapshot_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and take snapshots.")

@@ -140,3 +140,37 @@ def test_serve_dashboard_without_ray_default_names_the_extra(monkeypatch: pytest
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--diloco", "0"], "--diloco"),
+        (["--diloco", "7", "--steps", "20"], "--diloco"),
+        (["--diloco", "10", "--compression", "int3"], "--compression"),
+        (["--diloco", "10", "--pull", "topk"], "--pull"),
+        (["--compression", "int8"], "--compression"),
+    ],
+)
+def test_demo_refuses_bad_diloco_options_before_starting(args: list[str], named: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from paramserver.cli import app
+    from paramserver.demo import diloco, run
+
+    started: list[object] = []
+    monkeypatch.setattr(diloco, "run_diloco_demo", lambda *a, **k: started.append((a, k)))
+    monkeypatch.setattr(run, "run_demo", lambda *a, **k: started.append((a, k)))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        result = CliRunner().invoke(app, ["demo", *args])
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert started == []
+        ok = CliRunner().invoke(app, ["demo", "--diloco", "10", "--compression", "int8", "--pull", "int8", "--quick"])
+        assert ok.exit_code == 0, ok.output
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    ((a, k),) = started
+    assert a == (10, "int8") and k["pull_dtype"] == "int8" and k["steps"] == diloco.QUICK_STEPS
