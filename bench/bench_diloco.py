@@ -90,8 +90,8 @@ def main() -> int:
           f"{time.perf_counter() - t0:.0f} s in all; load {os.getloadavg()[0]:.1f}")  # fmt: skip
     for _, _, r in [(0, None, sync), *runs]:
         print(f"{r.name}: pushed {r.bytes_pushed / r.tokens:.1f} + pulled {r.bytes_pulled / r.tokens:.1f} bytes per token")
-    print("(a DiLoCo pull is the outer result in fp32, whatever the push's compression: with int8 pushes (~1 byte per element")
-    print(" instead of 4) a round moves ~5 bytes per element instead of 8, so int8 is ~1.6H x fewer bytes than sync, not 4H)")
+    print("(run names: 'int8' = int8 pushes, the round's result pulled in fp32 (~5 bytes per element a round instead of 8:")
+    print(" ~1.6H x fewer than sync); 'int8+int8' / 'int4+int4' = compressed pushes and the service's compressed broadcast)")
     if args.quick:
         return 0
     for h, compression, r in runs:
