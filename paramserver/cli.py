@@ -232,8 +232,13 @@ def demo(
             diloco, compression, steps=n, workers=workers, shards=shards, address=address, outer=outer_rule(outer_momentum), pull_dtype=pull
         )
         return
-    if compression is not None:
-        raise typer.BadParameter("only with --diloco", param_hint="--compression")
+    for given, hint in (
+        (compression is not None, "--compression"),
+        (pull != "fp32", "--pull"),
+        (outer_momentum != 0.5, "--outer-momentum"),
+    ):
+        if given:
+            raise typer.BadParameter("only with --diloco", param_hint=hint)
     from paramserver.demo.run import run_demo
 
     run_demo(40 if quick else 400 if steps is None else steps, workers, shards, address=address)

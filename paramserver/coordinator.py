@@ -941,6 +941,7 @@ class Coordinator:
         restored version."""
         self._log({"t": "state", "job_id": job.job_id, "state": RECOVERING, "reason": job.state_reason})
         job.generation += 1
+        job.membership.clear_excuse()
         shards = await self._restart(job, restore, survivors)
         if shards is None:
             return

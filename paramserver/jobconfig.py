@@ -430,7 +430,7 @@ def check_labels(labels: Mapping[str, str]) -> None:
     for key, value in sorted(labels.items()):
         if not _LABEL_KEY.fullmatch(key):
             raise ConfigError(f"spec.labels[{key[:64]!r}]", "a key is 1-63 bytes of [a-z0-9._/-], starting with a letter or digit")
-        if len(value.encode()) > MAX_LABEL_VALUE_BYTES or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        if len(value.encode()) > MAX_LABEL_VALUE_BYTES or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
             raise ConfigError(f"spec.labels[{key!r}]", f"a value is at most {MAX_LABEL_VALUE_BYTES} bytes without control characters")
 
 

@@ -107,6 +107,7 @@ class Membership:
 
     def _changed(self) -> None:
         self.epoch += 1
+        self.excused, self.excused_step = (), -1  # any change re-opens the quorum question
 
     def roster(self) -> Roster:
         """The current roster."""
@@ -126,8 +127,13 @@ class Membership:
 
     def excuse(self, step: int, workers: tuple[int, ...]) -> None:
         """Let step `step` close without `workers` (quorum mode; a new roster epoch)."""
-        self.excused, self.excused_step = tuple(sorted(workers)), step
         self._changed()
+        self.excused, self.excused_step = tuple(sorted(workers)), step
+
+    def clear_excuse(self) -> None:
+        """Forget an excuse (the job was restored: the step is played again from the start)."""
+        if self.excused_step != -1:
+            self._changed()
 
     def set_tokens(self, tokens: tuple[tuple[str, float], ...]) -> None:
         """Change the accepted worker tokens (a new roster epoch: the shards adopt them)."""

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import numpy as np
-import torch
 
 from paramserver import snapshot_names as names
+from paramserver.broadcast import Broadcast, Piece
 from paramserver.errors import ParamServerError, Reason
 from paramserver.grad_buffers import GradBuffer
 from paramserver.ledger import Ledger
@@ -43,22 +43,20 @@ from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.telemetry import Telemetry
 from paramserver.wire import decode_compressed, encode_blocks, wire_tensor
-from paramserver_client import compression
 from paramserver_client.codec import (
     COMPRESSED,
     EVAL,
-    FLOAT32,
     INT4_BLOCK,
     INT8_BLOCK,
     ITEMSIZE,
     MAX_CHUNK_BYTES,
     TRAIN,
-    encode_chunk_message,
-    split,
 )
 
 #: The compressed dtypes a pull may ask for (the broadcast of DiLoCo-style rounds).
 BROADCAST_DTYPES = (INT8_BLOCK, INT4_BLOCK)
+#: Most elements one compressed chunk may cover (its decoded fp32 values: 16 MiB at most).
+MAX_CHUNK_ELEMENTS_PACKED = MAX_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +249,7 @@ class ShardRuntime:
         self._grace_armed = -1  # the version whose grace window runs (quorum mode)
         self._grace_over = -1  # the version whose grace window ran out
         self._grace_task: asyncio.Task[None] | None = None
-        # compressed pulls: the values handed out (local order), their version, the version the
-        # cached update moved them from, and that update's chunk messages
-        self._bcast: np.ndarray | None = None
-        self._bcast_dtype = 0
-        self._bcast_version = -1
-        self._bcast_from: int | None = None
-        self._bcast_update: list[bytes] = []
+        self._broadcasts: dict[int, Broadcast] = {}  # compressed pulls' values, per dtype
         self._closed = False
         self._snapshot_busy = False
         self._upload_lock = asyncio.Lock()
@@ -310,7 +302,7 @@ class ShardRuntime:
         offset. Raises ParamServerError naming the field."""
         packed = c.dtype in COMPRESSED
         if c.dtype not in ITEMSIZE and not (packed and compressed):
-            what = "is for pushes only" if packed else "is not a wire dtype"
+            what = "is for pushes (and broadcast pulls) only" if packed else "is not a wire dtype"
             raise ParamServerError.invalid("chunk.dtype", f"dtype {c.dtype} {what}", Reason.DTYPE_UNSUPPORTED, chunk_index=c.index)
         nbytes = len(c.data)
         if nbytes > MAX_CHUNK_BYTES:
@@ -322,6 +314,13 @@ class ShardRuntime:
             )
         if c.count == 0:
             raise ParamServerError.invalid("chunk.count", "must be > 0", chunk_index=c.index)
+        if packed and c.count > MAX_CHUNK_ELEMENTS_PACKED:
+            raise ParamServerError(
+                "RESOURCE_EXHAUSTED",
+                Reason.MESSAGE_TOO_LARGE,
+                f"chunk.count: a compressed chunk covers at most {MAX_CHUNK_ELEMENTS_PACKED} elements, not {c.count}",
+                {"field": "chunk.count", "limit": MAX_CHUNK_ELEMENTS_PACKED, "chunk_index": c.index},
+            )
         if not packed and nbytes != c.count * ITEMSIZE[c.dtype]:
             raise ParamServerError.invalid(
                 "chunk.data",
@@ -471,9 +470,13 @@ class ShardRuntime:
         if len(self._held()) < max(roster.min_workers, 1):
             return
         self._grace_armed = version
+        if self._grace_task is not None:
+            self._grace_task.cancel()
 
         async def expire() -> None:
             await asyncio.sleep(roster.grace_s)
+            if self._grace_task is not asyncio.current_task():  # re-armed meanwhile (after a Redo)
+                return
             if self.state.version == version and self._grace_armed == version and not self._closed:
                 self._grace_over = version
                 if self._completing is None:
@@ -627,7 +630,18 @@ class ShardRuntime:
             self._pending.clear()
             self._requests.clear()
             self._completing = None
-            if fut is not None:
+            if fut is not None and owner not in used:  # quorum mode: its push was left out, like a late one
+                fut.set_exception(
+                    ParamServerError(
+                        "ABORTED",
+                        Reason.STEP_ALREADY_APPLIED,
+                        f"step {step} closed without worker {owner}'s push (quorum, grace window over); "
+                        f"the current version is {self.state.version}",
+                        {"current_version": self.state.version, "step": step},
+                    )
+                )
+                fut.exception()
+            elif fut is not None:
                 fut.set_result(PushResult(report.outcome, self.state.version, len(contributions), self.expected, report))
             with self.telemetry.time(PHASE, phase="publish"):
                 await self._notify()
@@ -756,41 +770,21 @@ class ShardRuntime:
         return out
 
     def _broadcast_pull(self, dtype: int, base_version: int | None) -> Pull:
-        """A compressed pull (under the state lock): move the broadcast values to this version by
-        their encoded update if they are behind (error feedback: the update encodes parameters -
-        broadcast), then answer that update when `base_version` is the version it starts from,
-        else the whole broadcast values in fp32 (see PullParametersRequest.base_version)."""
+        """A compressed pull (under the state lock): the dtype's broadcast values, moved to this
+        version if they are behind, answered as an update to `base_version` or whole (see
+        paramserver.broadcast)."""
         state = self.state
-        method = COMPRESSED[dtype]
-        version = state.version
-        if self._bcast is None or self._bcast_dtype != dtype:
-            self._bcast, self._bcast_version, self._bcast_from, self._bcast_update = self._current_values(), version, None, []
-            self._bcast_dtype = dtype
-        elif self._bcast_version < version:
-            diff = self._current_values()
-            np.subtract(diff, self._bcast, out=diff)
-            step = compression.chunk_elements(method)
-            update: list[bytes] = []
+        b = self._broadcasts.get(dtype)
+        if b is None:
+            pieces = []
             for span in state.spans:
                 local = state.local_of(span.start, span.length)
                 assert local is not None
-                for offset, n in split(span.start, span.length, step):
-                    at = local + offset - span.start
-                    data = compression.encode(diff[at : at + n], method)
-                    np.add(self._bcast[at : at + n], compression.decode(data, n, method), out=self._bcast[at : at + n])
-                    update.append(encode_chunk_message(offset, n, dtype, data))
-            self._bcast_from, self._bcast_version, self._bcast_update = self._bcast_version, version, update
-        if base_version is not None and base_version == self._bcast_from:
-            messages = self._bcast_update
-        else:
-            bcast = self._bcast
-            blocks = []
-            for span in state.spans:
-                local = state.local_of(span.start, span.length)
-                assert local is not None
-                blocks.append((span.start, torch.from_numpy(bcast[local : local + span.length])))
-            messages = [m for _, _, m in encode_blocks(blocks, FLOAT32)]
-        return Pull(self._bcast_version, state.last_report, messages, state.numel, state.frozen_parameters())
+                pieces.append(Piece(span.start, local, span.length))
+            b = self._broadcasts[dtype] = Broadcast.start(dtype, pieces, self._current_values(), state.version)
+        elif b.version < state.version:
+            b.advance(self._current_values(), state.version)
+        return Pull(b.version, state.last_report, b.answer(base_version), state.numel, state.frozen_parameters())
 
     # ---- snapshots ------------------------------------------------------------------------
 
@@ -888,6 +882,8 @@ class ShardRuntime:
     async def close(self) -> None:
         """Wake every waiter with UNAVAILABLE and release the state's files."""
         self._closed = True
+        if self._grace_task is not None:
+            self._grace_task.cancel()
         self._writer.shutdown(wait=False)
         await self._notify()
         await asyncio.to_thread(self._locked, self.state.close)

@@ -792,13 +792,16 @@ class JobSpec(_message.Message):
     grace_window_s: _builtins.float
     """QUORUM AND GRACE WINDOW (0 = off: a step waits for every member). When
     > 0 (seconds, at most 86400), a step also closes once at least
-    min_workers members have pushed it to every shard and this many seconds
-    have passed since a shard first held that quorum: it closes with the
-    members that pushed to every shard (token-weighted over theirs, as
-    always); the others' pushes for that step are discarded on every shard
-    alike, the step report lists them in missing_workers, and a push of
-    theirs that arrives after the close is ABORTED STEP_ALREADY_APPLIED with
-    current_version (DiLoCo workers fold it into their next push). Needs
+    min_workers members have pushed it to every shard and each shard has
+    held its quorum for this many seconds (each shard times its own window):
+    it closes with the members that pushed to every shard (token-weighted
+    over theirs, as always); the others' pushes for that step are discarded
+    on every shard alike (a call still waiting on it is answered ABORTED
+    STEP_ALREADY_APPLIED; one answered PENDING learns it from the report),
+    the step report lists them in missing_workers, and a push of theirs that
+    arrives after the close is ABORTED STEP_ALREADY_APPLIED with
+    current_version (DiLoCo workers fold it into their next push). Any
+    membership change, or a restore, re-opens the question. Needs
     min_workers < the members to matter.
     """
     @_builtins.property

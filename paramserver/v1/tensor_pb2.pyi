@@ -18,9 +18,12 @@ BYTE ORDER AND SIZES. Chunk data is raw little-endian:
   DTYPE_FLOAT16  2 bytes, IEEE-754 binary16
 len(TensorChunk.data) must equal count * size(dtype) for these dense dtypes.
 
-COMPRESSED DTYPES (pushes only: PushGradients; uploads and pulls refuse
-them with DTYPE_UNSUPPORTED). A chunk of `count` elements is encoded on its
-own, with nb = ceil(count / 256) blocks of 256 consecutive elements (the
+COMPRESSED DTYPES: pushes (PushGradients) take all three; pulls take
+DTYPE_INT8_BLOCK and DTYPE_INT4_BLOCK as the shard's broadcast (see
+PullParametersRequest.base_version); uploads, and top-k pulls, are refused
+with DTYPE_UNSUPPORTED. A compressed chunk covers at most 4,194,304
+elements (else RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE, field chunk.count).
+A chunk of `count` elements is encoded on its own, with nb = ceil(count / 256) blocks of 256 consecutive elements (the
 last block holds the rest). The service decodes to fp32 and sums in fp32
 exactly as for a dense push (loss_terms weighting unchanged). A chunk whose
 data does not decode is INVALID_ARGUMENT, reason ENCODING_INVALID, field
@@ -81,9 +84,9 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_FLOAT16: _DType.ValueType  # 3
     """IEEE-754 binary16, 2 bytes, little-endian."""
     DTYPE_INT8_BLOCK: _DType.ValueType  # 4
-    """Blockwise absmax int8 (pushes only; layout above)."""
+    """Blockwise absmax int8 (pushes; broadcast pulls; layout above)."""
     DTYPE_INT4_BLOCK: _DType.ValueType  # 5
-    """Blockwise absmax 4-bit (pushes only; layout above)."""
+    """Blockwise absmax 4-bit (pushes; broadcast pulls; layout above)."""
     DTYPE_TOPK: _DType.ValueType  # 6
     """Top-k sparse: indices then values (pushes only; layout above)."""
 
@@ -101,9 +104,9 @@ DTYPE_BFLOAT16: DType.ValueType  # 2
 DTYPE_FLOAT16: DType.ValueType  # 3
 """IEEE-754 binary16, 2 bytes, little-endian."""
 DTYPE_INT8_BLOCK: DType.ValueType  # 4
-"""Blockwise absmax int8 (pushes only; layout above)."""
+"""Blockwise absmax int8 (pushes; broadcast pulls; layout above)."""
 DTYPE_INT4_BLOCK: DType.ValueType  # 5
-"""Blockwise absmax 4-bit (pushes only; layout above)."""
+"""Blockwise absmax 4-bit (pushes; broadcast pulls; layout above)."""
 DTYPE_TOPK: DType.ValueType  # 6
 """Top-k sparse: indices then values (pushes only; layout above)."""
 Global___DType: _TypeAlias = DType  # noqa: Y015

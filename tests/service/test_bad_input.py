@@ -70,6 +70,8 @@ CASES: dict[str, tuple[Callable[[int, int], Chunks], grpc.StatusCode, str, str]]
                    grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
     "topk-inf": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 4, TOPK, packed(("I", 0), ("f", float("inf"))))],
                  grpc.StatusCode.INVALID_ARGUMENT, Reason.ENCODING_INVALID, "chunk.data"),
+    "topk-count-huge": (lambda a, n: [*valid(a, n - 4), (a + n - 4, 2**23, TOPK, b"")], grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        Reason.MESSAGE_TOO_LARGE, "chunk.count"),
     "count": (lambda a, n: [*valid(a, n), (a, 0, FLOAT32, b"")], grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD, "chunk.count"),
     "gap": (lambda a, n: valid(a, n)[:-1], grpc.StatusCode.INVALID_ARGUMENT, Reason.LAYOUT_MISMATCH, "chunks"),
     "overlap": (lambda a, n: [*valid(a, n), valid(a, n)[0]], grpc.StatusCode.INVALID_ARGUMENT, Reason.LAYOUT_MISMATCH, "chunks"),

@@ -1,6 +1,6 @@
 """Compressed pushes (int8 / int4 blockwise, top-k; tensor.proto): the service decodes each chunk to
 fp32 and sums exactly as for a dense push, so a step equals torch on the decoded gradients, bit
-for bit; uploads and pulls refuse compressed dtypes; error feedback carries what was dropped."""
+for bit; uploads and top-k pulls refuse compressed dtypes; int8/int4 pulls are the shard's broadcast; error feedback carries what was dropped."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ async def test_uploads_and_pulls_refuse_compressed_dtypes(svc: InProcessService)
             await upload(iter(messages), timeout=15)
     e = from_rpc_error(err.value)
     assert (e.code, e.reason, e.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.DTYPE_UNSUPPORTED, "chunk.dtype")
-    assert "pushes only" in e.message
+    assert "for pushes" in e.message
     # nothing was stored: the real upload works, and a pull in top-k is refused
     await w0.upload(np.zeros(TOTAL, dtype=np.float32))
     before = await svc.tensors("cmp-refused")

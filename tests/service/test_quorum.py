@@ -97,3 +97,26 @@ async def test_a_bad_grace_window_is_refused_naming_it(svc: InProcessService) ->
         with pytest.raises(ServiceError) as err:
             await svc.create(SHAPES, "qbad", optimizer="sgd", hyperparameters=HYPER, num_workers=2, grace_window_s=bad)
         assert (err.value.code, err.value.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, "spec.grace_window_s")
+
+
+@pytest.mark.asyncio
+async def test_a_push_that_completed_a_shards_set_but_was_left_out_is_aborted(svc: InProcessService) -> None:
+    """Workers 0 and 1 push everywhere; worker 2's push reaches shard 0 only and completes its set
+    (so its call waits for the step): the shards agree on {0, 1}, and worker 2's call is answered
+    ABORTED STEP_ALREADY_APPLIED, never APPLIED."""
+    await svc.create(
+        SHAPES, "q2", optimizer="adamw", hyperparameters=HYPER, num_workers=3, num_shards=2, min_workers=2, grace_window_s=GRACE
+    )
+    w0, w1, w2 = await svc.join("q2", 3)
+    init = np.linspace(-1, 1, TOTAL, dtype=np.float32)
+    await w0.upload(init)
+    await w0.push(0, *grad(0, 0))
+    await w1.push(0, *grad(0, 1))
+    g2, n2 = grad(0, 2)
+    with pytest.raises(ServiceError) as left_out:
+        await w2.push_shard(0, 0, to_wire(g2, FLOAT32), n2, dtype=FLOAT32, request_id=new_request_id())
+    assert (left_out.value.code, left_out.value.reason) == (grpc.StatusCode.ABORTED, Reason.STEP_ALREADY_APPLIED)
+    assert left_out.value.metadata["current_version"] == "1"
+    _, got, report = await w0.pull(1)
+    assert report is not None and (list(report.workers), list(report.missing_workers)) == ([0, 1], [2])
+    assert np.array_equal(got, torch_adamw(SHAPES, init, HYPER, [[grad(0, 0), grad(0, 1)]]))

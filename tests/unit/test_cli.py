@@ -174,3 +174,15 @@ def test_demo_refuses_bad_diloco_options_before_starting(args: list[str], named:
         root.setLevel(level)
     ((a, k),) = started
     assert a == (10, "int8") and k["pull_dtype"] == "int8" and k["steps"] == diloco.QUICK_STEPS
+
+
+@pytest.mark.parametrize("args", [["--pull", "int8"], ["--outer-momentum", "0.9"]])
+def test_demo_diloco_options_need_diloco(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from paramserver.cli import app
+    from paramserver.demo import run
+
+    monkeypatch.setattr(run, "run_demo", lambda *a, **k: pytest.fail("started"))
+    result = CliRunner().invoke(app, ["demo", *args])
+    assert result.exit_code == 2 and args[0] in result.output, result.output

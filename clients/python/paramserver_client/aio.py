@@ -56,6 +56,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+#: Rounds a compressed pull spends bringing shards that served an older version up to the newest.
+BROADCAST_ALIGN_TRIES = 8
 #: Default deadline of control-plane calls, seconds.
 DEFAULT_TIMEOUT_S = 60.0
 #: Default deadline of a pull (it may wait for the slowest worker), seconds.
@@ -776,16 +778,18 @@ class AsyncWorker:
 
         frozen: set[int] = set()
 
-        async def one(i: int) -> tuple[int, spb.StepReport | None]:
+        prior = base[1].copy() if base is not None else None  # (`out` may be base's array: a retry adds once)
+
+        async def one(i: int, want: int, base_version: int | None) -> tuple[int, spb.StepReport | None]:
             req = spb.PullParametersRequest(
                 job_id=self.job_id,
-                min_version=min_version,
+                min_version=want,
                 dtype=dtype,  # type: ignore[arg-type]
                 point=point,  # type: ignore[arg-type]
                 worker_id=self.worker_id,
                 lease=self.lease,
                 generation=self.generation,
-                base_version=base[0] if base is not None else None,
+                base_version=base_version,
             )
 
             async def attempt() -> tuple[int, spb.StepReport | None]:
@@ -805,14 +809,14 @@ class AsyncWorker:
                         frozen.update(int(k) for k in head.frozen_parameters)
                         continue
                     offset, count, wire, start, length = parsed
-                    if broadcast and wire == dtype and base is not None and offset + count <= self.total:
+                    if broadcast and wire == dtype and prior is not None and offset + count <= self.total:
                         try:  # an update to add to this worker's values of base_version
                             update = compression.decode(memoryview(raw)[start : start + length], count, COMPRESSED[wire])
                         except ValueError as exc:
                             raise ServiceError(
                                 grpc.StatusCode.DATA_LOSS, "", f"shard {i} sent a malformed chunk at {offset}: {exc}"
                             ) from None
-                        np.add(base[1][offset : offset + count], update, out=flat[offset : offset + count])
+                        np.add(prior[offset : offset + count], update, out=flat[offset : offset + count])
                         got += count
                         continue
                     if wire not in ITEMSIZE or length != count * ITEMSIZE[wire] or offset + count > self.total:
@@ -828,11 +832,26 @@ class AsyncWorker:
 
             return await call_with_retry(attempt, self.retry, f"PullParameters[{i}]", self._shard_gone)
 
+        shards = range(len(self._channels))
         try:
-            results = await asyncio.gather(*(one(i) for i in range(len(self._channels))))
+            results = await asyncio.gather(*(one(i, min_version, base[0] if base is not None else None) for i in shards))
+            for _ in range(BROADCAST_ALIGN_TRIES):
+                # a compressed pull must leave every shard's values at one version (the next one's base):
+                # bring the shards that served an older one up to the newest, from what they served
+                newest = max(v for v, _ in results)
+                behind = [i for i in shards if results[i][0] < newest]
+                if not broadcast or not behind:
+                    break
+                prior = flat.copy()
+                again = await asyncio.gather(*(one(i, newest, results[i][0]) for i in behind))
+                results = [again[behind.index(i)] if i in behind else results[i] for i in shards]
         except ServiceError as exc:
             await self._recovered(exc)
             raise
+        if broadcast and len({v for v, _ in results}) > 1:
+            raise ServiceError(
+                grpc.StatusCode.ABORTED, "", f"the shards kept serving different versions {[v for v, _ in results]}: pull again"
+            )
         version = min(v for v, _ in results)
         report = next((r for _, r in results if r is not None), None)
         if point == TRAIN:

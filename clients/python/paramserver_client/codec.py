@@ -26,7 +26,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 FLOAT32: int = int(tensor_pb2.DTYPE_FLOAT32)
 BFLOAT16: int = int(tensor_pb2.DTYPE_BFLOAT16)
 FLOAT16: int = int(tensor_pb2.DTYPE_FLOAT16)
-#: Compressed wire dtypes (pushes only; layouts in tensor.proto and paramserver_client.compression).
+#: Compressed wire dtypes (pushes; int8/int4 also broadcast pulls; layouts in tensor.proto and paramserver_client.compression).
 INT8_BLOCK: int = int(tensor_pb2.DTYPE_INT8_BLOCK)
 INT4_BLOCK: int = int(tensor_pb2.DTYPE_INT4_BLOCK)
 TOPK: int = int(tensor_pb2.DTYPE_TOPK)

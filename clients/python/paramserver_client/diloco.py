@@ -113,7 +113,8 @@ def create_jobs(
     if inner_steps is not None:
         labels["diloco.inner_steps"] = str(inner_steps)
     if inner_optimizer:
-        labels["diloco.inner_optimizer"] = " ".join(inner_optimizer.split())[:1024]
+        printable = "".join(ch for ch in " ".join(inner_optimizer.split()) if ch.isprintable())
+        labels["diloco.inner_optimizer"] = printable.encode()[:1024].decode(errors="ignore")
     with JobClient(address, **{k: outer.pop(k) for k in ("token", "credentials") if k in outer}) as jobs:
         for k, (jid, part) in enumerate(zip(ids, split(named, fragments), strict=True)):
             shapes = [(n, tuple(p.shape)) for n, p in part]
@@ -238,6 +239,7 @@ class DiLoCo:
             pushed = np.add(pushed, f.carry, dtype=np.float32)
             tokens += f.carry_tokens
         counted = True
+        saved = f.feedback.state_dict() if f.feedback is not None else None
         try:
             if self.compression:
                 encoded = f.worker.compress(pushed, self.dtype, feedback=f.feedback, topk_ratio=self.topk_ratio)
@@ -248,6 +250,8 @@ class DiLoCo:
                 f.worker.push(f.version, pushed, tokens)
         except ServiceError as exc:  # the round closed (quorum) before this push arrived
             if exc.reason != Reason.STEP_ALREADY_APPLIED:
+                if saved is not None and f.feedback is not None:  # nothing was sent: the residual is as before
+                    f.feedback.load_state_dict(saved)
                 raise
             counted = False
         step = f.version
