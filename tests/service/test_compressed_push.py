@@ -1,6 +1,7 @@
 """Compressed pushes (int8 / int4 blockwise, top-k; tensor.proto): the service decodes each chunk to
 fp32 and sums exactly as for a dense push, so a step equals torch on the decoded gradients, bit
-for bit; uploads and top-k pulls refuse compressed dtypes; int8/int4 pulls are the shard's broadcast; error feedback carries what was dropped."""
+for bit; uploads and top-k pulls refuse compressed dtypes; int8/int4 pulls are the shard's
+broadcast; error feedback carries what was dropped."""
 
 from __future__ import annotations
 
