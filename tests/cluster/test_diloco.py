@@ -203,7 +203,9 @@ def test_diloco_through_the_service_equals_the_reference_bit_for_bit(address: st
     assert not np.array_equal(want[0], flat(make_model()))  # it trained
 
 
-@pytest.mark.parametrize("compression", ["int8", "int4", "topk"])
+@pytest.mark.parametrize(
+    "compression", ["int8", pytest.param("int4", marks=pytest.mark.slow), pytest.param("topk", marks=pytest.mark.slow)]
+)
 def test_compressed_diloco_equals_the_reference_and_keeps_the_error_feedback_identity(address: str, compression: str) -> None:
     """Compressed pseudo-gradients (3 shards x 2 workers, 2 fragments): the service equals, bit for
     bit, the reference whose workers send encode(n·Δ + r) chunk by chunk and keep r; each worker's
@@ -251,6 +253,7 @@ def test_compressed_diloco_equals_the_reference_and_keeps_the_error_feedback_ide
     assert not np.array_equal(want[0], reference(steps, fragments)[0])
 
 
+@pytest.mark.slow  # ~40-50 s: in make test-slow (CI runs it)
 def test_a_round_closes_with_a_quorum_and_the_late_pseudo_gradient_is_folded_into_the_next(address: str) -> None:
     """3 workers, min_workers 2, a grace window: in round 1 worker 2 pushes only after the round
     closed (it waits for version 1), so its push is ABORTED; DiLoCo folds its n·Δ, with its
@@ -368,6 +371,7 @@ def run_rounds(
     return results
 
 
+@pytest.mark.slow  # ~40-50 s: in make test-slow (CI runs it)
 def test_diloco_with_clipping_resumes_from_a_snapshot_on_another_shard_count_bit_for_bit(address: str) -> None:
     """The outer step is a job's ordinary step: with global clipping on (it clips the mean
     pseudo-gradient), two rounds on 3 shards, a snapshot, the job restored on 2 shards and a third

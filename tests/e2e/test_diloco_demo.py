@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 H = 10
 
@@ -36,6 +38,7 @@ def _env() -> dict[str, str]:
     return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp))
 
 
+@pytest.mark.slow  # a service of its own: in make test-slow (CI runs it)
 def test_diloco_demo_quick_trains_both_and_diloco_sends_h_times_fewer_bytes() -> None:
     out = subprocess.run(
         [*_cli(), "demo", "--diloco", str(H), "--quick"], capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT
