@@ -34,7 +34,7 @@ demo: setup
 test: setup lint check-protos
 	$(VENV)/bin/pytest -m "not slow"
 
-## The long chaos tests (marked slow: SIGKILLed processes, a simulated multi-node cluster).
+## The longer tests (marked slow: SIGKILLed processes, a simulated multi-node cluster, the longer DiLoCo cases).
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ def reference(
     pieces: list[list[tuple[int, int]]] | None = None,
     sent: Sent | None = None,
     broadcast: str | None = None,
+    pull_bf16: bool = False,
 ) -> list[np.ndarray]:
     """DiLoCo from the formulas: per fragment k and round, θ_k <- OuterSGD(θ_k, Σ n_i Δ_i / Σ n_i)
     with Δ_i = θ_k(start) - θ_k(worker i), n_i the tokens worker i trained on since the fragment's
@@ -73,7 +75,8 @@ def reference(
     (`pieces[k]`: fragment k's chunks, as the job's shards cut them), the sum is over what they
     decode to, and r_i keeps what the encoding dropped (error feedback). With `broadcast`, workers
     start each round from the service's broadcast values b_k, moved each round by
-    decode(encode(θ_k - b_k)) chunk by chunk, instead of θ_k itself."""
+    decode(encode(θ_k - b_k)) chunk by chunk, instead of θ_k itself; with `pull_bf16`, from θ_k
+    rounded to bf16 (to nearest even). Either way Δ is measured from the values a round started from."""
     models = [make_model() for _ in range(WORKERS)]
     inners = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     parts = [[p for _, p in part] for part in split(list(models[0].named_parameters()), fragments)]
@@ -94,7 +97,7 @@ def reference(
         for k in range(fragments):
             if not due(t, k, fragments, H):
                 continue
-            start = bcast[k] if broadcast else torch.cat([p.detach().reshape(-1) for p in outer_params[k]]).numpy()
+            start = bcast[k] if broadcast or pull_bf16 else torch.cat([p.detach().reshape(-1) for p in outer_params[k]]).numpy()
             pushed = []
             for w in range(WORKERS):
                 local = dict(models[w].named_parameters())
@@ -123,6 +126,8 @@ def reference(
                 _, update = encode_pieces(np.subtract(new, bcast[k], dtype=np.float32), pieces[k], broadcast)
                 bcast[k] = np.add(bcast[k], update, dtype=np.float32)
                 new = bcast[k]
+            elif pull_bf16:
+                bcast[k] = new = torch.from_numpy(new.copy()).to(torch.bfloat16).to(torch.float32).numpy()
             for w in range(WORKERS):
                 local = dict(models[w].named_parameters())
                 at = 0
@@ -135,38 +140,46 @@ def reference(
     return [flat(m) for m in models]
 
 
-def run_service(
-    address: str, job: str, steps: int, fragments: int, compression: str | None = None, pull_dtype: str = "fp32"
-) -> list[dict[str, Any]]:
-    """Both workers on threads, each with its own model and inner AdamW."""
-    results: list[dict[str, Any]] = [{} for _ in range(WORKERS)]
+def on_threads(worker: Callable[[int], None]) -> None:
+    """Run worker(w) for every worker on a thread of its own; re-raise what any of them raised."""
     errors: list[BaseException] = []
 
-    models = [make_model() for _ in range(WORKERS)]  # here: make_model seeds torch's global generator
-
-    def worker(w: int) -> None:
+    def guarded(w: int) -> None:
         try:
-            model = models[w]
-            inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            options: dict[str, Any] = {"compression": compression, "topk_ratio": 0.25, "pull_dtype": pull_dtype}
-            with DiLoCo(model.named_parameters(), inner, address, job, f"w{w}", inner_steps=H, fragments=fragments, **options) as d:
-                synced = []
-                for t in range(1, steps + 1):
-                    synced.append(d.step(inner_step(model, inner, w, t)))
-                results[w] = {"params": flat(model), "synced": synced, "rounds": d.rounds, "bytes": d.bytes_pushed,
-                              "versions": [f.version for f in d.fragments], "state": d.state_dict(),
-                              "pieces": [f.worker.pieces(d.dtype) for f in d.fragments] if compression else None,
-                              "pulled": d.bytes_pulled}  # fmt: skip
+            worker(w)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(WORKERS)]
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in range(WORKERS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(240)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
+
+
+def run_service(
+    address: str, job: str, steps: int, fragments: int, compression: str | None = None, pull_dtype: str = "fp32"
+) -> list[dict[str, Any]]:
+    """Both workers on threads, each with its own model and inner AdamW."""
+    results: list[dict[str, Any]] = [{} for _ in range(WORKERS)]
+    models = [make_model() for _ in range(WORKERS)]  # here: make_model seeds torch's global generator
+
+    def worker(w: int) -> None:
+        model = models[w]
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        options: dict[str, Any] = {"compression": compression, "topk_ratio": 0.25, "pull_dtype": pull_dtype}
+        with DiLoCo(model.named_parameters(), inner, address, job, f"w{w}", inner_steps=H, fragments=fragments, **options) as d:
+            synced = []
+            for t in range(1, steps + 1):
+                synced.append(d.step(inner_step(model, inner, w, t)))
+            results[w] = {"params": flat(model), "synced": synced, "rounds": d.rounds, "bytes": d.bytes_pushed,
+                          "versions": [f.version for f in d.fragments], "state": d.state_dict(),
+                          "pieces": [f.worker.pieces(d.dtype) for f in d.fragments] if compression else None,
+                          "pulled": d.bytes_pulled}  # fmt: skip
+
+    on_threads(worker)
     return results
 
 
@@ -346,28 +359,19 @@ def run_rounds(
     """Both workers (threads) take inner steps `steps` through DiLoCo; with `states`, each first
     loads its DiLoCo state_dict (a resumed run). Returns each worker's params and state."""
     results: list[dict[str, Any]] = [{} for _ in range(WORKERS)]
-    errors: list[BaseException] = []
 
     def worker(w: int) -> None:
-        try:
-            inner = torch.optim.AdamW(models[w].parameters(), lr=1e-2)
-            with DiLoCo(models[w].named_parameters(), inner, address, job, f"w{w}", inner_steps=H) as d:
-                if states is not None:
-                    d.load_state_dict(states[w])
-                reports = []
-                for t in steps:
-                    if d.step(inner_step(models[w], inner, w, t)):
-                        reports.append(d.fragments[0].worker.pull(d.fragments[0].version)[2])
-                results[w] = {"params": flat(models[w]), "state": d.state_dict(), "reports": reports}
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+        inner = torch.optim.AdamW(models[w].parameters(), lr=1e-2)
+        with DiLoCo(models[w].named_parameters(), inner, address, job, f"w{w}", inner_steps=H) as d:
+            if states is not None:
+                d.load_state_dict(states[w])
+            reports = []
+            for t in steps:
+                if d.step(inner_step(models[w], inner, w, t)):
+                    reports.append(d.fragments[0].worker.pull(d.fragments[0].version)[2])
+            results[w] = {"params": flat(models[w]), "state": d.state_dict(), "reports": reports}
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    assert not errors, errors
+    on_threads(worker)
     return results
 
 
@@ -422,3 +426,24 @@ def test_diloco_with_int8_both_ways_equals_the_reference_bit_for_bit(address: st
         # the first pull is whole (fp32), every round's an int8 update
         assert got[w]["pulled"] < n * 4 * 1.2 + ROUNDS * n * 4 * 0.4
     assert not np.array_equal(want[0], reference(steps, fragments, "int8", got[0]["pieces"]))  # the broadcast mattered
+
+
+def test_diloco_with_bf16_pulls_equals_the_reference_bit_for_bit(address: str) -> None:
+    """pull_dtype="bf16": every round starts from the outer parameters rounded to bf16 (the service
+    keeps them in fp32): equal, bit for bit, to the reference doing so; half the bytes pulled."""
+    job = f"diloco-bf16-{uuid.uuid4().hex[:6]}"
+    steps = H * ROUNDS
+    model = make_model()
+    ids = create_jobs(address, job, model.named_parameters(), num_workers=WORKERS, num_shards=SHARDS)
+    try:
+        got = run_service(address, job, steps, 1, pull_dtype="bf16")
+    finally:
+        with JobClient(address) as jc:
+            for jid in ids:
+                jc.delete_job(jid)
+    want = reference(steps, 1, pull_bf16=True)
+    n = sum(p.numel() for p in model.parameters())
+    for w in range(WORKERS):
+        assert np.array_equal(got[w]["params"], want[w]), (w, float(np.abs(got[w]["params"] - want[w]).max()))
+        assert got[w]["pulled"] < n * 4 * 1.1 + ROUNDS * n * 2 * 1.1  # the first pull fp32, the rounds' bf16
+    assert not np.array_equal(want[0], reference(steps, 1)[0])  # the rounding mattered
