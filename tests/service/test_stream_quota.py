@@ -7,7 +7,7 @@ limited by it and trains meanwhile; once streams end, the tenant trains as befor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,13 @@ import pytest
 from grpc import aio
 
 from paramserver.access import AuthConfig, Quota, Tenant, hash_token
-from paramserver.shard_service import ShardServicer
 from paramserver.v1 import job_service_pb2 as jpb
 from paramserver.v1 import shard_service_pb2 as spb
 from paramserver_client import AsyncWorker, Reason, ServiceError
 from paramserver_client.codec import FLOAT32, encode_chunk_message
 from paramserver_client.errors import from_rpc_error
 from tests.service.harness import NO_RETRY, TIMEOUT_S, InProcessService
+from tests.service.test_stream_limits import servicer, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -33,20 +33,6 @@ STREAMS = 3
 SHAPES = [("w", (10, 7))]
 TOTAL = 70
 SERVICE = "/paramserver.v1.ShardService"
-
-
-def servicer(svc: InProcessService, job_id: str, index: int) -> ShardServicer:
-    host = next(h for h in svc.launcher.hosts if h.job_id == job_id and h.index == index and h._server is not None)
-    assert host._servicer is not None  # no public accessor on ShardHost
-    return host._servicer
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(1500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 class Held:
