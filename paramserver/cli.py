@@ -75,6 +75,14 @@ def serve(
     placement: Annotated[
         str, typer.Option(help="How a job's shards go over the nodes: spread (round-robin over the nodes that can hold them) or pack.")
     ] = "spread",
+    warm_shards: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Spare shard actors kept started (torch loaded) so that a lost shard's replacement and a new job's shards serve "
+            "at once; they hold no CPU or GPU and serve jobs whose shards ask for none (the default). 0 = none.",
+        ),
+    ] = 2,
     metrics_port: Annotated[
         int | None,
         typer.Option(help="Serve Prometheus metrics of the front door, jobs and shards at http://HOST:PORT/metrics (0 = any free port)."),
@@ -127,6 +135,7 @@ def serve(
             tls=_tls(tls_cert, tls_key, tls_client_ca),
             shard_port_range=ports,
             placement=placement,
+            warm_shards=warm_shards,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             dashboard=dashboard,

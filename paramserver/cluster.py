@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
-from paramserver.memory_store import Blob
+from paramserver.memory_store import Held
 from paramserver.placement import Span
 from paramserver.reaper import start_reaper
 from paramserver.shard_host import ShardHost
@@ -54,6 +55,8 @@ SHARD_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 #: The resource Ray gives only the head node.
 HEAD_RESOURCE = "node:__internal_head__"
+#: Warm spare shard actors each coordinator keeps by default (see RayShardLauncher).
+WARM_SHARDS = 2
 #: Bytes of Ray's "memory" resource an actor placed by a soft node affinity asks for: Ray places an
 #: actor that asks for no resource at all on a random node whatever its affinity (the shards and
 #: the coordinator ask for 0 CPUs by default), so the request must not be empty.
@@ -62,8 +65,19 @@ AFFINITY_MEMORY = 1
 
 class _RayShardHost(ShardHost):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        if args or kwargs:
+            self.adopt(*args, **kwargs)
+        # else: a warm spare (see RayShardLauncher): torch and the shard's code are loaded, no job yet
+
+    def adopt(self, *args: Any, **kwargs: Any) -> None:
+        """Become one shard of a job (ShardHost's arguments)."""
+        ShardHost.__init__(self, *args, **kwargs)
         attach(self.telemetry.logs)  # this process's records, for the front door's log
+
+    async def adopt_and_start(self, *args: Any, **kwargs: Any) -> str:
+        """A warm spare becomes a shard of a job and serves: its "host:port"."""
+        self.adopt(*args, **kwargs)
+        return await self.start()
 
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
@@ -163,9 +177,9 @@ class RayShardHandle:
         result: str = await _call(self.actor.reset.remote(restore, roster, generation), "shard reset")
         return result
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
         """The shard's state at `version` as one snapshot file in memory."""
-        result: tuple[ShardEntry, Blob] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
+        result: tuple[ShardEntry, Held] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
         return result
 
     async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
@@ -183,6 +197,13 @@ class RayShardHandle:
             ray.kill(self.actor, no_restart=True)
 
 
+@dataclasses.dataclass
+class _Spare:
+    actor: Any
+    name: str
+    node: str
+
+
 class RayShardLauncher:
     """Starts shard actors (runs inside the coordinator actor)."""
 
@@ -195,9 +216,10 @@ class RayShardLauncher:
         tls: TlsConfig | None = None,
         port_range: PortRange | None = None,
         placement: str = "spread",
+        warm: int = WARM_SHARDS,
     ) -> None:
         """`port_range`: the shards' data ports come from it; `placement`: "spread" or "pack"
-        (see paramserver.spread)."""
+        (see paramserver.spread); `warm`: spare shard actors kept started (0 = none)."""
         if placement not in POLICIES:
             raise ValueError(f"placement {placement!r}: expected one of {', '.join(POLICIES)}")
         self.tls = tls
@@ -208,6 +230,14 @@ class RayShardLauncher:
         self.spill_dir = spill_dir
         self.start_timeout_s = start_timeout_s
         self.coordinator_name = coordinator_name
+        self.warm = max(int(warm), 0)
+        self._spares: list[_Spare] = []
+        self._refill: asyncio.Task[None] | None = None
+        self._swept = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The launcher travels to the coordinator actor; its pool starts empty there.
+        return {**self.__dict__, "_spares": [], "_refill": None, "_swept": False}
 
     async def launch(
         self,
@@ -228,34 +258,31 @@ class RayShardLauncher:
         reducer = RayStepReducer(me, job_id, self.coordinator_name)
         names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in indices]
         where = await asyncio.to_thread(self._spread, config, indices)
-        actors = [
-            ShardActor.options(
+        actors, starts = [], []
+        for k, i in enumerate(indices):
+            args = (job_id, config, i, list(plan[i]), reducer, self.bind_host, restore_for(restore, i, shard_file), self.spill_dir,
+                    roster, generation, self.tls, self.port_range)  # fmt: skip
+            spare = self._take_spare(config, where.get(i))
+            if spare is not None:  # torch already loaded: it serves in a fraction of a cold start
+                names[k] = spare.name
+                actors.append(spare.actor)
+                starts.append(spare.actor.adopt_and_start.remote(*args))
+                continue
+            actor = ShardActor.options(
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
-                name=name,
+                name=names[k],
                 lifetime="detached",  # owned by nobody: the coordinator's death does not take it along
                 scheduling_strategy=NodeAffinitySchedulingStrategy(where[i], soft=True) if i in where else "DEFAULT",
                 memory=AFFINITY_MEMORY if i in where else None,
-            ).remote(
-                job_id,
-                config,
-                i,
-                list(plan[i]),
-                reducer,
-                self.bind_host,
-                restore_for(restore, i, shard_file),
-                self.spill_dir,
-                roster,
-                generation,
-                self.tls,
-                self.port_range,
-            )
-            for i, name in zip(indices, names, strict=True)
-        ]
+            ).remote(*args)
+            actors.append(actor)
+            starts.append(actor.start.remote())
+        self._top_up()
         try:
             async with asyncio.timeout(self.start_timeout_s):
-                addresses = await asyncio.gather(*(_call(a.start.remote(), "shard start") for a in actors))
+                addresses = await asyncio.gather(*(_call(ref, "shard start") for ref in starts))
         except TimeoutError:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
@@ -273,6 +300,67 @@ class RayShardLauncher:
                 ray.kill(actor, no_restart=True)
             raise
         return [RayShardHandle(a, addr, n) for a, addr, n in zip(actors, addresses, names, strict=True)]
+
+    # ---- warm spares ---------------------------------------------------------------------------
+    # A shard actor's start is dominated by its process importing torch (~2 s of CPU here): a lost
+    # shard's replacement, and a new job's shards, take a spare that has done it already.
+    # Spares ask for no CPU and no GPU (they hold no resources a job could need), run on the
+    # coordinator's node and serve only jobs whose shards ask for none either (the default).
+
+    def _take_spare(self, config: JobConfig, node: str | None) -> _Spare | None:
+        """A ready spare for a shard of `config` on `node` (None: any node), if one is kept."""
+        if config.shard_num_cpus or config.shard_num_gpus:
+            return None
+        for k, spare in enumerate(self._spares):
+            if node is None or spare.node == node:
+                return self._spares.pop(k)
+        return None
+
+    def _top_up(self) -> None:
+        """Start spares in the background until `warm` are ready."""
+        if self.warm and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        prefix = f"{self.coordinator_name or COORDINATOR_NAME}-spare-"
+        try:
+            if not self._swept:  # a previous incarnation's spares: nobody will use them
+                self._swept = True
+                listed = await asyncio.to_thread(ray.util.list_named_actors)
+                for name in [n for n in listed if isinstance(n, str) and n.startswith(prefix)]:
+                    with contextlib.suppress(Exception):
+                        ray.kill(await asyncio.to_thread(ray.get_actor, name), no_restart=True)
+            here = ray.get_runtime_context().get_node_id()
+            while len(self._spares) < self.warm:
+                name = f"{prefix}{uuid.uuid4().hex[:8]}"
+                actor = ShardActor.options(
+                    num_cpus=0,
+                    max_concurrency=1000,
+                    name=name,
+                    lifetime="detached",
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                    memory=AFFINITY_MEMORY,
+                ).remote()
+                try:
+                    async with asyncio.timeout(self.start_timeout_s):
+                        node = str(await actor.node.remote())
+                except BaseException:
+                    ray.kill(actor, no_restart=True)
+                    raise
+                self._spares.append(_Spare(actor, name, node))
+        except Exception:  # no spare: shards start cold, as without a pool
+            log.warning("starting a warm spare shard failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Stop the spares (the service is stopping)."""
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refill
+        for spare in self._spares:
+            with contextlib.suppress(Exception):
+                ray.kill(spare.actor, no_restart=True)
+        self._spares.clear()
 
     def _spread(self, config: JobConfig, indices: Sequence[int]) -> dict[int, str]:
         """Shard index -> node id under the "spread" policy (empty under "pack")."""
@@ -413,6 +501,7 @@ class Cluster:
         tls: TlsConfig | None = None,
         shard_port_range: PortRange | None = None,
         placement: str = "spread",
+        warm_shards: int = WARM_SHARDS,
     ) -> None:
         """Attach to the service's coordinator actor `name` if it runs (a restarted front door),
         else start it: detached (it outlives this process) and restarted by Ray if it dies (it
@@ -423,8 +512,9 @@ class Cluster:
         journal = os.path.join(os.path.abspath(state_dir), f"coordinator-{name}.journal")
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         launcher = RayShardLauncher(
-            bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name, tls, shard_port_range, placement
-        )
+            bind_host, os.path.abspath(spill_root), shard_start_timeout_s, self.coordinator_name, tls, shard_port_range, placement,
+            warm_shards,
+        )  # fmt: skip
         self.coordinator: Any = CoordinatorActor.options(
             num_cpus=0,
             max_concurrency=1000,

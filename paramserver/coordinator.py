@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -24,7 +25,7 @@ from paramserver.jobconfig import JobConfig, check_job_id
 from paramserver.ledger import Ledger
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Member, Membership, Roster
-from paramserver.memory_store import MEMORY_URL, Blob
+from paramserver.memory_store import MEMORY_URL, Held
 from paramserver.metric_names import SNAPSHOT_BUCKETS
 from paramserver.placement import Span
 from paramserver.shard_types import Restore, ShardMemory, ShardStatus, fault_from_env, restore_for
@@ -80,7 +81,7 @@ class ShardHandle(Protocol):
         """Write the shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
         ...
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
         """The shard's state at `version` as one snapshot file in memory (entry, bytes)."""
         ...
 
@@ -113,6 +114,10 @@ class ShardLauncher(Protocol):
 
     async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
         """Stop the job's shards that are not in `keep` (left by an interrupted start); how many."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the launcher holds besides the jobs' shards (the service is stopping)."""
         ...
 
 
@@ -231,7 +236,7 @@ class _Job:
     last_recovery: dict[str, float] = field(default_factory=dict)
     """Timings of the latest recovery (seconds): detected_at, restored_at, version."""
     recovered_from: str = ""
-    replica: tuple[Manifest, dict[str, Blob]] | None = None
+    replica: tuple[Manifest, dict[str, Held]] | None = None
     """The newest complete replica: its manifest and every shard file's bytes (memory only)."""
     replicating: bool = False
     tenant: str = ""
@@ -266,6 +271,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._control = ControlJournal(Path(journal)) if journal else None
         self._started = False
         self.instance = uuid.uuid4().hex
@@ -390,8 +396,15 @@ class Coordinator:
     async def _status(self, shard: ShardHandle) -> ShardStatus | None:
         try:
             return await asyncio.wait_for(shard.status(), STATUS_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - a lost or hung shard is shown as unreachable
+        except Exception as exc:  # noqa: BLE001 - a lost or hung shard is shown as unreachable
+            self._noticed(exc)
             return None
+
+    def _noticed(self, exc: BaseException) -> None:
+        """A shard call failed with `exc`: when it says the actor is dead, the watcher looks at
+        once (rather than at its next tick), so a recovery starts as soon as anyone notices."""
+        if isinstance(exc, ParamServerError) and exc.metadata.get("actor") == "dead":
+            self._wake.set()
 
     async def _view(self, job: _Job) -> JobView:
         statuses = await asyncio.gather(*(self._status(s) for s in job.shards))
@@ -861,7 +874,9 @@ class Coordinator:
         while True:
             jobs = [j for j in self.jobs.values() if j.state == RUNNING]
             tick = min((j.config.worker_timeout_s / 4 for j in jobs), default=WATCH_INTERVAL_S)
-            await asyncio.sleep(min(max(tick, 0.05), WATCH_INTERVAL_S))
+            with contextlib.suppress(TimeoutError):  # a tick, or a dead shard noticed elsewhere
+                await asyncio.wait_for(self._wake.wait(), min(max(tick, 0.05), WATCH_INTERVAL_S))
+            self._wake.clear()
             for job in [j for j in self.jobs.values() if j.state == RUNNING]:
                 try:
                     lost = await self._lost_shards(job)
@@ -978,6 +993,8 @@ class Coordinator:
             name = f"replica-{version:010d}"
             results = await asyncio.gather(*(s.replicate(job.job_id, name, version) for s in job.shards), return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
+            for error in errors:
+                self._noticed(error)
             if errors:
                 log.info("job %s: replica at version %d skipped (%s)", job.job_id, version, errors[0])
                 return
@@ -1258,9 +1275,10 @@ class Coordinator:
         return self.instance
 
     async def shutdown(self) -> None:
-        """Stop every job's shards."""
+        """Stop every job's shards (and the launcher's spares)."""
         for job_id in list(self.jobs):
             await self.delete_job(f"shutdown-{job_id}-{uuid.uuid4().hex}", job_id)
+        await self.launcher.close()
 
 
 def _decision(d: Mapping[str, Any]) -> Decision:

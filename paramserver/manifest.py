@@ -24,6 +24,8 @@ FORMAT = "paramserver-snapshot"
 FORMAT_VERSION = 1
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: The digest of a replica's file: held in memory only (never stored or verified), it is not hashed.
+UNHASHED = "0" * 64
 
 
 def data_loss(where: str, message: str) -> ParamServerError:

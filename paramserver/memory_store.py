@@ -16,7 +16,7 @@ import numpy as np
 
 from paramserver.manifest import Manifest, ShardEntry, data_loss
 from paramserver.snapshot_store import CleanReport, FaultHook, SnapshotRef, Tensors, no_fault
-from paramserver.tensor_file import write_tensors
+from paramserver.tensor_file import ArrayFile, write_tensors
 
 #: The URL of every memory store (it is not shared between processes: the bytes travel).
 MEMORY_URL = "memory:"
@@ -42,6 +42,11 @@ class Blob:
     def of(cls, data: bytes | Blob) -> Blob:
         """`data` as a Blob (bytes are copied once)."""
         return data if isinstance(data, Blob) else cls([np.frombuffer(data, np.uint8).copy()])
+
+    @staticmethod
+    def hold(data: bytes | Held) -> Held:
+        """`data` as a held file (bytes become a Blob; a Blob or an ArrayFile stays as it is)."""
+        return data if isinstance(data, (Blob, ArrayFile)) else Blob.of(data)
 
     def write(self, data: memoryview) -> None:
         """Append a copy of `data` (a sink for :func:`~paramserver.tensor_file.write_tensors`)."""
@@ -74,23 +79,27 @@ class Blob:
         return self.read(0, self._size)
 
 
+#: A file held in memory: serialised (a Blob) or its arrays as they are (an ArrayFile, a replica's).
+Held = Blob | ArrayFile
+
+
 class MemoryStore:
     """Snapshots in this process's memory (see the module docstring)."""
 
     def __init__(self) -> None:
         self.url = MEMORY_URL
-        self._files: dict[SnapshotRef, dict[str, Blob]] = {}
+        self._files: dict[SnapshotRef, dict[str, Held]] = {}
         self._manifests: dict[SnapshotRef, Manifest] = {}
 
     @classmethod
-    def holding(cls, ref: SnapshotRef, manifest: Manifest, files: Mapping[str, Blob | bytes]) -> MemoryStore:
+    def holding(cls, ref: SnapshotRef, manifest: Manifest, files: Mapping[str, Held | bytes]) -> MemoryStore:
         """A store holding one committed snapshot made of `files`."""
         store = cls()
-        store._files[ref] = {name: Blob.of(data) for name, data in files.items()}
+        store._files[ref] = {name: Blob.hold(data) for name, data in files.items()}
         store._manifests[ref] = manifest
         return store
 
-    def files(self, ref: SnapshotRef) -> dict[str, Blob]:
+    def files(self, ref: SnapshotRef) -> dict[str, Held]:
         """The files written for a snapshot, by name."""
         return dict(self._files.get(ref, {}))
 
@@ -119,7 +128,7 @@ class MemoryStore:
         """Jobs with anything stored."""
         return sorted({r.job_id for r in self._files} | {r.job_id for r in self._manifests})
 
-    def open(self, ref: SnapshotRef, name: str) -> Blob:
+    def open(self, ref: SnapshotRef, name: str) -> Held:
         """A file, for range reads (DATA_LOSS if it is not held)."""
         data = self._files.get(ref, {}).get(name)
         if data is None:

@@ -87,6 +87,10 @@ class ServiceConfig:
     shard_port_range: PortRange | None = None
     """Ports the shards' data ports bind (each node's shards take free ones of the range); None =
     any free port."""
+    warm_shards: int = 2
+    """Spare shard actors the coordinator keeps started (torch loaded), so that a lost shard's
+    replacement and a new job's shards serve in a fraction of a cold start; they ask for no CPU or
+    GPU and serve jobs whose shards ask for none (the default). 0 = none."""
     placement: str = "spread"
     """How a job's shards are placed over the nodes: "spread" (round-robin over the alive nodes
     that can hold them; see paramserver.spread) or "pack" (Ray's default)."""
@@ -151,6 +155,7 @@ class Service:
             tls=self.config.tls,
             shard_port_range=self.config.shard_port_range,
             placement=self.config.placement,
+            warm_shards=self.config.warm_shards,
         )
         await self.cluster.start()
         server = aio.server(options=GRPC_OPTIONS)

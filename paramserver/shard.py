@@ -738,7 +738,7 @@ class ShardState:
             f.close()
         return sum(f.copied_bytes for f in frozen.values())
 
-    def capture(self) -> dict[str, torch.Tensor]:
+    def capture(self, buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Host copies of the parameters and optimizer state, by snapshot name: the only pause of a
         snapshot (call under self.lock). "params" covers the shard's spans in order, a group's flat
         state its pieces in order; scalars stay 0-d.
@@ -746,14 +746,17 @@ class ShardState:
         The host buffers are kept and reused by the next capture (a copy into memory already
         faulted in is ~5x faster than into fresh pages), at the price of one host copy of the
         shard's state kept between snapshots. Do not hold the result across two captures.
+        `buffers`: another set of such buffers (replicas keep their own, so that a snapshot and a
+        replica never share one).
         """
         out: dict[str, torch.Tensor] = {}
+        kept = self._capture_buffers if buffers is None else buffers
 
         def buffer(name: str, like: torch.Tensor) -> torch.Tensor:
-            buf = self._capture_buffers.get(name)
+            buf = kept.get(name)
             if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
                 buf = torch.empty(like.shape, dtype=like.dtype, device="cpu")
-                self._capture_buffers[name] = buf
+                kept[name] = buf
             out[name] = buf
             return buf
 

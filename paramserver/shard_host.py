@@ -26,7 +26,7 @@ from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Roster
-from paramserver.memory_store import Blob, MemoryStore
+from paramserver.memory_store import Held, MemoryStore
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
@@ -295,10 +295,13 @@ class ShardHost:
         ref = SnapshotRef(job_id, name)
         return await self.runtime.snapshot(self.store(store), ref, version, fault_from_env(self.job_id, self.index))
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
         """This shard's state at `version` as one snapshot file in memory: its entry and its bytes
-        (a replica; the same pause and the same checks as a snapshot)."""
+        (a replica; the same pause and the same checks as a snapshot): a resident shard's as its
+        arrays (ShardRuntime.replicate), a spilled shard's serialised as its snapshot file."""
         assert self.runtime is not None
+        if not self.runtime.state.spilled:
+            return await self.runtime.replicate(version)
         store, ref = MemoryStore(), SnapshotRef(job_id, name)
         entry = await self.runtime.snapshot(store, ref, version)
         return entry, store.files(ref)[entry.file]

@@ -34,7 +34,7 @@ from paramserver.broadcast import Broadcast, Piece
 from paramserver.errors import ParamServerError, Reason
 from paramserver.grad_buffers import GradBuffer
 from paramserver.ledger import Ledger
-from paramserver.manifest import ShardEntry
+from paramserver.manifest import UNHASHED, ShardEntry
 from paramserver.membership import Roster
 from paramserver.optimizer_health import HealthProbe, sampled
 from paramserver.placement import Span
@@ -42,6 +42,7 @@ from paramserver.shard import Contribution, ShardState
 from paramserver.snapshot_store import FaultHook, SnapshotRef, SnapshotStore, no_fault
 from paramserver.steps import Decision, Outcome, Redo, ShardStats, StepReport
 from paramserver.telemetry import Telemetry
+from paramserver.tensor_file import ArrayFile
 from paramserver.wire import decode_compressed, encode_blocks, wire_tensor
 from paramserver_client.codec import (
     COMPRESSED,
@@ -252,6 +253,7 @@ class ShardRuntime:
         self._broadcasts: dict[int, Broadcast] = {}  # compressed pulls' values, per dtype
         self._closed = False
         self._snapshot_busy = False
+        self._replica_buffers: dict[str, Any] = {}
         self._upload_lock = asyncio.Lock()
         self._cache: dict[tuple[int, int], tuple[int, list[bytes]]] = {}
         # Snapshot files are written on their own low-priority thread, so that the step's
@@ -821,6 +823,32 @@ class ShardRuntime:
                 if copied:
                     log.info("shard %d: snapshot at %d copied %d bytes of tiles aside while training", self.state.index, version, copied)
             return self._entry(entry, ranges, applied)
+        finally:
+            self._snapshot_busy = False
+
+    async def replicate(self, version: int) -> tuple[ShardEntry, ArrayFile]:
+        """This shard's state at `version` as the snapshot file it would write, held in memory (a
+        replica): copied aside under the lock (the only pause, as a snapshot's) into buffers kept
+        for replicas, and neither serialised nor hashed (the entry's digest is
+        :data:`~paramserver.manifest.UNHASHED`: the file never reaches a disk). The arrays are
+        reused by the next replica: the caller copies them before asking again (Ray does, moving
+        them to the coordinator). A resident shard only; ABORTED as :meth:`snapshot`."""
+        if self._snapshot_busy:
+            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, "a snapshot of this shard is being written")
+        self._snapshot_busy = True
+        try:
+            await self.wait_version(version)
+            ranges = [[s.start, s.length] for s in self.state.spans]
+            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)
+
+            def take() -> tuple[dict[str, np.ndarray], int]:
+                self._check_version(version)
+                return {k: v.numpy() for k, v in self.state.capture(self._replica_buffers).items()}, self.state.applied
+
+            arrays, applied = await asyncio.to_thread(self._locked, take)  # the pause
+            held = ArrayFile(arrays, self._snapshot_meta(version, applied, ranges, ledger))
+            entry = ShardEntry(-1, names.shard_file(self.state.index), held.size, UNHASHED, (), 0)
+            return self._entry(entry, ranges, applied), held
         finally:
             self._snapshot_busy = False
 

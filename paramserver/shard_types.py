@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from paramserver.memory_store import Blob
+    from paramserver.memory_store import Held
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Restore:
     """The snapshot's name."""
     version: int
     applied: int
-    replica: Mapping[str, Blob] = field(default_factory=dict)
+    replica: Mapping[str, Held] = field(default_factory=dict)
     """When the source is a replica held in memory: its shard files by name (``store`` is then
     ``memory:``), with `manifest_json`."""
     manifest_json: bytes = b""

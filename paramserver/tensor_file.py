@@ -11,6 +11,7 @@ never interpreted further.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -110,16 +111,8 @@ def write_tensors(
     (hashlib releases the GIL); `writeback(offset, length)` is called after each block (a local
     file starts its writeback there rather than at fsync).
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    pos = 0
-    streams = []
-    for name, value in tensors.items():
-        st = value if isinstance(value, TensorStream) else array_stream(value)
-        header[name] = {"dtype": st.dtype, "shape": list(st.shape), "data_offsets": [pos, pos + st.nbytes]}
-        pos += st.nbytes
-        streams.append((name, st))
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    streams = [(name, value if isinstance(value, TensorStream) else array_stream(value)) for name, value in tensors.items()]
+    head = _head(streams, metadata)
     digest = hashlib.sha256()
     written = 0
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
@@ -145,6 +138,72 @@ def write_tensors(
         for fut in pending:
             fut.result()
     return Written(written, digest.hexdigest())
+
+
+def _head(streams: Iterable[tuple[str, TensorStream]], metadata: Mapping[str, str]) -> bytes:
+    """The JSON header of a file of `streams`, padded to 8 bytes (without its length prefix)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    pos = 0
+    for name, st in streams:
+        header[name] = {"dtype": st.dtype, "shape": list(st.shape), "data_offsets": [pos, pos + st.nbytes]}
+        pos += st.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b" " * (-len(head) % 8)
+
+
+class ArrayFile:
+    """The file :func:`write_tensors` would write for in-memory arrays, never serialised: a
+    :class:`RangeReader` that answers each read from the header or the arrays themselves (no copy
+    of the data is made, no hash is computed). Pickled, it is its arrays (Ray moves them out of
+    band: one copy into the object store, read in place there)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        arrays = {}
+        for name, arr in tensors.items():
+            a = np.ascontiguousarray(arr).reshape(-1)  # 0-d as 1 element: the header keeps the shape
+            if a.dtype not in _NAMES:
+                raise TypeError(f"unsupported dtype {a.dtype}")
+            arrays[name] = (a, tuple(arr.shape))
+        self.metadata = dict(metadata)
+        self.arrays = arrays
+        self._index()
+
+    def _index(self) -> None:
+        streams = [(n, TensorStream(_NAMES[a.dtype], shape, lambda: ())) for n, (a, shape) in self.arrays.items()]
+        head = _head(streams, self.metadata)
+        self._parts: list[memoryview] = [memoryview(struct.pack("<Q", len(head)) + head)]
+        self._parts += [a.view(np.uint8).data for a, _ in self.arrays.values()]
+        self._starts = [0]
+        for part in self._parts[:-1]:
+            self._starts.append(self._starts[-1] + len(part))
+        self._size = self._starts[-1] + len(self._parts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "arrays": self.arrays}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.metadata, self.arrays = state["metadata"], state["arrays"]
+        self._index()
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes from `offset`."""
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"read of [{offset}, {offset + length}) beyond {self._size} bytes")
+        out = []
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        end = offset + length
+        while offset < end:
+            lo = offset - self._starts[i]
+            piece = self._parts[i][lo : lo + end - offset]
+            out.append(bytes(piece))
+            offset += len(piece)
+            i += 1
+        return b"".join(out) if len(out) != 1 else out[0]
 
 
 @dataclass(frozen=True)

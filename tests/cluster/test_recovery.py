@@ -86,8 +86,10 @@ def train_rewinding(ws: list[Worker], end: int, faults: dict[int, Any]) -> list[
 def test_a_killed_shard_is_restored_from_the_latest_snapshot_and_the_run_ends_bit_identical(
     service: Any, address: str, jobs: list[str]
 ) -> None:
-    faulty = create(address, jobs, "kill", snapshot_every_steps=2)
-    clean = create(address, jobs, "clean", snapshot_every_steps=2)
+    # Shards asking for a little CPU take no warm spare: the replacement starts cold (seconds), so
+    # the watcher sees RECOVERING (from a spare the whole recovery can take less than its poll).
+    faulty = create(address, jobs, "kill", snapshot_every_steps=2, shard_num_cpus=0.01)
+    clean = create(address, jobs, "clean", snapshot_every_steps=2, shard_num_cpus=0.01)
     seen: list[jpb.Job] = []
     listed_ok = threading.Event()
     before: list[str] = []

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +31,7 @@ from paramserver.job_service import JobServicer
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import ShardEntry
 from paramserver.membership import Roster
-from paramserver.memory_store import Blob
+from paramserver.memory_store import Held
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS, add_unary_service
 from paramserver.shard_host import ShardHost
@@ -96,9 +97,10 @@ class HostHandle:
         """Restore the host in place."""
         return await self.host.reset(restore, roster, generation)
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Blob]:
-        """The host's state as a file in memory."""
-        return await self.host.replicate(job_id, name, version)
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
+        """The host's state as a file in memory, copied as Ray's transfer copies it (the host
+        reuses its replica buffers)."""
+        return cast(tuple[ShardEntry, Held], pickle.loads(pickle.dumps(await self.host.replicate(job_id, name, version))))
 
     async def tensors(self) -> dict[str, np.ndarray]:
         """Copies of the host's parameters and optimizer state."""
@@ -146,6 +148,9 @@ class InProcessLauncher:
     async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
         """Nothing is left behind in-process."""
         return 0
+
+    async def close(self) -> None:
+        """In-process hosts keep no spares."""
 
 
 class CoordinatorFacade:

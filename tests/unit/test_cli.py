@@ -91,6 +91,7 @@ def test_hash_token_command_and_the_exposure_warning() -> None:
         (["--placement", "random"], "--placement"),
         (["--log-format", "xml"], "log format"),
         (["--log-level", "LOUD"], "log level"),
+        (["--warm-shards", "-1"], "--warm-shards"),
     ],
 )
 def test_serve_refuses_bad_placement_ports_and_log_options_before_starting(
@@ -109,13 +110,15 @@ def test_serve_refuses_bad_placement_ports_and_log_options_before_starting(
         result = CliRunner().invoke(app, ["serve", *args])
         assert result.exit_code == 2 and named in result.output, result.output
         assert started == []
-        ok = CliRunner().invoke(app, ["serve", "--shard-port-range", "52000-52009", "--placement", "pack", "--log-format", "json"])
+        ok = CliRunner().invoke(
+            app, ["serve", "--shard-port-range", "52000-52009", "--placement", "pack", "--log-format", "json", "--warm-shards", "0"]
+        )
         assert ok.exit_code == 0, ok.output
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
     (config,) = started
-    assert (str(config.shard_port_range), config.placement) == ("52000-52009", "pack")  # type: ignore[attr-defined]
+    assert (str(config.shard_port_range), config.placement, config.warm_shards) == ("52000-52009", "pack", 0)  # type: ignore[attr-defined]
 
 
 def test_serve_dashboard_without_ray_default_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

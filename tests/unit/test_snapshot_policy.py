@@ -168,6 +168,9 @@ class FakeLauncher:
     async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
         return 0
 
+    async def close(self) -> None:
+        pass
+
 
 async def step(coordinator: Coordinator, shards: list[FakeShard], s: int) -> None:
     """Every shard reports step s; then they publish s + 1 (as real shards do after the decision)."""

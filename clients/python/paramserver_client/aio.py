@@ -510,7 +510,7 @@ class AsyncWorker:
                 troubled = job.state == jpb.JOB_STATE_RECOVERING or any(s.unreachable for s in job.shards)
                 if not troubled or loop.time() > deadline:
                     raise exc
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)
         old = self._channels
         self.job, self.generation = job, int(job.generation)
         self._connect(job)

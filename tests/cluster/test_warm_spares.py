@@ -1,0 +1,127 @@
+"""Warm spare shard actors on a real Ray: a job's shards and a lost shard's replacement come from
+the coordinator's spares (torch already loaded), the pool refills, shards asking for CPUs start
+cold, and a stopped service leaves no spare behind."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from paramserver.cluster import COORDINATOR_NAME, WARM_SHARDS, shard_prefix
+from paramserver_client import JobClient, JobRolledBack, Worker
+
+SHAPES = [("w", (40,)), ("b", (9,))]
+P0 = np.linspace(-1, 1, 49, dtype=np.float32)
+
+
+def named(prefix: str) -> set[str]:
+    import ray
+
+    return {n for n in ray.util.list_named_actors() if isinstance(n, str) and n.startswith(prefix)}
+
+
+def shard_names(background: Any, job_id: str) -> list[str]:
+    import ray
+
+    return [h.name for h in ray.get(background.service.cluster.coordinator.shard_handles.remote(job_id))]
+
+
+def idle_spares(background: Any, prefix: str) -> set[str]:
+    """The spares no job uses."""
+    with JobClient(background.address) as jc:
+        used = {n for j in jc.list_jobs() for n in shard_names(background, j.job_id)}
+    return named(prefix) - used
+
+
+def ready_spares(background: Any, prefix: str) -> set[str]:
+    """Idle spares that answer (the launcher takes one once it answered its first call)."""
+    import ray
+
+    idle = idle_spares(background, prefix)
+    ray.get([ray.get_actor(n).node.remote() for n in idle], timeout=60)
+    time.sleep(0.5)
+    return idle
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def create(address: str, jobs: list[str], **settings: Any) -> str:
+    job_id = f"spare-{uuid.uuid4().hex[:6]}"
+    with JobClient(address) as jc:
+        jc.create_job(SHAPES, job_id=job_id, optimizer="sgd", num_workers=1, num_shards=2, hyperparameters={"lr": 0.5}, **settings)
+    jobs.append(job_id)
+    return job_id
+
+
+def test_shards_and_a_lost_shards_replacement_start_from_spares_and_the_pool_refills(service: Any, address: str, jobs: list[str]) -> None:
+    prefix = f"{COORDINATOR_NAME}-default-spare-"
+    create(address, jobs)  # (a first launch starts the pool if nothing has yet)
+    wait_for(lambda: len(idle_spares(service, prefix)) == WARM_SHARDS, "a full pool of spares")
+    ready = ready_spares(service, prefix)
+    job_id = create(address, jobs, replica_every_steps=1)
+    assert set(shard_names(service, job_id)) == ready  # both shards were spares
+    wait_for(lambda: len(idle_spares(service, prefix)) == WARM_SHARDS, "the pool refilled")
+    refilled = ready_spares(service, prefix)
+    assert not refilled & ready
+    grad = np.ones(49, dtype=np.float32)
+    with Worker(address, job_id, "w") as w:
+        w.upload(P0)
+        for s in range(3):
+            w.push(s, grad, 1)
+            w.pull(s + 1)
+        time.sleep(0.5)  # the replica of version 3
+        import ray
+
+        ray.kill(ray.get(service.service.cluster.coordinator.shard_handles.remote(job_id))[1].actor, no_restart=True)
+        version = 3
+        while True:
+            try:
+                w.push(version, grad, 1)
+                got = w.pull(version + 1)[1]
+                break
+            except JobRolledBack as rolled:
+                version = rolled.resume_version
+                w.pull(version)
+    replacement = shard_names(service, job_id)[1]
+    assert replacement in refilled  # the lost shard came back on a spare
+    want = P0.copy()
+    for _ in range(version + 1):  # sgd, step by step in fp32: exact, the replica's steps and the rest
+        want -= np.float32(0.5) * grad
+    np.testing.assert_array_equal(got, want)
+
+
+def test_shards_that_ask_for_cpus_start_cold(service: Any, address: str, jobs: list[str]) -> None:
+    job_id = create(address, jobs, shard_num_cpus=0.01)
+    assert all(n.startswith(shard_prefix(job_id)) for n in shard_names(service, job_id))
+
+
+def test_a_stopped_service_leaves_no_spare(ray_session: None) -> None:
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    tmp = tempfile.mkdtemp(prefix="ps-spares-")
+    name = f"spares-{uuid.uuid4().hex[:6]}"
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=name,
+                      warm_shards=1, keep_jobs_on_exit=False),
+        own_ray=False,
+    )  # fmt: skip
+    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    try:
+        with JobClient(svc.address) as jc:
+            jc.create_job(SHAPES, job_id="j", optimizer="sgd", num_workers=1, num_shards=1)
+        wait_for(lambda: len(idle_spares(svc, prefix)) == 1, "one spare (warm_shards=1)")
+    finally:
+        svc.stop()
+    wait_for(lambda: not named(prefix), "the spares gone")
