@@ -34,7 +34,7 @@ demo: setup
 test: setup lint check-protos
 	$(VENV)/bin/pytest -m "not slow"
 
-## The longer tests (marked slow: SIGKILLed processes, a simulated multi-node cluster, the longer DiLoCo cases).
+## The longer tests (marked slow: SIGKILLed processes, simulated multi-node clusters, the longer DiLoCo and resume cases).
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
 

@@ -258,17 +258,23 @@ class RayShardLauncher:
         reducer = RayStepReducer(me, job_id, self.coordinator_name)
         names = [f"{shard_prefix(job_id)}{i}-g{generation}-{uuid.uuid4().hex[:6]}" for i in indices]
         where = await asyncio.to_thread(self._spread, config, indices)
-        actors, starts = [], []
-        for k, i in enumerate(indices):
+        actors: list[Any] = [None] * len(indices)
+
+        async def start(k: int, i: int) -> str:
             args = (job_id, config, i, list(plan[i]), reducer, self.bind_host, restore_for(restore, i, shard_file), self.spill_dir,
                     roster, generation, self.tls, self.port_range)  # fmt: skip
             spare = self._take_spare(config, where.get(i))
             if spare is not None:  # torch already loaded: it serves in a fraction of a cold start
-                names[k] = spare.name
-                actors.append(spare.actor)
-                starts.append(spare.actor.adopt_and_start.remote(*args))
-                continue
-            actor = ShardActor.options(
+                actors[k] = spare.actor
+                try:
+                    address: str = await _call(spare.actor.adopt_and_start.remote(*args), "shard start")
+                    names[k] = spare.name
+                    return address
+                except ParamServerError as exc:
+                    if exc.metadata.get("actor") != "dead":
+                        raise
+                    log.warning("job %s: a warm spare died before it served (%s); starting shard %d cold", job_id, exc.message, i)
+            actors[k] = ShardActor.options(
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 max_concurrency=1000,
@@ -277,14 +283,14 @@ class RayShardLauncher:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(where[i], soft=True) if i in where else "DEFAULT",
                 memory=AFFINITY_MEMORY if i in where else None,
             ).remote(*args)
-            actors.append(actor)
-            starts.append(actor.start.remote())
-        self._top_up()
+            started: str = await _call(actors[k].start.remote(), "shard start")
+            return started
+
         try:
             async with asyncio.timeout(self.start_timeout_s):
-                addresses = await asyncio.gather(*(_call(ref, "shard start") for ref in starts))
+                addresses = await asyncio.gather(*(start(k, i) for k, i in enumerate(indices)))
         except TimeoutError:
-            for actor in actors:
+            for actor in [a for a in actors if a is not None]:
                 ray.kill(actor, no_restart=True)
             free = await asyncio.to_thread(ray.available_resources)
             raise ParamServerError(
@@ -296,9 +302,11 @@ class RayShardLauncher:
                 {"field": "spec.shard_num_gpus" if config.shard_num_gpus else "spec.shard_num_cpus"},
             ) from None
         except BaseException:
-            for actor in actors:
+            for actor in [a for a in actors if a is not None]:
                 ray.kill(actor, no_restart=True)
             raise
+        finally:
+            self._top_up()  # the spares taken are replaced once the shards serve (not competing with their start)
         return [RayShardHandle(a, addr, n) for a, addr, n in zip(actors, addresses, names, strict=True)]
 
     # ---- warm spares ---------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _secured(name: str, tls: bool) -> SecuredService:
         tls_config = TlsConfig(server.cert, server.key, client_ca_file=ca.ca_file)
     svc = BackgroundService(
         ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
-                      name=name, auth=AuthConfig.single(ADMIN_TOKEN), tls=tls_config, metrics_port=0),
+                      name=name, auth=AuthConfig.single(ADMIN_TOKEN), tls=tls_config, metrics_port=0, warm_shards=0),
         own_ray=False,
     )  # fmt: skip
     return SecuredService(

@@ -163,8 +163,9 @@ def local_service(address: str | None, say: Callable[..., None] = print, num_cpu
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = Path(tempfile.mkdtemp(prefix="ps-diloco-"))
     say(f"starting paramserver with a local Ray ({num_cpus} CPUs) ...")
+    # warm_shards=0: the demo loses no shard, and spares starting beside it would only take CPU
     config = ServiceConfig(port=0, num_cpus=num_cpus, snapshot_dir=str(tmp / "snap"), spill_dir=str(tmp / "spill"),
-                           state_dir=str(tmp / "state"), name=f"diloco-{uuid.uuid4().hex[:6]}")  # fmt: skip
+                           state_dir=str(tmp / "state"), name=f"diloco-{uuid.uuid4().hex[:6]}", warm_shards=0)  # fmt: skip
     svc = BackgroundService(config)
     try:
         yield svc.address

@@ -96,7 +96,8 @@ def run_demo(steps: int = 400, workers: int = 2, shards: int = 2, *, quiet: bool
     svc = None
     if address is None:
         say("starting paramserver with a local Ray ...")
-        svc = BackgroundService(ServiceConfig(port=0, state_dir=tempfile.mkdtemp(prefix="paramserver-demo-state-")))
+        # warm_shards=0: the demo loses no shard, and spares starting beside it would only take CPU
+        svc = BackgroundService(ServiceConfig(port=0, state_dir=tempfile.mkdtemp(prefix="paramserver-demo-state-"), warm_shards=0))
         address = svc.address
     try:
         job_id = f"demo-{uuid.uuid4().hex[:8]}"

@@ -148,6 +148,7 @@ def test_two_workers_with_unequal_padding_and_accumulation_train_as_one_adamw_on
     assert moved > 1e-3  # the steps really moved the parameters
 
 
+@pytest.mark.slow  # two more Trainer runs (~15 s); make test-slow
 def test_a_run_stopped_after_a_checkpoint_resumes_from_it_to_the_same_parameters(runs: Runs, tmp_path: Path) -> None:
     first, whole, job = runs.results["first"], runs.results["whole"], runs.stopped
     assert [f["version"] for f in first] == [STOP_AT, STOP_AT]

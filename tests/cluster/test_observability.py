@@ -34,7 +34,7 @@ def observed(ray_session: None) -> Iterator[BackgroundService]:
     from PORTS."""
     svc = BackgroundService(
         ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
-                      name=f"obs-{uuid.uuid4().hex[:6]}", metrics_port=0, shard_port_range=PORTS),
+                      name=f"obs-{uuid.uuid4().hex[:6]}", metrics_port=0, shard_port_range=PORTS, warm_shards=0),
         own_ray=False,
     )  # fmt: skip
     yield svc
@@ -159,7 +159,7 @@ def test_a_node_out_of_ports_in_the_range_refuses_the_job_and_creates_nothing(ra
     narrow = PortRange(21490, 21491)
     svc = BackgroundService(
         ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
-                      name=f"ports-{uuid.uuid4().hex[:6]}", shard_port_range=narrow),
+                      name=f"ports-{uuid.uuid4().hex[:6]}", shard_port_range=narrow, warm_shards=0),
         own_ray=False,
     )  # fmt: skip
     try:

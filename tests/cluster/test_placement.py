@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # shard_num_gpus 0 (the defaults), and the coordinator (num_cpus 0), go where the policy says.
 
 
+#: A simulated 4-node cluster of its own (~70 s): in `make test-slow` (CI runs it) with the other multi-node tests.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
     ray_tmp = tempfile.mkdtemp(prefix="pspl-", dir="/tmp")  # Ray's socket paths must stay short

@@ -85,7 +85,10 @@ def new_id(jobs: list[str]) -> str:
     return jid
 
 
-@pytest.mark.parametrize(("base_shards", "targets"), [(3, (3, 2)), (2, (4, 5))], ids=["3-to-3-and-2", "2-to-4-and-5"])
+@pytest.mark.parametrize(
+    ("base_shards", "targets"),
+    [pytest.param(3, (3, 2), id="3-to-3-and-2"), pytest.param(2, (4, 5), id="2-to-4-and-5", marks=pytest.mark.slow)],
+)
 def test_resume_is_bitwise_on_any_shard_count(
     address: str, service: object, jobs: list[str], base_shards: int, targets: tuple[int, ...]
 ) -> None:
@@ -274,7 +277,7 @@ def s3_service(ray_session: None, s3_endpoint: str) -> Iterator[tuple[object, st
     bucket = f"snaps-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     config = ServiceConfig(port=0, snapshot_dir=f"s3://{bucket}/runs", spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
-                           name=bucket, keep_jobs_on_exit=False)  # fmt: skip
+                           name=bucket, keep_jobs_on_exit=False, warm_shards=0)  # fmt: skip
     svc = BackgroundService(config, own_ray=False)  # a second service on the session's Ray: its own coordinator
     yield svc, bucket
     svc.stop()

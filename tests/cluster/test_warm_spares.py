@@ -125,3 +125,20 @@ def test_a_stopped_service_leaves_no_spare(ray_session: None) -> None:
     finally:
         svc.stop()
     wait_for(lambda: not named(prefix), "the spares gone")
+
+
+def test_a_spare_that_died_in_the_pool_is_replaced_by_a_cold_start(service: Any, address: str, jobs: list[str]) -> None:
+    import ray
+
+    prefix = f"{COORDINATOR_NAME}-default-spare-"
+    create(address, jobs)
+    wait_for(lambda: len(idle_spares(service, prefix)) == WARM_SHARDS, "a full pool of spares")
+    for name in ready_spares(service, prefix):  # dead, but still in the launcher's pool
+        ray.kill(ray.get_actor(name), no_restart=True)
+    job_id = create(address, jobs)  # CreateJob does not fail for it
+    assert all(n.startswith(shard_prefix(job_id)) for n in shard_names(service, job_id))
+    grad = np.ones(49, dtype=np.float32)
+    with Worker(address, job_id, "w") as w:
+        w.upload(P0)
+        w.push(0, grad, 1)
+        np.testing.assert_array_equal(w.pull(1)[1], P0 - np.float32(0.5) * grad)

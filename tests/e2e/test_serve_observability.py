@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from paramserver.cli import app
@@ -28,6 +29,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # a `serve` process of its own with a local Ray (~35 s); tests/cluster/test_observability covers the parts in-process
 def test_serve_logs_json_with_the_shards_records_and_serves_metrics(tmp_path: Path) -> None:
     port, metrics = _free_port(), _free_port()
     low = 21600 + (port % 200)
