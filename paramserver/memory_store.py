@@ -9,14 +9,13 @@ the same checks and the same range copy, resharding included) as a snapshot on d
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from paramserver.manifest import Manifest, ShardEntry, data_loss
 from paramserver.snapshot_store import CleanReport, FaultHook, SnapshotRef, Tensors, no_fault
-from paramserver.tensor_file import ArrayFile, write_tensors
+from paramserver.tensor_file import ArrayFile, read_parts, write_tensors
 
 #: The URL of every memory store (it is not shared between processes: the bytes travel).
 MEMORY_URL = "memory:"
@@ -61,18 +60,7 @@ class Blob:
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes from `offset`."""
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(f"read of [{offset}, {offset + length}) beyond {self._size} bytes")
-        out = []
-        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
-        end = offset + length
-        while offset < end:
-            lo = offset - self._starts[i]
-            piece = self.blocks[i][lo : lo + end - offset]
-            out.append(piece.tobytes())
-            offset += len(piece)
-            i += 1
-        return b"".join(out) if len(out) != 1 else out[0]
+        return read_parts(self.blocks, self._starts, self._size, offset, length)
 
     def to_bytes(self) -> bytes:
         """The whole file (a copy)."""

@@ -800,13 +800,7 @@ class ShardRuntime:
         STEP_ALREADY_APPLIED if this shard has already moved past `version` (the coordinator
         then retries at a later version).
         """
-        if self._snapshot_busy:
-            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, "a snapshot of this shard is being written")
-        self._snapshot_busy = True
-        try:
-            await self.wait_version(version)
-            ranges = [[s.start, s.length] for s in self.state.spans]
-            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
+        async with self._capturing(version) as (ranges, ledger):
             name = names.shard_file(self.state.index)
 
             def take() -> tuple[dict[str, Any], int]:
@@ -823,6 +817,18 @@ class ShardRuntime:
                 if copied:
                     log.info("shard %d: snapshot at %d copied %d bytes of tiles aside while training", self.state.index, version, copied)
             return self._entry(entry, ranges, applied)
+
+    @contextlib.asynccontextmanager
+    async def _capturing(self, version: int) -> AsyncIterator[tuple[list[list[int]], list[dict[str, Any]]]]:
+        """One snapshot or replica at a time (else ABORTED SNAPSHOT_IN_PROGRESS), once `version` is
+        published: this shard's ranges and the ledger entries the file carries."""
+        if self._snapshot_busy:
+            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, "a snapshot of this shard is being written")
+        self._snapshot_busy = True
+        try:
+            await self.wait_version(version)
+            ranges = [[s.start, s.length] for s in self.state.spans]
+            yield ranges, self.ledger_entries(version - LEDGER_STEPS_KEPT)  # on the loop, with the version published
         finally:
             self._snapshot_busy = False
 
@@ -833,13 +839,7 @@ class ShardRuntime:
         :data:`~paramserver.manifest.UNHASHED`: the file never reaches a disk). The arrays are
         reused by the next replica: the caller copies them before asking again (Ray does, moving
         them to the coordinator). A resident shard only; ABORTED as :meth:`snapshot`."""
-        if self._snapshot_busy:
-            raise ParamServerError("ABORTED", Reason.SNAPSHOT_IN_PROGRESS, "a snapshot of this shard is being written")
-        self._snapshot_busy = True
-        try:
-            await self.wait_version(version)
-            ranges = [[s.start, s.length] for s in self.state.spans]
-            ledger = self.ledger_entries(version - LEDGER_STEPS_KEPT)
+        async with self._capturing(version) as (ranges, ledger):
 
             def take() -> tuple[dict[str, np.ndarray], int]:
                 self._check_version(version)
@@ -849,8 +849,6 @@ class ShardRuntime:
             held = ArrayFile(arrays, self._snapshot_meta(version, applied, ranges, ledger))
             entry = ShardEntry(-1, names.shard_file(self.state.index), held.size, UNHASHED, (), 0)
             return self._entry(entry, ranges, applied), held
-        finally:
-            self._snapshot_busy = False
 
     def _check_version(self, version: int) -> None:
         """ABORTED (STEP_ALREADY_APPLIED) when this shard has moved past `version`."""

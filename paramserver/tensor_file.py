@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -192,18 +192,24 @@ class ArrayFile:
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes from `offset`."""
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(f"read of [{offset}, {offset + length}) beyond {self._size} bytes")
-        out = []
-        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
-        end = offset + length
-        while offset < end:
-            lo = offset - self._starts[i]
-            piece = self._parts[i][lo : lo + end - offset]
-            out.append(bytes(piece))
-            offset += len(piece)
-            i += 1
-        return b"".join(out) if len(out) != 1 else out[0]
+        return read_parts(self._parts, self._starts, self._size, offset, length)
+
+
+def read_parts(parts: Sequence[memoryview | np.ndarray], starts: Sequence[int], size: int, offset: int, length: int) -> bytes:
+    """Exactly `length` bytes from `offset` of a file held as byte `parts` (uint8 arrays or byte
+    memoryviews) beginning at `starts` (ValueError beyond its `size`)."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"read of [{offset}, {offset + length}) beyond {size} bytes")
+    out = []
+    i = max(bisect.bisect_right(starts, offset) - 1, 0)
+    end = offset + length
+    while offset < end:
+        lo = offset - starts[i]
+        piece = parts[i][lo : lo + end - offset]
+        out.append(bytes(piece))
+        offset += len(piece)
+        i += 1
+    return b"".join(out) if len(out) != 1 else out[0]
 
 
 @dataclass(frozen=True)
