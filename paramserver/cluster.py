@@ -74,6 +74,10 @@ class _RayShardHost(ShardHost):
         ShardHost.__init__(self, *args, **kwargs)
         attach(self.telemetry.logs)  # this process's records, for the front door's log
 
+    def adopted(self) -> bool:
+        """Whether this actor became a shard of a job (a spare that did keeps its spare's name)."""
+        return hasattr(self, "job_id")
+
     async def adopt_and_start(self, *args: Any, **kwargs: Any) -> str:
         """A warm spare becomes a shard of a job and serves: its "host:port"."""
         self.adopt(*args, **kwargs)
@@ -332,12 +336,9 @@ class RayShardLauncher:
     async def _fill(self) -> None:
         prefix = f"{self.coordinator_name or COORDINATOR_NAME}-spare-"
         try:
-            if not self._swept:  # a previous incarnation's spares: nobody will use them
+            if not self._swept:
                 self._swept = True
-                listed = await asyncio.to_thread(ray.util.list_named_actors)
-                for name in [n for n in listed if isinstance(n, str) and n.startswith(prefix)]:
-                    with contextlib.suppress(Exception):
-                        ray.kill(await asyncio.to_thread(ray.get_actor, name), no_restart=True)
+                await self._sweep(prefix)
             here = ray.get_runtime_context().get_node_id()
             while len(self._spares) < self.warm:
                 name = f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -358,6 +359,19 @@ class RayShardLauncher:
                 self._spares.append(_Spare(actor, name, node))
         except Exception:  # no spare: shards start cold, as without a pool
             log.warning("starting a warm spare shard failed", exc_info=True)
+
+    async def _sweep(self, prefix: str) -> None:
+        """Kill a previous incarnation's idle spares (nobody will use them); one that became a
+        shard keeps its spare's name and is left alone."""
+        listed = await asyncio.to_thread(ray.util.list_named_actors)
+        for name in [n for n in listed if isinstance(n, str) and n.startswith(prefix)]:
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name)
+                if await asyncio.wait_for(actor.adopted.remote(), STOP_TIMEOUT_S):
+                    continue
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - gone already, or not answering: left to Ray
+                continue
 
     async def close(self) -> None:
         """Stop the spares (the service is stopping)."""

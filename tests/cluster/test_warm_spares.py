@@ -142,3 +142,48 @@ def test_a_spare_that_died_in_the_pool_is_replaced_by_a_cold_start(service: Any,
         w.upload(P0)
         w.push(0, grad, 1)
         np.testing.assert_array_equal(w.pull(1)[1], P0 - np.float32(0.5) * grad)
+
+
+def test_a_restarted_coordinator_kills_the_idle_spares_it_finds_and_keeps_the_adopted_ones(ray_session: None) -> None:
+    import ray
+
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    tmp = tempfile.mkdtemp(prefix="ps-spares-")
+    name = f"spares-{uuid.uuid4().hex[:6]}"
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=name,
+                      warm_shards=1, keep_jobs_on_exit=False),
+        own_ray=False,
+    )  # fmt: skip
+    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    grad = np.ones(49, dtype=np.float32)
+    try:
+        with JobClient(svc.address) as jc:
+            jc.create_job(SHAPES, job_id="a", optimizer="sgd", num_workers=1, num_shards=1)
+            wait_for(lambda: len(idle_spares(svc, prefix)) == 1, "one spare")
+            (adopted,) = ready_spares(svc, prefix)
+            jc.create_job(SHAPES, job_id="b", optimizer="sgd", num_workers=1, num_shards=1, hyperparameters={"lr": 0.5})
+            assert shard_names(svc, "b") == [adopted]
+            wait_for(lambda: len(idle_spares(svc, prefix)) == 1, "the pool refilled")
+            (idle,) = idle_spares(svc, prefix)
+            coordinator = svc.service.cluster.coordinator
+            before = ray.get(coordinator.incarnation.remote())
+            ray.kill(coordinator, no_restart=False)  # Ray restarts it; it replays its journal
+
+            def restarted() -> bool:
+                try:
+                    return bool(ray.get(coordinator.incarnation.remote(), timeout=30) != before)
+                except ray.exceptions.RayError:  # restarting
+                    return False
+
+            wait_for(restarted, "the restarted coordinator")
+            jc.create_job(SHAPES, job_id="c", optimizer="sgd", num_workers=1, num_shards=1)  # its launch sweeps
+            wait_for(lambda: idle not in named(prefix), "the old incarnation's idle spare killed")
+            assert adopted in named(prefix) and shard_names(svc, "b") == [adopted]
+        with Worker(svc.address, "b", "w") as w:  # the adopted spare serves job b as before
+            w.upload(P0)
+            w.push(0, grad, 1)
+            np.testing.assert_array_equal(w.pull(1)[1], P0 - np.float32(0.5) * grad)
+    finally:
+        svc.stop()
