@@ -76,9 +76,12 @@ def service(ray_session: None) -> Iterator[object]:
     from paramserver.server import BackgroundService, ServiceConfig
 
     svc = BackgroundService(
-        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR)),
+        # No warm spares (their background starts compete with the tests on 2 cores: the suite ran
+        # ~2 min longer with them); tests/cluster/test_warm_spares.py has services that keep them.
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=str(SNAPSHOT_DIR), spill_dir=str(SPILL_DIR), state_dir=str(STATE_DIR),
+                      warm_shards=0),
         own_ray=False,
-    )
+    )  # fmt: skip
     yield svc
     svc.stop()
 

@@ -197,7 +197,9 @@ def test_time_policy_takes_snapshots(address: str, jobs: list[str]) -> None:
         with Worker(address, jid) as w:
             w.upload(np.zeros(TOTAL, dtype=np.float32))
             for s in range(2):
-                time.sleep(period + 0.05)  # T has passed since the job started or the last snapshot committed
+                # T has passed since the job started or the last snapshot committed (which the policy
+                # learns a moment after the manifest is listed: 0.5 s of slack for a loaded machine)
+                time.sleep(period + 0.5)
                 w.push(s, worker_grads(s, 0)[0], 1)
                 w.pull(s + 1)
                 deadline = time.time() + 30

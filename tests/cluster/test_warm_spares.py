@@ -7,10 +7,11 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 from paramserver.cluster import COORDINATOR_NAME, WARM_SHARDS, shard_prefix
 from paramserver_client import JobClient, JobRolledBack, Worker
@@ -57,6 +58,31 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -
     raise AssertionError(f"timed out waiting for {what}")
 
 
+#: This module's service: the session's keeps no spares (tests/conftest.py).
+NAME = f"warm-{uuid.uuid4().hex[:6]}"
+PREFIX = f"{COORDINATOR_NAME}-{NAME}-spare-"
+
+
+@pytest.fixture(scope="module")
+def service(ray_session: None) -> Iterator[Any]:
+    """A front door whose coordinator keeps the default pool of spares (overrides conftest's)."""
+    from paramserver.server import BackgroundService, ServiceConfig
+
+    tmp = tempfile.mkdtemp(prefix="ps-warm-")
+    svc = BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=NAME,
+                      keep_jobs_on_exit=False),
+        own_ray=False,
+    )  # fmt: skip
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def address(service: Any) -> str:
+    return str(service.address)
+
+
 def create(address: str, jobs: list[str], **settings: Any) -> str:
     job_id = f"spare-{uuid.uuid4().hex[:6]}"
     with JobClient(address) as jc:
@@ -66,7 +92,7 @@ def create(address: str, jobs: list[str], **settings: Any) -> str:
 
 
 def test_shards_and_a_lost_shards_replacement_start_from_spares_and_the_pool_refills(service: Any, address: str, jobs: list[str]) -> None:
-    prefix = f"{COORDINATOR_NAME}-default-spare-"
+    prefix = PREFIX
     create(address, jobs)  # (a first launch starts the pool if nothing has yet)
     wait_for(lambda: len(idle_spares(service, prefix)) == WARM_SHARDS, "a full pool of spares")
     ready = ready_spares(service, prefix)
@@ -130,7 +156,7 @@ def test_a_stopped_service_leaves_no_spare(ray_session: None) -> None:
 def test_a_spare_that_died_in_the_pool_is_replaced_by_a_cold_start(service: Any, address: str, jobs: list[str]) -> None:
     import ray
 
-    prefix = f"{COORDINATOR_NAME}-default-spare-"
+    prefix = PREFIX
     create(address, jobs)
     wait_for(lambda: len(idle_spares(service, prefix)) == WARM_SHARDS, "a full pool of spares")
     for name in ready_spares(service, prefix):  # dead, but still in the launcher's pool
