@@ -183,7 +183,7 @@ def run_service(
     return results
 
 
-@pytest.mark.parametrize("fragments", [1, 2])
+@pytest.mark.parametrize("fragments", [pytest.param(1, marks=pytest.mark.slow), 2])  # F=1 in make test-slow; F=2 here
 def test_diloco_through_the_service_equals_the_reference_bit_for_bit(address: str, fragments: int) -> None:
     job = f"diloco-{uuid.uuid4().hex[:6]}"
     steps = H * ROUNDS

@@ -160,7 +160,11 @@ def test_restore_from_a_corrupted_snapshot_is_data_loss(address: str, jobs: list
         assert missing.value.code == grpc.StatusCode.NOT_FOUND and missing.value.reason == Reason.SNAPSHOT_NOT_FOUND
 
 
-@pytest.mark.parametrize(("shard", "phase"), [("1", "write"), ("1", "fsync"), ("0", "rename"), ("-1", "manifest")])
+@pytest.mark.parametrize(
+    ("shard", "phase"),
+    [("1", "write"), pytest.param("1", "fsync", marks=pytest.mark.slow), pytest.param("0", "rename", marks=pytest.mark.slow),
+     ("-1", "manifest")],
+)  # fmt: skip
 def test_a_failed_save_leaves_the_previous_snapshot_loadable(address: str, jobs: list[str], shard: str, phase: str) -> None:
     jid = new_id(jobs)
     with JobClient(address) as jc:
@@ -210,10 +214,10 @@ def test_time_policy_takes_snapshots(address: str, jobs: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("optimizer", "hyper", "groups"),
-    [
-        ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, False),
-        ("adam", {"lr": 1e-2, "weight_decay": 0.1}, False),
-        ("lion", {"lr": 1e-3, "weight_decay": 0.1}, False),
+    [  # the single-rule cases run in make test-slow (the suite's 15 minutes); the groups cases here
+        pytest.param("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, False, marks=pytest.mark.slow),
+        pytest.param("adam", {"lr": 1e-2, "weight_decay": 0.1}, False, marks=pytest.mark.slow),
+        pytest.param("lion", {"lr": 1e-3, "weight_decay": 0.1}, False, marks=pytest.mark.slow),
         ("adamw", {"lr": 1e-2}, "sgd"),
         ("adamw", {"lr": 1e-2}, "whole-rules"),
         ("adamw", {"lr": 1e-2}, "split-rules"),

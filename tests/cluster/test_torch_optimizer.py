@@ -327,7 +327,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 13, generator=g), torch.randn(16, 3, generator=g)
 
 
-@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+@pytest.mark.parametrize("wire", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: make test-slow
 def test_pushes_started_from_gradient_hooks_equal_plain_steps_bit_for_bit(address: str, jobs: list[str], wire: str) -> None:
     finals = []
     for mode in ("plain", "overlap"):
