@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 
 from paramserver.cluster import COORDINATOR_NAME, WARM_SHARDS, shard_prefix
 from paramserver_client import JobClient, JobRolledBack, Worker
+from tests.cluster.test_recovery import wait_for
 
 SHAPES = [("w", (40,)), ("b", (9,))]
 P0 = np.linspace(-1, 1, 49, dtype=np.float32)
@@ -49,31 +50,28 @@ def ready_spares(background: Any, prefix: str) -> set[str]:
     return idle
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 #: This module's service: the session's keeps no spares (tests/conftest.py).
 NAME = f"warm-{uuid.uuid4().hex[:6]}"
 PREFIX = f"{COORDINATOR_NAME}-{NAME}-spare-"
 
 
-@pytest.fixture(scope="module")
-def service(ray_session: None) -> Iterator[Any]:
-    """A front door whose coordinator keeps the default pool of spares (overrides conftest's)."""
+def own_service(name: str, warm: int) -> Any:
+    """A front door on the session's Ray whose coordinator, `name`, keeps `warm` spares and stops
+    its jobs (and spares) when it stops."""
     from paramserver.server import BackgroundService, ServiceConfig
 
     tmp = tempfile.mkdtemp(prefix="ps-warm-")
-    svc = BackgroundService(
-        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=NAME,
-                      keep_jobs_on_exit=False),
+    return BackgroundService(
+        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=name,
+                      warm_shards=warm, keep_jobs_on_exit=False),
         own_ray=False,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(ray_session: None) -> Iterator[Any]:
+    """A front door whose coordinator keeps the default pool of spares (overrides conftest's)."""
+    svc = own_service(NAME, WARM_SHARDS)
     yield svc
     svc.stop()
 
@@ -134,15 +132,8 @@ def test_shards_that_ask_for_cpus_start_cold(service: Any, address: str, jobs: l
 
 
 def test_a_stopped_service_leaves_no_spare(ray_session: None) -> None:
-    from paramserver.server import BackgroundService, ServiceConfig
-
-    tmp = tempfile.mkdtemp(prefix="ps-spares-")
     name = f"spares-{uuid.uuid4().hex[:6]}"
-    svc = BackgroundService(
-        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=name,
-                      warm_shards=1, keep_jobs_on_exit=False),
-        own_ray=False,
-    )  # fmt: skip
+    svc = own_service(name, 1)
     prefix = f"{COORDINATOR_NAME}-{name}-spare-"
     try:
         with JobClient(svc.address) as jc:
@@ -173,15 +164,8 @@ def test_a_spare_that_died_in_the_pool_is_replaced_by_a_cold_start(service: Any,
 def test_a_restarted_coordinator_kills_the_idle_spares_it_finds_and_keeps_the_adopted_ones(ray_session: None) -> None:
     import ray
 
-    from paramserver.server import BackgroundService, ServiceConfig
-
-    tmp = tempfile.mkdtemp(prefix="ps-spares-")
     name = f"spares-{uuid.uuid4().hex[:6]}"
-    svc = BackgroundService(
-        ServiceConfig(host="127.0.0.1", port=0, snapshot_dir=f"{tmp}/s", spill_dir=f"{tmp}/sp", state_dir=f"{tmp}/st", name=name,
-                      warm_shards=1, keep_jobs_on_exit=False),
-        own_ray=False,
-    )  # fmt: skip
+    svc = own_service(name, 1)
     prefix = f"{COORDINATOR_NAME}-{name}-spare-"
     grad = np.ones(49, dtype=np.float32)
     try:
