@@ -50,13 +50,18 @@ def wire_bytes(values: torch.Tensor, dtype: int) -> memoryview:
 def encode_blocks(blocks: Iterable[tuple[int, torch.Tensor]], dtype: int, elements: int | None = None) -> Iterator[tuple[int, int, bytes]]:
     """Serialised ``PullParametersResponse{chunk}`` messages (offset, count, message) of fp32
     (offset, values) blocks in flat order: contiguous blocks are packed into chunks of up to
-    `elements` (the documented chunk size by default), each message built with one copy of the data."""
+    `elements` (the documented chunk size by default), each message built with one copy of the data.
+
+    bf16/fp16 are converted piece by piece into one chunk-sized scratch buffer, which stays in
+    cache and is never faulted in again, instead of into a fresh copy of each whole block."""
     step = elements or chunk_elements(dtype)
     size = ITEMSIZE[dtype]
+    scratch = None if dtype == FLOAT32 else torch.empty(step, dtype=_TORCH_DTYPE[dtype])
     pending: list[memoryview | bytes] = []
     start = count = 0
     for offset, values in blocks:
-        data = wire_bytes(values, dtype)
+        data = wire_bytes(values, dtype) if scratch is None else None
+        flat = values.reshape(-1)
         n = values.numel()
         pos = 0
         if pending and offset != start + count:  # not contiguous with what is pending
@@ -66,13 +71,18 @@ def encode_blocks(blocks: Iterable[tuple[int, torch.Tensor]], dtype: int, elemen
             if not pending:
                 start = offset + pos
             take = min(step - count, n - pos)
-            pending.append(data[pos * size : (pos + take) * size])
+            if data is not None:
+                pending.append(data[pos * size : (pos + take) * size])
+            else:
+                assert scratch is not None
+                scratch[:take].copy_(flat[pos : pos + take])
+                pending.append(scratch[:take].view(torch.int16).numpy().data.cast("B"))
             count += take
             pos += take
             if count == step:
                 yield start, count, encode_chunk_message(start, count, dtype, pending[0] if len(pending) == 1 else b"".join(pending))
                 pending, count = [], 0
-        if pending:  # carried over to the next block: copy it (a block may be a reused buffer)
+        if pending:  # carried over to the next block: copy it (a block may be a reused buffer, the piece is the scratch)
             pending = [b"".join(pending)]
     if pending:
         yield start, count, encode_chunk_message(start, count, dtype, pending[0] if len(pending) == 1 else b"".join(pending))

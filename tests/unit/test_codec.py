@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, decode, encode, fp32_to_bf16_bits, split
+from paramserver_client.codec import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, decode, encode, fp32_to_bf16_bits, split, to_wire
 
 
 def _specials() -> np.ndarray:
@@ -92,3 +94,26 @@ def test_decode_into_matches_decode(dtype: int) -> None:
     decode_into(encode(x, dtype), dtype, out, 3)
     assert np.array_equal(out[3 : 3 + x.size], decode(encode(x, dtype), dtype), equal_nan=True)
     assert not out[:3].any() and not out[-2:].any()
+
+
+@pytest.mark.parametrize("torch_loaded", [True, False], ids=["torch", "numpy"])
+@pytest.mark.parametrize("dtype", [BFLOAT16, FLOAT16], ids=["bf16", "fp16"])
+def test_to_wire_into_a_reused_buffer_equals_a_fresh_conversion(dtype: int, torch_loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch_loaded:
+        monkeypatch.delitem(sys.modules, "torch")  # the numpy path of a worker without torch
+    x = _specials()
+    fresh = to_wire(x, dtype).view(np.uint16)
+    buffer = np.full(x.size, 0xABCD, dtype="<u2")  # stale bits from an earlier push
+    got = to_wire(x, dtype, out=buffer)
+    assert got is buffer
+    nan = np.isnan(x)
+    assert np.array_equal(buffer[~nan], fresh[~nan])
+    assert np.isnan(decode(buffer[nan].tobytes(), dtype)).all()
+    assert to_wire(x, FLOAT32, out=buffer) is not buffer  # fp32 is its own wire form: out is not used
+
+
+def test_to_wire_refuses_an_out_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="out must be a contiguous 2-byte array of 4 elements"):
+        to_wire(np.ones(4, dtype=np.float32), BFLOAT16, out=np.empty(3, dtype="<u2"))
+    with pytest.raises(ValueError, match="2-byte"):
+        to_wire(np.ones(4, dtype=np.float32), FLOAT16, out=np.empty(4, dtype=np.float32))

@@ -437,6 +437,9 @@ class AsyncWorker:
         self.timeout = timeout
         self.pull_timeout = pull_timeout
         self.retry = retry or RetryPolicy()
+        self._wire_buffers: list[np.ndarray] = []
+        """2-byte wire buffers of the model's size that pushes in bf16/fp16 convert into, reused
+        push after push (a fresh one costs more in page faults than the conversion itself)."""
         self.bytes_pushed = 0
         """Bytes of the chunk messages this worker has sent in pushes (data and its framing;
         retries included; stream headers and gRPC/HTTP2 framing not)."""
@@ -659,10 +662,18 @@ class AsyncWorker:
             return await self.push_compressed(step, encoded, loss_terms, request_id=rid, lrs=lrs)
         if feedback is not None or topk_ratio is not None:
             raise ValueError("feedback and topk_ratio are for compressed wire dtypes")
-        wire = to_wire(flat, dtype)  # one conversion pass for every shard
-        return await self.settle_push(
-            [self.push_shard(i, step, wire, loss_terms, dtype=dtype, request_id=rid, lrs=lrs) for i in range(len(self._channels))]
-        )
+        if dtype == FLOAT32:
+            return await self.settle_push(
+                [self.push_shard(i, step, flat, loss_terms, dtype=dtype, request_id=rid, lrs=lrs) for i in range(len(self._channels))]
+            )
+        buffer = self._wire_buffers.pop() if self._wire_buffers else np.empty(self.total, dtype="<u2")
+        try:
+            wire = to_wire(flat, dtype, out=buffer)  # one conversion pass for every shard
+            return await self.settle_push(
+                [self.push_shard(i, step, wire, loss_terms, dtype=dtype, request_id=rid, lrs=lrs) for i in range(len(self._channels))]
+            )
+        finally:
+            self._wire_buffers.append(buffer)  # a concurrent push takes another buffer meanwhile
 
     async def push_compressed(
         self, step: int, data: Compressed, loss_terms: int, *, request_id: str | None = None, lrs: Sequence[float] = ()

@@ -407,7 +407,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         wire = self._grad_wire
         if self.wire_dtype != FLOAT32:
             for a, n in self._ranges[s]:
-                wire[a : a + n] = to_wire(self._grad_flat[a : a + n], self.wire_dtype)
+                to_wire(self._grad_flat[a : a + n], self.wire_dtype, out=wire[a : a + n])
         flight.pushes[s] = self.worker.start_push_shard(
             s, flight.step, wire, flight.terms, dtype=self.wire_dtype, request_id=flight.request_id, lrs=flight.lrs
         )
