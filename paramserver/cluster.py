@@ -25,6 +25,7 @@ import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from paramserver.access import Quota
+from paramserver.allocator import keep_freed_memory
 from paramserver.coordinator import Coordinator, JobView
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
@@ -65,6 +66,7 @@ AFFINITY_MEMORY = 1
 
 class _RayShardHost(ShardHost):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        keep_freed_memory()  # this process is the shard's: its data plane reuses warm pages
         if args or kwargs:
             self.adopt(*args, **kwargs)
         # else: a warm spare (see RayShardLauncher): torch and the shard's code are loaded, no job yet
