@@ -63,6 +63,7 @@ bench: setup
 	$(PY) bench/bench_spill.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py --link-mbps 1000
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_observability.py
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_fanin.py
@@ -76,6 +77,7 @@ bench-quick: setup
 	$(PY) bench/bench_spill.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_recovery.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py --quick
+	RAY_AUTH_MODE=disabled $(PY) bench/bench_overlap.py --quick --link-mbps 200
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_security.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_observability.py --quick
 	RAY_AUTH_MODE=disabled $(PY) bench/bench_fanin.py --quick

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 from idle import busy_seconds, wait_until_idle
+from link import Link, LinkedCredentials
 
 #: The wire dtypes compared (paramserver.v1.DType values).
 WIRES = {"fp32": 1, "bf16": 2}
@@ -100,9 +101,10 @@ def median_time(fn: Callable[[], object], steps: int, cpu: list[float] | None = 
     return statistics.median(times)
 
 
-def measure(address: str, quick: bool, steps: int) -> dict[str, dict[str, float]]:
+def measure(address: str, quick: bool, steps: int, link: Link | None = None) -> dict[str, dict[str, float]]:
     from paramserver_client import JobClient, RemoteOptimizer, Worker
 
+    creds = LinkedCredentials(link=link, front_door=address)  # the shards through the emulated link, if any
     model, loss_fn = make_model(quick)
     terms = 1000
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -124,7 +126,7 @@ def measure(address: str, quick: bool, steps: int) -> dict[str, dict[str, float]
         with JobClient(address, timeout=600) as jc:
             jc.create_job(shapes, job_id=job_id, optimizer=optimizer, hyperparameters=hyper, num_workers=1, num_shards=2)
             try:
-                with Worker(address, job_id, "w", timeout=600, pull_timeout=600) as w:
+                with Worker(address, job_id, "w", timeout=600, pull_timeout=600, credentials=creds) as w:
                     w.upload(np.zeros(total, dtype=np.float32))
                     flat = np.empty(total, dtype=np.float32)
                     version = [0]
@@ -145,7 +147,7 @@ def measure(address: str, quick: bool, steps: int) -> dict[str, dict[str, float]
     for wire in WIRES:
         job_id = f"ovl-{wire}-{uuid.uuid4().hex[:6]}"
         opt = RemoteOptimizer(model, address, job_id, optimizer="adamw", hyperparameters={"lr": 1e-4}, num_shards=2,
-                              wire_dtype=wire, timeout=600, pull_timeout=600)  # fmt: skip
+                              wire_dtype=wire, timeout=600, pull_timeout=600, credentials=creds)  # fmt: skip
         try:
 
             def plain(opt: RemoteOptimizer = opt) -> None:
@@ -179,23 +181,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: a ~1M-parameter model, 2 steps")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5; 2 with --quick)")
+    link_help = "reach the shards through an emulated link of this many Mbit/s each way (bench/link.py; 0: loopback)"
+    ap.add_argument("--link-mbps", type=float, default=0.0, help=link_help)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the worker's forward and backward (default 2)")
     args = ap.parse_args()
     steps = args.steps or (2 if args.quick else 5)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     from paramserver.server import BackgroundService, ServiceConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="ps-bench-ovl-"))
+    link = Link(args.link_mbps) if args.link_mbps else None
     svc = BackgroundService(
         ServiceConfig(port=0, num_cpus=2, snapshot_dir=str(tmp / "snap"), spill_dir=str(tmp / "spill"), state_dir=str(tmp / "state"))
     )
     try:
-        rows = measure(svc.address, args.quick, steps)
+        rows = measure(svc.address, args.quick, steps, link)
     finally:
+        if link is not None:
+            link.close()
         svc.stop()
     n = int(rows["fp32"]["params"])
     print()
-    print(f"training step through the service: {n:,} params, 1 worker, 2 shards, AdamW (seconds, medians of {steps})")
+    where = f"through an emulated {args.link_mbps:g} Mbit/s link" if args.link_mbps else "over loopback"
+    print(f"training step through the service {where}: {n:,} params, 1 worker ({args.threads} torch threads), 2 shards, AdamW "
+          f"(seconds, medians of {steps})")  # fmt: skip
     head = (
         "wire",
         "backward",

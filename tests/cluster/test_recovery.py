@@ -195,7 +195,10 @@ def test_a_job_waiting_for_resources_blocks_nobody_and_can_be_deleted(address: s
         assert gone.value.code == grpc.StatusCode.NOT_FOUND
 
 
-def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, address: str, jobs: list[str]) -> None:
+@pytest.mark.parametrize("mode", ["plain", pytest.param("overlap", marks=pytest.mark.slow)])  # overlap: make test-slow
+def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, address: str, jobs: list[str], mode: str) -> None:
+    """Also with overlap(): the pushes started from the hooks meet the dead shard, the early
+    pulls of the shards that answered are dropped, and the model gets the restored version."""
     import torch
 
     from paramserver_client.torch_optim import RemoteOptimizer
@@ -205,7 +208,7 @@ def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, 
         model = torch.nn.Linear(6, 3)
         rollbacks: list[int] = []
         opt = RemoteOptimizer(model.named_parameters(), address, job_id, optimizer="adamw", hyperparameters={"lr": 0.05},
-                              snapshot_every_steps=2, on_rollback=rollbacks.append)  # fmt: skip
+                              snapshot_every_steps=2, on_rollback=rollbacks.append, num_shards=2)  # fmt: skip
         jobs.append(job_id)
         try:
             while opt.version < END:
@@ -216,8 +219,14 @@ def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, 
                 gen = torch.Generator().manual_seed(opt.version)  # the data of step `version`: rewinds with it
                 x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
                 opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y, reduction="sum").backward()
-                opt.step(loss_terms=8)
+                loss = torch.nn.functional.mse_loss(model(x), y, reduction="sum")
+                if mode == "plain":
+                    loss.backward()
+                    opt.step(loss_terms=8)
+                else:
+                    with opt.overlap(loss_terms=8):
+                        loss.backward()
+                    opt.step()
         finally:
             opt.close()
         return [p.detach().clone() for p in model.parameters()], rollbacks
@@ -247,6 +256,51 @@ def test_a_killed_shard_is_restored_from_the_replica_in_memory_without_a_snapsho
     got, want = flat_state(service, job), flat_state(service, jc_get(address, clean))
     for k in want:
         assert np.array_equal(got[k], want[k]), k
+
+
+@pytest.mark.slow  # a coordinator restart and a cold shard start: in make test-slow (CI runs it)
+def test_replicas_are_lost_with_the_coordinator_and_a_shard_lost_then_comes_back_from_the_snapshot(
+    service: Any, address: str, jobs: list[str]
+) -> None:
+    """The replicas live in the coordinator: killed (Ray restarts it and it replays its journal),
+    it has none until the next replica round, so a shard lost before that round is restored from
+    the newest snapshot (which the journal kept), and the run still ends bit-identical."""
+    import ray
+
+    faulty = create(address, jobs, "coord", replica_every_steps=1, snapshot_every_steps=2)
+    clean = create(address, jobs, "coord-clean", replica_every_steps=1, snapshot_every_steps=2)
+    coordinator = service.service.cluster.coordinator
+
+    def kill_both() -> None:
+        with JobClient(address) as jc:
+            wait_for(lambda: 4 in {s.version for s in jc.list_snapshots(faulty)}, "the snapshot of version 4")
+        time.sleep(0.5)  # the replica round of version 5 completes: the old coordinator held a replica newer than any snapshot
+        before = ray.get(coordinator.incarnation.remote())
+        ray.kill(coordinator, no_restart=False)  # Ray restarts it; the replicas it held are gone
+        wait_for(lambda: _incarnation(coordinator) not in (None, before), "the restarted coordinator")
+        wait_for(lambda: len(ray.get(coordinator.shard_handles.remote(faulty))) == 2, "the job's shards reattached")
+        kill_shard(service, faulty, 1)  # before any step: no replica round has run since the restart
+
+    resumes = run(address, faulty, kill_both)
+    run(address, clean)
+    with JobClient(address) as jc:
+        job = jc.get_job(faulty)
+        snapshots = {s.version for s in jc.list_snapshots(faulty)}
+    assert len(resumes) == 1 and resumes[0] == 4 and resumes[0] in snapshots, (resumes, snapshots)
+    assert job.recovered_from.startswith("snapshot ") and (job.recoveries, job.version) == (1, END), job.recovered_from
+    got, want = flat_state(service, job), flat_state(service, jc_get(address, clean))
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def _incarnation(coordinator: Any) -> Any:
+    """The coordinator's incarnation, None while it does not answer."""
+    import ray
+
+    try:
+        return ray.get(coordinator.incarnation.remote(), timeout=2)
+    except Exception:  # noqa: BLE001 - restarting
+        return None
 
 
 def jc_get(address: str, job_id: str) -> jpb.Job:
