@@ -197,11 +197,12 @@ def test_a_job_waiting_for_resources_blocks_nobody_and_can_be_deleted(address: s
 
 @pytest.mark.parametrize("mode", ["plain", pytest.param("overlap", marks=pytest.mark.slow)])  # overlap: make test-slow
 def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, address: str, jobs: list[str], mode: str) -> None:
-    """Also with overlap(): the pushes started from the hooks meet the dead shard, the early
-    pulls of the shards that answered are dropped, and the model gets the restored version."""
+    """Also with overlap(): the pushes started from the hooks meet the dead shard, step() rolls
+    the model back to the restored version and the loop rewinds its data."""
     import torch
 
     from paramserver_client.torch_optim import RemoteOptimizer
+    from tests.cluster.test_torch_optimizer import backward_and_step
 
     def train(job_id: str, kill_at: int | None) -> tuple[list[torch.Tensor], list[int]]:
         torch.manual_seed(0)
@@ -219,14 +220,7 @@ def test_remote_optimizer_rolls_the_model_back_and_tells_the_loop(service: Any, 
                 gen = torch.Generator().manual_seed(opt.version)  # the data of step `version`: rewinds with it
                 x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
                 opt.zero_grad()
-                loss = torch.nn.functional.mse_loss(model(x), y, reduction="sum")
-                if mode == "plain":
-                    loss.backward()
-                    opt.step(loss_terms=8)
-                else:
-                    with opt.overlap(loss_terms=8):
-                        loss.backward()
-                    opt.step()
+                backward_and_step(opt, torch.nn.functional.mse_loss(model(x), y, reduction="sum"), 8, mode)
         finally:
             opt.close()
         return [p.detach().clone() for p in model.parameters()], rollbacks

@@ -327,6 +327,25 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 13, generator=g), torch.randn(16, 3, generator=g)
 
 
+def backward_and_step(opt: RemoteOptimizer, loss: torch.Tensor, terms: int, mode: str, armed: Any = None) -> None:
+    """One step, "plain" (backward, then step) or "overlap" (backward inside opt.overlap();
+    `armed(opt)` runs between the block and step())."""
+    if mode == "plain":
+        loss.backward()
+        opt.step(loss_terms=terms)
+        return
+    with opt.overlap(loss_terms=terms):
+        loss.backward()
+    if armed is not None:
+        armed(opt)
+    opt.step()
+
+
+def pushed_during_backward(opt: RemoteOptimizer) -> None:
+    flight = opt._inflight
+    assert flight is not None and len(flight.pushes) >= 2  # started by the hooks, during backward
+
+
 @pytest.mark.parametrize("wire", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: make test-slow
 def test_pushes_started_from_gradient_hooks_equal_plain_steps_bit_for_bit(address: str, jobs: list[str], wire: str) -> None:
     finals = []
@@ -339,15 +358,7 @@ def test_pushes_started_from_gradient_hooks_equal_plain_steps_bit_for_bit(addres
                 x, y = batch(s)
                 opt.zero_grad()
                 loss = torch.nn.functional.mse_loss(model(x), y, reduction="sum")
-                if mode == "plain":
-                    loss.backward()
-                    opt.step(loss_terms=16)
-                else:
-                    with opt.overlap(loss_terms=16):
-                        loss.backward()
-                    flight = opt._inflight
-                    assert flight is not None and len(flight.pushes) >= 2  # started by the hooks, during backward
-                    opt.step()
+                backward_and_step(opt, loss, 16, mode, armed=pushed_during_backward)
                 assert opt.version == s + 1 and opt.last_report.outcome == 2
             finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
         finally:
