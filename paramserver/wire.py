@@ -60,6 +60,8 @@ def encode_blocks(blocks: Iterable[tuple[int, torch.Tensor]], dtype: int, elemen
     pending: list[memoryview | bytes] = []
     start = count = 0
     for offset, values in blocks:
+        if values.device.type != "cpu":  # one copy to the host per block, not one per piece
+            values = values.cpu()
         data = wire_bytes(values, dtype) if scratch is None else None
         flat = values.reshape(-1)
         n = values.numel()
