@@ -393,21 +393,23 @@ class Coordinator:
                 {"job_id": job.job_id},
             )
 
-    async def _status(self, shard: ShardHandle) -> ShardStatus | None:
+    async def _status(self, job: _Job, shard: ShardHandle) -> ShardStatus | None:
         try:
             return await asyncio.wait_for(shard.status(), STATUS_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - a lost or hung shard is shown as unreachable
-            self._noticed(exc)
+            self._noticed(job, exc)
             return None
 
-    def _noticed(self, exc: BaseException) -> None:
-        """A shard call failed with `exc`: when it says the actor is dead, the watcher looks at
-        once (rather than at its next tick), so a recovery starts as soon as anyone notices."""
-        if isinstance(exc, ParamServerError) and exc.metadata.get("actor") == "dead":
+    def _noticed(self, job: _Job, exc: BaseException) -> None:
+        """A shard call of `job` failed with `exc`: when it says the actor is dead and the job is
+        running (the only state the watcher recovers from), the watcher looks at once rather than
+        at its next tick, so a recovery starts as soon as anyone notices. (A failed or recovering
+        job's dead shards, seen by every GetJob, do not wake it again and again.)"""
+        if job.state == RUNNING and isinstance(exc, ParamServerError) and exc.metadata.get("actor") == "dead":
             self._wake.set()
 
     async def _view(self, job: _Job) -> JobView:
-        statuses = await asyncio.gather(*(self._status(s) for s in job.shards))
+        statuses = await asyncio.gather(*(self._status(job, s) for s in job.shards))
         shards = []
         for i, st in enumerate(statuses):
             if st is None:
@@ -994,7 +996,7 @@ class Coordinator:
             results = await asyncio.gather(*(s.replicate(job.job_id, name, version) for s in job.shards), return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
             for error in errors:
-                self._noticed(error)
+                self._noticed(job, error)
             if errors:
                 log.info("job %s: replica at version %d skipped (%s)", job.job_id, version, errors[0])
                 return
@@ -1063,7 +1065,7 @@ class Coordinator:
         log.error("job %s failed: %s", job.job_id, reason)
 
     async def _expire(self, job: _Job) -> None:
-        statuses = await asyncio.gather(*(self._status(s) for s in job.shards))
+        statuses = await asyncio.gather(*(self._status(job, s) for s in job.shards))
         for st in statuses:  # a push or pull on a shard renews the lease too
             for wid, age in (st.last_seen if st is not None else {}).items():
                 job.membership.seen(wid, age)
