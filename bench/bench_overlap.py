@@ -82,12 +82,15 @@ def make_model(quick: bool) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]
     return model, loss
 
 
-def median_time(fn: Callable[[], object], steps: int, cpu: list[float] | None = None) -> float:
+def median_time(fn: Callable[[], object], steps: int, cpu: list[float] | None = None, settle: bool = False) -> float:
     """The median wall time of fn over `steps` calls after a warm-up, once the machine is quiet
-    (the service's background work done); with `cpu`, the median busy core-seconds of the
+    (the service's background work done; `settle`: a job was just created, whose spares the
+    service replaces a few seconds later); with `cpu`, the median busy core-seconds of the
     machine per call is appended to it."""
+    from paramserver.cluster import REFILL_DELAY_S
+
     fn()  # warm-up
-    wait_until_idle()
+    wait_until_idle(settle_s=REFILL_DELAY_S + 0.5 if settle else 0.0)
     times, busy = [], []
     for _ in range(steps):
         b0, t0 = busy_seconds(), time.perf_counter()
@@ -136,7 +139,7 @@ def measure(address: str, quick: bool, steps: int, link: Link | None = None) -> 
                             w.push(version[0], grad, terms, dtype=dtype)
                             version[0], _, _ = w.pull(version[0] + 1, flat, dtype=dtype)
 
-                        times[wire] = median_time(step, steps, cpu.setdefault(wire, []))
+                        times[wire] = median_time(step, steps, cpu.setdefault(wire, []), settle=not times)
             finally:
                 jc.delete_job(job_id)
         return times
@@ -164,7 +167,7 @@ def measure(address: str, quick: bool, steps: int, link: Link | None = None) -> 
 
             r = rows[wire]
             r["B"], r["T"], r["U"] = b, sgd[wire], max(adamw[wire] - sgd[wire], 0.0)
-            r["plain"], r["overlap"] = median_time(plain, steps), median_time(overlapped, steps)
+            r["plain"], r["overlap"] = median_time(plain, steps, settle=True), median_time(overlapped, steps)
             r["floor"] = max(r["B"], r["T"]) + r["U"]
             r["cpu_floor"] = r["floor"]
             if b_cpu and t_cpu.get(wire):  # the cores' limit: B and T cannot overlap into less than their CPU

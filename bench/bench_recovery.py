@@ -51,6 +51,7 @@ def log(msg: str) -> None:
 def one_size(svc: object, n: int, steps: int, replica_every: int = 0) -> dict[str, float]:
     import ray
 
+    from paramserver.cluster import REFILL_DELAY_S
     from paramserver_client import JobClient, JobRolledBack, Worker
 
     address = svc.address  # type: ignore[attr-defined]
@@ -69,7 +70,7 @@ def one_size(svc: object, n: int, steps: int, replica_every: int = 0) -> dict[st
                 steps = -(-steps // replica_every) * replica_every
             for s in range(warm + steps):
                 if s == warm:
-                    wait_until_idle()  # the spares taken by this job are replaced first, outside the timed steps
+                    wait_until_idle(settle_s=REFILL_DELAY_S + 0.5)  # the spares this job took are replaced first, not in the timed steps
                 t0 = time.perf_counter()
                 w.push(s, grad, 1)
                 w.pull(s + 1)

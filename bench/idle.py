@@ -1,7 +1,7 @@
 """The machine's busy CPU time, and waiting for it to go quiet before a timed measurement.
 
-A service does background work after a job starts (it starts warm spare shard actors, each a
-process importing torch: seconds of one core). On the 2-core machines benchmarks run on here,
+A service does background work after a job starts (a few seconds later it starts warm spare
+shard actors, each a process importing torch: seconds of one core). On the 2-core machines benchmarks run on here,
 that work would land inside the first timed steps; the benchmarks wait for it to finish first.
 """
 
@@ -23,10 +23,13 @@ def busy_seconds() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_idle(max_cores: float = 0.35, window_s: float = 1.0, timeout_s: float = 30.0) -> float:
-    """Wait until the machine was busy for less than `max_cores` cores over a `window_s` window
-    (or `timeout_s` passed); the seconds waited. Returns at once where busy time is unknown."""
+def wait_until_idle(max_cores: float = 0.35, window_s: float = 1.0, timeout_s: float = 30.0, settle_s: float = 0.0) -> float:
+    """Wait `settle_s` (after a job's start: the service replaces the spares it took only
+    ``paramserver.cluster.REFILL_DELAY_S`` later), then until the machine was busy for less than
+    `max_cores` cores over a `window_s` window (or `timeout_s` passed); the seconds waited.
+    Returns after `settle_s` where busy time is unknown."""
     t0 = time.monotonic()
+    time.sleep(settle_s)
     before = busy_seconds()
     if before is None:
         return 0.0

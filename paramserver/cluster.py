@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Mapping, Sequence
@@ -58,6 +59,10 @@ STOP_TIMEOUT_S = 10.0
 HEAD_RESOURCE = "node:__internal_head__"
 #: Warm spare shard actors each coordinator keeps by default (see RayShardLauncher).
 WARM_SHARDS = 2
+#: Seconds after a launch before the spares it took are replaced (a later launch postpones it):
+#: the new or recovered shards' restore and first steps get the cores first (a spare starts by
+#: importing torch, seconds of one core).
+REFILL_DELAY_S = 5.0
 #: Bytes of Ray's "memory" resource an actor placed by a soft node affinity asks for: Ray places an
 #: actor that asks for no resource at all on a random node whatever its affinity (the shards and
 #: the coordinator ask for 0 CPUs by default), so the request must not be empty.
@@ -76,9 +81,10 @@ class _RayShardHost(ShardHost):
         ShardHost.__init__(self, *args, **kwargs)
         attach(self.telemetry.logs)  # this process's records, for the front door's log
 
-    def adopted(self) -> bool:
-        """Whether this actor became a shard of a job (a spare that did keeps its spare's name)."""
-        return hasattr(self, "job_id")
+    def adopted(self) -> str:
+        """The job whose shard this actor became ("" for an idle spare; a spare that became a
+        shard keeps its spare's name)."""
+        return str(getattr(self, "job_id", ""))
 
     async def adopt_and_start(self, *args: Any, **kwargs: Any) -> str:
         """A warm spare becomes a shard of a job and serves: its "host:port"."""
@@ -239,6 +245,7 @@ class RayShardLauncher:
         self.warm = max(int(warm), 0)
         self._spares: list[_Spare] = []
         self._refill: asyncio.Task[None] | None = None
+        self._refill_at = 0.0  # the event loop's time from which the refill may start
         self._swept = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -331,18 +338,27 @@ class RayShardLauncher:
         return None
 
     def _top_up(self) -> None:
-        """Start spares in the background until `warm` are ready."""
+        """Start spares in the background until `warm` are ready, from REFILL_DELAY_S on."""
+        loop = asyncio.get_running_loop()
+        self._refill_at = loop.time() + REFILL_DELAY_S
         if self.warm and (self._refill is None or self._refill.done()):
-            self._refill = asyncio.get_running_loop().create_task(self._fill())
+            self._refill = loop.create_task(self._fill())
+
+    async def _quiet(self) -> None:
+        """Until the refill may start (each launch postpones it)."""
+        loop = asyncio.get_running_loop()
+        while (wait := self._refill_at - loop.time()) > 0:
+            await asyncio.sleep(wait)
 
     async def _fill(self) -> None:
-        prefix = f"{self.coordinator_name or COORDINATOR_NAME}-spare-"
+        prefix = self._spare_prefix()
         try:
             if not self._swept:
                 self._swept = True
                 await self._sweep(prefix)
             here = ray.get_runtime_context().get_node_id()
             while len(self._spares) < self.warm:
+                await self._quiet()
                 name = f"{prefix}{uuid.uuid4().hex[:8]}"
                 actor = ShardActor.options(
                     num_cpus=0,
@@ -361,6 +377,9 @@ class RayShardLauncher:
                 self._spares.append(_Spare(actor, name, node))
         except Exception:  # no spare: shards start cold, as without a pool
             log.warning("starting a warm spare shard failed", exc_info=True)
+
+    def _spare_prefix(self) -> str:
+        return f"{self.coordinator_name or COORDINATOR_NAME}-spare-"
 
     async def _sweep(self, prefix: str) -> None:
         """Kill a previous incarnation's idle spares (nobody will use them); one that became a
@@ -409,13 +428,26 @@ class RayShardLauncher:
         return list(await asyncio.gather(*(one(n) for n in names)))
 
     async def cleanup(self, job_id: str, keep: Sequence[str]) -> int:
-        """Kill the job's shard actors that are not in `keep` (an interrupted start's)."""
-        prefix = shard_prefix(job_id)
-        listed = await asyncio.to_thread(ray.util.list_named_actors)
-        stray = [n for n in listed if isinstance(n, str) and n.startswith(prefix) and n not in keep]
+        """Kill the job's shard actors that are not in `keep` (an interrupted start's): those named
+        for the job, and this coordinator's spares that became shards of it."""
+        prefix, spares = shard_prefix(job_id), self._spare_prefix()
+        listed = [n for n in await asyncio.to_thread(ray.util.list_named_actors) if isinstance(n, str) and n not in keep]
+
+        async def adopted_by_job(name: str) -> bool:
+            with contextlib.suppress(Exception):  # gone, or not answering: not known to be the job's
+                actor = await asyncio.to_thread(ray.get_actor, name)
+                return bool(await asyncio.wait_for(actor.adopted.remote(), STOP_TIMEOUT_S) == job_id)
+            return False
+
+        candidates = [n for n in listed if n.startswith(spares)]
+        adopted = await asyncio.gather(*(adopted_by_job(n) for n in candidates))
+        named = [n for n in listed if n.startswith(prefix) and _SHARD_SUFFIX.fullmatch(n[len(prefix) :])]  # not job "j-shard-x"'s
+        stray = named + [n for n, a in zip(candidates, adopted, strict=True) if a]
         for name in stray:
             with contextlib.suppress(Exception):
                 ray.kill(await asyncio.to_thread(ray.get_actor, name), no_restart=True)
+        if stray:
+            log.warning("job %s: stopped %d shard actor(s) left by an interrupted start: %s", job_id, len(stray), stray)
         return len(stray)
 
 
@@ -427,6 +459,10 @@ def _since(log_since: Mapping[str, int], source: str) -> int:
     if isinstance(log_since, defaultdict):
         return int(log_since[source])
     return int(log_since.get(source, 0))
+
+
+#: What follows shard_prefix in a shard actor's name: index, generation, a random tag.
+_SHARD_SUFFIX = re.compile(r"\d+-g\d+-[0-9a-f]{6}")
 
 
 def shard_prefix(job_id: str) -> str:

@@ -346,10 +346,17 @@ class Coordinator:
         restore = Restore(**rec.restore) if rec.restore else None
         if rec.state == CREATING or not rec.shard_names:
             job.state = CREATING
-            job.launching = asyncio.get_running_loop().create_task(self._launch(job, "", restore))
+            job.launching = asyncio.get_running_loop().create_task(self._restart_launch(job, restore))
             return
         job.created.set()
         self._spawn(self._reattach(job, rec.shard_names))
+
+    async def _restart_launch(self, job: _Job, restore: Restore | None) -> None:
+        """Start again a job whose start the previous coordinator did not finish, first stopping
+        the shards that start left behind (they never served it)."""
+        with contextlib.suppress(Exception):
+            await self.launcher.cleanup(job.job_id, ())
+        await self._launch(job, "", restore)
 
     async def _reattach(self, job: _Job, names: list[str]) -> None:
         handles = await self.launcher.reattach(job.job_id, names)

@@ -4,6 +4,7 @@ cold, and a stopped service leaves no spare behind."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import uuid
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from paramserver.cluster import COORDINATOR_NAME, WARM_SHARDS, shard_prefix
+from paramserver.v1 import job_service_pb2 as jpb
 from paramserver_client import JobClient, JobRolledBack, Worker
 from tests.cluster.test_recovery import wait_for
 
@@ -195,5 +197,60 @@ def test_a_restarted_coordinator_kills_the_idle_spares_it_finds_and_keeps_the_ad
             w.upload(P0)
             w.push(0, grad, 1)
             np.testing.assert_array_equal(w.pull(1)[1], P0 - np.float32(0.5) * grad)
+    finally:
+        svc.stop()
+
+
+def test_a_start_cut_short_by_the_coordinators_death_leaves_no_shard_behind(ray_session: None) -> None:
+    """The coordinator dies while CreateJob starts the shards (one on a spare, one cold): the
+    restarted coordinator starts the job again and stops what the cut-short start left, the spare
+    it adopted included."""
+    import threading
+
+    import ray
+
+    name = f"spares-{uuid.uuid4().hex[:6]}"
+    svc = own_service(name, 1)
+    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    try:
+        with JobClient(svc.address) as jc:
+            jc.create_job(SHAPES, job_id="a", optimizer="sgd", num_workers=1, num_shards=1)
+            wait_for(lambda: len(idle_spares(svc, prefix)) == 1, "one spare")
+            (spare,) = ready_spares(svc, prefix)
+            coordinator = svc.service.cluster.coordinator
+            before = ray.get(coordinator.incarnation.remote())
+
+            def create() -> None:
+                with contextlib.suppress(Exception), JobClient(svc.address, timeout=120) as client:  # the answer may be lost
+                    client.create_job(SHAPES, job_id="j", optimizer="sgd", num_workers=1, num_shards=2, hyperparameters={"lr": 0.5})
+
+            creating = threading.Thread(target=create)
+            creating.start()
+            wait_for(lambda: ray.get(ray.get_actor(spare).adopted.remote()) == "j", "the spare adopted by job j", timeout=30)
+            ray.kill(coordinator, no_restart=False)  # while shard 1 still starts cold
+            creating.join()
+
+            def restarted() -> bool:
+                try:
+                    return bool(ray.get(coordinator.incarnation.remote(), timeout=30) != before)
+                except ray.exceptions.RayError:
+                    return False
+
+            wait_for(restarted, "the restarted coordinator")
+
+            def started() -> bool:
+                with contextlib.suppress(Exception):  # (not yet known to the new front door's call)
+                    return jc.get_job("j").state in (jpb.JOB_STATE_AWAITING_PARAMETERS, jpb.JOB_STATE_RUNNING)
+                return False
+
+            wait_for(started, "job j started again", timeout=120)
+            shards = set(shard_names(svc, "j"))
+            assert spare not in shards
+            wait_for(lambda: spare not in named(prefix), "the adopted spare of the cut-short start stopped")
+            wait_for(lambda: named(shard_prefix("j")) == shards, "only the new start's shards left")
+        with Worker(svc.address, "j", "w") as w:
+            w.upload(P0)
+            w.push(0, np.ones(49, dtype=np.float32), 1)
+            np.testing.assert_array_equal(w.pull(1)[1], P0 - np.float32(0.5) * np.ones(49, dtype=np.float32))
     finally:
         svc.stop()
