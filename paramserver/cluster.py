@@ -63,6 +63,8 @@ WARM_SHARDS = 2
 #: the new or recovered shards' restore and first steps get the cores first (a spare starts by
 #: importing torch, seconds of one core).
 REFILL_DELAY_S = 5.0
+#: How long the coordinator waits for a replica file to reach its node (it keeps the handle either way).
+REPLICA_FETCH_TIMEOUT_S = 60.0
 #: Bytes of Ray's "memory" resource an actor placed by a soft node affinity asks for: Ray places an
 #: actor that asks for no resource at all on a random node whatever its affinity (the shards and
 #: the coordinator ask for 0 CPUs by default), so the request must not be empty.
@@ -91,6 +93,15 @@ class _RayShardHost(ShardHost):
         self.adopt(*args, **kwargs)
         return await self.start()
 
+    async def start(self) -> str:
+        self.restore = await _resolved(self.restore)
+        return await super().start()
+
+    async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
+        resolved = await _resolved(restore)
+        assert resolved is not None
+        return await super().reset(resolved, roster, generation)
+
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
 
@@ -98,6 +109,29 @@ class _RayShardHost(ShardHost):
         if self.bind_host in ("0.0.0.0", "::", "[::]"):
             return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         return self.bind_host
+
+
+async def _resolved(restore: Restore | None) -> Restore | None:
+    """`restore` with the replica files it names by ObjectRef fetched (mapped from the object
+    store, not copied). FAILED_PRECONDITION with metadata replica=lost when one is gone (its
+    node and every copy, or its owner, the coordinator): the caller restores from a snapshot."""
+    if restore is None or not any(isinstance(v, ray.ObjectRef) for v in restore.replica.values()):
+        return restore
+    names = list(restore.replica)
+    try:
+        values = await asyncio.gather(*(_fetched(restore.replica[n]) for n in names))
+    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.RayActorError) as exc:
+        raise ParamServerError(
+            "FAILED_PRECONDITION",
+            Reason.SNAPSHOT_NOT_FOUND,
+            f"the replica at version {restore.version} is lost ({type(exc).__name__})",
+            {"replica": "lost"},
+        ) from None
+    return dataclasses.replace(restore, replica=dict(zip(names, values, strict=True)))
+
+
+async def _fetched(value: object) -> object:
+    return await value if isinstance(value, ray.ObjectRef) else value
 
 
 class _RayCoordinator(Coordinator):
@@ -189,10 +223,15 @@ class RayShardHandle:
         result: str = await _call(self.actor.reset.remote(restore, roster, generation), "shard reset")
         return result
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
-        """The shard's state at `version` as one snapshot file in memory."""
-        result: tuple[ShardEntry, Held] = await _call(self.actor.replicate.remote(job_id, name, version), "shard replicate")
-        return result
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held | object]:
+        """The shard's state at `version` as one snapshot file in memory: its entry, and a handle
+        on the file (an ObjectRef owned by this process). The file stays in Ray's object store,
+        copied to this process's node but never mapped into it (mapping it costs more than the
+        shard's copy); the shard that restores from it resolves it (`_RayShardHost._resolved`)."""
+        entry_ref, file_ref = self.actor.replicate.options(num_returns=2).remote(job_id, name, version)
+        entry: ShardEntry = await _call(entry_ref, "shard replicate")
+        await asyncio.to_thread(ray.wait, [file_ref], num_returns=1, timeout=REPLICA_FETCH_TIMEOUT_S, fetch_local=True)  # here too
+        return entry, file_ref
 
     async def memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
         """The shard process's resident memory now and at its peak (see ShardHost.memory_probe)."""

@@ -81,8 +81,9 @@ class ShardHandle(Protocol):
         """Write the shard's part of snapshot (job_id, name) at `version` into the store at `store`."""
         ...
 
-    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
-        """The shard's state at `version` as one snapshot file in memory (entry, bytes)."""
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held | object]:
+        """The shard's state at `version` as one snapshot file in memory: (entry, the file, or a
+        handle on it that the launcher's shards resolve; see Restore.replica)."""
         ...
 
     async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
@@ -236,8 +237,9 @@ class _Job:
     last_recovery: dict[str, float] = field(default_factory=dict)
     """Timings of the latest recovery (seconds): detected_at, restored_at, version."""
     recovered_from: str = ""
-    replica: tuple[Manifest, dict[str, Held]] | None = None
-    """The newest complete replica: its manifest and every shard file's bytes (memory only)."""
+    replica: tuple[Manifest, dict[str, Held | object]] | None = None
+    """The newest complete replica: its manifest and every shard file (memory only; files or the
+    launcher's handles on them)."""
     replicating: bool = False
     tenant: str = ""
     """The tenant that owns the job ("" when the service runs without credentials)."""
@@ -943,7 +945,16 @@ class Coordinator:
                     self._fail(job, f"{Reason.SHARD_LOST}: shard(s) {lost} lost and the job has no snapshot or replica to restore from "
                                     "(set snapshot_every_steps or replica_every_steps)")  # fmt: skip
                     return
-                await self._restore_to(job, restore, manifest, survivors, source)
+                try:
+                    await self._restore_to(job, restore, manifest, survivors, source)
+                except ParamServerError as exc:
+                    if exc.metadata.get("replica") != "lost" or found is None:
+                        raise
+                    log.warning("job %s: %s; restoring from the snapshot instead", job.job_id, exc.message)
+                    job.replica = None
+                    ref, manifest = found
+                    restore = Restore(self.store.url, ref.job_id, ref.name, manifest.version, manifest.applied)
+                    await self._restore_to(job, restore, manifest, {}, f"snapshot {self.store.path(ref)} (the replica was lost)")
         except Exception as exc:
             log.exception("job %s: recovery failed", job.job_id)
             self._fail(job, f"{Reason.SHARD_LOST}: recovery failed: {exc}")
@@ -1045,7 +1056,11 @@ class Coordinator:
 
         await asyncio.gather(*(reset(i, s) for i, s in survivors.items()))
         missing = [i for i in range(len(job.plan)) if i not in kept]
-        started = await self._relaunch(job, restore, missing) if missing else []
+        try:
+            started = await self._relaunch(job, restore, missing) if missing else []
+        except BaseException:  # the replica was lost: all start anew from the snapshot (see _recover)
+            await asyncio.gather(*(s.stop() for s in kept.values()), return_exceptions=True)
+            raise
         if started is None:
             await asyncio.gather(*(s.stop() for s in kept.values()), return_exceptions=True)
             return None
@@ -1059,6 +1074,8 @@ class Coordinator:
                 roster = job.membership.roster()
                 return await self.launcher.launch(job.job_id, job.config, job.plan, restore, roster, job.generation, only)
             except ParamServerError as exc:
+                if exc.metadata.get("replica") == "lost":
+                    raise
                 log.warning("job %s: relaunching its shards failed (attempt %d): %s", job.job_id, attempt, exc)
                 if attempt == RECOVERY_ATTEMPTS or job.deleted:
                     self._fail(job, f"{Reason.SHARD_LOST}: its shards could not be started again: {exc.message}")

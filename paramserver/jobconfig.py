@@ -182,7 +182,7 @@ class JobConfig:
     worker_timeout_s: float = _default("worker_timeout_s", float)
     """Seconds a member's lease lasts without a heartbeat, push or pull."""
     replica_every_steps: int = _default("replica_every_steps", int)
-    """Copy every shard's state into the coordinator's memory every this many steps (0 = off)."""
+    """Copy every shard's state into memory (Ray's object store, held by the coordinator) every this many steps (0 = off)."""
     grace_window_s: float = _default("grace_window_s", float)
     """Quorum mode: seconds a step waits, once min_workers pushed, for the other members (0 = off)."""
     on_worker_lost: int = _default("on_worker_lost", int)

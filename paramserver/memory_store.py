@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from paramserver.errors import ParamServerError, Reason
 from paramserver.manifest import Manifest, ShardEntry, data_loss
 from paramserver.snapshot_store import CleanReport, FaultHook, SnapshotRef, Tensors, no_fault
 from paramserver.tensor_file import ArrayFile, read_parts, write_tensors
@@ -69,6 +70,17 @@ class Blob:
 
 #: A file held in memory: serialised (a Blob) or its arrays as they are (an ArrayFile, a replica's).
 Held = Blob | ArrayFile
+
+
+def held_files(files: Mapping[str, object]) -> dict[str, Held | bytes]:
+    """`files` checked to be held files or bytes (a handle on one held elsewhere must have been
+    resolved by the launcher: INTERNAL otherwise)."""
+    out: dict[str, Held | bytes] = {}
+    for name, data in files.items():
+        if not isinstance(data, (Blob, ArrayFile, bytes)):
+            raise ParamServerError("INTERNAL", Reason.INTERNAL_ERROR, f"replica file {name!r} was not resolved ({type(data).__name__})")
+        out[name] = data
+    return out
 
 
 class MemoryStore:

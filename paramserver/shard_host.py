@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import socket
@@ -26,7 +27,7 @@ from paramserver.health import add_health_and_reflection, set_serving
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest, ShardEntry
 from paramserver.membership import Roster
-from paramserver.memory_store import Held, MemoryStore
+from paramserver.memory_store import Held, MemoryStore, held_files
 from paramserver.placement import Span
 from paramserver.rpc import GRPC_OPTIONS
 from paramserver.shard import ShardState, Storage
@@ -145,7 +146,7 @@ class ShardHost:
             ref = SnapshotRef(r.job_id, r.name)
             if r.replica:  # a replica held in memory: its bytes came with the restore
                 manifest = Manifest.parse(r.manifest_json, MemoryStore().path(ref))
-                store: SnapshotStore = MemoryStore.holding(ref, manifest, r.replica)
+                store: SnapshotStore = MemoryStore.holding(ref, manifest, held_files(r.replica))
             else:
                 store = self.store(r.store)
             reader = SnapshotReader(store, ref, store.read_manifest(ref), only=set(r.replica) if r.replica else None)
@@ -154,6 +155,8 @@ class ShardHost:
                 ledger = reader.metadata(0).get(names.META_LEDGER, "[]")
             finally:
                 reader.close()
+                if r.replica:  # loaded: its files (the replica's memory) are not held on to here
+                    self.restore = dataclasses.replace(r, replica={})
         return state, ledger
 
     async def start(self) -> str:

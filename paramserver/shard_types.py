@@ -49,9 +49,11 @@ class Restore:
     """The snapshot's name."""
     version: int
     applied: int
-    replica: Mapping[str, Held] = field(default_factory=dict)
+    replica: Mapping[str, Held | object] = field(default_factory=dict)
     """When the source is a replica held in memory: its shard files by name (``store`` is then
-    ``memory:``), with `manifest_json`."""
+    ``memory:``), with `manifest_json`. A file may be a launcher's handle on one held elsewhere
+    (on Ray, an ObjectRef in the object store), which the launcher's shard host resolves before it
+    loads (see :func:`paramserver.memory_store.held_files`)."""
     manifest_json: bytes = b""
 
 

@@ -300,3 +300,46 @@ def _incarnation(coordinator: Any) -> Any:
 def jc_get(address: str, job_id: str) -> jpb.Job:
     with JobClient(address) as jc:
         return jc.get_job(job_id)
+
+
+def test_a_replica_file_is_resolved_from_the_object_store_or_reported_lost(ray_session: None) -> None:
+    """What a shard restoring from a replica does with the handles the coordinator kept: a live
+    file is fetched as it was; one whose objects are gone (their owner died) is FAILED_PRECONDITION
+    with replica=lost (the coordinator then restores from the snapshot)."""
+    import asyncio
+
+    import ray
+
+    from paramserver.cluster import _resolved
+    from paramserver.errors import ParamServerError
+    from paramserver.shard_types import Restore
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def make(self) -> list[Any]:
+            return [ray.put(np.arange(1 << 18, dtype=np.float32))]  # owned by this actor
+
+    data = np.arange(1 << 18, dtype=np.float32)
+    kept = Restore("memory:", "j", "replica-0000000001", 1, 1, {"shard-00000.safetensors": ray.put(data)}, b"{}")
+    resolved = asyncio.run(_resolved(kept))
+    assert resolved is not None
+    np.testing.assert_array_equal(resolved.replica["shard-00000.safetensors"], data)
+    owner = Owner.remote()  # type: ignore[attr-defined]
+    (orphan,) = ray.get(owner.make.remote())
+    ray.kill(owner, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # dead now
+        ray.get(owner.make.remote(), timeout=60)
+    lost = Restore("memory:", "j", "replica-0000000001", 1, 1, {"shard-00000.safetensors": orphan}, b"{}")
+    errors: list[ParamServerError] = []
+
+    def reported_lost() -> bool:  # once Ray has unpinned the dead owner's object
+        try:
+            asyncio.run(_resolved(lost))
+        except ParamServerError as exc:
+            errors.append(exc)
+            return True
+        return False
+
+    wait_for(reported_lost, "the orphaned file reported lost", timeout=60)
+    assert (errors[0].code, errors[0].metadata) == ("FAILED_PRECONDITION", {"replica": "lost"})
+    assert asyncio.run(_resolved(None)) is None

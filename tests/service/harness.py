@@ -65,10 +65,11 @@ class DirectReducer:
 class HostHandle:
     """The coordinator's handle on an in-process ShardHost."""
 
-    def __init__(self, host: ShardHost, name: str = "") -> None:
+    def __init__(self, host: ShardHost, name: str = "", launcher: InProcessLauncher | None = None) -> None:
         self.host = host
         self.address = host.address
         self.name = name
+        self.launcher = launcher
         self.dead = False
         """Set by a test: the host answers as an actor that died (the coordinator recovers it)."""
 
@@ -95,6 +96,8 @@ class HostHandle:
 
     async def reset(self, restore: Restore, roster: Roster | None, generation: int) -> str:
         """Restore the host in place."""
+        if self.launcher is not None:
+            self.launcher.check_replica(restore)
         return await self.host.reset(restore, roster, generation)
 
     async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, Held]:
@@ -118,6 +121,14 @@ class InProcessLauncher:
         """Every host ever started (teardown checks that each was stopped)."""
         self.hold: asyncio.Event | None = None
         """Set by a test: a relaunch of lost shards waits for it (the job stays RECOVERING)."""
+        self.replica_lost = False
+        """Set by a test: a restore from a replica fails as on Ray when the replica's objects are
+        gone (FAILED_PRECONDITION, replica=lost)."""
+
+    def check_replica(self, restore: Restore | None) -> None:
+        """Raise what a Ray shard raises for a lost replica, when the test set `replica_lost`."""
+        if self.replica_lost and restore is not None and restore.replica:
+            raise ParamServerError("FAILED_PRECONDITION", Reason.SNAPSHOT_NOT_FOUND, "the replica is lost", {"replica": "lost"})
 
     async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
                      roster: Roster | None = None, generation: int = 0,
@@ -126,6 +137,7 @@ class InProcessLauncher:
         assert self.coordinator is not None, "set launcher.coordinator before creating jobs"
         if only is not None and self.hold is not None:
             await self.hold.wait()
+        self.check_replica(restore)
         started: list[ShardHost] = []
         try:
             for i in range(len(plan)) if only is None else only:
@@ -139,7 +151,7 @@ class InProcessLauncher:
             for host in started:
                 await host.stop(grace=0)
             raise
-        return [HostHandle(h, f"{job_id}-{generation}-{h.index}") for h in started]
+        return [HostHandle(h, f"{job_id}-{generation}-{h.index}", self) for h in started]
 
     async def reattach(self, job_id: str, names: Sequence[str]) -> list[ShardHandle | None]:
         """In-process hosts never outlive their coordinator: nothing to reattach to."""

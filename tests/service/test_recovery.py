@@ -155,3 +155,39 @@ async def test_a_bad_rollback_gets_a_clear_status_and_changes_nothing(svc: InPro
     assert (job.version, job.generation, job.state) == (2, 0, jpb.JOB_STATE_RUNNING)
     assert_same_tensors(before, await svc.tensors("rbx"))
     await trained(svc, "rbx", range(2, 3), w)  # and it still trains
+
+
+@pytest.mark.asyncio
+async def test_a_lost_replica_falls_back_to_the_snapshot_and_the_run_replays_bit_for_bit(svc: InProcessService) -> None:
+    """The replica is newer than the snapshot but gone (on Ray: its objects lost with their node):
+    the job is restored from the snapshot instead, and the replayed run equals the one without a
+    fault."""
+    settings = {"optimizer": "adamw", "hyperparameters": HYPER, "num_shards": 2, "num_workers": 1}
+    await svc.create(SHAPES, "ref", **settings)
+    await svc.create(SHAPES, "lost", **settings, replica_every_steps=1)
+    ref, w = await svc.worker("ref", "a"), await svc.worker("lost", "a")
+    await ref.upload(P0)
+    await w.upload(P0)
+    await trained(svc, "ref", range(5), ref)
+    await trained(svc, "lost", range(2), w)
+    snap = await svc.jobs().create_snapshot("lost")
+    await trained(svc, "lost", range(2, 4), w)
+    for _ in range(200):
+        if (r := svc.coordinator.jobs["lost"].replica) is not None and r[0].version == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert svc.coordinator.jobs["lost"].replica is not None
+    svc.launcher.replica_lost = True
+    dead = (await svc.handles("lost"))[1]
+    await dead.host.stop(grace=0)
+    dead.dead = True
+    job = await until(svc, "lost", lambda j: j.state == jpb.JOB_STATE_RUNNING and j.recoveries == 1, "the recovery")
+    assert job.version == snap.version == 2
+    assert job.recovered_from.endswith("(the replica was lost)"), job.recovered_from
+    assert svc.coordinator.jobs["lost"].replica is None or svc.coordinator.jobs["lost"].replica[0].version > 2
+    svc.launcher.replica_lost = False
+    with pytest.raises(JobRolledBack) as rolled:
+        await w.push(4, *grad(4, 0))
+    assert rolled.value.resume_version == 2
+    await trained(svc, "lost", range(2, 5), w)  # the worker goes on from the snapshot's version
+    assert_same_tensors(await svc.tensors("ref"), await svc.tensors("lost"))

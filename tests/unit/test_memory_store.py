@@ -11,7 +11,7 @@ import pytest
 from paramserver.errors import ParamServerError, Reason
 from paramserver.jobconfig import JobConfig
 from paramserver.manifest import Manifest
-from paramserver.memory_store import MEMORY_URL, Blob, MemoryStore
+from paramserver.memory_store import MEMORY_URL, Blob, MemoryStore, held_files
 from paramserver.placement import Span
 from paramserver.shard import ShardState
 from paramserver.snapshot_store import SnapshotReader, SnapshotRef, verify
@@ -90,3 +90,11 @@ def test_a_blob_reads_any_range_across_its_blocks_and_refuses_reads_beyond_it() 
     for offset, length in ((-1, 2), (767, 2), (0, 769)):
         with pytest.raises(ValueError):
             blob.read(offset, length)
+
+
+def test_held_files_pass_files_and_bytes_and_refuse_an_unresolved_handle() -> None:
+    blob = Blob.of(b"abc")
+    assert held_files({"a": blob, "b": b"xyz"}) == {"a": blob, "b": b"xyz"}
+    with pytest.raises(ParamServerError) as refused:
+        held_files({"a": blob, "shard-00001.safetensors": object()})  # e.g. an ObjectRef nobody fetched
+    assert refused.value.code == "INTERNAL" and "shard-00001.safetensors" in refused.value.message
