@@ -860,11 +860,14 @@ class Coordinator:
                    "skips": dict(job.skips), "norms": list(job.guard.norms) if job.guard is not None else []})  # fmt: skip
         job.decisions[step] = decision
         job.decided_version = max(job.decided_version, step + 1)
-        if job.policy.due(step) and not job.snapshot_lock.locked():  # skipped while one is being written
+        snapshot = job.policy.due(step) and not job.snapshot_lock.locked()  # skipped while one is being written
+        if snapshot:
             job.policy.started(step + 1)
             self._spawn(self._policy_snapshot(job.job_id))
         every = job.config.replica_every_steps
-        if every and (step + 1) % every == 0 and not job.replicating:
+        # not with a snapshot of the same version: a shard copies one at a time, and the replica
+        # would make the snapshot retry at a later version; the snapshot covers this version
+        if every and (step + 1) % every == 0 and not job.replicating and not snapshot:
             job.replicating = True
             self._spawn(self._replicate(job, step + 1))
         for old in [s for s in job.decisions if s < step - DECISIONS_KEPT]:

@@ -70,6 +70,25 @@ def own_service(name: str, warm: int) -> Any:
     )  # fmt: skip
 
 
+def one_spare_service() -> tuple[Any, str]:
+    """A front door of its own keeping one spare; and its spares' name prefix."""
+    name = f"spares-{uuid.uuid4().hex[:6]}"
+    return own_service(name, 1), f"{COORDINATOR_NAME}-{name}-spare-"
+
+
+def wait_restarted(coordinator: Any, before: Any) -> None:
+    """Until Ray has started the killed `coordinator` again (a new incarnation than `before`)."""
+    import ray
+
+    def restarted() -> bool:
+        try:
+            return bool(ray.get(coordinator.incarnation.remote(), timeout=30) != before)
+        except ray.exceptions.RayError:  # restarting
+            return False
+
+    wait_for(restarted, "the restarted coordinator")
+
+
 @pytest.fixture(scope="module")
 def service(ray_session: None) -> Iterator[Any]:
     """A front door whose coordinator keeps the default pool of spares (overrides conftest's)."""
@@ -134,9 +153,7 @@ def test_shards_that_ask_for_cpus_start_cold(service: Any, address: str, jobs: l
 
 
 def test_a_stopped_service_leaves_no_spare(ray_session: None) -> None:
-    name = f"spares-{uuid.uuid4().hex[:6]}"
-    svc = own_service(name, 1)
-    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    svc, prefix = one_spare_service()
     try:
         with JobClient(svc.address) as jc:
             jc.create_job(SHAPES, job_id="j", optimizer="sgd", num_workers=1, num_shards=1)
@@ -166,9 +183,7 @@ def test_a_spare_that_died_in_the_pool_is_replaced_by_a_cold_start(service: Any,
 def test_a_restarted_coordinator_kills_the_idle_spares_it_finds_and_keeps_the_adopted_ones(ray_session: None) -> None:
     import ray
 
-    name = f"spares-{uuid.uuid4().hex[:6]}"
-    svc = own_service(name, 1)
-    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    svc, prefix = one_spare_service()
     grad = np.ones(49, dtype=np.float32)
     try:
         with JobClient(svc.address) as jc:
@@ -182,14 +197,7 @@ def test_a_restarted_coordinator_kills_the_idle_spares_it_finds_and_keeps_the_ad
             coordinator = svc.service.cluster.coordinator
             before = ray.get(coordinator.incarnation.remote())
             ray.kill(coordinator, no_restart=False)  # Ray restarts it; it replays its journal
-
-            def restarted() -> bool:
-                try:
-                    return bool(ray.get(coordinator.incarnation.remote(), timeout=30) != before)
-                except ray.exceptions.RayError:  # restarting
-                    return False
-
-            wait_for(restarted, "the restarted coordinator")
+            wait_restarted(coordinator, before)
             jc.create_job(SHAPES, job_id="c", optimizer="sgd", num_workers=1, num_shards=1)  # its launch sweeps
             wait_for(lambda: idle not in named(prefix), "the old incarnation's idle spare killed")
             assert adopted in named(prefix) and shard_names(svc, "b") == [adopted]
@@ -209,9 +217,7 @@ def test_a_start_cut_short_by_the_coordinators_death_leaves_no_shard_behind(ray_
 
     import ray
 
-    name = f"spares-{uuid.uuid4().hex[:6]}"
-    svc = own_service(name, 1)
-    prefix = f"{COORDINATOR_NAME}-{name}-spare-"
+    svc, prefix = one_spare_service()
     try:
         with JobClient(svc.address) as jc:
             jc.create_job(SHAPES, job_id="a", optimizer="sgd", num_workers=1, num_shards=1)
@@ -229,14 +235,7 @@ def test_a_start_cut_short_by_the_coordinators_death_leaves_no_shard_behind(ray_
             wait_for(lambda: ray.get(ray.get_actor(spare).adopted.remote()) == "j", "the spare adopted by job j", timeout=30)
             ray.kill(coordinator, no_restart=False)  # while shard 1 still starts cold
             creating.join()
-
-            def restarted() -> bool:
-                try:
-                    return bool(ray.get(coordinator.incarnation.remote(), timeout=30) != before)
-                except ray.exceptions.RayError:
-                    return False
-
-            wait_for(restarted, "the restarted coordinator")
+            wait_restarted(coordinator, before)
 
             def started() -> bool:
                 with contextlib.suppress(Exception):  # (not yet known to the new front door's call)

@@ -228,3 +228,51 @@ async def test_the_coordinator_launches_time_policy_snapshots_and_skips_one_whil
     assert [sh.snapshots for sh in shards] == [[2, 5], [2, 5]]
     assert [s["version"] for s in await coordinator.list_snapshots("j")] == [2, 5]
     await coordinator.shutdown()
+
+
+class ReplicatingShard(FakeShard):
+    """A fake shard that also records the versions it was asked to replicate."""
+
+    def __init__(self, index: int, spans: list[Span], gate: asyncio.Event) -> None:
+        super().__init__(index, spans, gate)
+        self.replicas: list[int] = []
+
+    async def replicate(self, job_id: str, name: str, version: int) -> tuple[ShardEntry, object]:
+        self.replicas.append(version)
+        ranges = tuple((sp.start, sp.length) for sp in self.spans)
+        return ShardEntry(self.index, names.shard_file(self.index), 8, "0" * 64, ranges, version), b"x" * 8
+
+
+class ReplicatingLauncher(FakeLauncher):
+    async def launch(self, job_id: str, config: JobConfig, plan: Sequence[list[Span]], restore: Restore | None = None,
+                     roster: Roster | None = None, generation: int = 0,
+                     only: Sequence[int] | None = None) -> list[ShardHandle]:  # fmt: skip
+        self.shards = [ReplicatingShard(i, spans, self.gate) for i, spans in enumerate(plan)]
+        return list(self.shards)
+
+
+@pytest.mark.asyncio
+async def test_a_version_with_a_policy_snapshot_gets_no_replica_round(tmp_path: Path) -> None:
+    """A shard copies one snapshot or replica at a time: a replica of the version a periodic
+    snapshot is taken at would push the snapshot to a later version. The snapshot covers it."""
+    gate = asyncio.Event()
+    gate.set()
+    launcher = ReplicatingLauncher(gate)
+    coordinator = Coordinator(launcher, str(tmp_path), clock=FakeClock())
+    config = JobConfig(parameters=(("w", (40,), ""),), optimizer="adamw", num_workers=1, num_shards=2,
+                       snapshot_every_steps=2, replica_every_steps=1)  # fmt: skip
+    await coordinator.create_job("r1", "j", config)
+    await coordinator.join_job("r2", "j", "w0")
+    shards = launcher.shards
+    for s in range(6):
+        await step(coordinator, shards, s)
+        await committed(coordinator, (s + 1) // 2)
+        for _ in range(100):  # the replica round of this version, if any, completes
+            if not coordinator.jobs["j"].replicating:
+                break
+            await asyncio.sleep(0.01)
+    assert [s["version"] for s in await coordinator.list_snapshots("j")] == [2, 4, 6]
+    for sh in shards:
+        assert isinstance(sh, ReplicatingShard)
+        assert sh.replicas == [1, 3, 5]
+    await coordinator.shutdown()
