@@ -356,8 +356,10 @@ class Coordinator:
     async def _restart_launch(self, job: _Job, restore: Restore | None) -> None:
         """Start again a job whose start the previous coordinator did not finish, first stopping
         the shards that start left behind (they never served it)."""
-        with contextlib.suppress(Exception):
+        try:
             await self.launcher.cleanup(job.job_id, ())
+        except Exception:  # left running, but the job still starts
+            log.warning("job %s: could not stop what its interrupted start left", job.job_id, exc_info=True)
         await self._launch(job, "", restore)
 
     async def _reattach(self, job: _Job, names: list[str]) -> None:
@@ -1061,7 +1063,7 @@ class Coordinator:
         missing = [i for i in range(len(job.plan)) if i not in kept]
         try:
             started = await self._relaunch(job, restore, missing) if missing else []
-        except BaseException:  # the replica was lost: all start anew from the snapshot (see _recover)
+        except BaseException:  # a lost replica (see _recover) or a cancellation: the kept ones stop too
             await asyncio.gather(*(s.stop() for s in kept.values()), return_exceptions=True)
             raise
         if started is None:
