@@ -144,8 +144,9 @@ def test_shard_ports_come_from_the_range_and_logs_reach_the_front_door(
             relayed: list[Any] = []
             while time.monotonic() < deadline:
                 relayed = [r for r in caplog.records if getattr(r, "job", None) == job and getattr(r, "source", None)]
-                if any(getattr(r, "shard", None) is not None for r in relayed) and any(r.source == "coordinator" for r in relayed):
-                    break
+                shards_seen = {getattr(r, "shard", None) for r in relayed} >= {0, 1, 2}
+                if shards_seen and any("snapshot" in r.getMessage() for r in relayed if r.source == "coordinator"):
+                    break  # every line the asserts below look for has been relayed (not merely the first)
                 time.sleep(0.2)
         finally:
             jc.delete_job(job)
